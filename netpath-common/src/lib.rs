@@ -1,0 +1,256 @@
+//! Types shared by the eBPF datapath and the daemon. Everything here is `#[repr(C)]`, has no
+//! implicit padding and no `bool`, so both sides agree on the byte layout (checked at compile time).
+#![no_std]
+
+/// Upper bound on endpoints (container interfaces) one daemon manages; sizes the endpoint maps.
+pub const MAX_ENDPOINTS: u32 = 16384;
+
+/// Connection-tracking (NAT) entries; LRU, so a full table evicts the least recently used.
+pub const CT_MAX_ENTRIES: u32 = 131_072;
+/// Published ports (host address, port, protocol) one daemon can hold.
+pub const MAX_PORTMAPS: u32 = 65_536;
+/// Container networks (subnets) one daemon can hold.
+pub const MAX_NETWORKS: u32 = 1024;
+/// Addresses of the host (uplinks and bridge gateways).
+pub const MAX_HOST_ADDRS: u32 = 1024;
+
+/// Names of the maps as they appear in the object file and under the daemon's bpffs pin dir.
+pub mod map_names {
+    pub const ENDPOINT_STATS: &str = "ENDPOINT_STATS";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const NETWORKS: &str = "NETWORKS";
+    pub const HOST_ADDRS: &str = "HOST_ADDRS";
+    pub const UPLINKS: &str = "UPLINKS";
+    pub const PORTMAP: &str = "PORTMAP";
+    pub const CT: &str = "CT";
+    pub const DROPS: &str = "DROPS";
+    pub const CT_STATS: &str = "CT_STATS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+}
+
+/// Slots of the `CONFIG` array.
+pub mod config {
+    /// Cookie of the network namespace the daemon serves: socket programs act only there.
+    pub const HOST_NETNS_COOKIE: u32 = 0;
+    pub const MAX: u32 = 1;
+}
+
+/// Names of the programs in the object file.
+pub mod prog_names {
+    /// TC ingress on the host side of a container's veth: packets the container sent.
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// TC egress on the host side of a container's veth: packets delivered to the container.
+    pub const TO_CONTAINER: &str = "to_container";
+    /// TC ingress on an uplink: published ports (DNAT), replies to masqueraded flows.
+    pub const UPLINK_IN: &str = "uplink_in";
+    /// TC egress on an uplink: masquerade (SNAT), replies of published-port flows.
+    pub const UPLINK_OUT: &str = "uplink_out";
+    /// cgroup sock_addr hooks: host processes reaching published ports (no proxy).
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    pub const SOCK: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+}
+
+/// IP protocol numbers the datapath translates.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Why the datapath dropped a packet: the index into the per-CPU `DROPS` counters.
+pub mod drop_reason {
+    /// Between containers of different networks (Docker's inter-network isolation).
+    pub const ISOLATION: u32 = 0;
+    /// No free source port for a masqueraded flow.
+    pub const NAT_PORTS_EXHAUSTED: u32 = 1;
+    /// The NAT table refused a new entry.
+    pub const CT_INSERT_FAILED: u32 = 2;
+    /// A packet rewrite or redirect helper failed.
+    pub const REWRITE_FAILED: u32 = 3;
+    pub const MAX: u32 = 4;
+    pub const NAMES: [&str; MAX as usize] = ["isolation", "nat-ports-exhausted", "ct-insert-failed", "rewrite-failed"];
+}
+
+/// Connection-tracking counters: the index into the per-CPU `CT_STATS` array.
+pub mod ct_stat {
+    /// Flows created (each creates two entries, one per direction).
+    pub const CREATED: u32 = 0;
+    /// Masquerade source-port collisions that needed another port.
+    pub const PORT_RETRIES: u32 = 1;
+    pub const MAX: u32 = 2;
+    pub const NAMES: [&str; MAX as usize] = ["flows-created", "port-retries"];
+}
+
+/// Which hook applies a conntrack entry: the same tuple is seen at several hooks (a
+/// masqueraded packet crosses its container's veth before the uplink) and only one rewrites.
+pub mod hook {
+    pub const UPLINK_IN: u8 = 1;
+    pub const UPLINK_OUT: u8 = 2;
+    pub const FROM_CONTAINER: u8 = 3;
+}
+
+/// TCP progress of a conntrack entry; decides its idle timeout.
+pub mod ct_state {
+    pub const NEW: u8 = 0;
+    /// A packet was seen in the reply direction.
+    pub const ESTABLISHED: u8 = 1;
+    /// FIN or RST seen.
+    pub const CLOSING: u8 = 2;
+}
+
+/// A flow in one direction. Addresses and ports are kept as on the wire (network byte order),
+/// so the datapath never swaps bytes. For ICMP echo, the identifier stands in for a port:
+/// `sport` on requests, `dport` on replies, so a reply's tuple is the request's reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    // Padding as scalars, not byte arrays: zeroing an array makes LLVM call memset, which
+    // the eBPF verifier cannot take.
+    pub _pad1: u8,
+    pub _pad2: u16,
+}
+
+impl Tuple {
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self { saddr, daddr, sport, dport, proto, _pad1: 0, _pad2: 0 }
+    }
+    /// The same flow seen from the other end.
+    pub const fn reversed(&self) -> Self {
+        Self::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    }
+}
+
+/// A NAT entry: packets matching the key at `hook` leave with the tuple `xlate`. Every flow has
+/// two entries, one per direction; each one's partner is keyed by `xlate.reversed()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub xlate: Tuple,
+    /// bpf_ktime_get_ns() of the last packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    pub hook: u8,
+    pub state: u8,
+    /// Set on the entry created for the reply direction.
+    pub is_reply: u8,
+    pub _pad1: u8,
+    pub _pad2: u32,
+}
+
+/// Where a published port leads. Key: [`PortKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A published port: host address (0 = every host address), port, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// A container address. Key: the address (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Host side of its veth: where packets for it are redirected.
+    pub ifindex: u32,
+    pub net_id: u32,
+    pub mac: [u8; 6],
+    pub _pad: u16,
+}
+
+/// A container network, found by longest-prefix match on an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub net_id: u32,
+    /// The host's address on this network (network byte order).
+    pub gateway: u32,
+    pub flags: u32,
+}
+
+/// A socket's view of a translated destination: which socket, and the backend it now talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The destination the application asked for, shown back to it (recvmsg, getpeername).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+pub mod net_flags {
+    /// Traffic from this network to the outside leaves with the uplink's address.
+    pub const MASQUERADE: u32 = 1;
+}
+
+/// Per-endpoint traffic counters, from the container's point of view (like `docker stats`):
+/// `rx` is what the container received, `tx` what it sent. Kept per CPU; the daemon sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl EndpointStats {
+    pub fn add(&mut self, other: &EndpointStats) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EndpointStats>() == 32);
+    assert!(core::mem::size_of::<Tuple>() == 16);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<PortKey>() == 8);
+    assert!(core::mem::size_of::<EndpointInfo>() == 16);
+    assert!(core::mem::size_of::<NetworkInfo>() == 12);
+    assert!(core::mem::size_of::<SockRevKey>() == 16);
+    assert!(core::mem::size_of::<SockRevValue>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), plain integers, explicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::EndpointStats {}
+    unsafe impl aya::Pod for super::Tuple {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::NetworkInfo {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockRevValue {}
+}

@@ -1,0 +1,91 @@
+//! Connection tracking for NAT: two entries per flow (one per direction) in an LRU hash.
+//! The datapath creates and refreshes entries; the daemon expires idle ones.
+
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use netpath_common::{CtEntry, Tuple, ct_stat, ct_state, drop_reason};
+
+use crate::maps::{CT, CT_STATS, count};
+use crate::parse::{Packet, TCP_FIN, TCP_RST};
+
+/// The translation for `p` if a flow exists whose entry applies at `hook`; refreshes it.
+#[inline(always)]
+pub fn lookup(p: &Packet, hook: u8) -> Option<Tuple> {
+    let e = CT.get_ptr_mut(&p.tuple)?;
+    // SAFETY: map value pointer valid for this program run; racing writers only touch
+    // last_seen/state, which tolerate lost updates.
+    let e = unsafe { &mut *e };
+    if e.hook != hook {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    e.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        e.state = ct_state::CLOSING;
+    } else if e.is_reply == 1 && e.state == ct_state::NEW {
+        e.state = ct_state::ESTABLISHED;
+    }
+    Some(e.xlate)
+}
+
+/// The translation of a tracked tuple at `hook`, without refreshing it (ICMP errors do not
+/// keep a flow alive).
+#[inline(always)]
+pub fn peek(t: &Tuple, hook: u8) -> Option<Tuple> {
+    // SAFETY: plain lookup, value copied.
+    let e = unsafe { CT.get(t) }?;
+    (e.hook == hook).then_some(e.xlate)
+}
+
+/// Records a new flow: `orig` is rewritten to `xlate` at `orig_hook`, and its replies
+/// (`xlate.reversed()`) back to `orig.reversed()` at `reply_hook`. The reply entry goes in
+/// first and only if free, so two flows can never claim the same translated tuple.
+#[inline(always)]
+pub fn create(orig: &Tuple, xlate: &Tuple, orig_hook: u8, reply_hook: u8) -> Result<(), u32> {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply_key = xlate.reversed();
+    let reply =
+        CtEntry { xlate: orig.reversed(), last_seen_ns: now, hook: reply_hook, is_reply: 1, ..Default::default() };
+    CT.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).map_err(|_| drop_reason::CT_INSERT_FAILED)?;
+    let fwd = entry(*xlate, now, orig_hook, 0);
+    if CT.insert(orig, &fwd, u64::from(BPF_ANY)).is_err() {
+        let _ = CT.remove(&reply_key);
+        return Err(drop_reason::CT_INSERT_FAILED);
+    }
+    count(&CT_STATS, ct_stat::CREATED);
+    Ok(())
+}
+
+/// Builds an entry from an aligned, zeroed value: zeroing the unaligned tail field by field
+/// would make LLVM emit a memset call, which the verifier rejects.
+#[inline(always)]
+fn entry(xlate: Tuple, now: u64, hook: u8, is_reply: u8) -> CtEntry {
+    // SAFETY: CtEntry is plain integers; all-zero is a valid value.
+    let mut e: CtEntry = unsafe { core::mem::zeroed() };
+    e.xlate = xlate;
+    e.last_seen_ns = now;
+    e.hook = hook;
+    e.is_reply = is_reply;
+    e.state = ct_state::NEW;
+    e
+}
+
+/// `orig` with its source changed to `saddr`, keeping the source port unless another flow
+/// already uses the translated tuple (then a random one from 32768-60999 is tried).
+#[inline(always)]
+pub fn snat_tuple(orig: &Tuple, saddr: u32) -> Option<Tuple> {
+    let mut x = *orig;
+    x.saddr = saddr;
+    for _ in 0..8 {
+        // SAFETY: lookup only checks presence.
+        if unsafe { CT.get(&x.reversed()) }.is_none() {
+            return Some(x);
+        }
+        count(&CT_STATS, ct_stat::PORT_RETRIES);
+        // SAFETY: helper without arguments.
+        let r = unsafe { bpf_get_prandom_u32() };
+        x.sport = (32768 + (r % 28232) as u16).to_be();
+    }
+    None
+}

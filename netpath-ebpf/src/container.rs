@@ -1,0 +1,79 @@
+//! The paths of packets crossing a container's veth (host side).
+
+use aya_ebpf::bindings::TC_ACT_OK;
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::programs::TcContext;
+use netpath_common::{Backend, PortKey, Tuple, drop_reason, hook};
+
+use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
+use crate::parse::{Packet, parse};
+use crate::stats::{self, Direction, drop};
+use crate::{conntrack, nat, policy};
+
+/// Sent by a container: account → known flow, or isolation then hairpin to a published
+/// port → rewrite → deliver.
+#[inline(always)]
+pub fn from_container(ctx: &mut TcContext) -> i32 {
+    stats::account(ctx, Direction::FromContainer);
+    let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
+    // A tracked flow was allowed when it started (a hairpin reply may cross networks).
+    let known = if p.translatable { conntrack::lookup(&p, hook::FROM_CONTAINER) } else { None };
+    let xlate = match known {
+        Some(x) => x,
+        None => {
+            if policy::isolated(&p) {
+                return drop(drop_reason::ISOLATION);
+            }
+            if !p.translatable {
+                return TC_ACT_OK as i32;
+            }
+            match hairpin(&p) {
+                Ok(Some(x)) => x,
+                Ok(None) => return TC_ACT_OK as i32,
+                Err(reason) => return drop(reason),
+            }
+        }
+    };
+    if nat::rewrite(ctx, &p, &xlate).is_err() {
+        return drop(drop_reason::REWRITE_FAILED);
+    }
+    nat::deliver(ctx, xlate.daddr)
+}
+
+/// Delivered to a container: account only.
+#[inline(always)]
+pub fn to_container(ctx: &TcContext) -> i32 {
+    stats::account(ctx, Direction::ToContainer);
+    TC_ACT_OK as i32
+}
+
+/// The published port `p` targets, if it is addressed to the host: first a port published on
+/// exactly that address, then one published on every address.
+#[inline(always)]
+pub fn published(p: &Packet) -> Option<Backend> {
+    // SAFETY: plain lookups, values copied out.
+    unsafe {
+        HOST_ADDRS.get(&p.daddr)?;
+        let mut key = PortKey { addr: p.daddr, port: p.tuple.dport, proto: p.tuple.proto, _pad: 0 };
+        if let Some(b) = PORTMAP.get(&key) {
+            return Some(*b);
+        }
+        key.addr = 0;
+        PORTMAP.get(&key).copied()
+    }
+}
+
+/// A container reaching a published port through a host address (its own or another
+/// container's). When it reaches itself, the source becomes its network's gateway so the
+/// reply comes back through the host instead of short-circuiting inside the container.
+#[inline(always)]
+fn hairpin(p: &Packet) -> Result<Option<Tuple>, u32> {
+    let Some(b) = published(p) else { return Ok(None) };
+    let mut xlate = Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto);
+    if p.tuple.saddr == b.addr {
+        let gw = NETWORKS.get(Key::new(32, p.tuple.saddr)).map(|n| n.gateway).ok_or(drop_reason::REWRITE_FAILED)?;
+        xlate = conntrack::snat_tuple(&xlate, gw).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?;
+    }
+    conntrack::create(&p.tuple, &xlate, hook::FROM_CONTAINER, hook::FROM_CONTAINER)?;
+    Ok(Some(xlate))
+}

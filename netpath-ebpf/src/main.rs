@@ -1,0 +1,76 @@
+//! netpath's eBPF entry points. Each one is a few lines over the datapath library so every
+//! packet path reads as a straight line: parse → conntrack → nat → rewrite → deliver.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod container;
+mod icmp;
+mod maps;
+mod nat;
+mod parse;
+mod policy;
+mod sock;
+mod stats;
+mod uplink;
+
+use aya_ebpf::macros::{cgroup_sock_addr, classifier};
+use aya_ebpf::programs::{SockAddrContext, TcContext};
+
+/// TC ingress on the host side of a container's veth: traffic the container sends.
+#[classifier]
+pub fn from_container(mut ctx: TcContext) -> i32 {
+    container::from_container(&mut ctx)
+}
+
+/// TC egress on the host side of a container's veth: traffic delivered to the container.
+#[classifier]
+pub fn to_container(ctx: TcContext) -> i32 {
+    container::to_container(&ctx)
+}
+
+/// TC ingress on an uplink.
+#[classifier]
+pub fn uplink_in(mut ctx: TcContext) -> i32 {
+    uplink::ingress(&mut ctx)
+}
+
+/// TC egress on an uplink.
+#[classifier]
+pub fn uplink_out(mut ctx: TcContext) -> i32 {
+    uplink::egress(&mut ctx)
+}
+
+/// connect() of a host process: published ports reached through host addresses or loopback.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::redirect(&ctx)
+}
+
+/// sendto() of a host process (unconnected UDP).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::redirect(&ctx)
+}
+
+/// recvfrom() of a host process: the reply appears to come from the address it used.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// getpeername() of a host process.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

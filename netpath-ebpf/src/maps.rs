@@ -1,0 +1,68 @@
+//! The map catalogue: every map the datapath uses, with who writes it and who reads it.
+//! Maps are pinned by name under the daemon's bpffs dir so they outlive a daemon restart.
+//! Addresses and ports in keys and values are in network byte order, as on the wire.
+
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+use netpath_common::{
+    Backend, CT_MAX_ENTRIES, CtEntry, EndpointInfo, EndpointStats, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
+    MAX_PORTMAPS, NetworkInfo, PortKey, SockRevKey, SockRevValue, Tuple, config, ct_stat, drop_reason,
+};
+
+/// Key: host-side veth ifindex. Daemon creates a zeroed entry when it wires an endpoint and
+/// deletes it on teardown; the datapath increments it; the daemon sums it for `netpath inspect`.
+#[map(name = "ENDPOINT_STATS")]
+pub static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> = PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Key: container address. Daemon writes on wire/unwire; datapath reads to redirect hairpin
+/// traffic to the container's veth and to learn a sender's network.
+#[map(name = "ENDPOINTS")]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Key: container subnet (LPM). Daemon writes per bridge network; datapath reads for
+/// isolation and to decide what to masquerade.
+#[map(name = "NETWORKS")]
+pub static NETWORKS: LpmTrie<u32, NetworkInfo> = LpmTrie::pinned(MAX_NETWORKS, 0);
+
+/// Key: an address of the host (uplinks, bridge gateways). Daemon writes; datapath reads to
+/// recognise traffic to published ports.
+#[map(name = "HOST_ADDRS")]
+pub static HOST_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_HOST_ADDRS, 0);
+
+/// Key: uplink ifindex; value: the address masqueraded traffic leaves with. Daemon writes.
+#[map(name = "UPLINKS")]
+pub static UPLINKS: HashMap<u32, u32> = HashMap::pinned(64, 0);
+
+/// Published ports. Daemon writes on run/rm; datapath reads when a new flow arrives.
+#[map(name = "PORTMAP")]
+pub static PORTMAP: HashMap<PortKey, Backend> = HashMap::pinned(MAX_PORTMAPS, 0);
+
+/// NAT state, two entries per flow. Datapath creates and refreshes; daemon expires idle
+/// entries and flushes a removed container's flows.
+#[map(name = "CT")]
+pub static CT: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+
+/// Drops by reason (netpath_common::drop_reason). Datapath increments; daemon reports.
+#[map(name = "DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_reason::MAX, 0);
+
+/// Conntrack counters (netpath_common::ct_stat). Datapath increments; daemon reports.
+#[map(name = "CT_STATS")]
+pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ct_stat::MAX, 0);
+
+/// Daemon-set settings (netpath_common::config). Daemon writes at start; socket programs read.
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<u64> = Array::pinned(config::MAX, 0);
+
+/// Sockets whose destination the socket programs translated, so replies and getpeername show
+/// the address the application asked for. Socket programs write and read; LRU ages them out.
+#[map(name = "SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(65_536, 0);
+
+#[inline(always)]
+pub fn count(map: &PerCpuArray<u64>, idx: u32) {
+    if let Some(c) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,71 @@
+//! Packet rewriting: sets a packet's addresses and ports to a translated tuple, fixing the IPv4
+//! and L4 checksums incrementally with the kernel helpers (which also handle checksum offload).
+
+use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT};
+use aya_ebpf::helpers::bpf_redirect;
+use aya_ebpf::programs::TcContext;
+use netpath_common::{Tuple, proto};
+
+use crate::maps::ENDPOINTS;
+use crate::parse::{IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
+
+/// Rewrites `p` (parsed from `ctx`) so that it carries `to`.
+#[inline(always)]
+pub fn rewrite(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> Result<(), ()> {
+    let from = p.tuple;
+    // UDP may carry no checksum (0): the helper must leave it at 0, or turn a computed 0 into 0xffff.
+    let mangled = if from.proto == proto::UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    // The ICMP checksum covers no pseudo-header: address changes do not touch it.
+    let l4_addr = from.proto != proto::ICMP;
+    if to.saddr != from.saddr {
+        set_addr(ctx, p, IP_SADDR, from.saddr, to.saddr, l4_addr, mangled)?;
+    }
+    if to.daddr != from.daddr {
+        set_addr(ctx, p, IP_DADDR, from.daddr, to.daddr, l4_addr, mangled)?;
+    }
+    if to.sport != from.sport {
+        set_port(ctx, p, sport_off(p), from.sport, to.sport, mangled)?;
+    }
+    if to.dport != from.dport {
+        set_port(ctx, p, dport_off(p), from.dport, to.dport, mangled)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_addr(ctx: &mut TcContext, p: &Packet, off: usize, old: u32, new: u32, l4: bool, mangled: u64) -> Result<(), ()> {
+    ctx.store(off, &new, 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4).map_err(|_| ())?;
+    if l4 {
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+        ctx.l4_csum_replace(p.csum_off, u64::from(old), u64::from(new), flags).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_port(ctx: &mut TcContext, p: &Packet, off: usize, old: u16, new: u16, mangled: u64) -> Result<(), ()> {
+    ctx.store(off, &new, 0).map_err(|_| ())?;
+    ctx.l4_csum_replace(p.csum_off, u64::from(old), u64::from(new), mangled | 2).map_err(|_| ())
+}
+
+/// Hands a translated packet straight to a local container's veth when its destination is
+/// one (hairpin): the host stack would reject a packet from one of its own addresses.
+/// Anything else continues through the stack.
+#[inline(always)]
+pub fn deliver(ctx: &mut TcContext, daddr: u32) -> i32 {
+    // SAFETY: plain map lookup; the value is copied out.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
+        return TC_ACT_OK as i32;
+    };
+    if ctx.store(0, &ep.mac, 0).is_err() {
+        return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
+    }
+    // SAFETY: helper call with plain arguments.
+    let r = unsafe { bpf_redirect(ep.ifindex, 0) };
+    if r == i64::from(TC_ACT_REDIRECT) {
+        TC_ACT_REDIRECT as i32
+    } else {
+        crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED)
+    }
+}

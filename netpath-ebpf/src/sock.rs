@@ -1,0 +1,90 @@
+//! Host-local access to published ports at the socket layer, as Cilium's socket LB does: a
+//! process in the host's namespace connecting (or sending) to 127.0.0.1:PORT or a host
+//! address:PORT is pointed at the container before any packet exists, so no proxy and no
+//! NAT entry are needed. Only sockets of the daemon's network namespace are touched: the
+//! programs sit on the root cgroup, where every process of the machine passes.
+
+use aya_ebpf::bindings::{BPF_ANY, bpf_sock_addr};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::programs::SockAddrContext;
+use netpath_common::{Backend, PortKey, SockRevKey, SockRevValue, config};
+
+use crate::maps::{CONFIG, HOST_ADDRS, PORTMAP, SOCK_REVNAT};
+
+const ALLOW: i32 = 1;
+
+#[inline(always)]
+fn ours(ctx: &SockAddrContext) -> bool {
+    let Some(want) = CONFIG.get(config::HOST_NETNS_COOKIE) else { return false };
+    // SAFETY: helper on the program's own context.
+    *want != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr_mut()) } == *want
+}
+
+trait CtxPtr {
+    fn as_ptr_mut(&self) -> *mut core::ffi::c_void;
+}
+impl CtxPtr for SockAddrContext {
+    fn as_ptr_mut(&self) -> *mut core::ffi::c_void {
+        self.sock_addr.cast()
+    }
+}
+
+/// The published port a destination names, if it is a host address (or loopback).
+#[inline(always)]
+fn lookup(sa: &bpf_sock_addr) -> Option<Backend> {
+    let addr = sa.user_ip4;
+    let loopback = addr.to_ne_bytes()[0] == 127;
+    // SAFETY: plain lookups, values copied.
+    unsafe {
+        if !loopback && HOST_ADDRS.get(&addr).is_none() {
+            return None;
+        }
+        let mut key = PortKey { addr, port: sa.user_port as u16, proto: sa.protocol as u8, _pad: 0 };
+        if let Some(b) = PORTMAP.get(&key) {
+            return Some(*b);
+        }
+        key.addr = 0;
+        PORTMAP.get(&key).copied()
+    }
+}
+
+/// connect() and sendmsg(): point the socket at the container, remembering what it asked for.
+#[inline(always)]
+pub fn redirect(ctx: &SockAddrContext) -> i32 {
+    if !ours(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is valid for the program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(b) = lookup(sa) else { return ALLOW };
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_mut()) };
+    let key = SockRevKey { cookie, addr: b.addr, port: b.port, _pad: 0 };
+    let orig = SockRevValue { addr: sa.user_ip4, port: sa.user_port as u16, _pad: 0 };
+    // Without the reverse entry replies would show the container's address: better not to translate.
+    if SOCK_REVNAT.insert(&key, &orig, u64::from(BPF_ANY)).is_err() {
+        return ALLOW;
+    }
+    sa.user_ip4 = b.addr;
+    sa.user_port = u32::from(b.port);
+    ALLOW
+}
+
+/// recvmsg() and getpeername(): show the address the application asked for, not the container's.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    if !ours(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is valid for the program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_mut()) };
+    let key = SockRevKey { cookie, addr: sa.user_ip4, port: sa.user_port as u16, _pad: 0 };
+    // SAFETY: plain lookup, value copied.
+    if let Some(orig) = unsafe { SOCK_REVNAT.get(&key) }.copied() {
+        sa.user_ip4 = orig.addr;
+        sa.user_port = u32::from(orig.port);
+    }
+    ALLOW
+}

@@ -1,0 +1,93 @@
+//! The paths of packets crossing an uplink (the host's interface to the outside).
+
+use aya_ebpf::bindings::TC_ACT_OK;
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::programs::TcContext;
+use netpath_common::{Tuple, drop_reason, hook, net_flags};
+
+use crate::container::published;
+use crate::maps::{NETWORKS, UPLINKS};
+use crate::parse::{Packet, parse};
+use crate::stats::drop;
+use crate::{conntrack, icmp, nat};
+
+/// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
+/// published-port flow) or a new connection to a published port (DNAT). The stack then
+/// routes the packet to the container; the client's address is kept.
+#[inline(always)]
+pub fn ingress(ctx: &mut TcContext) -> i32 {
+    let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
+    if p.icmp_error {
+        return icmp_error(ctx, &p, hook::UPLINK_IN, true);
+    }
+    if !p.translatable {
+        return TC_ACT_OK as i32;
+    }
+    let xlate = match conntrack::lookup(&p, hook::UPLINK_IN) {
+        Some(x) => x,
+        None => {
+            let Some(b) = published(&p) else { return TC_ACT_OK as i32 };
+            let x = Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto);
+            if let Err(reason) = conntrack::create(&p.tuple, &x, hook::UPLINK_IN, hook::UPLINK_OUT) {
+                return drop(reason);
+            }
+            x
+        }
+    };
+    finish(ctx, &p, &xlate)
+}
+
+/// Leaving for outside: a known flow (replies of published-port flows get the host address
+/// back as source) or a new flow from a container network (masquerade).
+#[inline(always)]
+pub fn egress(ctx: &mut TcContext) -> i32 {
+    let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
+    if p.icmp_error {
+        return icmp_error(ctx, &p, hook::UPLINK_OUT, false);
+    }
+    if !p.translatable {
+        return TC_ACT_OK as i32;
+    }
+    let xlate = match conntrack::lookup(&p, hook::UPLINK_OUT) {
+        Some(x) => x,
+        None => match masquerade(ctx, &p) {
+            Ok(Some(x)) => x,
+            Ok(None) => return TC_ACT_OK as i32,
+            Err(reason) => return drop(reason),
+        },
+    };
+    finish(ctx, &p, &xlate)
+}
+
+#[inline(always)]
+fn icmp_error(ctx: &mut TcContext, p: &Packet, hook: u8, inbound: bool) -> i32 {
+    match icmp::translate(ctx, p, hook, inbound) {
+        Ok(_) => TC_ACT_OK as i32,
+        Err(()) => drop(drop_reason::REWRITE_FAILED),
+    }
+}
+
+#[inline(always)]
+fn finish(ctx: &mut TcContext, p: &Packet, xlate: &Tuple) -> i32 {
+    if nat::rewrite(ctx, p, xlate).is_err() {
+        return drop(drop_reason::REWRITE_FAILED);
+    }
+    TC_ACT_OK as i32
+}
+
+/// A new flow from a masquerading container network to a non-container address leaves with
+/// the uplink's address.
+#[inline(always)]
+fn masquerade(ctx: &TcContext, p: &Packet) -> Result<Option<Tuple>, u32> {
+    let Some(src) = NETWORKS.get(Key::new(32, p.saddr)) else { return Ok(None) };
+    if src.flags & net_flags::MASQUERADE == 0 || NETWORKS.get(Key::new(32, p.daddr)).is_some() {
+        return Ok(None);
+    }
+    // SAFETY: the skb pointer is valid for the program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain lookup, value copied.
+    let Some(addr) = (unsafe { UPLINKS.get(&ifindex) }).copied() else { return Ok(None) };
+    let x = conntrack::snat_tuple(&p.tuple, addr).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?;
+    conntrack::create(&p.tuple, &x, hook::UPLINK_OUT, hook::UPLINK_IN)?;
+    Ok(Some(x))
+}

@@ -1,0 +1,68 @@
+//! The daemon's HTTP/JSON API on a unix socket (like Docker's), with a typed client.
+//! Request bodies are defined here once and used by both sides.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/netpath.sock";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub driver: Option<String>,
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub ip_range: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerCreate {
+    pub name: String,
+    /// Defaults to the `bridge` network.
+    pub network: Option<String>,
+    pub ip: Option<String>,
+    pub cmd: Vec<String>,
+    /// Run `cmd` supervised by the daemon, output to the container's log.
+    #[serde(default)]
+    pub detach: bool,
+    /// Wire this existing namespace instead of making one (`netpath attach`).
+    pub netns: Option<String>,
+    /// `-p` specs, as Docker writes them.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// `-P`: publish every `expose`d port on a free host port.
+    #[serde(default)]
+    pub publish_all: bool,
+    #[serde(default)]
+    pub expose: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connect {
+    pub container: String,
+    pub ip: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disconnect {
+    pub container: String,
+}
+
+/// What the CLI reports about a process it runs in the foreground.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessReport {
+    pub pid: Option<u32>,
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+}

@@ -1,0 +1,223 @@
+//! The API server: axum on a unix socket. Handlers are thin: parse, lock, call the daemon.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::net::UnixListener;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{Connect, ContainerCreate, Disconnect, ErrorBody, NetworkCreate, ProcessReport};
+use crate::daemon::{Config, Daemon, Shared, Started};
+use crate::error::{Error, Result};
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if let Error::Internal(e) = &self {
+            warn!("request failed: {e:#}");
+        }
+        (status, axum::Json(ErrorBody { message: self.to_string() })).into_response()
+    }
+}
+
+type Json = axum::Json<Value>;
+
+fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))
+}
+
+/// Binds the socket, refusing to steal it from a live daemon and clearing a stale one.
+async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            bail!("another daemon is already listening on {}", socket.display());
+        }
+        std::fs::remove_file(socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let l = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
+/// Runs the daemon until SIGINT/SIGTERM. Containers and their wiring stay in place when it
+/// stops, so a restarted daemon picks them up again.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let listener = bind(&cfg.socket).await?;
+    let daemon = match Daemon::start(&cfg).await {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&cfg.socket);
+            return Err(e);
+        }
+    };
+    info!(
+        "netpath daemon listening on {} (state {}, pins {}, uplinks {:?})",
+        cfg.socket.display(),
+        cfg.state_dir.display(),
+        cfg.bpffs.display(),
+        daemon.uplinks()
+    );
+    let shared: Shared = Arc::new(Mutex::new(daemon));
+    tokio::spawn(housekeeping(shared.clone()));
+    let res = axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown()).await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    info!("netpath daemon stopped");
+    res.context("serving the API")
+}
+
+/// Expires idle NAT entries and follows host address changes, every few seconds.
+async fn housekeeping(d: Shared) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        d.lock().await.housekeeping().await;
+    }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+pub fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/_ping", get(|| async { "OK" }))
+        .route("/networks", get(list_networks).post(create_network))
+        .route("/networks/{name}", get(inspect_network).delete(remove_network))
+        .route("/networks/{name}/connect", post(connect))
+        .route("/networks/{name}/disconnect", post(disconnect))
+        .route("/containers", get(list_containers).post(create_container))
+        .route("/containers/{name}", get(inspect_container).delete(remove_container))
+        .route("/containers/{name}/stop", post(stop_container))
+        .route("/containers/{name}/process", post(report_process))
+        .route("/containers/{name}/logs", get(logs))
+        .route("/containers/{name}/ports", get(container_ports))
+        .route("/datapath/counters", get(counters))
+        .route("/datapath/flows", get(flows))
+        .with_state(shared)
+}
+
+async fn list_networks(State(d): State<Shared>) -> Json {
+    axum::Json(d.lock().await.list_networks())
+}
+
+async fn create_network(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
+    let req: NetworkCreate = body(&b)?;
+    Ok((StatusCode::CREATED, axum::Json(d.lock().await.create_network(req).await?)))
+}
+
+async fn inspect_network(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
+    Ok(axum::Json(d.lock().await.inspect_network(&name)?))
+}
+
+async fn remove_network(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
+    d.lock().await.remove_network(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn connect(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<Json> {
+    let req: Connect = body(&b)?;
+    Ok(axum::Json(d.lock().await.connect(&name, req).await?))
+}
+
+async fn disconnect(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<StatusCode> {
+    let req: Disconnect = body(&b)?;
+    d.lock().await.disconnect(&name, &req.container).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_containers(State(d): State<Shared>, Query(q): Query<ListQuery>) -> Json {
+    axum::Json(d.lock().await.list_containers(q.all))
+}
+
+async fn create_container(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
+    let req: ContainerCreate = body(&b)?;
+    let (v, started) = d.lock().await.create_container(req).await?;
+    if let Some(s) = started {
+        watch(d.clone(), s);
+    }
+    Ok((StatusCode::CREATED, axum::Json(v)))
+}
+
+/// Reaps a detached process and records its exit code.
+fn watch(d: Shared, mut s: Started) {
+    tokio::spawn(async move {
+        let code = match s.child.wait().await {
+            Ok(st) => {
+                st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0))
+            }
+            Err(_) => -1,
+        };
+        d.lock().await.process_exited(&s.container_id, code);
+    });
+}
+
+async fn inspect_container(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
+    Ok(axum::Json(d.lock().await.inspect_container(&name)?))
+}
+
+#[derive(Deserialize)]
+struct RmQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove_container(
+    State(d): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<RmQuery>,
+) -> Result<StatusCode> {
+    d.lock().await.remove_container(&name, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stop_container(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
+    d.lock().await.stop_container(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn report_process(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<StatusCode> {
+    let req: ProcessReport = body(&b)?;
+    d.lock().await.report_process(&name, req)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn logs(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Vec<u8>> {
+    d.lock().await.logs(&name)
+}
+
+async fn container_ports(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
+    Ok(axum::Json(serde_json::to_value(d.lock().await.ports(&name)?).map_err(|e| Error::Internal(e.into()))?))
+}
+
+async fn counters(State(d): State<Shared>) -> Result<Json> {
+    let c = d.lock().await.datapath_counters()?;
+    Ok(axum::Json(serde_json::to_value(c).map_err(|e| Error::Internal(e.into()))?))
+}
+
+async fn flows(State(d): State<Shared>) -> Result<Json> {
+    Ok(axum::Json(d.lock().await.flows()?))
+}

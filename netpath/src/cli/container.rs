@@ -1,0 +1,257 @@
+//! `netpath run | exec | ps | inspect | rm | stop | logs | attach`
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use hyper::Method;
+use serde_json::Value;
+
+use super::table;
+use crate::api::client::{Client, seg};
+use crate::api::{ContainerCreate, ProcessReport};
+use crate::daemon::process;
+
+#[derive(Subcommand)]
+pub enum ContainerCmd {
+    /// Create a container (a network namespace) wired to a network and run a command in it.
+    Run {
+        /// Run in the background, supervised by the daemon (output: `netpath logs`).
+        #[arg(short, long)]
+        detach: bool,
+        /// Remove the container when the command exits (foreground only).
+        #[arg(long, conflicts_with = "detach")]
+        rm: bool,
+        #[arg(long)]
+        name: String,
+        /// bridge (default), host, none or a user-defined network.
+        #[arg(long, default_value = "bridge")]
+        network: String,
+        /// Static IPv4 address on that network.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Publish a port: [HOSTIP:][HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp] (repeatable).
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<String>,
+        /// Publish every --expose'd port on a free host port.
+        #[arg(short = 'P', long)]
+        publish_all: bool,
+        /// A port the container serves: PORT[-END][/tcp|/udp] (repeatable; used by -P).
+        #[arg(long)]
+        expose: Vec<String>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Run a command inside a container's network namespace.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List containers (running ones; -a for all).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Show one or more containers as JSON (addresses, interfaces, datapath counters).
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove containers, with every link, address and allocation they had.
+    Rm {
+        /// Stop a running container first.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop a container's process (SIGTERM, then SIGKILL after 5s).
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Print a detached container's output.
+    Logs { name: String },
+    /// List a container's published ports, like `docker port`.
+    Port { name: String },
+    /// Wire an existing network namespace as a container (for runtimes and tests).
+    Attach {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "bridge")]
+        network: String,
+        #[arg(long)]
+        ip: Option<String>,
+    },
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        v => v.to_string(),
+    }
+}
+
+/// Runs `cmd` in the namespace at `sandbox` with the terminal's stdio; returns its exit code.
+fn run_in(sandbox: &str, cmd: &[String], on_start: impl FnOnce(u32)) -> Result<i32> {
+    let (prog, args) = cmd.split_first().context("no command given")?;
+    let fd = process::open_netns(Path::new(sandbox))?;
+    let mut c = std::process::Command::new(prog);
+    c.args(args);
+    process::enter_in_child(&mut c, Some(fd), false);
+    let mut child = c.spawn().with_context(|| format!("starting {prog:?}"))?;
+    on_start(child.id());
+    let st = child.wait()?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+}
+
+fn exit_byte(code: i32) -> u8 {
+    u8::try_from(code).unwrap_or(1)
+}
+
+pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
+    match cmd {
+        ContainerCmd::Run { detach, rm, name, network, ip, publish, publish_all, expose, cmd } => {
+            let req = ContainerCreate {
+                name: name.clone(),
+                network: Some(network),
+                ip,
+                cmd: cmd.clone(),
+                detach,
+                publish,
+                publish_all,
+                expose,
+                ..Default::default()
+            };
+            let v = c.post("/containers", &req).await?;
+            if detach {
+                if v["State"]["ExitCode"].is_number() {
+                    bail!("container {name} created but its command failed to start: see `netpath logs {name}`");
+                }
+                println!("{}", s(&v["Id"]));
+                return Ok(0);
+            }
+            let path = format!("/containers/{}/process", seg(&name));
+            let sandbox = s(&v["NetworkSettings"]["SandboxKey"]);
+            let mut pid = None;
+            let code = run_in(&sandbox, &cmd, |p| pid = Some(p));
+            if let Some(p) = pid {
+                // Best effort: the container's status is informational.
+                let _ = c.post(&path, &ProcessReport { pid: Some(p), exit_code: None }).await;
+            }
+            let code = match code {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    127
+                }
+            };
+            let _ = c.post(&path, &ProcessReport { pid: None, exit_code: Some(code) }).await;
+            if rm {
+                c.delete(&format!("/containers/{}?force=true", seg(&name))).await?;
+            }
+            Ok(exit_byte(code))
+        }
+        ContainerCmd::Exec { name, cmd } => {
+            let v = c.get(&format!("/containers/{}", seg(&name))).await?;
+            let sandbox = s(&v["NetworkSettings"]["SandboxKey"]);
+            Ok(exit_byte(run_in(&sandbox, &cmd, |_| {})?))
+        }
+        ContainerCmd::Ps { all } => {
+            let v = c.get(&format!("/containers?all={all}")).await?;
+            let rows = v
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|ctr| {
+                    let nets = ctr["NetworkSettings"]["Networks"].as_object().cloned().unwrap_or_default();
+                    let ips: Vec<String> =
+                        nets.values().map(|n| s(&n["IPAddress"])).filter(|ip| !ip.is_empty()).collect();
+                    let status = match (s(&ctr["State"]["Status"]).as_str(), &ctr["State"]["ExitCode"]) {
+                        ("exited", Value::Number(n)) => format!("exited ({n})"),
+                        (st, _) => st.to_string(),
+                    };
+                    let cmd: Vec<String> =
+                        ctr["Config"]["Cmd"].as_array().cloned().unwrap_or_default().iter().map(s).collect();
+                    vec![
+                        s(&ctr["Id"]).chars().take(12).collect(),
+                        s(&ctr["Name"]),
+                        status,
+                        nets.keys().cloned().collect::<Vec<_>>().join(","),
+                        ips.join(","),
+                        cmd.join(" "),
+                    ]
+                })
+                .collect();
+            table(&["CONTAINER ID", "NAME", "STATUS", "NETWORKS", "IP ADDRESS", "COMMAND"], rows);
+            Ok(0)
+        }
+        ContainerCmd::Inspect { names } => {
+            let mut out = vec![];
+            for n in names {
+                out.push(c.get(&format!("/containers/{}", seg(&n))).await?);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(0)
+        }
+        ContainerCmd::Rm { force, names } => {
+            let mut failed = false;
+            for n in names {
+                match c.delete(&format!("/containers/{}?force={force}", seg(&n))).await {
+                    Ok(()) => println!("{n}"),
+                    Err(e) => {
+                        eprintln!("Error: {e:#}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(u8::from(failed))
+        }
+        ContainerCmd::Stop { names } => {
+            for n in names {
+                c.post(&format!("/containers/{}/stop", seg(&n)), &()).await?;
+                println!("{n}");
+            }
+            Ok(0)
+        }
+        ContainerCmd::Logs { name } => {
+            let b = c.request(Method::GET, &format!("/containers/{}/logs", seg(&name)), None::<&()>).await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&b)?;
+            Ok(0)
+        }
+        ContainerCmd::Port { name } => {
+            let v = c.get(&format!("/containers/{}/ports", seg(&name))).await?;
+            let bindings: Vec<crate::ports::Binding> = serde_json::from_value(v)?;
+            for b in bindings {
+                println!("{b}");
+            }
+            Ok(0)
+        }
+        ContainerCmd::Attach { netns, name, network, ip } => {
+            let netns = std::fs::canonicalize(&netns).with_context(|| format!("--netns {netns}"))?;
+            let v = c
+                .post(
+                    "/containers",
+                    &ContainerCreate {
+                        name,
+                        network: Some(network),
+                        ip,
+                        cmd: vec![],
+                        netns: Some(netns.display().to_string()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            println!("{}", s(&v["Id"]));
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The docker-like CLI. Every verb except `daemon` is a client of the daemon's API.
+
+mod container;
+mod network;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::api::DEFAULT_SOCKET;
+use crate::api::client::Client;
+
+#[derive(Parser)]
+#[command(name = "netpath", version, about = "Container networking with an eBPF datapath")]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "NETPATH_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (in the network namespace that plays "host").
+    Daemon {
+        #[arg(long, default_value = "/var/lib/netpath")]
+        state_dir: PathBuf,
+        /// Where maps are pinned; made a bpffs mount if it is not on one.
+        #[arg(long, default_value = "/sys/fs/bpf/netpath")]
+        bpffs: PathBuf,
+        /// Interface(s) that face the outside (repeatable).
+        #[arg(long = "uplink")]
+        uplinks: Vec<String>,
+    },
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
+    /// Datapath diagnostics.
+    #[command(subcommand)]
+    System(SystemCmd),
+    #[command(flatten)]
+    Container(container::ContainerCmd),
+}
+
+#[derive(Subcommand)]
+enum SystemCmd {
+    /// Datapath counters as JSON: drops by reason, conntrack activity and size.
+    Datapath,
+    /// The NAT table as JSON: what each entry matches and rewrites to.
+    Flows,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Daemon { state_dir, bpffs, uplinks } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let cfg = crate::daemon::Config { state_dir, socket: cli.socket, bpffs, uplinks };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(crate::api::server::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
+        Cmd::System(sc) => run_client(&cli.socket, |c| async move {
+            let path = match sc {
+                SystemCmd::Datapath => "/datapath/counters",
+                SystemCmd::Flows => "/datapath/flows",
+            };
+            println!("{}", serde_json::to_string_pretty(&c.get(path).await?)?);
+            Ok(0)
+        }),
+        Cmd::Container(cc) => run_client(&cli.socket, |c| async move { container::run(&c, cc).await }),
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("Error: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// Runs a client verb; it returns the process exit code (non-zero codes of commands run by
+/// `run`/`exec` pass through).
+fn run_client<F, Fut>(socket: &std::path::Path, f: F) -> ExitCode
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u8>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(f(Client::new(socket))) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => fail(e),
+    }
+}
+
+/// Prints rows as left-aligned columns, like docker's tables.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

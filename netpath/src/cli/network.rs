@@ -1,0 +1,116 @@
+//! `netpath network ...`
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::table;
+use crate::api::client::{Client, seg};
+use crate::api::{Connect, Disconnect, NetworkCreate};
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// Create a network.
+    Create {
+        #[arg(short, long, default_value = "bridge")]
+        driver: String,
+        /// Subnet in CIDR form; the next free /16 from 172.18.0.0 when omitted.
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Gateway address (default: first address of the subnet).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Allocate container addresses from this sub-range.
+        #[arg(long)]
+        ip_range: Option<String>,
+        name: String,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        /// Only print names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show one or more networks as JSON.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove one or more networks.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Connect a container to a network (it gets the next ethN).
+    Connect {
+        #[arg(long)]
+        ip: Option<String>,
+        network: String,
+        container: String,
+    },
+    /// Disconnect a container from a network.
+    Disconnect { network: String, container: String },
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
+    match cmd {
+        NetworkCmd::Create { driver, subnet, gateway, ip_range, name } => {
+            let v =
+                c.post("/networks", &NetworkCreate { name, driver: Some(driver), subnet, gateway, ip_range }).await?;
+            println!("{}", s(&v["Id"]));
+        }
+        NetworkCmd::Ls { quiet } => {
+            let v = c.get("/networks").await?;
+            let nets = v.as_array().cloned().unwrap_or_default();
+            if quiet {
+                nets.iter().for_each(|n| println!("{}", s(&n["Name"])));
+                return Ok(0);
+            }
+            let rows = nets
+                .iter()
+                .map(|n| {
+                    vec![
+                        s(&n["Id"]).chars().take(12).collect(),
+                        s(&n["Name"]),
+                        s(&n["Driver"]),
+                        n["IPAM"]["Config"][0]["Subnet"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect();
+            table(&["NETWORK ID", "NAME", "DRIVER", "SUBNET"], rows);
+        }
+        NetworkCmd::Inspect { names } => {
+            let mut out = vec![];
+            for n in names {
+                out.push(c.get(&format!("/networks/{}", seg(&n))).await?);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        NetworkCmd::Rm { names } => {
+            let mut failed = false;
+            for n in names {
+                match c.delete(&format!("/networks/{}", seg(&n))).await {
+                    Ok(()) => println!("{n}"),
+                    Err(e) => {
+                        eprintln!("Error: {e:#}");
+                        failed = true;
+                    }
+                }
+            }
+            return Ok(u8::from(failed));
+        }
+        NetworkCmd::Connect { ip, network, container } => {
+            c.post(&format!("/networks/{}/connect", seg(&network)), &Connect { container, ip }).await?;
+        }
+        NetworkCmd::Disconnect { network, container } => {
+            c.post(&format!("/networks/{}/disconnect", seg(&network)), &Disconnect { container }).await?;
+        }
+    }
+    Ok(0)
+}

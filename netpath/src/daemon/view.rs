@@ -1,0 +1,145 @@
+//! Docker-shaped JSON views of networks and containers (`inspect`, `ls`, `ps`).
+
+use serde_json::{Map, Value, json};
+
+use super::Daemon;
+use crate::ipam::format_mac;
+use crate::state::{Container, Network, Sandbox};
+
+impl Daemon {
+    pub(super) fn network_json(&self, n: &Network) -> Value {
+        let mut containers = Map::new();
+        for (c, e) in self.state.endpoints_on(&n.id) {
+            let prefix = n.ipam.map(|i| i.subnet.prefix_len()).unwrap_or(0);
+            containers.insert(
+                c.name.clone(),
+                json!({
+                    "Name": c.name,
+                    "EndpointID": e.id,
+                    "MacAddress": e.mac.map(|m| format_mac(&m)).unwrap_or_default(),
+                    "IPv4Address": e.ipv4.map(|ip| format!("{ip}/{prefix}")).unwrap_or_default(),
+                }),
+            );
+        }
+        let config: Vec<Value> = n
+            .ipam
+            .iter()
+            .map(|i| {
+                let mut c = json!({ "Subnet": i.subnet.to_string(), "Gateway": i.gateway.to_string() });
+                if let Some(r) = i.ip_range {
+                    c["IPRange"] = json!(r.to_string());
+                }
+                c
+            })
+            .collect();
+        let mut options = Map::new();
+        if let Some(b) = &n.bridge {
+            options.insert("com.docker.network.bridge.name".into(), json!(b));
+        }
+        json!({
+            "Name": n.name,
+            "Id": n.id,
+            "Created": n.created,
+            "Scope": "local",
+            "Driver": n.driver.as_str(),
+            "IPAM": { "Driver": "default", "Config": config },
+            "Containers": containers,
+            "Options": options,
+        })
+    }
+
+    pub(super) fn container_json(&mut self, c: &Container) -> Value {
+        let running = Self::is_running(c);
+        let status = match &c.process {
+            None => "created",
+            Some(_) if running => "running",
+            Some(_) => "exited",
+        };
+        let mut networks = Map::new();
+        for e in &c.endpoints {
+            let Some(n) = self.state.network_by_id(&e.network_id).cloned() else {
+                continue;
+            };
+            let counters = e
+                .host_ifname
+                .as_deref()
+                .and_then(|h| nix::net::if_::if_nametoindex(h).ok())
+                .and_then(|idx| self.datapath.endpoint_stats(idx).ok())
+                .map(|s| json!({ "RxPackets": s.rx_packets, "RxBytes": s.rx_bytes, "TxPackets": s.tx_packets, "TxBytes": s.tx_bytes }));
+            networks.insert(
+                n.name.clone(),
+                json!({
+                    "NetworkID": n.id,
+                    "EndpointID": e.id,
+                    "Gateway": n.ipam.map(|i| i.gateway.to_string()).unwrap_or_default(),
+                    "IPAddress": e.ipv4.map(|i| i.to_string()).unwrap_or_default(),
+                    "IPPrefixLen": n.ipam.map(|i| i.subnet.prefix_len()).unwrap_or(0),
+                    "MacAddress": e.mac.map(|m| format_mac(&m)).unwrap_or_default(),
+                    "Interface": e.ifname,
+                    "HostInterface": e.host_ifname,
+                    "Counters": counters,
+                }),
+            );
+        }
+        let sandbox_key = match &c.sandbox {
+            Sandbox::Netns { path, .. } => path.display().to_string(),
+            Sandbox::Host => format!("/proc/{}/ns/net", std::process::id()),
+        };
+        let p = c.process.as_ref();
+        // Docker's shape: {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}.
+        let mut ports = Map::new();
+        for b in &c.ports {
+            let k = format!("{}/{}", b.container_port, b.proto.as_str());
+            let entry = ports.entry(k).or_insert_with(|| json!([]));
+            entry.as_array_mut().unwrap().push(json!({
+                "HostIp": b.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED).to_string(),
+                "HostPort": b.host_port.to_string(),
+            }));
+        }
+        json!({
+            "Id": c.id,
+            "Name": c.name,
+            "Created": c.created,
+            "State": {
+                "Status": status,
+                "Running": running,
+                "Pid": if running { p.and_then(|p| p.pid) } else { None },
+                "ExitCode": p.and_then(|p| p.exit_code),
+            },
+            "Config": { "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(), "Detached": p.is_some_and(|p| p.detached) },
+            "LogPath": self.store.log_path(&c.id).display().to_string(),
+            "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
+        })
+    }
+}
+
+fn tuple_json(t: &netpath_common::Tuple) -> Value {
+    let a = |x: u32| std::net::Ipv4Addr::from(x.to_ne_bytes()).to_string();
+    let proto = match t.proto {
+        netpath_common::proto::TCP => "tcp",
+        netpath_common::proto::UDP => "udp",
+        netpath_common::proto::ICMP => "icmp",
+        _ => "other",
+    };
+    json!({
+        "Proto": proto,
+        "Src": format!("{}:{}", a(t.saddr), u16::from_be(t.sport)),
+        "Dst": format!("{}:{}", a(t.daddr), u16::from_be(t.dport)),
+    })
+}
+
+/// One NAT entry: the tuple it matches and the tuple packets leave with.
+pub(super) fn flow_json(k: &netpath_common::Tuple, e: &netpath_common::CtEntry) -> Value {
+    let hook = match e.hook {
+        netpath_common::hook::UPLINK_IN => "uplink-in",
+        netpath_common::hook::UPLINK_OUT => "uplink-out",
+        netpath_common::hook::FROM_CONTAINER => "from-container",
+        _ => "?",
+    };
+    let state = match e.state {
+        netpath_common::ct_state::ESTABLISHED => "established",
+        netpath_common::ct_state::CLOSING => "closing",
+        _ => "new",
+    };
+    json!({ "Match": tuple_json(k), "Rewrite": tuple_json(&e.xlate), "Hook": hook, "Reply": e.is_reply == 1, "State": state })
+}

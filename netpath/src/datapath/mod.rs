@@ -1,0 +1,341 @@
+//! The datapath: loads the embedded eBPF object, attaches its programs to endpoint interfaces
+//! and owns every map handle. The rest of the daemon talks to the kernel datapath only here.
+
+mod bpffs;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::Ipv4Net;
+use netpath_common::{
+    Backend, CtEntry, EndpointInfo, EndpointStats, NetworkInfo, PortKey, Tuple, config, ct_stat, drop_reason,
+    map_names, prog_names,
+};
+
+pub use bpffs::ensure_bpffs;
+
+mod conntrack;
+pub use conntrack::ct_timeout;
+
+/// An IPv4 address as the datapath keeps it: the wire's byte order, read as a native u32.
+pub fn wire_addr(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// A port as the datapath keeps it (network byte order).
+pub fn wire_port(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// The compiled datapath (`netpath-ebpf`), embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpath-ebpf.o"));
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Host-side veth ifindex → the (from_container, to_container) tcx links we attached.
+    attached: HashMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    /// Uplink ifindex → the (uplink_in, uplink_out) tcx links.
+    uplinks: HashMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+}
+
+/// Datapath-wide counters for `netpath info`-style reporting.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Counters {
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub conntrack: std::collections::BTreeMap<&'static str, u64>,
+    pub ct_entries: usize,
+}
+
+impl Datapath {
+    /// Loads every program and opens (or creates) the maps pinned under `pin_dir`, which is made
+    /// a bpffs mount if it is not on one already. Pinned maps keep counters across restarts.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (is the kernel's BPF support enabled?)")?;
+        for name in
+            [prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT]
+        {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        for name in prog_names::SOCK {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(Self { ebpf, attached: HashMap::new(), uplinks: HashMap::new() })
+    }
+
+    /// Attaches the socket programs to the cgroup2 root at `cgroup`, acting only for sockets of
+    /// the network namespace with cookie `netns_cookie` (the daemon's). Other namespaces, and
+    /// other daemons' programs on the same cgroup, are left alone.
+    pub fn attach_sockets(&mut self, cgroup: &Path, netns_cookie: u64) -> Result<()> {
+        let mut cfg: Array<_, u64> = self.map(map_names::CONFIG)?;
+        cfg.set(config::HOST_NETNS_COOKIE, netns_cookie, 0).context("setting the namespace cookie")?;
+        let dir = std::fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in prog_names::SOCK {
+            let prog: &mut CgroupSockAddr =
+                self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+            // Kernels >= 5.7 attach through a bpf_link, which always coexists with other
+            // programs and refuses the ALLOW_MULTI flag; "Single" means no flag here.
+            prog.attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A program, for tests that drive it with `test_run`.
+    pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?)
+    }
+
+    fn stats_map(&mut self) -> Result<PerCpuHashMap<&mut MapData, u32, EndpointStats>> {
+        self.map(map_names::ENDPOINT_STATS)
+    }
+
+    /// A typed handle on one of the maps of the catalogue.
+    fn map<'a, M>(&'a mut self, name: &str) -> Result<M>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let m = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+        M::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    /// The address masqueraded traffic leaving through uplink `ifindex` gets (None: no masquerade).
+    pub fn set_uplink_addr(&mut self, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<()> {
+        let mut m: BpfHashMap<_, u32, u32> = self.map(map_names::UPLINKS)?;
+        match addr {
+            Some(a) => m.insert(ifindex, wire_addr(a), 0)?,
+            None => {
+                let _ = m.remove(&ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    /// A container address: where hairpin traffic is redirected, and which network it is on.
+    pub fn set_endpoint(&mut self, addr: Ipv4Addr, ifindex: u32, net_id: u32, mac: [u8; 6]) -> Result<()> {
+        let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
+        m.insert(wire_addr(addr), EndpointInfo { ifindex, net_id, mac, _pad: 0 }, 0).context("adding endpoint")?;
+        Ok(())
+    }
+
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
+        let _ = m.remove(&wire_addr(addr));
+        Ok(())
+    }
+
+    pub fn set_network(&mut self, subnet: Ipv4Net, net_id: u32, gateway: Ipv4Addr, flags: u32) -> Result<()> {
+        let mut m: LpmTrie<_, u32, NetworkInfo> = self.map(map_names::NETWORKS)?;
+        let key = LpmKey::new(u32::from(subnet.prefix_len()), wire_addr(subnet.network()));
+        m.insert(&key, NetworkInfo { net_id, gateway: wire_addr(gateway), flags }, 0).context("adding network")?;
+        Ok(())
+    }
+
+    pub fn remove_network(&mut self, subnet: Ipv4Net) -> Result<()> {
+        let mut m: LpmTrie<_, u32, NetworkInfo> = self.map(map_names::NETWORKS)?;
+        let _ = m.remove(&LpmKey::new(u32::from(subnet.prefix_len()), wire_addr(subnet.network())));
+        Ok(())
+    }
+
+    /// Makes HOST_ADDRS hold exactly `addrs`.
+    pub fn sync_host_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
+        let mut m: BpfHashMap<_, u32, u32> = self.map(map_names::HOST_ADDRS)?;
+        let want: std::collections::HashSet<u32> = addrs.iter().map(|a| wire_addr(*a)).collect();
+        let have: Vec<u32> = m.keys().filter_map(|k| k.ok()).collect();
+        for k in have.iter().filter(|k| !want.contains(k)) {
+            let _ = m.remove(k);
+        }
+        for k in want.iter().filter(|k| !have.contains(k)) {
+            m.insert(*k, 1, 0).context("adding host address")?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a port: (host address or every address, port, protocol) → container address/port.
+    pub fn set_port(&mut self, host: Option<Ipv4Addr>, port: u16, proto: u8, to: Ipv4Addr, to_port: u16) -> Result<()> {
+        let mut m: BpfHashMap<_, PortKey, Backend> = self.map(map_names::PORTMAP)?;
+        let key = port_key(host, port, proto);
+        m.insert(key, Backend { addr: wire_addr(to), port: wire_port(to_port), _pad: 0 }, 0)
+            .context("publishing port (is the port table full?)")?;
+        Ok(())
+    }
+
+    pub fn remove_port(&mut self, host: Option<Ipv4Addr>, port: u16, proto: u8) -> Result<()> {
+        let mut m: BpfHashMap<_, PortKey, Backend> = self.map(map_names::PORTMAP)?;
+        let _ = m.remove(&port_key(host, port, proto));
+        Ok(())
+    }
+
+    /// Every published-port entry, for tests and reconciliation: (host, port, proto) → (addr, port).
+    pub fn ports(&mut self) -> Result<Vec<((Option<Ipv4Addr>, u16, u8), (Ipv4Addr, u16))>> {
+        let m: BpfHashMap<_, PortKey, Backend> = self.map(map_names::PORTMAP)?;
+        Ok(m.iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, b)| {
+                let host = (k.addr != 0).then(|| Ipv4Addr::from(k.addr.to_ne_bytes()));
+                ((host, u16::from_be(k.port), k.proto), (Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
+            })
+            .collect())
+    }
+
+    fn ct(&mut self) -> Result<BpfHashMap<&mut MapData, Tuple, CtEntry>> {
+        self.map(map_names::CT)
+    }
+
+    /// Forgets every flow to or from `addr` (a container going away): its replacement must
+    /// not inherit stale translations, which is what keeps UDP clients working across a
+    /// container re-create.
+    pub fn flush_flows(&mut self, addr: Ipv4Addr) -> Result<usize> {
+        let a = wire_addr(addr);
+        let mut ct = self.ct()?;
+        let doomed: Vec<Tuple> = ct
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, e)| [k.saddr, k.daddr, e.xlate.saddr, e.xlate.daddr].contains(&a))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Expires idle flows (both entries of a flow go together). Returns how many entries went.
+    pub fn expire_flows(&mut self, now_ns: u64) -> Result<usize> {
+        let mut ct = self.ct()?;
+        let entries: HashMap<Tuple, CtEntry> = ct.iter().filter_map(|r| r.ok()).collect();
+        let doomed = conntrack::expired(&entries, now_ns);
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// The NAT table, for tests and `netpath` diagnostics.
+    pub fn flows(&mut self) -> Result<Vec<(Tuple, CtEntry)>> {
+        Ok(self.ct()?.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    pub fn counters(&mut self) -> Result<Counters> {
+        let mut c = Counters::default();
+        let drops: PerCpuArray<_, u64> = self.map(map_names::DROPS)?;
+        for (i, name) in drop_reason::NAMES.iter().enumerate() {
+            c.drops.insert(name, drops.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0));
+        }
+        let cts: PerCpuArray<_, u64> = self.map(map_names::CT_STATS)?;
+        for (i, name) in ct_stat::NAMES.iter().enumerate() {
+            c.conntrack.insert(name, cts.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0));
+        }
+        c.ct_entries = self.ct()?.keys().count();
+        Ok(c)
+    }
+
+    /// Attaches an ingress/egress program pair to an interface; on failure nothing stays attached.
+    fn attach_pair(
+        &mut self,
+        ifname: &str,
+        ingress: &str,
+        egress: &str,
+    ) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId)> {
+        let i = self
+            .classifier(ingress)?
+            .attach(ifname, TcAttachType::Ingress)
+            .with_context(|| format!("attaching {ingress} to {ifname}"))?;
+        match self.classifier(egress)?.attach(ifname, TcAttachType::Egress) {
+            Ok(e) => Ok((i, e)),
+            Err(err) => {
+                let _ = self.classifier(ingress)?.detach(i);
+                Err(err).with_context(|| format!("attaching {egress} to {ifname}"))
+            }
+        }
+    }
+
+    /// Starts accounting for an endpoint: a counter entry (kept if it survived a restart) and
+    /// the programs on both directions of its host-side veth. Idempotent.
+    pub fn attach_endpoint(&mut self, host_ifname: &str, ifindex: u32) -> Result<()> {
+        if self.attached.contains_key(&ifindex) {
+            return Ok(());
+        }
+        self.track_endpoint(ifindex)?;
+        let links = self.attach_pair(host_ifname, prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER)?;
+        self.attached.insert(ifindex, links);
+        Ok(())
+    }
+
+    /// Attaches the NAT programs to an uplink and records the address masqueraded traffic
+    /// leaves with. Idempotent; a new address replaces the old one.
+    pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<()> {
+        self.set_uplink_addr(ifindex, addr)?;
+        if !self.uplinks.contains_key(&ifindex) {
+            let links = self.attach_pair(ifname, prog_names::UPLINK_IN, prog_names::UPLINK_OUT)?;
+            self.uplinks.insert(ifindex, links);
+        }
+        Ok(())
+    }
+
+    /// Gives an interface a counter entry, keeping one that survived a restart. The datapath
+    /// counts only interfaces that have one.
+    pub fn track_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        let mut stats = self.stats_map()?;
+        if stats.get(&ifindex, 0).is_err() {
+            let n = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+            let zero = PerCpuValues::try_from(vec![EndpointStats::default(); n])?;
+            stats.insert(ifindex, zero, 0).context("adding endpoint counters")?;
+        }
+        Ok(())
+    }
+
+    /// Stops accounting for an endpoint and forgets its counters. The veth may already be gone
+    /// (the kernel drops tcx links with their device), so detach errors are not failures.
+    pub fn detach_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        if let Some((from, to)) = self.attached.remove(&ifindex) {
+            let _ = self.classifier(prog_names::FROM_CONTAINER)?.detach(from);
+            let _ = self.classifier(prog_names::TO_CONTAINER)?.detach(to);
+        }
+        let mut stats = self.stats_map()?;
+        if stats.get(&ifindex, 0).is_ok() {
+            stats.remove(&ifindex).context("removing endpoint counters")?;
+        }
+        Ok(())
+    }
+
+    /// The endpoint's counters summed over CPUs; zero if it has none.
+    pub fn endpoint_stats(&mut self, ifindex: u32) -> Result<EndpointStats> {
+        let stats = self.stats_map()?;
+        let mut total = EndpointStats::default();
+        if let Ok(per_cpu) = stats.get(&ifindex, 0) {
+            for s in per_cpu.iter() {
+                total.add(s);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Every ifindex with a counter entry (to find entries left by endpoints that went away
+    /// while the daemon was down).
+    pub fn stats_keys(&mut self) -> Result<Vec<u32>> {
+        Ok(self.stats_map()?.keys().filter_map(|k| k.ok()).collect())
+    }
+}
+
+fn port_key(host: Option<Ipv4Addr>, port: u16, proto: u8) -> PortKey {
+    PortKey { addr: host.map(wire_addr).unwrap_or(0), port: wire_port(port), proto, _pad: 0 }
+}

@@ -1,0 +1,336 @@
+//! The netns lab: every end-to-end test, the demo and the benchmarks run here.
+//!
+//! A lab is a directory under /tmp holding a "host" network namespace (with an `eth0` veth to
+//! a "client" namespace), a real `netpath daemon` running inside the host namespace with its
+//! own state dir, socket and bpffs pin dir, and any other namespaces a test adds. Names are
+//! unique per process and lab, so tests run in parallel. Dropping the lab (also on panic)
+//! stops the daemon, kills every process left in the lab's namespaces, unmounts everything and
+//! removes the directory; `Lab::new` first sweeps labs left by killed runs.
+//! Traffic only ever goes to addresses of namespaces the lab made.
+
+pub mod packet;
+
+use std::collections::HashSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use netpath::netlink::netns;
+
+const LAB_PREFIX: &str = "netpath-lab-";
+
+/// Addresses of the link between the host namespace's `eth0` and the client namespace:
+/// TEST-NET-2, never routed anywhere.
+pub const HOST_ETH0_IP: &str = "198.51.100.1";
+pub const CLIENT_IP: &str = "198.51.100.2";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub host_ns: PathBuf,
+    pub client_ns: PathBuf,
+    daemon: Option<Child>,
+}
+
+/// The netpath binary under test: $NETPATH_BIN, or `netpath` next to the test's target dir.
+pub fn netpath_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NETPATH_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/test-xxxx or target/<profile>/netpath-demo
+    for dir in exe.ancestors().skip(1).take(2) {
+        let cand = dir.join("netpath");
+        if cand.is_file() {
+            return cand;
+        }
+    }
+    panic!("netpath binary not found next to {}: run `cargo build` (or `cargo xtask test`) first", exe.display());
+}
+
+/// Runs a command inside the network namespace at `ns` (setns in the child, so the caller's
+/// threads are untouched).
+pub fn in_ns(ns: &Path, prog: &str, args: &[&str]) -> Command {
+    let fd: std::os::fd::OwnedFd =
+        std::fs::File::open(ns).unwrap_or_else(|e| panic!("open {}: {e}", ns.display())).into();
+    let mut c = Command::new(prog);
+    c.args(args);
+    // SAFETY: setns is async-signal-safe.
+    unsafe {
+        c.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// Runs to completion and panics with both output streams if it failed.
+pub fn must(mut c: Command) -> String {
+    let out = c.output().unwrap_or_else(|e| panic!("spawning {c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Lab {
+    /// Builds a lab (host + client namespaces, linked by a veth) and starts its daemon.
+    pub fn new(tag: &str) -> Lab {
+        let mut lab = Self::without_daemon(tag);
+        lab.start_daemon();
+        lab
+    }
+
+    /// Builds the namespaces only; call [`Lab::start_daemon`] yourself.
+    pub fn without_daemon(tag: &str) -> Lab {
+        sweep();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("{LAB_PREFIX}{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ns")).expect("lab dir");
+        let lab = Lab {
+            socket: dir.join("netpath.sock"),
+            state_dir: dir.join("state"),
+            bpffs: dir.join("bpf"),
+            host_ns: dir.join("ns/host"),
+            client_ns: dir.join("ns/client"),
+            dir,
+            daemon: None,
+        };
+        // From here on, Drop cleans up whatever was made.
+        lab.make_ns(&lab.host_ns);
+        lab.make_ns(&lab.client_ns);
+        // One veth: host "eth0" <-> client "eth0".
+        let peer_ns = lab.client_ns.display().to_string();
+        must(in_ns(
+            &lab.host_ns,
+            "ip",
+            &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer_ns],
+        ));
+        must(in_ns(&lab.host_ns, "ip", &["addr", "add", &format!("{HOST_ETH0_IP}/24"), "dev", "eth0"]));
+        must(in_ns(&lab.host_ns, "ip", &["link", "set", "eth0", "up"]));
+        must(in_ns(&lab.client_ns, "ip", &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]));
+        must(in_ns(&lab.client_ns, "ip", &["link", "set", "eth0", "up"]));
+        lab
+    }
+
+    /// Makes another namespace (with `lo` up) that belongs to this lab.
+    pub fn add_ns(&self, name: &str) -> PathBuf {
+        let p = self.dir.join("ns").join(name);
+        self.make_ns(&p);
+        p
+    }
+
+    fn make_ns(&self, p: &Path) {
+        netns::create(p).unwrap_or_else(|e| panic!("creating netns {}: {e:#}", p.display()));
+        must(in_ns(p, "ip", &["link", "set", "lo", "up"]));
+    }
+
+    /// Starts `netpath daemon` inside the host namespace and waits until it answers.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let mut c = in_ns(&self.host_ns, netpath_bin().to_str().unwrap(), &[]);
+        c.arg("--socket")
+            .arg(&self.socket)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--uplink")
+            .arg("eth0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.daemon = Some(c.spawn().expect("starting netpath daemon"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.try_np(&["network", "ls", "-q"]).status.success() {
+                return;
+            }
+            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {st}:\n{}", self.daemon_log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it; containers stay, as after a real restart.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = d.kill();
+                    let _ = d.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn restart_daemon(&mut self) {
+        self.stop_daemon();
+        self.start_daemon();
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The CLI, pointed at this lab's daemon. Runs where the test runs (any namespace works:
+    /// it only talks to the socket and enters container namespaces by path).
+    pub fn np_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(netpath_bin());
+        c.arg("--socket").arg(&self.socket).args(args).stdin(Stdio::null());
+        c
+    }
+
+    pub fn try_np(&self, args: &[&str]) -> Output {
+        self.np_cmd(args).output().expect("running netpath")
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn np(&self, args: &[&str]) -> String {
+        let out = self.try_np(args);
+        assert!(
+            out.status.success(),
+            "netpath {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI, asserts a non-zero exit, returns stderr.
+    pub fn np_fails(&self, args: &[&str]) -> String {
+        let out = self.try_np(args);
+        assert!(
+            !out.status.success(),
+            "netpath {args:?} unexpectedly succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn inspect(&self, container: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.np(&["inspect", container])).expect("inspect JSON");
+        v[0].clone()
+    }
+
+    pub fn inspect_network(&self, network: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.np(&["network", "inspect", network])).expect("inspect JSON");
+        v[0].clone()
+    }
+
+    /// A container's address on a network, from `netpath inspect`.
+    pub fn ip_of(&self, container: &str, network: &str) -> String {
+        self.inspect(container)["NetworkSettings"]["Networks"][network]["IPAddress"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{container} has no address on {network}"))
+            .to_string()
+    }
+
+    /// Runs a command in the host namespace.
+    pub fn host(&self, prog: &str, args: &[&str]) -> Command {
+        in_ns(&self.host_ns, prog, args)
+    }
+
+    /// Interface names in a namespace.
+    pub fn links(&self, ns: &Path) -> Vec<String> {
+        must(in_ns(ns, "ip", &["-o", "link", "show"]))
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log of {} ---\n{}", self.dir.display(), self.daemon_log());
+        }
+        destroy(&self.dir);
+    }
+}
+
+/// Mount points at or under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> =
+        info.lines().filter_map(|l| l.split(' ').nth(4)).map(PathBuf::from).filter(|p| p.starts_with(dir)).collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
+}
+
+/// Kills every process inside the lab's namespaces (daemon and containers alike), unmounts
+/// namespaces and the bpffs, removes the directory. With the last reference gone the kernel
+/// deletes the namespaces and every link in them.
+fn destroy(dir: &Path) {
+    let mounts = mounts_under(dir);
+    let inodes: HashSet<u64> = mounts.iter().filter(|m| netns::is_mounted(m)).filter_map(|m| netns::inode(m)).collect();
+    for _ in 0..50 {
+        let mut found = false;
+        for pid in std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        {
+            if netns::inode(Path::new(&format!("/proc/{pid}/ns/net"))).is_some_and(|i| inodes.contains(&i)) {
+                found = true;
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if !found {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for m in mounts {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Removes labs whose creating process is gone (a killed test run).
+pub fn sweep() {
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(LAB_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !Path::new(&format!("/proc/{pid}")).exists() {
+            destroy(&e.path());
+        }
+    }
+}

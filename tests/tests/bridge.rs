@@ -1,0 +1,106 @@
+//! Bridge networks end to end: containers reach each other, counters move, rm cleans up.
+
+mod common;
+
+use common::{echo, echo_server};
+use netpath_tests::Lab;
+
+#[test]
+fn two_containers_on_a_user_bridge_talk_both_ways_and_counters_move() {
+    let lab = Lab::new("userbr");
+    lab.np(&["network", "create", "appnet"]);
+    echo_server(&lab, "a", "appnet");
+    echo_server(&lab, "b", "appnet");
+    let ip_a = lab.ip_of("a", "appnet");
+    let ip_b = lab.ip_of("b", "appnet");
+    assert!(ip_a.starts_with("172.18."), "first user network gets 172.18.0.0/16, got {ip_a}");
+    assert_eq!(echo(&lab, "a", &ip_b, "ping-from-a"), "ping-from-a");
+    assert_eq!(echo(&lab, "b", &ip_a, "ping-from-b"), "ping-from-b");
+
+    let c = &lab.inspect("a")["NetworkSettings"]["Networks"]["appnet"]["Counters"];
+    for k in ["RxPackets", "TxPackets", "RxBytes", "TxBytes"] {
+        assert!(c[k].as_u64().unwrap() > 0, "{k} did not move: {c}");
+    }
+    let mac = lab.inspect("a")["NetworkSettings"]["Networks"]["appnet"]["MacAddress"].as_str().unwrap().to_string();
+    let o: Vec<u8> = ip_a.split('.').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(mac, format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]));
+}
+
+#[test]
+fn containers_on_the_default_bridge_talk() {
+    let lab = Lab::new("defbr");
+    echo_server(&lab, "srv", "bridge");
+    lab.np(&["run", "-d", "--name", "cli", "--", "sleep", "600"]);
+    let ip = lab.ip_of("srv", "bridge");
+    assert!(ip.starts_with("172.17.0."), "{ip}");
+    assert_eq!(echo(&lab, "cli", &ip, "hello"), "hello");
+    assert!(lab.links(&lab.host_ns).contains(&"netpath0".to_string()));
+    // The container's default route goes via the bridge gateway.
+    let routes = lab.np(&["exec", "cli", "--", "ip", "route"]);
+    assert!(routes.contains("default via 172.17.0.1 dev eth0"), "{routes}");
+}
+
+#[test]
+fn foreground_run_passes_exit_code_and_rm_flag_removes() {
+    let lab = Lab::new("fg");
+    let out = lab.try_np(&["run", "--rm", "--name", "once", "--", "sh", "-c", "ip -o -4 addr show eth0; exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("172.17.0.2/16"));
+    assert!(!lab.np(&["ps", "-a"]).contains("once"));
+    lab.np(&["run", "--name", "kept", "--", "true"]);
+    let ps = lab.np(&["ps", "-a"]);
+    assert!(ps.contains("kept") && ps.contains("exited (0)"), "{ps}");
+}
+
+#[test]
+fn rm_leaves_no_link_address_or_allocation() {
+    let lab = Lab::new("rmclean");
+    lab.np(&["network", "create", "--subnet", "10.77.0.0/24", "n1"]);
+    let links_before = lab.links(&lab.host_ns);
+    lab.np(&["run", "-d", "--name", "c1", "--network", "n1", "--", "sleep", "600"]);
+    let host_if = lab.inspect("c1")["NetworkSettings"]["Networks"]["n1"]["HostInterface"].as_str().unwrap().to_string();
+    let sandbox = lab.inspect("c1")["NetworkSettings"]["SandboxKey"].as_str().unwrap().to_string();
+    assert!(lab.links(&lab.host_ns).contains(&host_if));
+    assert_eq!(lab.ip_of("c1", "n1"), "10.77.0.2");
+
+    let pid = lab.inspect("c1")["State"]["Pid"].as_u64().expect("c1 runs");
+    lab.np_fails(&["rm", "c1"]); // running
+    lab.np(&["rm", "-f", "c1"]);
+    assert_eq!(lab.links(&lab.host_ns), links_before, "host links after rm");
+    assert!(!std::path::Path::new(&sandbox).exists(), "netns file {sandbox} left behind");
+    assert!(lab.inspect_network("n1")["Containers"].as_object().unwrap().is_empty());
+    // The address is free again: the next container gets it.
+    lab.np(&["run", "-d", "--name", "c2", "--network", "n1", "--", "sleep", "600"]);
+    assert_eq!(lab.ip_of("c2", "n1"), "10.77.0.2");
+    // c1's process is gone (not even a zombie).
+    assert!(netpath::daemon::process::start_time(pid as u32).is_none(), "c1's process {pid} survived rm -f");
+}
+
+#[test]
+fn new_networks_skip_subnets_routed_on_the_host_and_honour_ip_range() {
+    let lab = Lab::new("routed");
+    // Something else on the host already routes 172.18.0.0/16.
+    netpath_tests::must(lab.host("ip", &["route", "add", "172.18.0.0/16", "dev", "eth0"]));
+    lab.np(&["network", "create", "n1"]);
+    assert_eq!(lab.inspect_network("n1")["IPAM"]["Config"][0]["Subnet"], "172.19.0.0/16");
+    lab.np(&["network", "create", "n2"]);
+    assert_eq!(lab.inspect_network("n2")["IPAM"]["Config"][0]["Subnet"], "172.20.0.0/16");
+
+    lab.np(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.50.0.0/24",
+        "--gateway",
+        "10.50.0.254",
+        "--ip-range",
+        "10.50.0.16/28",
+        "r",
+    ]);
+    let cfg = &lab.inspect_network("r")["IPAM"]["Config"][0];
+    assert_eq!((cfg["Gateway"].as_str(), cfg["IPRange"].as_str()), (Some("10.50.0.254"), Some("10.50.0.16/28")));
+    lab.np(&["run", "-d", "--name", "c", "--network", "r", "--", "sleep", "600"]);
+    assert_eq!(lab.ip_of("c", "r"), "10.50.0.16");
+    let routes = lab.np(&["exec", "c", "--", "ip", "route"]);
+    assert!(routes.contains("default via 10.50.0.254"), "{routes}");
+}

@@ -1,0 +1,292 @@
+//! The NAT engine end to end: published ports (TCP, UDP), masquerade, hairpin, isolation.
+//! The client namespace doubles as "the outside": it sits behind the host's uplink eth0.
+
+mod common;
+
+use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
+
+/// A TCP server in the client namespace answering with the peer address it sees.
+fn outside_whoami(lab: &Lab, port: u16) -> std::process::Child {
+    let c =
+        in_ns(&lab.client_ns, "socat", &[&format!("TCP-LISTEN:{port},fork,reuseaddr"), "SYSTEM:echo $SOCAT_PEERADDR"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    for _ in 0..100 {
+        let out = must(in_ns(&lab.client_ns, "ss", &["-Hltn", &format!("sport = :{port}")]));
+        if !out.trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    c
+}
+
+fn tcp_from_client(lab: &Lab, ip: &str, port: u16) -> String {
+    must(in_ns(&lab.client_ns, "sh", &["-c", &format!("socat -t 10 - TCP:{ip}:{port},connect-timeout=5 </dev/null")]))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn published_tcp_port_keeps_the_client_address() {
+    let lab = Lab::new("pubtcp");
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP);
+    assert_eq!(lab.np(&["port", "web"]).trim(), "8/tcp -> 0.0.0.0:8080");
+}
+
+#[test]
+fn masquerade_outbound_traffic_leaves_with_the_host_address() {
+    let lab = Lab::new("masq");
+    let mut srv = outside_whoami(&lab, 9000);
+    lab.np(&["run", "-d", "--name", "c", "--", "sleep", "600"]);
+    let seen = lab.np(&[
+        "exec",
+        "c",
+        "--",
+        "sh",
+        "-c",
+        &format!("socat -t 10 - TCP:{CLIENT_IP}:9000,connect-timeout=5 </dev/null"),
+    ]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert_eq!(seen.trim(), HOST_ETH0_IP);
+}
+
+/// A UDP server in a container answering each datagram with the sender's address.
+fn udp_whoami(lab: &Lab, name: &str, publish: &str) {
+    lab.np(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        publish,
+        "--",
+        "socat",
+        "UDP-RECVFROM:5353,fork",
+        "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    for _ in 0..100 {
+        if !lab.np(&["exec", name, "--", "ss", "-Hlun", "sport = :5353"]).trim().is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    panic!("{name} never listened on udp 5353");
+}
+
+/// Asks a UDP server from a connected socket bound to `sport` (0: any), resending once a
+/// second for up to 10 s (a loaded machine can take a while to fork the toy server), and
+/// returns the first answer or "" if none came.
+const UDP_ASK: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('',int(sys.argv[3])))\ns.connect((sys.argv[1],int(sys.argv[2])))\ns.settimeout(1)\nfor _ in range(10):\n  s.send(b'hi')\n  try:\n    print(s.recv(100).decode().strip()); break\n  except socket.timeout: pass";
+
+fn udp_from_client(lab: &Lab, port: u16, sport: u16) -> String {
+    must(in_ns(&lab.client_ns, "python3", &["-c", UDP_ASK, HOST_ETH0_IP, &port.to_string(), &sport.to_string()]))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn published_udp_port_keeps_the_client_address() {
+    let lab = Lab::new("pubudp");
+    udp_whoami(&lab, "dns", "5353:5353/udp");
+    assert_eq!(udp_from_client(&lab, 5353, 40001), CLIENT_IP);
+}
+
+#[test]
+fn udp_client_reaches_a_recreated_container_with_a_new_address() {
+    let lab = Lab::new("udprecreate");
+    udp_whoami(&lab, "dns", "5353:5353/udp");
+    let first_ip = lab.ip_of("dns", "bridge");
+    // The same client socket (fixed source port) before and after the re-create.
+    assert_eq!(udp_from_client(&lab, 5353, 40002), CLIENT_IP);
+    lab.np(&["rm", "-f", "dns"]);
+    // Take the old address so the new container gets a different one.
+    lab.np(&["run", "-d", "--name", "squatter", "--ip", &first_ip, "--", "sleep", "600"]);
+    udp_whoami(&lab, "dns", "5353:5353/udp");
+    assert_ne!(lab.ip_of("dns", "bridge"), first_ip);
+    assert_eq!(udp_from_client(&lab, 5353, 40002), CLIENT_IP, "stale NAT state kept the old container");
+}
+
+#[test]
+fn hairpin_reaches_published_ports_from_containers() {
+    let lab = Lab::new("hairpin");
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    lab.np(&["run", "-d", "--name", "other", "--", "sleep", "600"]);
+    let ask = |from: &str| {
+        lab.np(&[
+            "exec",
+            from,
+            "--",
+            "sh",
+            "-c",
+            &format!("socat -t 10 - TCP:{HOST_ETH0_IP}:8080,connect-timeout=5 </dev/null"),
+        ])
+        .trim()
+        .to_string()
+    };
+    // Another container: the server sees that container's own address.
+    assert_eq!(ask("other"), lab.ip_of("other", "bridge"));
+    // The container itself: the source becomes its gateway, so the reply returns through the host.
+    assert_eq!(ask("web"), "172.17.0.1");
+    // A container on another network reaches the published port too (not isolation).
+    lab.np(&["network", "create", "far"]);
+    lab.np(&["run", "-d", "--name", "faraway", "--network", "far", "--", "sleep", "600"]);
+    assert_eq!(ask("faraway"), lab.ip_of("faraway", "far"));
+}
+
+fn reachable(lab: &Lab, from: &str, ip: &str) -> bool {
+    lab.try_np(&["exec", from, "--", "ping", "-c", "1", "-W", "1", ip]).status.success()
+}
+
+#[test]
+fn networks_are_isolated_both_ways_and_counted() {
+    let lab = Lab::new("isolation");
+    lab.np(&["network", "create", "n1"]);
+    lab.np(&["network", "create", "n2"]);
+    lab.np(&["run", "-d", "--name", "a", "--network", "n1", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "b", "--network", "n2", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "both", "--network", "n1", "--", "sleep", "600"]);
+    lab.np(&["network", "connect", "n2", "both"]);
+    let (a, b) = (lab.ip_of("a", "n1"), lab.ip_of("b", "n2"));
+    assert!(!reachable(&lab, "a", &b), "n1 reached n2");
+    assert!(!reachable(&lab, "b", &a), "n2 reached n1");
+    assert!(reachable(&lab, "both", &a) && reachable(&lab, "both", &b), "a container on both reaches both");
+    // The host's address on the other network stays reachable, as in Docker.
+    let gw2 = lab.inspect_network("n2")["IPAM"]["Config"][0]["Gateway"].as_str().unwrap().to_string();
+    assert!(reachable(&lab, "a", &gw2));
+    let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+    assert!(counters["drops"]["isolation"].as_u64().unwrap() >= 2, "{counters}");
+}
+
+#[test]
+fn conflicting_host_ports_are_refused_and_change_nothing() {
+    let lab = Lab::new("portclash");
+    lab.np(&["run", "-d", "--name", "a", "-p", "8080:80", "--", "sleep", "600"]);
+    let before = lab.np(&["ps", "-a"]);
+    let err = lab.np_fails(&["run", "-d", "--name", "b", "-p", "8080:81", "--", "sleep", "600"]);
+    assert!(err.contains("8080") && err.contains("already allocated"), "{err}");
+    let err = lab.np_fails(&["run", "-d", "--name", "b", "-p", "198.51.100.1:8080:80", "--", "sleep", "600"]);
+    assert!(err.contains("already allocated"), "{err}");
+    let err = lab.np_fails(&["run", "-d", "--name", "b", "-p", "8000-8010:80", "--", "sleep", "600"]);
+    assert!(err.contains("differ in size"), "{err}");
+    let err = lab.np_fails(&["run", "-d", "--name", "b", "-p", "8081:80", "--network", "none", "--", "sleep", "600"]);
+    assert!(err.contains("bridge network"), "{err}");
+    assert_eq!(lab.np(&["ps", "-a"]), before);
+    // The same port over UDP is a different binding.
+    lab.np(&["run", "-d", "--name", "b", "-p", "8080:80/udp", "--", "sleep", "600"]);
+}
+
+/// Entries of a pinned map of the lab's daemon, read straight from bpffs.
+fn pinned_len(lab: &Lab, name: &str) -> usize {
+    let m = aya::maps::MapData::from_pin(lab.bpffs.join(name)).unwrap();
+    let m = aya::maps::Map::HashMap(m);
+    match name {
+        "PORTMAP" => aya::maps::HashMap::<_, netpath_common::PortKey, netpath_common::Backend>::try_from(&m)
+            .unwrap()
+            .keys()
+            .count(),
+        "ENDPOINTS" => aya::maps::HashMap::<_, u32, netpath_common::EndpointInfo>::try_from(&m).unwrap().keys().count(),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn rm_removes_every_map_entry_it_added_and_no_iptables_rule_exists() {
+    let lab = Lab::new("rmmaps");
+    lab.np(&["run", "-d", "--name", "web", "-p", "8000-8099:8000-8099", "-p", "53:53/udp", "--", "sleep", "600"]);
+    assert_eq!(pinned_len(&lab, "PORTMAP"), 101);
+    assert_eq!(pinned_len(&lab, "ENDPOINTS"), 1);
+    assert_eq!(lab.np(&["port", "web"]).lines().count(), 101);
+    lab.np(&["run", "--rm", "--name", "probe", "--", "true"]);
+    lab.np(&["rm", "-f", "web"]);
+    assert_eq!(pinned_len(&lab, "PORTMAP"), 0);
+    assert_eq!(pinned_len(&lab, "ENDPOINTS"), 0);
+    let flows: serde_json::Value = serde_json::from_str(&lab.np(&["system", "flows"])).unwrap();
+    assert_eq!(flows.as_array().unwrap().len(), 0, "{flows}");
+    // netpath installs no iptables or nftables rules.
+    let ipt = must(lab.host("iptables-save", &[]));
+    assert!(!ipt.lines().any(|l| l.starts_with("-A")), "{ipt}");
+    let nft = must(lab.host("nft", &["list", "ruleset"]));
+    assert!(nft.trim().is_empty(), "{nft}");
+}
+
+#[test]
+fn host_processes_reach_published_ports_via_loopback_and_host_address() {
+    let lab = Lab::new("hostlocal");
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    udp_whoami(&lab, "dns", "5353:5353/udp");
+    let host_tcp = |ip: &str| {
+        must(lab.host("sh", &["-c", &format!("socat -t 10 - TCP:{ip}:8080,connect-timeout=5 </dev/null")]))
+            .trim()
+            .to_string()
+    };
+    // The container sees the host's address on its network, as with Docker's proxy-less mode.
+    assert_eq!(host_tcp("127.0.0.1"), "172.17.0.1");
+    assert_eq!(host_tcp(HOST_ETH0_IP), "172.17.0.1");
+    // Connected UDP: the reply must appear to come from 127.0.0.1 or the socket would drop it.
+    let udp = must(lab.host("python3", &["-c", UDP_ASK, "127.0.0.1", "5353", "0"]));
+    assert_eq!(udp.trim(), "172.17.0.1");
+    // getpeername shows what the application asked for, not the container.
+    let peer = must(lab.host(
+        "python3",
+        &["-c", "import socket; s=socket.create_connection(('127.0.0.1',8080),5); print(s.getpeername()); s.close()"],
+    ));
+    assert_eq!(peer.trim(), "('127.0.0.1', 8080)");
+    // Processes in other namespaces are untouched: nothing listens on the client's loopback.
+    let other = in_ns(&lab.client_ns, "sh", &["-c", "socat -t 1 - TCP:127.0.0.1:8080,connect-timeout=2 </dev/null"])
+        .output()
+        .unwrap();
+    assert!(!other.status.success(), "the socket programs leaked into another namespace");
+}
+
+/// Sends one datagram on a connected UDP socket and reports how the wait for an answer ended:
+/// "refused" means an ICMP port-unreachable reached the socket, translated back correctly.
+const UDP_PROBE: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(10)\ns.connect((sys.argv[1],int(sys.argv[2])))\ns.send(b'x')\ntry:\n  s.recv(10); print('answer')\nexcept ConnectionRefusedError: print('refused')\nexcept socket.timeout: print('timeout')";
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    let lab = Lab::new("icmperr");
+    // Masqueraded flow: the outside answers "port unreachable" to the host address.
+    lab.np(&["run", "-d", "--name", "c", "-p", "7777:7777/udp", "--", "sleep", "600"]);
+    let out = lab.np(&["exec", "c", "--", "python3", "-c", UDP_PROBE, CLIENT_IP, "9999"]);
+    assert_eq!(out.trim(), "refused");
+    // Published-port flow: the container answers "port unreachable" (nothing listens on 7777).
+    let out = must(in_ns(&lab.client_ns, "python3", &["-c", UDP_PROBE, HOST_ETH0_IP, "7777"]));
+    assert_eq!(out.trim(), "refused");
+}
+
+#[test]
+fn publish_all_picks_free_ports_and_ports_survive_a_daemon_restart() {
+    let mut lab = Lab::new("pubrestart");
+    lab.np(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-P",
+        "--expose",
+        "8",
+        "--expose",
+        "9-10/udp",
+        "--",
+        "socat",
+        "TCP-LISTEN:8,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    common::wait_listening(&lab, "web", 8);
+    let ports = lab.np(&["port", "web"]);
+    assert_eq!(
+        ports.lines().collect::<Vec<_>>(),
+        vec!["8/tcp -> 0.0.0.0:49153", "9/udp -> 0.0.0.0:49153", "10/udp -> 0.0.0.0:49154",]
+    );
+    let published = &lab.inspect("web")["NetworkSettings"]["Ports"]["8/tcp"][0];
+    assert_eq!((published["HostIp"].as_str(), published["HostPort"].as_str()), (Some("0.0.0.0"), Some("49153")));
+    assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 49153), CLIENT_IP);
+    lab.restart_daemon();
+    assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 49153), CLIENT_IP, "published port after restart");
+    assert_eq!(lab.np(&["port", "web"]), ports);
+}
