@@ -16,11 +16,13 @@ pub const ICMP_PARAM_PROBLEM: u8 = 12;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 
-/// An IPv4 packet. `tuple` is meaningful only when `translatable`: first fragments and whole
-/// TCP/UDP/ICMP-echo packets with a sane header. Everything else is passed through untouched
-/// (never mistranslated); addresses are still known for policy.
+/// An IPv4 packet. `tuple` is meaningful only when `translatable`: unfragmented TCP/UDP/ICMP-echo
+/// packets whose L4 header lies inside the IPv4 total length. Everything else is passed through
+/// untouched (never mistranslated); addresses are still known for policy.
 pub struct Packet {
     pub l4: usize,
+    /// End of the IPv4 packet (frame offset); Ethernet padding may follow.
+    pub end: usize,
     pub saddr: u32,
     pub daddr: u32,
     pub tuple: Tuple,
@@ -53,8 +55,13 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let daddr = u32::from_ne_bytes(ip.dst_addr);
     let frags = u16::from_be_bytes(ip.frags);
     let l4 = ETH_LEN + ihl;
+    // Ethernet pads short frames: bytes past the IPv4 total length are not L4 header. A zero
+    // total length is IPv4 BIG TCP (GSO packets over 64 KiB); the frame length bounds those.
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let end = if tot_len == 0 { ctx.len() as usize } else { ETH_LEN + tot_len };
     let mut p = Packet {
         l4,
+        end,
         saddr,
         daddr,
         tuple: Tuple::new(saddr, daddr, 0, 0, ip.proto),
@@ -64,7 +71,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         icmp_error: false,
     };
     // More-fragments set or a non-zero offset: ports are not in every piece.
-    if frags & 0x3fff != 0 {
+    if frags & 0x3fff != 0 || end > ctx.len() as usize || end < l4 + l4_min_len(ip.proto) {
         return Some(p);
     }
     match ip.proto {
@@ -108,6 +115,12 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     Some(p)
 }
 
+/// The shortest L4 header netpath reads for `proto` (TCP without options, UDP, ICMP echo).
+#[inline(always)]
+fn l4_min_len(proto: u8) -> usize {
+    if proto == proto::TCP { 20 } else { 8 }
+}
+
 /// Offset of the field carrying `sport` (ICMP: the echo identifier).
 #[inline(always)]
 pub fn sport_off(p: &Packet) -> usize {
@@ -139,6 +152,10 @@ pub fn quoted(ctx: &TcContext, p: &Packet) -> Option<Quoted> {
         return None;
     }
     let l4 = l3 + ihl;
+    // The 8 quoted L4 bytes must be inside the error, not in Ethernet padding after it.
+    if l4 + 8 > p.end {
+        return None;
+    }
     let mut t = Tuple::new(u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr), 0, 0, ip.proto);
     match ip.proto {
         proto::TCP | proto::UDP => {

@@ -1,0 +1,749 @@
+//! `test_run` tests of the NAT datapath on hand-built packets: published ports (DNAT) and their
+//! replies on an uplink, masquerade (SNAT) with port collisions, ICMP echo and errors, isolation
+//! and hairpin on a container's veth, and malformed packets toward a published port. Each test
+//! checks the verdict, every header field it expects rewritten (by comparing with the packet
+//! built from scratch), that the IPv4 and L4 checksums verify, and the conntrack entries.
+//!
+//! Each test runs in its own network namespace (entered by the test's thread) with the maps
+//! pinned on a private bpffs, so nothing touches the machine. test_run attaches the packet to
+//! the namespace's loopback (ifindex 1), which therefore plays the uplink for `uplink_out`.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use aya::programs::{TestRun, TestRunOptions};
+use netpath::datapath::{Datapath, wire_addr, wire_port};
+use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT};
+use netpath_common::{CtEntry, Tuple, ct_state, hook, net_flags, proto};
+use netpath_tests::packet::{
+    ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
+    ipv4_addrs, ipv4_header_ok, l4_checksum_ok, l4_ports, refresh_ipv4_checksum, with_ip_options,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+/// test_run attaches the packet to the namespace's loopback device when no ifindex is given.
+const LO: u32 = 1;
+
+/// The uplink's address (also a host address).
+const HOST: &str = "198.51.100.1";
+/// A second host address (another uplink).
+const HOST2: &str = "192.0.2.1";
+/// On the uplink's subnet, but not the host's.
+const NOT_HOST: &str = "198.51.100.9";
+/// Somewhere outside.
+const CLIENT: &str = "203.0.113.7";
+
+/// Network A (masquerading): two containers.
+const NET_A: u32 = 1;
+const GW_A: &str = "172.18.0.1";
+const A1: &str = "172.18.0.2";
+const A1_IF: u32 = 10;
+const A1_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x12, 0, 2];
+const A2: &str = "172.18.0.3";
+const A2_IF: u32 = 11;
+const A2_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x12, 0, 3];
+/// Network B (masquerading): one container.
+const NET_B: u32 = 2;
+const GW_B: &str = "172.19.0.1";
+const B1: &str = "172.19.0.2";
+const B1_IF: u32 = 20;
+const B1_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x13, 0, 2];
+/// Network N: no masquerade (routed).
+const NET_N: u32 = 3;
+const GW_N: &str = "172.20.0.1";
+const N1: &str = "172.20.0.2";
+
+/// The published port every DNAT test uses: HOST:8080 → A1:80.
+const PUB: u16 = 8080;
+const BACK: u16 = 80;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// A tuple as the datapath keys it (network byte order).
+fn tuple(src: &str, sport: u16, dst: &str, dport: u16, proto_nr: u8) -> Tuple {
+    Tuple::new(wire_addr(ip(src)), wire_addr(ip(dst)), wire_port(sport), wire_port(dport), proto_nr)
+}
+
+fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    Ipv4Packet::tcp(src, sport, dst, dport, b"GET / HTTP/1.0\r\n\r\n").build()
+}
+
+fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    Ipv4Packet::udp(src, sport, dst, dport, b"a datagram").build()
+}
+
+/// A frame as the datapath delivers it to a container's veth: the destination MAC is the container's.
+fn to_mac(mac: [u8; 6], mut frame: Vec<u8>) -> Vec<u8> {
+    frame[..6].copy_from_slice(&mac);
+    frame
+}
+
+fn assert_checksums(pkt: &[u8]) {
+    assert!(ipv4_header_ok(pkt), "IPv4 header checksum must verify after the rewrite");
+    assert!(l4_checksum_ok(pkt), "L4 checksum must verify after the rewrite");
+}
+
+struct Fixture {
+    dp: Option<Datapath>,
+    pins: PathBuf,
+}
+
+impl Fixture {
+    /// A private namespace and datapath holding networks A, B and N, their containers, the
+    /// host addresses (HOST, HOST2, the gateways) and HOST as the uplink (lo) address.
+    fn new(tag: &str) -> Self {
+        // A private namespace for this thread only: ifindex 1 is a lo nobody else uses.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        let pins = std::env::temp_dir().join(format!("netpath-natrun-{}-{tag}", std::process::id()));
+        let dp = Datapath::load(&pins).expect("loading datapath");
+        let mut f = Fixture { dp: Some(dp), pins };
+        let dp = f.dp();
+        dp.set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
+        dp.set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), net_flags::MASQUERADE).unwrap();
+        dp.set_network("172.20.0.0/16".parse().unwrap(), NET_N, ip(GW_N), 0).unwrap();
+        dp.set_endpoint(ip(A1), A1_IF, NET_A, A1_MAC).unwrap();
+        dp.set_endpoint(ip(A2), A2_IF, NET_A, A2_MAC).unwrap();
+        dp.set_endpoint(ip(B1), B1_IF, NET_B, B1_MAC).unwrap();
+        dp.set_endpoint(ip(N1), 30, NET_N, [0x02, 0x42, 0xac, 0x14, 0, 2]).unwrap();
+        dp.sync_host_addrs(&[ip(HOST), ip(HOST2), ip(GW_A), ip(GW_B), ip(GW_N)]).unwrap();
+        dp.set_uplink_addr(LO, Some(ip(HOST))).unwrap();
+        f
+    }
+
+    /// Fixture::new plus HOST(every host address):8080/tcp and /udp published to A1:80.
+    fn published(tag: &str) -> Self {
+        let mut f = Self::new(tag);
+        f.dp().set_port(None, PUB, proto::TCP, ip(A1), BACK).unwrap();
+        f.dp().set_port(None, PUB, proto::UDP, ip(A1), BACK).unwrap();
+        f
+    }
+
+    fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().unwrap()
+    }
+
+    /// Runs a program on `pkt`; returns (verdict, packet after the program).
+    fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() };
+        let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// The NAT table, by key.
+    fn flows(&mut self) -> HashMap<Tuple, CtEntry> {
+        self.dp().flows().unwrap().into_iter().collect()
+    }
+
+    fn flow(&mut self, key: Tuple) -> CtEntry {
+        let flows = self.flows();
+        *flows.get(&key).unwrap_or_else(|| panic!("no entry for {key:?} in {flows:#?}"))
+    }
+
+    fn counter(&mut self, name: &str) -> u64 {
+        let c = self.dp().counters().unwrap();
+        c.drops.get(name).or(c.conntrack.get(name)).copied().unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Runs `prog` and checks the packet passed untouched and no flow appeared.
+    fn assert_passes_untouched(&mut self, prog: &str, pkt: &[u8]) {
+        let before = self.flows();
+        let (verdict, out) = self.run(prog, pkt);
+        let after = self.flows();
+        assert_eq!(verdict, TC_ACT_OK, "verdict");
+        assert_eq!(after.len(), before.len(), "no conntrack entry may be created: {after:#?}");
+        assert_eq!(out, pkt, "the packet must pass unchanged");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.dp.take();
+        let _ = nix::mount::umount2(&self.pins, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+// ---- uplink_in: published ports (DNAT) ----
+
+#[test]
+fn published_tcp_port_is_dnated_to_the_container_keeping_the_client_source() {
+    let mut f = Fixture::published("dnat-tcp");
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(CLIENT, 40000, A1, BACK), "only the destination address and port change");
+    assert_checksums(&out);
+}
+
+#[test]
+fn published_port_creates_one_entry_per_direction() {
+    let mut f = Fixture::published("dnat-entries");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+
+    let flows = f.flows();
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    let fwd = f.flow(tuple(CLIENT, 40000, HOST, PUB, proto::TCP));
+    assert_eq!(fwd.xlate, tuple(CLIENT, 40000, A1, BACK, proto::TCP));
+    assert_eq!((fwd.hook, fwd.is_reply, fwd.state), (hook::UPLINK_IN, 0, ct_state::NEW));
+    let rev = f.flow(tuple(A1, BACK, CLIENT, 40000, proto::TCP));
+    assert_eq!(rev.xlate, tuple(HOST, PUB, CLIENT, 40000, proto::TCP));
+    assert_eq!((rev.hook, rev.is_reply), (hook::UPLINK_OUT, 1));
+    assert_eq!(f.counter("flows-created"), 1);
+}
+
+#[test]
+fn later_packets_of_a_published_flow_reuse_its_entries() {
+    let mut f = Fixture::published("dnat-again");
+    let pkt = tcp(CLIENT, 40000, HOST, PUB);
+    f.run(UPLINK_IN, &pkt);
+    let (verdict, out) = f.run(UPLINK_IN, &pkt);
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40000, A1, BACK)));
+    assert_eq!(f.flows().len(), 2);
+    assert_eq!(f.counter("flows-created"), 1);
+}
+
+#[test]
+fn published_udp_port_is_dnated_with_a_valid_checksum() {
+    let mut f = Fixture::published("dnat-udp");
+    let (verdict, out) = f.run(UPLINK_IN, &udp(CLIENT, 5353, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, udp(CLIENT, 5353, A1, BACK));
+    assert_checksums(&out);
+}
+
+#[test]
+fn udp_without_checksum_keeps_a_zero_checksum_through_dnat() {
+    let mut f = Fixture::published("dnat-udp0");
+    let no_csum = |mut p: Vec<u8>| {
+        p[40..42].copy_from_slice(&[0, 0]);
+        p
+    };
+    let (verdict, out) = f.run(UPLINK_IN, &no_csum(udp(CLIENT, 5353, HOST, PUB)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, no_csum(udp(CLIENT, 5353, A1, BACK)), "the UDP checksum must stay 0 (none)");
+    assert!(ipv4_header_ok(&out));
+}
+
+#[test]
+fn port_published_on_one_host_address_matches_only_that_address() {
+    let mut f = Fixture::new("dnat-bound");
+    f.dp().set_port(Some(ip(HOST2)), PUB, proto::TCP, ip(A1), BACK).unwrap();
+
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST2, PUB));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40000, A1, BACK)));
+}
+
+#[test]
+fn port_published_on_every_address_matches_each_host_address() {
+    let mut f = Fixture::published("dnat-any");
+    for (sport, host) in [(40000, HOST), (40001, HOST2), (40002, GW_B)] {
+        let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, sport, host, PUB));
+        assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, sport, A1, BACK)), "to {host}");
+    }
+}
+
+#[test]
+fn a_flow_whose_reply_tuple_is_taken_is_dropped_and_counted() {
+    let mut f = Fixture::published("dnat-clash");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    // The same client port to another host address: both would be answered by
+    // A1:80 → CLIENT:40000, so the second flow cannot be told apart and is refused.
+    let (verdict, _) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST2, PUB));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.counter("ct-insert-failed"), 1);
+    // The first flow keeps its translation both ways.
+    let (_, out) = f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!(out, tcp(HOST, PUB, CLIENT, 40000));
+    assert_eq!(f.flows().len(), 2);
+}
+
+#[test]
+fn port_published_on_a_specific_address_wins_over_every_address() {
+    let mut f = Fixture::new("dnat-specific");
+    f.dp().set_port(None, PUB, proto::TCP, ip(A2), BACK).unwrap();
+    f.dp().set_port(Some(ip(HOST)), PUB, proto::TCP, ip(A1), BACK).unwrap();
+
+    let (_, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    assert_eq!(out, tcp(CLIENT, 40000, A1, BACK));
+    let (_, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST2, PUB));
+    assert_eq!(out, tcp(CLIENT, 40000, A2, BACK));
+}
+
+#[test]
+fn packets_to_a_non_host_address_pass_unchanged() {
+    let mut f = Fixture::published("dnat-nothost");
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, NOT_HOST, PUB));
+}
+
+#[test]
+fn packets_to_an_unpublished_port_pass_unchanged() {
+    let mut f = Fixture::published("dnat-unpub");
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB + 1));
+}
+
+#[test]
+fn a_port_published_for_tcp_does_not_catch_udp() {
+    let mut f = Fixture::new("dnat-proto");
+    f.dp().set_port(None, PUB, proto::TCP, ip(A1), BACK).unwrap();
+    f.assert_passes_untouched(UPLINK_IN, &udp(CLIENT, 40000, HOST, PUB));
+}
+
+#[test]
+fn removed_port_no_longer_translates_new_flows() {
+    let mut f = Fixture::published("dnat-removed");
+    f.dp().remove_port(None, PUB, proto::TCP).unwrap();
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+}
+
+// ---- uplink_out: replies of published flows, masquerade ----
+
+#[test]
+fn reply_of_a_published_flow_leaves_with_the_host_address_and_port() {
+    let mut f = Fixture::published("dnat-reply");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(HOST, PUB, CLIENT, 40000), "only the source address and port change");
+    assert_checksums(&out);
+}
+
+#[test]
+fn reply_of_a_published_udp_flow_leaves_with_the_host_address_and_port() {
+    let mut f = Fixture::published("dnat-reply-udp");
+    f.run(UPLINK_IN, &udp(CLIENT, 5353, HOST, PUB));
+    let (verdict, out) = f.run(UPLINK_OUT, &udp(A1, BACK, CLIENT, 5353));
+    assert_eq!((verdict, &out), (TC_ACT_OK, &udp(HOST, PUB, CLIENT, 5353)));
+    assert_checksums(&out);
+}
+
+#[test]
+fn reply_marks_the_flow_established_and_fin_marks_it_closing() {
+    let mut f = Fixture::published("dnat-state");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!(f.flow(tuple(A1, BACK, CLIENT, 40000, proto::TCP)).state, ct_state::ESTABLISHED);
+
+    let mut fin = tcp(CLIENT, 40000, HOST, PUB);
+    fin[14 + 20 + 13] = 0x11; // FIN|ACK (the checksum no longer matters for conntrack)
+    f.run(UPLINK_IN, &fin);
+    assert_eq!(f.flow(tuple(CLIENT, 40000, HOST, PUB, proto::TCP)).state, ct_state::CLOSING);
+}
+
+#[test]
+fn container_traffic_to_the_outside_is_masqueraded_keeping_the_source_port() {
+    let mut f = Fixture::new("masq");
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(HOST, 45000, CLIENT, 443), "only the source address changes");
+    assert_checksums(&out);
+
+    let fwd = f.flow(tuple(A1, 45000, CLIENT, 443, proto::TCP));
+    assert_eq!((fwd.xlate, fwd.hook, fwd.is_reply), (tuple(HOST, 45000, CLIENT, 443, proto::TCP), hook::UPLINK_OUT, 0));
+    let rev = f.flow(tuple(CLIENT, 443, HOST, 45000, proto::TCP));
+    assert_eq!((rev.xlate, rev.hook, rev.is_reply), (tuple(CLIENT, 443, A1, 45000, proto::TCP), hook::UPLINK_IN, 1));
+    assert_eq!(f.flows().len(), 2);
+}
+
+#[test]
+fn udp_from_a_container_is_masqueraded_with_a_valid_checksum() {
+    let mut f = Fixture::new("masq-udp");
+    let (verdict, out) = f.run(UPLINK_OUT, &udp(A1, 45000, CLIENT, 53));
+    assert_eq!((verdict, &out), (TC_ACT_OK, &udp(HOST, 45000, CLIENT, 53)));
+    assert_checksums(&out);
+}
+
+#[test]
+fn reply_to_a_masqueraded_flow_gets_the_container_address_back() {
+    let mut f = Fixture::new("masq-reply");
+    f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 443, HOST, 45000));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(CLIENT, 443, A1, 45000), "only the destination address changes");
+    assert_checksums(&out);
+    assert_eq!(f.flow(tuple(CLIENT, 443, HOST, 45000, proto::TCP)).state, ct_state::ESTABLISHED);
+}
+
+#[test]
+fn masquerade_picks_another_port_when_the_translation_is_taken() {
+    let mut f = Fixture::new("masq-retry");
+    f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    // A2 uses the same source port toward the same server: HOST:45000 is taken.
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A2, 45000, CLIENT, 443));
+    assert_eq!(verdict, TC_ACT_OK);
+    let (sport, _) = l4_ports(&out);
+    assert_ne!(sport, 45000);
+    assert!((32768..=60999).contains(&sport), "port {sport} outside 32768-60999");
+    assert_eq!(out, tcp(HOST, sport, CLIENT, 443));
+    assert_checksums(&out);
+    assert!(f.counter("port-retries") >= 1);
+
+    // Replies reach the right container.
+    let (_, out) = f.run(UPLINK_IN, &tcp(CLIENT, 443, HOST, sport));
+    assert_eq!(out, tcp(CLIENT, 443, A2, 45000));
+    assert_checksums(&out);
+    let (_, out) = f.run(UPLINK_IN, &tcp(CLIENT, 443, HOST, 45000));
+    assert_eq!(out, tcp(CLIENT, 443, A1, 45000));
+}
+
+#[test]
+fn masquerade_does_not_take_the_tuple_of_a_published_flow() {
+    let mut f = Fixture::published("masq-vs-dnat");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    // A2 connects from port 8080 to the client's port 40000: HOST:8080 → CLIENT:40000 is the
+    // published flow's reply direction, so the masquerade must pick another port.
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A2, PUB, CLIENT, 40000));
+    assert_eq!(verdict, TC_ACT_OK);
+    let (sport, _) = l4_ports(&out);
+    assert_ne!(sport, PUB);
+    assert_eq!(out, tcp(HOST, sport, CLIENT, 40000));
+    // The published flow still goes to A1.
+    let (_, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    assert_eq!(out, tcp(CLIENT, 40000, A1, BACK));
+}
+
+#[test]
+fn traffic_from_a_non_masquerading_network_is_not_translated() {
+    let mut f = Fixture::new("masq-off");
+    f.assert_passes_untouched(UPLINK_OUT, &tcp(N1, 45000, CLIENT, 443));
+}
+
+#[test]
+fn traffic_from_a_non_container_source_is_not_translated() {
+    let mut f = Fixture::new("masq-host");
+    f.assert_passes_untouched(UPLINK_OUT, &tcp(HOST, 45000, CLIENT, 443));
+    f.assert_passes_untouched(UPLINK_OUT, &tcp("10.9.9.9", 45000, CLIENT, 443));
+}
+
+#[test]
+fn traffic_to_a_container_subnet_is_not_masqueraded() {
+    let mut f = Fixture::new("masq-tonet");
+    f.assert_passes_untouched(UPLINK_OUT, &tcp(A1, 45000, B1, 443));
+    f.assert_passes_untouched(UPLINK_OUT, &tcp(A1, 45000, N1, 443));
+}
+
+#[test]
+fn no_masquerade_on_an_uplink_without_an_address() {
+    let mut f = Fixture::new("masq-noaddr");
+    f.dp().set_uplink_addr(LO, None).unwrap();
+    f.assert_passes_untouched(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+}
+
+#[test]
+fn icmp_echo_from_a_container_is_masqueraded_with_its_identifier_as_the_port() {
+    let mut f = Fixture::new("masq-ping");
+    let ping = |src: &str| icmp_echo(src, CLIENT, ICMP_ECHO_REQUEST, 0x1234, 1, b"ping");
+    let (verdict, out) = f.run(UPLINK_OUT, &ping(A1));
+    assert_eq!((verdict, &out), (TC_ACT_OK, &ping(HOST)), "only the source address changes");
+    assert_checksums(&out);
+
+    let rev = f.flow(tuple(CLIENT, 0, HOST, 0x1234, proto::ICMP));
+    assert_eq!((rev.xlate, rev.hook), (tuple(CLIENT, 0, A1, 0x1234, proto::ICMP), hook::UPLINK_IN));
+    let pong = |dst: &str| icmp_echo(CLIENT, dst, ICMP_ECHO_REPLY, 0x1234, 1, b"ping");
+    let (verdict, out) = f.run(UPLINK_IN, &pong(HOST));
+    assert_eq!((verdict, &out), (TC_ACT_OK, &pong(A1)));
+    assert_checksums(&out);
+}
+
+#[test]
+fn icmp_echo_identifier_is_rewritten_on_collision_and_restored_on_the_reply() {
+    let mut f = Fixture::new("masq-ping-id");
+    let ping = |src: &str, id: u16| icmp_echo(src, CLIENT, ICMP_ECHO_REQUEST, id, 7, b"ping");
+    f.run(UPLINK_OUT, &ping(A1, 0x1234));
+    let (verdict, out) = f.run(UPLINK_OUT, &ping(A2, 0x1234));
+    assert_eq!(verdict, TC_ACT_OK);
+    let id = icmp_echo_id(&out);
+    assert_ne!(id, 0x1234);
+    assert!((32768..=60999).contains(&id), "identifier {id} outside 32768-60999");
+    assert_eq!(out, ping(HOST, id));
+    assert_checksums(&out);
+
+    let pong = |dst: &str, id: u16| icmp_echo(CLIENT, dst, ICMP_ECHO_REPLY, id, 7, b"ping");
+    let (verdict, out) = f.run(UPLINK_IN, &pong(HOST, id));
+    assert_eq!((verdict, &out), (TC_ACT_OK, &pong(A2, 0x1234)), "the reply gets A2's address and identifier back");
+    assert_checksums(&out);
+}
+
+// ---- ICMP errors about translated flows ----
+
+#[test]
+fn icmp_error_about_a_masqueraded_flow_reaches_the_container_untranslated() {
+    let mut f = Fixture::new("icmp-err-in");
+    f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    // Fragmentation needed, quoting the packet as it left the host.
+    let err = icmp_error(CLIENT, HOST, ICMP_DEST_UNREACH, 4, &tcp(HOST, 45000, CLIENT, 443));
+    let (verdict, out) = f.run(UPLINK_IN, &err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let expected = icmp_error(CLIENT, A1, ICMP_DEST_UNREACH, 4, &tcp(A1, 45000, CLIENT, 443));
+    assert_eq!(out, expected, "outer destination and quoted source must be the container's");
+    assert_checksums(&out);
+    assert_eq!(csum(&out[14 + 20 + 8..14 + 20 + 8 + 20], 0), 0, "the quoted IPv4 header checksum must verify");
+}
+
+#[test]
+fn icmp_error_about_a_published_flow_reaches_the_container_with_its_port() {
+    let mut f = Fixture::published("icmp-err-pub");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    // The client became unreachable: a router answers the reply (HOST:8080 → CLIENT:40000).
+    let err = icmp_error(NOT_HOST, HOST, ICMP_DEST_UNREACH, 1, &tcp(HOST, PUB, CLIENT, 40000));
+    let (verdict, out) = f.run(UPLINK_IN, &err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let expected = icmp_error(NOT_HOST, A1, ICMP_DEST_UNREACH, 1, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!(out, expected, "outer destination and quoted source must be A1:80");
+    assert_checksums(&out);
+}
+
+#[test]
+fn icmp_error_from_a_published_container_leaves_with_the_host_address() {
+    let mut f = Fixture::published("icmp-err-out");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    // A1 reports a problem with the packet it received (CLIENT:40000 → A1:80).
+    let err = icmp_error(A1, CLIENT, ICMP_DEST_UNREACH, 4, &tcp(CLIENT, 40000, A1, BACK));
+    let (verdict, out) = f.run(UPLINK_OUT, &err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let expected = icmp_error(HOST, CLIENT, ICMP_DEST_UNREACH, 4, &tcp(CLIENT, 40000, HOST, PUB));
+    assert_eq!(out, expected, "the client must see the error about the packet it sent");
+    assert_checksums(&out);
+}
+
+#[test]
+fn icmp_error_about_an_unknown_flow_passes_unchanged() {
+    let mut f = Fixture::new("icmp-err-unknown");
+    let err = icmp_error(CLIENT, HOST, ICMP_DEST_UNREACH, 3, &tcp(HOST, 45000, CLIENT, 443));
+    f.assert_passes_untouched(UPLINK_IN, &err);
+}
+
+// ---- from_container: isolation ----
+
+#[test]
+fn traffic_to_a_container_of_another_network_is_dropped_and_counted() {
+    let mut f = Fixture::new("iso-drop");
+    let (verdict, _) = f.run(FROM_CONTAINER, &tcp(A1, 45000, B1, 80));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.counter("isolation"), 1);
+    assert!(f.flows().is_empty());
+}
+
+#[test]
+fn isolation_also_drops_packets_that_are_not_translatable() {
+    let mut f = Fixture::new("iso-untranslatable");
+    let mut fragment = udp(A1, 45000, B1, 53);
+    fragment[20] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut fragment);
+    let ping = icmp_echo(A1, B1, ICMP_ECHO_REQUEST, 1, 1, b"");
+    for pkt in [fragment, ping] {
+        assert_eq!(f.run(FROM_CONTAINER, &pkt).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("isolation"), 2);
+}
+
+#[test]
+fn traffic_within_a_network_passes() {
+    let mut f = Fixture::new("iso-same");
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A1, 45000, A2, 80));
+    assert_eq!(f.counter("isolation"), 0);
+}
+
+#[test]
+fn traffic_to_another_networks_gateway_passes() {
+    let mut f = Fixture::new("iso-gw");
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A1, 45000, GW_B, 80));
+}
+
+#[test]
+fn traffic_to_the_outside_passes_from_container() {
+    let mut f = Fixture::new("iso-out");
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A1, 45000, CLIENT, 443));
+}
+
+#[test]
+fn unknown_source_into_a_container_subnet_is_dropped() {
+    let mut f = Fixture::new("iso-spoof");
+    // From outside every network, and spoofed from inside A's subnet.
+    for src in ["10.9.9.9", "172.18.0.99"] {
+        let (verdict, _) = f.run(FROM_CONTAINER, &tcp(src, 45000, A1, 80));
+        assert_eq!(verdict, TC_ACT_SHOT, "from {src}");
+    }
+    assert_eq!(f.counter("isolation"), 2);
+}
+
+// ---- from_container: hairpin ----
+
+#[test]
+fn hairpin_to_a_published_port_is_dnated_and_redirected_to_the_target() {
+    let mut f = Fixture::published("hairpin");
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A2, 45000, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A1_MAC, tcp(A2, 45000, A1, BACK)), "destination → A1:80 and A1's MAC");
+    assert_checksums(&out);
+
+    let fwd = f.flow(tuple(A2, 45000, HOST, PUB, proto::TCP));
+    assert_eq!((fwd.xlate, fwd.hook), (tuple(A2, 45000, A1, BACK, proto::TCP), hook::FROM_CONTAINER));
+    let rev = f.flow(tuple(A1, BACK, A2, 45000, proto::TCP));
+    assert_eq!((rev.xlate, rev.hook, rev.is_reply), (tuple(HOST, PUB, A2, 45000, proto::TCP), hook::FROM_CONTAINER, 1));
+}
+
+#[test]
+fn hairpin_reply_gets_the_host_address_back_and_is_redirected_to_the_client() {
+    let mut f = Fixture::published("hairpin-reply");
+    f.run(FROM_CONTAINER, &tcp(A2, 45000, HOST, PUB));
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A1, BACK, A2, 45000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A2_MAC, tcp(HOST, PUB, A2, 45000)));
+    assert_checksums(&out);
+}
+
+#[test]
+fn hairpin_from_another_network_works_both_ways() {
+    let mut f = Fixture::published("hairpin-cross");
+    let (verdict, out) = f.run(FROM_CONTAINER, &udp(B1, 45000, HOST, PUB));
+    assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &to_mac(A1_MAC, udp(B1, 45000, A1, BACK))));
+    assert_checksums(&out);
+    // A1 → B1 would be isolated, but it is the reply of a flow B1 was allowed to start.
+    let (verdict, out) = f.run(FROM_CONTAINER, &udp(A1, BACK, B1, 45000));
+    assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &to_mac(B1_MAC, udp(HOST, PUB, B1, 45000))));
+    assert_checksums(&out);
+    assert_eq!(f.counter("isolation"), 0);
+}
+
+#[test]
+fn self_hairpin_comes_from_the_network_gateway() {
+    let mut f = Fixture::published("hairpin-self");
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A1, 45000, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A1_MAC, tcp(GW_A, 45000, A1, BACK)), "source → the gateway, destination → A1:80");
+    assert_checksums(&out);
+
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A1, BACK, GW_A, 45000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A1_MAC, tcp(HOST, PUB, A1, 45000)), "the reply looks like it came from HOST:8080");
+    assert_checksums(&out);
+}
+
+#[test]
+fn container_traffic_to_an_unpublished_host_port_passes_unchanged() {
+    let mut f = Fixture::published("hairpin-none");
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A2, 45000, HOST, PUB + 1));
+}
+
+// ---- malformed and odd packets toward a published port ----
+
+#[test]
+fn ip_fragments_to_a_published_port_pass_unchanged() {
+    let mut f = Fixture::published("frag");
+    for frags in [0x2000u16, 0x0001, 0x2001] {
+        // More fragments; a later fragment (offset 8 bytes); both.
+        let mut pkt = udp(CLIENT, 5353, HOST, PUB);
+        pkt[20..22].copy_from_slice(&frags.to_be_bytes());
+        refresh_ipv4_checksum(&mut pkt);
+        f.assert_passes_untouched(UPLINK_IN, &pkt);
+    }
+}
+
+#[test]
+fn ihl_below_five_passes_unchanged() {
+    let mut f = Fixture::published("ihl-short");
+    let mut pkt = tcp(CLIENT, 40000, HOST, PUB);
+    pkt[14] = 0x44;
+    f.assert_passes_untouched(UPLINK_IN, &pkt);
+}
+
+#[test]
+fn ihl_past_the_end_of_the_packet_passes_unchanged() {
+    let mut f = Fixture::published("ihl-long");
+    let mut pkt = Ipv4Packet::tcp(CLIENT, 40000, HOST, PUB, b"").build(); // 14 + 20 + 20 bytes
+    pkt[14] = 0x4f; // a 60-byte header: the TCP header would start past the end
+    refresh_ipv4_checksum(&mut pkt);
+    f.assert_passes_untouched(UPLINK_IN, &pkt);
+}
+
+/// `frame` cut to `l4_len` bytes of L4 header, with the IPv4 total length saying so.
+fn cut_l4(frame: &[u8], l4_len: usize) -> Vec<u8> {
+    let mut p = frame[..14 + 20 + l4_len].to_vec();
+    p[16..18].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    refresh_ipv4_checksum(&mut p);
+    p
+}
+
+#[test]
+fn tcp_header_cut_short_passes_unchanged() {
+    let mut f = Fixture::published("tcp-short");
+    let full = Ipv4Packet::tcp(CLIENT, 40000, HOST, PUB, b"").build();
+    // Ports only; ports and flags; one byte of the checksum.
+    for l4_len in [4, 14, 17] {
+        f.assert_passes_untouched(UPLINK_IN, &cut_l4(&full, l4_len));
+    }
+}
+
+#[test]
+fn udp_header_cut_short_passes_unchanged() {
+    let mut f = Fixture::published("udp-short");
+    let full = udp(CLIENT, 5353, HOST, PUB);
+    f.assert_passes_untouched(UPLINK_IN, &cut_l4(&full, 7));
+}
+
+#[test]
+fn tcp_header_cut_short_inside_ethernet_padding_is_not_translated() {
+    // A short frame is padded to Ethernet's 60-byte minimum; the IPv4 total length says
+    // where the packet ends. Here it holds 12 bytes of TCP header: the padding after them
+    // is not part of the packet (the stack trims it) and must not be read as one.
+    let mut f = Fixture::published("tcp-short-pad");
+    let mut pkt = cut_l4(&Ipv4Packet::tcp(CLIENT, 40000, HOST, PUB, b"").build(), 12);
+    pkt.resize(60, 0);
+    f.assert_passes_untouched(UPLINK_IN, &pkt);
+}
+
+#[test]
+fn udp_header_cut_short_inside_ethernet_padding_is_not_translated() {
+    let mut f = Fixture::published("udp-short-pad");
+    let mut pkt = cut_l4(&udp(CLIENT, 5353, HOST, PUB), 4);
+    pkt.resize(60, 0);
+    f.assert_passes_untouched(UPLINK_IN, &pkt);
+}
+
+#[test]
+fn ethernet_padding_after_a_whole_packet_does_not_prevent_translation() {
+    let mut f = Fixture::published("udp-pad");
+    let mut pkt = Ipv4Packet::udp(CLIENT, 5353, HOST, PUB, b"").build(); // 42 bytes
+    pkt.resize(60, 0);
+    let (verdict, out) = f.run(UPLINK_IN, &pkt);
+    assert_eq!(verdict, TC_ACT_OK);
+    let mut expected = Ipv4Packet::udp(CLIENT, 5353, A1, BACK, b"").build();
+    expected.resize(60, 0);
+    assert_eq!(out, expected);
+    assert_checksums(&out);
+}
+
+#[test]
+fn ip_options_on_a_published_port_are_translated_correctly() {
+    let mut f = Fixture::published("options");
+    // Four bytes of options (NOP, NOP, NOP, EOL): the L4 header starts at 14 + 24.
+    let opts = [1, 1, 1, 0];
+    for (pkt, expected) in [
+        (tcp(CLIENT, 40000, HOST, PUB), tcp(CLIENT, 40000, A1, BACK)),
+        (udp(CLIENT, 5353, HOST, PUB), udp(CLIENT, 5353, A1, BACK)),
+    ] {
+        let (verdict, out) = f.run(UPLINK_IN, &with_ip_options(&pkt, &opts));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, with_ip_options(&expected, &opts));
+        assert_checksums(&out);
+    }
+    assert_eq!(f.flows().len(), 4);
+}
+
+#[test]
+fn ip_options_on_a_masqueraded_flow_are_translated_correctly() {
+    let mut f = Fixture::new("options-masq");
+    let opts = [1, 1, 1, 0, 1, 1, 1, 0]; // IHL 7
+    let (verdict, out) = f.run(UPLINK_OUT, &with_ip_options(&udp(A1, 45000, CLIENT, 53), &opts));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, with_ip_options(&udp(HOST, 45000, CLIENT, 53), &opts));
+    assert_checksums(&out);
+    assert_eq!(ipv4_addrs(&out).0, ip(HOST));
+}
