@@ -12,8 +12,9 @@ use crate::stats::drop;
 use crate::{conntrack, icmp, nat};
 
 /// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
-/// published-port flow) or a new connection to a published port (DNAT). The stack then
-/// routes the packet to the container; the client's address is kept.
+/// published-port flow), a new connection to a published port (DNAT), or a new flow routed to
+/// a container address (tracked as is). The stack then routes the packet to the container;
+/// the client's address is kept.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
@@ -26,8 +27,11 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     let xlate = match conntrack::lookup(&p, hook::UPLINK_IN) {
         Some(x) => x,
         None => {
-            let Some(b) = published(&p) else { return TC_ACT_OK as i32 };
-            let x = Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto);
+            let x = match published(&p) {
+                Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
+                None if routed_to_masquerading(&p) => p.tuple,
+                None => return TC_ACT_OK as i32,
+            };
             if let Err(reason) = conntrack::create(&p.tuple, &x, hook::UPLINK_IN, hook::UPLINK_OUT) {
                 return drop(reason);
             }
@@ -35,6 +39,14 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         }
     };
     finish(ctx, &p, &xlate)
+}
+
+/// A flow routed from outside straight to a container address on a masquerading network.
+/// It is tracked untranslated (like Linux conntrack does) so that the container's replies are
+/// recognised at egress and keep their address instead of being masqueraded as a new flow.
+#[inline(always)]
+fn routed_to_masquerading(p: &Packet) -> bool {
+    NETWORKS.get(Key::new(32, p.daddr)).is_some_and(|n| n.flags & net_flags::MASQUERADE != 0)
 }
 
 /// Leaving for outside: a known flow (replies of published-port flows get the host address

@@ -55,6 +55,18 @@ fn masquerade_outbound_traffic_leaves_with_the_host_address() {
     assert_eq!(seen.trim(), HOST_ETH0_IP);
 }
 
+#[test]
+fn a_neighbour_routing_to_a_container_address_is_answered_from_that_address() {
+    // No published port: the client routes the default bridge's subnet through the host.
+    // The container's replies must keep its own address (not be masqueraded as a new flow),
+    // or the client's TCP stack would never match them to its connection.
+    let lab = Lab::new("routedin");
+    common::whoami_server_with(&lab, "web", &[]);
+    must(in_ns(&lab.client_ns, "ip", &["route", "add", "172.17.0.0/16", "via", HOST_ETH0_IP]));
+    let ip = lab.ip_of("web", "bridge");
+    assert_eq!(tcp_from_client(&lab, &ip, 8), CLIENT_IP);
+}
+
 /// A UDP server in a container answering each datagram with the sender's address.
 fn udp_whoami(lab: &Lab, name: &str, publish: &str) {
     lab.np(&[

@@ -409,6 +409,33 @@ fn masquerade_does_not_take_the_tuple_of_a_published_flow() {
 }
 
 #[test]
+fn replies_of_a_flow_routed_to_a_container_keep_the_container_address() {
+    // A neighbour routes to the container subnet directly (no published port): the flow is
+    // tracked as is, so the container's SYN-ACK is not mistaken for a new outbound flow.
+    let mut f = Fixture::new("routed-in");
+    let syn = tcp(CLIENT, 40000, A1, 80);
+    let (verdict, out) = f.run(UPLINK_IN, &syn);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &syn), "the inbound packet passes unchanged");
+    let fwd = f.flow(tuple(CLIENT, 40000, A1, 80, proto::TCP));
+    assert_eq!((fwd.xlate, fwd.hook, fwd.is_reply), (tuple(CLIENT, 40000, A1, 80, proto::TCP), hook::UPLINK_IN, 0));
+    let rev = f.flow(tuple(A1, 80, CLIENT, 40000, proto::TCP));
+    assert_eq!((rev.xlate, rev.hook, rev.is_reply), (tuple(A1, 80, CLIENT, 40000, proto::TCP), hook::UPLINK_OUT, 1));
+
+    let reply = tcp(A1, 80, CLIENT, 40000);
+    let (verdict, out) = f.run(UPLINK_OUT, &reply);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &reply), "the reply must not be masqueraded");
+    assert_eq!(f.flows().len(), 2, "no masquerade entry for the reply");
+    assert_eq!(f.flow(tuple(A1, 80, CLIENT, 40000, proto::TCP)).state, ct_state::ESTABLISHED);
+}
+
+#[test]
+fn flows_routed_to_a_non_masquerading_network_are_not_tracked() {
+    let mut f = Fixture::new("routed-in-n");
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, N1, 80));
+    f.assert_passes_untouched(UPLINK_OUT, &tcp(N1, 80, CLIENT, 40000));
+}
+
+#[test]
 fn traffic_from_a_non_masquerading_network_is_not_translated() {
     let mut f = Fixture::new("masq-off");
     f.assert_passes_untouched(UPLINK_OUT, &tcp(N1, 45000, CLIENT, 443));
