@@ -96,3 +96,33 @@ fn a_container_removed_after_restart_leaves_nothing_behind() {
     lab.np(&["run", "-d", "--name", "c2", "--network", "n", "--", "sleep", "600"]);
     assert_eq!(lab.ip_of("c2", "n"), "10.95.0.2");
 }
+
+/// The published ports in the pinned port table, as (port, protocol).
+fn pinned_ports(lab: &Lab) -> Vec<(u16, u8)> {
+    let m = aya::maps::Map::HashMap(aya::maps::MapData::from_pin(lab.bpffs.join("PORTMAP")).unwrap());
+    let m = aya::maps::HashMap::<_, netpath_common::PortKey, netpath_common::Backend>::try_from(&m).unwrap();
+    let mut v: Vec<_> = m.keys().map(|k| k.unwrap()).map(|k| (u16::from_be(k.port), k.proto)).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_restart_withdraws_published_ports_the_state_does_not_know() {
+    // A daemon killed between writing the port table and its state leaves an entry behind;
+    // the next daemon must not keep forwarding that port.
+    let mut lab = Lab::new("staleport");
+    whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    lab.stop_daemon();
+    {
+        let mut m = aya::maps::Map::HashMap(aya::maps::MapData::from_pin(lab.bpffs.join("PORTMAP")).unwrap());
+        let mut m =
+            aya::maps::HashMap::<_, netpath_common::PortKey, netpath_common::Backend>::try_from(&mut m).unwrap();
+        let key = netpath_common::PortKey { addr: 0, port: 9999u16.to_be(), proto: 6, _pad: 0 };
+        let to = netpath_common::Backend { addr: u32::from_ne_bytes([172, 17, 0, 9]), port: 80u16.to_be(), _pad: 0 };
+        m.insert(key, to, 0).unwrap();
+    }
+    assert_eq!(pinned_ports(&lab), vec![(8080, 6), (9999, 6)]);
+    lab.start_daemon();
+    assert_eq!(pinned_ports(&lab), vec![(8080, 6)]);
+    assert_eq!(lab.np(&["port", "web"]).trim(), "8/tcp -> 0.0.0.0:8080");
+}

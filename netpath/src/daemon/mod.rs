@@ -227,6 +227,19 @@ impl Daemon {
                 warn!("container {}: {e:#}", c.name);
             }
         }
+        // Ports published by a daemon that died between changing the maps and the state.
+        let wanted: std::collections::HashSet<_> = self
+            .state
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().map(|b| (b.host_ip, b.host_port, b.proto.number())))
+            .collect();
+        for (host, port, proto) in self.datapath.port_keys().unwrap_or_default() {
+            if !wanted.contains(&(host, port, proto)) {
+                info!("withdrawing stale published port {port}/{proto}");
+                let _ = self.datapath.remove_port(host, port, proto);
+            }
+        }
         // Counters of endpoints that disappeared while we were down.
         let live: Vec<u32> = futures::future::join_all(
             self.state.containers.iter().flat_map(|c| c.endpoints.iter().filter_map(|e| e.host_ifname.clone())).map(

@@ -184,15 +184,12 @@ impl Datapath {
         Ok(())
     }
 
-    /// Every published-port entry, for tests and reconciliation: (host, port, proto) → (addr, port).
-    pub fn ports(&mut self) -> Result<Vec<((Option<Ipv4Addr>, u16, u8), (Ipv4Addr, u16))>> {
+    /// The keys of every published-port entry: (host address or every address, port, protocol).
+    pub fn port_keys(&mut self) -> Result<Vec<(Option<Ipv4Addr>, u16, u8)>> {
         let m: BpfHashMap<_, PortKey, Backend> = self.map(map_names::PORTMAP)?;
-        Ok(m.iter()
+        Ok(m.keys()
             .filter_map(|r| r.ok())
-            .map(|(k, b)| {
-                let host = (k.addr != 0).then(|| Ipv4Addr::from(k.addr.to_ne_bytes()));
-                ((host, u16::from_be(k.port), k.proto), (Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
-            })
+            .map(|k| ((k.addr != 0).then(|| Ipv4Addr::from(k.addr.to_ne_bytes())), u16::from_be(k.port), k.proto))
             .collect())
     }
 
