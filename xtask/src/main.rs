@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 
 fn real_main() -> Result<ExitCode> {
     match Cli::parse().cmd {
-        Cmd::Setup => setup::setup()?,
+        Cmd::Setup => setup::setup(&[])?,
         Cmd::BuildEbpf { release } => build_ebpf(release)?,
         Cmd::Build { release } => build(release)?,
         Cmd::Test { cargo_args, test_args } => test(&cargo_args, &test_args)?,
@@ -111,7 +111,7 @@ fn require_root(what: &str) -> Result<()> {
 
 fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     require_root("the end-to-end tests")?;
-    setup::setup()?;
+    setup::setup(&[])?;
     // The end-to-end tests run the `netpath` binary itself, which `cargo test` does not build.
     build(false)?;
     let mut cmd = command("cargo");
@@ -123,7 +123,7 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
 }
 
 fn demo() -> Result<ExitCode> {
-    setup::setup()?;
+    setup::setup(&[])?;
     build(false)?;
     let st = status(command("cargo").args(["run", "--quiet", "-p", "netpath-tests", "--bin", "netpath-demo"]))?;
     exit_code(st, "the demo")
@@ -141,8 +141,9 @@ fn bench(args: &[String]) -> Result<ExitCode> {
         eprintln!("xtask: no benchmark harness exists yet (bench/Cargo.toml, package netpath-bench)");
         return Ok(ExitCode::FAILURE);
     }
-    setup::setup()?;
-    build_ebpf(true)?;
+    setup::setup(setup::BENCH_APT_PACKAGES)?;
+    // The bench drives the release `netpath` binary, which `cargo run -p netpath-bench` does not build.
+    build(true)?;
     let mut cmd = command("cargo");
     cmd.args(["run", "--release", "-p", "netpath-bench"]);
     if !args.is_empty() {

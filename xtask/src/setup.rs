@@ -21,22 +21,29 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "iputils-ping",
     "netcat-openbsd",
+    // The UDP clients of the end-to-end tests.
+    "python3",
 ];
+
+/// Only the benchmarks need these: the baselines netpath is measured against (podman's
+/// netavark, the CNI bridge + portmap plugins) and the tools that drive them.
+pub const BENCH_APT_PACKAGES: &[&str] = &["netavark", "containernetworking-plugins"];
 
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn setup() -> Result<()> {
-    apt_packages()?;
+/// Installs what tests, demo and lint need, plus `extra_packages` (e.g. the bench's).
+pub fn setup(extra_packages: &[&str]) -> Result<()> {
+    apt_packages(&APT_PACKAGES.iter().chain(extra_packages).copied().collect::<Vec<_>>())?;
     nightly_rust_src()?;
     bpf_linker()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
 
-fn apt_packages() -> Result<()> {
+fn apt_packages(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for pkg in APT_PACKAGES {
+    for pkg in packages {
         let installed = command("dpkg-query")
             .args(["-W", "-f=${Status}", pkg])
             .output()
@@ -47,7 +54,7 @@ fn apt_packages() -> Result<()> {
         }
     }
     if missing.is_empty() {
-        eprintln!("xtask: apt packages: all {} present ({})", APT_PACKAGES.len(), APT_PACKAGES.join(" "));
+        eprintln!("xtask: apt packages: all {} present ({})", packages.len(), packages.join(" "));
         return Ok(());
     }
     eprintln!("xtask: apt packages: missing {}", missing.join(" "));
