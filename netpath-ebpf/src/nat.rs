@@ -2,12 +2,12 @@
 //! and L4 checksums incrementally with the kernel helpers (which also handle checksum offload).
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT};
-use aya_ebpf::helpers::bpf_redirect;
+use aya_ebpf::helpers::{bpf_check_mtu, bpf_redirect};
 use aya_ebpf::programs::TcContext;
 use netpath_common::{Tuple, proto};
 
 use crate::maps::ENDPOINTS;
-use crate::parse::{IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
+use crate::parse::{ETH_LEN, IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
 
 /// Rewrites `p` (parsed from `ctx`) so that it carries `to`.
 #[inline(always)]
@@ -64,6 +64,51 @@ pub fn deliver(ctx: &mut TcContext, daddr: u32) -> i32 {
     // SAFETY: helper call with plain arguments.
     let r = unsafe { bpf_redirect(ep.ifindex, 0) };
     if r == i64::from(TC_ACT_REDIRECT) {
+        TC_ACT_REDIRECT as i32
+    } else {
+        crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED)
+    }
+}
+
+/// skb->pkt_type of a frame addressed to this host's MAC.
+const PACKET_HOST: u32 = 0;
+/// Offset of the IPv4 TTL (with the protocol, one 16-bit checksum word).
+const IP_TTL: usize = ETH_LEN + 8;
+
+/// Forwards a packet arriving on an uplink straight to a local container's veth: what the
+/// stack would do (TTL decrement, the container's MAC) without the trip through routing and
+/// the bridge. Anything the stack must handle itself continues there: frames not addressed to
+/// this host, a TTL about to expire and packets over the container link's MTU (the stack sends
+/// the ICMP errors those need).
+#[inline(always)]
+pub fn forward_to_endpoint(ctx: &mut TcContext, daddr: u32) -> i32 {
+    // SAFETY: plain map lookup; the value is copied out.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: the skb pointer is valid for the program run.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return TC_ACT_OK as i32;
+    }
+    let Ok(word) = ctx.load::<[u8; 2]>(IP_TTL) else { return TC_ACT_OK as i32 };
+    if word[0] <= 1 {
+        return TC_ACT_OK as i32;
+    }
+    let mut mtu_len = 0u32;
+    // SAFETY: helper on the program's own skb; mtu_len 0 checks the packet as it is.
+    if unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ep.ifindex, &mut mtu_len, 0, 0) } != 0 {
+        return TC_ACT_OK as i32;
+    }
+    let old = u16::from_ne_bytes(word);
+    let new = u16::from_ne_bytes([word[0] - 1, word[1]]);
+    if ctx.store(IP_TTL, &new, 0).is_err()
+        || ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2).is_err()
+        || ctx.store(0, &ep.mac, 0).is_err()
+    {
+        return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
+    }
+    // SAFETY: helper call with plain arguments.
+    if unsafe { bpf_redirect(ep.ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
         TC_ACT_REDIRECT as i32
     } else {
         crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED)

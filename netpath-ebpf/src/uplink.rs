@@ -13,8 +13,8 @@ use crate::{conntrack, icmp, nat};
 
 /// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
 /// published-port flow), a new connection to a published port (DNAT), or a new flow routed to
-/// a container address (tracked as is). The stack then routes the packet to the container;
-/// the client's address is kept.
+/// a container address (tracked as is). Packets for a local container then go straight to its
+/// veth (or through the stack when it must see them); the client's address is kept.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
@@ -38,7 +38,10 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
             x
         }
     };
-    finish(ctx, &p, &xlate)
+    if nat::rewrite(ctx, &p, &xlate).is_err() {
+        return drop(drop_reason::REWRITE_FAILED);
+    }
+    nat::forward_to_endpoint(ctx, xlate.daddr)
 }
 
 /// A flow routed from outside straight to a container address on a masquerading network.

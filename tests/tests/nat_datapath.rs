@@ -302,6 +302,81 @@ fn removed_port_no_longer_translates_new_flows() {
     f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
 }
 
+// ---- uplink_in: the fast path straight to a container's veth ----
+
+/// Gives A1 a real host-side link (a veth with `mtu`) in the test's namespace: the fast
+/// path checks the MTU of, and redirects to, the endpoint's interface.
+fn a1_on_a_real_link(f: &mut Fixture, mtu: u32) {
+    for args in [
+        vec!["link", "add", "npfast0", "mtu", &mtu.to_string(), "type", "veth", "peer", "name", "npfast1"],
+        vec!["link", "set", "npfast0", "up"],
+    ] {
+        let st = std::process::Command::new("ip").args(&args).status().expect("running ip");
+        assert!(st.success(), "ip {args:?}");
+    }
+    let ifindex = nix::net::if_::if_nametoindex("npfast0").expect("npfast0 exists");
+    f.dp().set_endpoint(ip(A1), ifindex, NET_A, A1_MAC).unwrap();
+}
+
+/// `pkt` addressed to this host's MAC (test_run's lo: all zeros), as the uplink receives it.
+fn for_this_host(pkt: Vec<u8>) -> Vec<u8> {
+    to_mac([0; 6], pkt)
+}
+
+/// `pkt` as the stack would forward it: one hop less, the header checksum updated.
+fn one_hop_less(mut pkt: Vec<u8>) -> Vec<u8> {
+    pkt[14 + 8] -= 1;
+    refresh_ipv4_checksum(&mut pkt);
+    pkt
+}
+
+#[test]
+fn a_published_flow_is_forwarded_straight_to_the_containers_veth() {
+    let mut f = Fixture::published("fast-dnat");
+    a1_on_a_real_link(&mut f, 1500);
+    for (pkt, expected) in [
+        (tcp(CLIENT, 40000, HOST, PUB), tcp(CLIENT, 40000, A1, BACK)),
+        (udp(CLIENT, 5353, HOST, PUB), udp(CLIENT, 5353, A1, BACK)),
+    ] {
+        let (verdict, out) = f.run(UPLINK_IN, &for_this_host(pkt));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out, one_hop_less(to_mac(A1_MAC, expected)), "DNAT, TTL - 1, the container's MAC");
+        assert_checksums(&out);
+    }
+}
+
+#[test]
+fn a_routed_flow_is_forwarded_straight_to_the_containers_veth() {
+    let mut f = Fixture::new("fast-routed");
+    a1_on_a_real_link(&mut f, 1500);
+    let (verdict, out) = f.run(UPLINK_IN, &for_this_host(tcp(CLIENT, 40000, A1, 80)));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, one_hop_less(to_mac(A1_MAC, tcp(CLIENT, 40000, A1, 80))));
+    assert_checksums(&out);
+}
+
+#[test]
+fn the_fast_path_leaves_to_the_stack_what_only_the_stack_handles() {
+    let mut f = Fixture::published("fast-fallback");
+    a1_on_a_real_link(&mut f, 1000);
+    // TTL 1: forwarding would expire it; the stack sends the time-exceeded error. The packet
+    // is translated, its TTL and MAC left alone.
+    let ttl_1 = |mut pkt: Vec<u8>| {
+        pkt[14 + 8] = 1;
+        refresh_ipv4_checksum(&mut pkt);
+        pkt
+    };
+    let (verdict, out) = f.run(UPLINK_IN, &ttl_1(for_this_host(tcp(CLIENT, 40001, HOST, PUB))));
+    assert_eq!((verdict, out), (TC_ACT_OK, ttl_1(for_this_host(tcp(CLIENT, 40001, A1, BACK)))));
+    // Bigger than the container link's MTU: the stack fragments it or sends frag-needed.
+    let big = |dst: &str, dport: u16| for_this_host(Ipv4Packet::udp(CLIENT, 5353, dst, dport, &[7; 1200]).build());
+    let (verdict, out) = f.run(UPLINK_IN, &big(HOST, PUB));
+    assert_eq!((verdict, out), (TC_ACT_OK, big(A1, BACK)));
+    // A frame for another MAC (a promiscuous uplink) is not this host's to forward.
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40002, HOST, PUB));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40002, A1, BACK)));
+}
+
 // ---- uplink_out: replies of published flows, masquerade ----
 
 #[test]
