@@ -11,13 +11,20 @@ use crate::parse::{Packet, TCP_FIN, TCP_RST};
 /// The translation for `p` if a flow exists whose entry applies at `hook`; refreshes it.
 #[inline(always)]
 pub fn lookup(p: &Packet, hook: u8) -> Option<Tuple> {
+    match lookup_any(p) {
+        Some((h, x)) if h == hook => Some(x),
+        _ => None,
+    }
+}
+
+/// The hook and translation of `p`'s flow, whichever hook its entry applies at; refreshes it.
+/// Lets a container's veth act early on a flow that would be translated at the uplink.
+#[inline(always)]
+pub fn lookup_any(p: &Packet) -> Option<(u8, Tuple)> {
     let e = CT.get_ptr_mut(&p.tuple)?;
     // SAFETY: map value pointer valid for this program run; racing writers only touch
     // last_seen/state, which tolerate lost updates.
     let e = unsafe { &mut *e };
-    if e.hook != hook {
-        return None;
-    }
     // SAFETY: helper without arguments.
     e.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -25,7 +32,7 @@ pub fn lookup(p: &Packet, hook: u8) -> Option<Tuple> {
     } else if e.is_reply == 1 && e.state == ct_state::NEW {
         e.state = ct_state::ESTABLISHED;
     }
-    Some(e.xlate)
+    Some((e.hook, e.xlate))
 }
 
 /// The translation of a tracked tuple at `hook`, without refreshing it (ICMP errors do not

@@ -10,17 +10,20 @@ use crate::parse::{Packet, parse};
 use crate::stats::{self, Direction, drop};
 use crate::{conntrack, nat, policy};
 
-/// Sent by a container: account → known flow, or isolation then hairpin to a published
-/// port → rewrite → deliver.
+/// Sent by a container: account → known flow (hairpin, or out through an uplink), or
+/// isolation then hairpin to a published port → rewrite → deliver.
 #[inline(always)]
 pub fn from_container(ctx: &mut TcContext) -> i32 {
     stats::account(ctx, Direction::FromContainer);
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
-    let known = if p.translatable { conntrack::lookup(&p, hook::FROM_CONTAINER) } else { None };
+    let known = if p.translatable { conntrack::lookup_any(&p) } else { None };
     let xlate = match known {
-        Some(x) => x,
-        None => {
+        Some((hook::FROM_CONTAINER, x)) => x,
+        // Bound for an uplink (a reply of a published flow, a masqueraded flow): translate here
+        // and go straight out, or leave it to the stack and the uplink's program.
+        Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
+        _ => {
             if policy::isolated(&p) {
                 return drop(drop_reason::ISOLATION);
             }

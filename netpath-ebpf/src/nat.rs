@@ -2,11 +2,12 @@
 //! and L4 checksums incrementally with the kernel helpers (which also handle checksum offload).
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT};
-use aya_ebpf::helpers::{bpf_check_mtu, bpf_redirect};
+use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
+use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect};
 use aya_ebpf::programs::TcContext;
 use netpath_common::{Tuple, proto};
 
-use crate::maps::ENDPOINTS;
+use crate::maps::{ENDPOINTS, UPLINKS};
 use crate::parse::{ETH_LEN, IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
 
 /// Rewrites `p` (parsed from `ctx`) so that it carries `to`.
@@ -90,25 +91,86 @@ pub fn forward_to_endpoint(ctx: &mut TcContext, daddr: u32) -> i32 {
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return TC_ACT_OK as i32;
     }
-    let Ok(word) = ctx.load::<[u8; 2]>(IP_TTL) else { return TC_ACT_OK as i32 };
-    if word[0] <= 1 {
-        return TC_ACT_OK as i32;
-    }
+    let Some(ttl) = ttl_word(ctx) else { return TC_ACT_OK as i32 };
     let mut mtu_len = 0u32;
     // SAFETY: helper on the program's own skb; mtu_len 0 checks the packet as it is.
     if unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ep.ifindex, &mut mtu_len, 0, 0) } != 0 {
         return TC_ACT_OK as i32;
     }
-    let old = u16::from_ne_bytes(word);
-    let new = u16::from_ne_bytes([word[0] - 1, word[1]]);
-    if ctx.store(IP_TTL, &new, 0).is_err()
-        || ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2).is_err()
-        || ctx.store(0, &ep.mac, 0).is_err()
+    if hop(ctx, ttl).is_err() || ctx.store(0, &ep.mac, 0).is_err() {
+        return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
+    }
+    redirect(ep.ifindex)
+}
+
+/// Sends a container's packet of a flow translated at an uplink (`to`: its translation)
+/// straight out of the uplink the host routes it to: translated here, one hop less, the
+/// next hop's MAC from the FIB. Without a complete route and neighbour entry, or if the route
+/// does not leave through an uplink, it continues untouched through the stack, whose uplink
+/// program translates it as usual.
+#[inline(always)]
+pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
+    let Some(ttl) = ttl_word(ctx) else { return TC_ACT_OK as i32 };
+    // Zeroed word by word with volatile stores: LLVM turns any plainer zeroing of 64 bytes into
+    // a memset call, which the verifier rejects.
+    const WORDS: usize = core::mem::size_of::<FibParams>() / 8;
+    const _: () = assert!(core::mem::size_of::<FibParams>() == WORDS * 8);
+    let mut raw = core::mem::MaybeUninit::<[u64; WORDS]>::uninit();
+    let words = raw.as_mut_ptr() as *mut u64;
+    for i in 0..WORDS {
+        // SAFETY: in bounds of `raw`, aligned for u64.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: 64 zeroed bytes, 8-byte aligned: a valid FibParams (plain integers and unions of them).
+    let fib = unsafe { &mut *(words as *mut FibParams) };
+    fib.family = AF_INET;
+    fib.l4_protocol = to.proto;
+    fib.sport = to.sport;
+    fib.dport = to.dport;
+    fib.__bindgen_anon_3.ipv4_src = to.saddr;
+    fib.__bindgen_anon_4.ipv4_dst = to.daddr;
+    // SAFETY: the skb pointer is valid for the program run.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: helper on the program's own skb with a stack struct of the size given. The
+    // lookup also checks the route's MTU (GSO-aware).
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, fib, core::mem::size_of::<FibParams>() as i32, 0) };
+    // SAFETY: plain lookup.
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || unsafe { UPLINKS.get(&fib.ifindex) }.is_none() {
+        return TC_ACT_OK as i32;
+    }
+    if rewrite(ctx, p, to).is_err()
+        || hop(ctx, ttl).is_err()
+        || ctx.store(0, &fib.dmac, 0).is_err()
+        || ctx.store(6, &fib.smac, 0).is_err()
     {
         return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
     }
+    redirect(fib.ifindex)
+}
+
+const AF_INET: u8 = 2;
+
+/// The IPv4 TTL/protocol word, if forwarding may take the TTL down by one (else the stack
+/// must handle the packet and send time-exceeded).
+#[inline(always)]
+fn ttl_word(ctx: &TcContext) -> Option<[u8; 2]> {
+    let word = ctx.load::<[u8; 2]>(IP_TTL).ok()?;
+    (word[0] > 1).then_some(word)
+}
+
+/// Takes the TTL down by one, as forwarding does.
+#[inline(always)]
+fn hop(ctx: &mut TcContext, word: [u8; 2]) -> Result<(), ()> {
+    let old = u16::from_ne_bytes(word);
+    let new = u16::from_ne_bytes([word[0] - 1, word[1]]);
+    ctx.store(IP_TTL, &new, 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2).map_err(|_| ())
+}
+
+#[inline(always)]
+fn redirect(ifindex: u32) -> i32 {
     // SAFETY: helper call with plain arguments.
-    if unsafe { bpf_redirect(ep.ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
+    if unsafe { bpf_redirect(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
         TC_ACT_REDIRECT as i32
     } else {
         crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED)

@@ -151,6 +151,12 @@ impl Fixture {
         c.drops.get(name).or(c.conntrack.get(name)).copied().unwrap_or_else(|| panic!("no counter {name}"))
     }
 
+    /// Runs `prog` on a packet of no known flow and checks it passed untouched.
+    fn assert_passes_untouched_but_tracked(&mut self, prog: &str, pkt: &[u8]) {
+        let (verdict, out) = self.run(prog, pkt);
+        assert_eq!((verdict, out.as_slice()), (TC_ACT_OK, pkt));
+    }
+
     /// Runs `prog` and checks the packet passed untouched and no flow appeared.
     fn assert_passes_untouched(&mut self, prog: &str, pkt: &[u8]) {
         let before = self.flows();
@@ -375,6 +381,77 @@ fn the_fast_path_leaves_to_the_stack_what_only_the_stack_handles() {
     // A frame for another MAC (a promiscuous uplink) is not this host's to forward.
     let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40002, HOST, PUB));
     assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40002, A1, BACK)));
+}
+
+/// A real uplink in the test's namespace: a veth `npup0` with HOST on it, a route to CLIENT's
+/// subnet via a neighbour with a fixed MAC, and forwarding on. Returns npup0's MAC.
+fn a_real_uplink(f: &mut Fixture) -> [u8; 6] {
+    for args in [
+        "link add npup0 type veth peer name npup1",
+        "link set npup0 address 02:00:00:00:01:01",
+        "link set npup0 up",
+        "link set npup1 up",
+        "addr add 198.51.100.1/24 dev npup0",
+        "route add 203.0.113.0/24 via 198.51.100.2 dev npup0",
+        "neigh add 198.51.100.2 lladdr 02:00:00:00:01:02 dev npup0 nud permanent",
+    ] {
+        let st = std::process::Command::new("ip").args(args.split(' ')).status().expect("running ip");
+        assert!(st.success(), "ip {args}");
+    }
+    // The FIB lookup refuses to forward where the stack would not. (sysctl runs in this
+    // thread's namespace, as the child of this thread.)
+    let st = std::process::Command::new("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]).status().unwrap();
+    assert!(st.success());
+    let ifindex = nix::net::if_::if_nametoindex("npup0").expect("npup0 exists");
+    f.dp().set_uplink_addr(ifindex, Some(ip(HOST))).unwrap();
+    [0x02, 0, 0, 0, 1, 1]
+}
+
+/// `pkt` with Ethernet addresses `dst` and `src`.
+fn macs(dst: [u8; 6], src: [u8; 6], mut pkt: Vec<u8>) -> Vec<u8> {
+    pkt[..6].copy_from_slice(&dst);
+    pkt[6..12].copy_from_slice(&src);
+    pkt
+}
+
+#[test]
+fn a_published_flows_reply_leaves_straight_through_the_uplink() {
+    let mut f = Fixture::published("fast-reply");
+    let uplink_mac = a_real_uplink(&mut f);
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let expected = one_hop_less(macs([0x02, 0, 0, 0, 1, 2], uplink_mac, tcp(HOST, PUB, CLIENT, 40000)));
+    assert_eq!(out, expected, "reverse DNAT, TTL - 1, the next hop's MAC");
+    assert_checksums(&out);
+    assert_eq!(f.flow(tuple(A1, BACK, CLIENT, 40000, proto::TCP)).state, ct_state::ESTABLISHED);
+}
+
+#[test]
+fn a_masqueraded_flow_leaves_straight_through_the_uplink_after_its_first_packet() {
+    let mut f = Fixture::new("fast-masq");
+    let uplink_mac = a_real_uplink(&mut f);
+    // The first packet takes the stack (no entry yet); the uplink's program creates the flow.
+    let first = tcp(A1, 45000, CLIENT, 443);
+    f.assert_passes_untouched_but_tracked(FROM_CONTAINER, &first);
+    let (_, out) = f.run(UPLINK_OUT, &first);
+    assert_eq!(out, tcp(HOST, 45000, CLIENT, 443));
+    // Later packets are translated on the container's veth and sent out directly.
+    let (verdict, out) = f.run(FROM_CONTAINER, &first);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, one_hop_less(macs([0x02, 0, 0, 0, 1, 2], uplink_mac, tcp(HOST, 45000, CLIENT, 443))));
+    assert_checksums(&out);
+}
+
+#[test]
+fn without_a_route_through_an_uplink_the_reply_takes_the_stack() {
+    // No uplink link in this namespace: the FIB has no route, the packet continues untouched
+    // and the uplink program translates it as before.
+    let mut f = Fixture::published("fast-noroute");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    let reply = tcp(A1, BACK, CLIENT, 40000);
+    let (verdict, out) = f.run(FROM_CONTAINER, &reply);
+    assert_eq!((verdict, out), (TC_ACT_OK, reply));
 }
 
 // ---- uplink_out: replies of published flows, masquerade ----
