@@ -9,6 +9,7 @@
 //! Traffic only ever goes to addresses of namespaces the lab made.
 
 pub mod packet;
+pub mod testrun;
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;

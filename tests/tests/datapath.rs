@@ -2,50 +2,9 @@
 //! untouched, counters. Each test runs in its own network namespace (entered by the test's
 //! thread) with the maps pinned on a private bpffs, so nothing touches the machine.
 
-use std::path::PathBuf;
-
-use aya::programs::{TestRun, TestRunOptions};
-use netpath::datapath::Datapath;
 use netpath_common::prog_names::{FROM_CONTAINER, TO_CONTAINER};
 use netpath_tests::packet::Ipv4Packet;
-
-const TC_ACT_OK: u32 = 0;
-/// test_run attaches the packet to the namespace's loopback device when no ifindex is given.
-const LO: u32 = 1;
-
-struct Fixture {
-    dp: Option<Datapath>,
-    pins: PathBuf,
-}
-
-impl Fixture {
-    fn new(tag: &str) -> Self {
-        // A private namespace for this thread only: ifindex 1 is a lo nobody else uses.
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        let pins = std::env::temp_dir().join(format!("netpath-testrun-{}-{tag}", std::process::id()));
-        let dp = Datapath::load(&pins).expect("loading datapath");
-        Fixture { dp: Some(dp), pins }
-    }
-    fn dp(&mut self) -> &mut Datapath {
-        self.dp.as_mut().unwrap()
-    }
-    /// Runs a program on `pkt`; returns (verdict, packet after the program).
-    fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; pkt.len() + 256];
-        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() };
-        let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.dp.take();
-        let _ = nix::mount::umount2(&self.pins, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.pins);
-    }
-}
+use netpath_tests::testrun::{LO, PrivateDatapath as Fixture, TC_ACT_OK};
 
 #[test]
 fn counts_both_directions_and_leaves_packets_untouched() {

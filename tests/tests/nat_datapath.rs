@@ -10,9 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
-use aya::programs::{TestRun, TestRunOptions};
 use netpath::datapath::{Datapath, wire_addr, wire_port};
 use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT};
 use netpath_common::{CtEntry, Tuple, ct_state, hook, net_flags, proto};
@@ -20,12 +18,7 @@ use netpath_tests::packet::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
     ipv4_addrs, ipv4_header_ok, l4_checksum_ok, l4_ports, refresh_ipv4_checksum, with_ip_options,
 };
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-/// test_run attaches the packet to the namespace's loopback device when no ifindex is given.
-const LO: u32 = 1;
+use netpath_tests::testrun::{LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 /// The uplink's address (also a host address).
 const HOST: &str = "198.51.100.1";
@@ -88,20 +81,13 @@ fn assert_checksums(pkt: &[u8]) {
     assert!(l4_checksum_ok(pkt), "L4 checksum must verify after the rewrite");
 }
 
-struct Fixture {
-    dp: Option<Datapath>,
-    pins: PathBuf,
-}
+struct Fixture(PrivateDatapath);
 
 impl Fixture {
     /// A private namespace and datapath holding networks A, B and N, their containers, the
     /// host addresses (HOST, HOST2, the gateways) and HOST as the uplink (lo) address.
     fn new(tag: &str) -> Self {
-        // A private namespace for this thread only: ifindex 1 is a lo nobody else uses.
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        let pins = std::env::temp_dir().join(format!("netpath-natrun-{}-{tag}", std::process::id()));
-        let dp = Datapath::load(&pins).expect("loading datapath");
-        let mut f = Fixture { dp: Some(dp), pins };
+        let mut f = Fixture(PrivateDatapath::new(&format!("nat-{tag}")));
         let dp = f.dp();
         dp.set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
         dp.set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), net_flags::MASQUERADE).unwrap();
@@ -124,16 +110,11 @@ impl Fixture {
     }
 
     fn dp(&mut self) -> &mut Datapath {
-        self.dp.as_mut().unwrap()
+        self.0.dp()
     }
 
-    /// Runs a program on `pkt`; returns (verdict, packet after the program).
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; pkt.len() + 256];
-        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() };
-        let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        self.0.run(prog, pkt)
     }
 
     /// The NAT table, by key.
@@ -151,12 +132,6 @@ impl Fixture {
         c.drops.get(name).or(c.conntrack.get(name)).copied().unwrap_or_else(|| panic!("no counter {name}"))
     }
 
-    /// Runs `prog` on a packet of no known flow and checks it passed untouched.
-    fn assert_passes_untouched_but_tracked(&mut self, prog: &str, pkt: &[u8]) {
-        let (verdict, out) = self.run(prog, pkt);
-        assert_eq!((verdict, out.as_slice()), (TC_ACT_OK, pkt));
-    }
-
     /// Runs `prog` and checks the packet passed untouched and no flow appeared.
     fn assert_passes_untouched(&mut self, prog: &str, pkt: &[u8]) {
         let before = self.flows();
@@ -165,14 +140,6 @@ impl Fixture {
         assert_eq!(verdict, TC_ACT_OK, "verdict");
         assert_eq!(after.len(), before.len(), "no conntrack entry may be created: {after:#?}");
         assert_eq!(out, pkt, "the packet must pass unchanged");
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.dp.take();
-        let _ = nix::mount::umount2(&self.pins, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.pins);
     }
 }
 
@@ -433,7 +400,7 @@ fn a_masqueraded_flow_leaves_straight_through_the_uplink_after_its_first_packet(
     let uplink_mac = a_real_uplink(&mut f);
     // The first packet takes the stack (no entry yet); the uplink's program creates the flow.
     let first = tcp(A1, 45000, CLIENT, 443);
-    f.assert_passes_untouched_but_tracked(FROM_CONTAINER, &first);
+    f.assert_passes_untouched(FROM_CONTAINER, &first);
     let (_, out) = f.run(UPLINK_OUT, &first);
     assert_eq!(out, tcp(HOST, 45000, CLIENT, 443));
     // Later packets are translated on the container's veth and sent out directly.

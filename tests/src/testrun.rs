@@ -1,0 +1,50 @@
+//! A datapath of its own for `test_run` tests: the calling thread moves to a fresh network
+//! namespace (so ifindex 1 is a loopback nobody else uses and links it adds are private) and
+//! the maps are pinned on a private bpffs, unmounted on drop. Nothing touches the machine.
+
+use std::path::PathBuf;
+
+use aya::programs::{TestRun, TestRunOptions};
+use netpath::datapath::Datapath;
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+/// test_run attaches the packet to the namespace's loopback device when no ifindex is given.
+pub const LO: u32 = 1;
+
+pub struct PrivateDatapath {
+    dp: Option<Datapath>,
+    pins: PathBuf,
+}
+
+impl PrivateDatapath {
+    /// `tag` names the pin directory; unique per test.
+    pub fn new(tag: &str) -> Self {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        let pins = std::env::temp_dir().join(format!("netpath-testrun-{}-{tag}", std::process::id()));
+        let dp = Datapath::load(&pins).expect("loading datapath");
+        PrivateDatapath { dp: Some(dp), pins }
+    }
+
+    pub fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().unwrap()
+    }
+
+    /// Runs program `prog` on `pkt`; returns (verdict, packet after the program).
+    pub fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() };
+        let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+impl Drop for PrivateDatapath {
+    fn drop(&mut self) {
+        self.dp.take();
+        let _ = nix::mount::umount2(&self.pins, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
