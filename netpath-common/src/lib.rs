@@ -22,6 +22,7 @@ pub mod map_names {
     pub const HOST_ADDRS: &str = "HOST_ADDRS";
     pub const UPLINKS: &str = "UPLINKS";
     pub const PORTMAP: &str = "PORTMAP";
+    pub const PUBLISHED: &str = "PUBLISHED";
     pub const CT: &str = "CT";
     pub const DROPS: &str = "DROPS";
     pub const CT_STATS: &str = "CT_STATS";
@@ -71,8 +72,12 @@ pub mod drop_reason {
     pub const CT_INSERT_FAILED: u32 = 2;
     /// A packet rewrite or redirect helper failed.
     pub const REWRITE_FAILED: u32 = 3;
-    pub const MAX: u32 = 4;
-    pub const NAMES: [&str; MAX as usize] = ["isolation", "nat-ports-exhausted", "ct-insert-failed", "rewrite-failed"];
+    /// From outside straight to a container address its network's gateway mode does not open
+    /// (Docker's protection of unpublished ports from direct routing).
+    pub const DIRECT_ACCESS: u32 = 4;
+    pub const MAX: u32 = 5;
+    pub const NAMES: [&str; MAX as usize] =
+        ["isolation", "nat-ports-exhausted", "ct-insert-failed", "rewrite-failed", "direct-access"];
 }
 
 /// Connection-tracking counters: the index into the per-CPU `CT_STATS` array.
@@ -204,9 +209,15 @@ pub struct SockRevValue {
     pub _pad: u16,
 }
 
+/// How a network meets the outside (Docker's gateway modes): `nat` is MASQUERADE alone (no
+/// direct access from outside), `nat-unprotected` adds DIRECT_ANY, `routed` is DIRECT_PUBLISHED.
 pub mod net_flags {
     /// Traffic from this network to the outside leaves with the uplink's address.
     pub const MASQUERADE: u32 = 1;
+    /// Outside hosts routing to the subnet reach every port of its containers.
+    pub const DIRECT_ANY: u32 = 2;
+    /// Outside hosts routing to the subnet reach published container ports (and ICMP).
+    pub const DIRECT_PUBLISHED: u32 = 4;
 }
 
 /// Per-endpoint traffic counters, from the container's point of view (like `docker stats`):

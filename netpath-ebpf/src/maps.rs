@@ -37,6 +37,12 @@ pub static UPLINKS: HashMap<u32, u32> = HashMap::pinned(64, 0);
 #[map(name = "PORTMAP")]
 pub static PORTMAP: HashMap<PortKey, Backend> = HashMap::pinned(MAX_PORTMAPS, 0);
 
+/// The container ports published, keyed by container address and port (PortKey's `addr` is
+/// the container's): what direct routing may reach on a `routed` network. Daemon writes with
+/// PORTMAP; datapath reads when a routed flow arrives from outside.
+#[map(name = "PUBLISHED")]
+pub static PUBLISHED: HashMap<PortKey, u8> = HashMap::pinned(MAX_PORTMAPS, 0);
+
 /// NAT state, two entries per flow. Datapath creates and refreshes; daemon expires idle
 /// entries and flushes a removed container's flows.
 #[map(name = "CT")]

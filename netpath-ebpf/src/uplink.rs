@@ -8,12 +8,14 @@ use netpath_common::{Tuple, drop_reason, hook, net_flags};
 use crate::container::published;
 use crate::maps::{NETWORKS, UPLINKS};
 use crate::parse::{Packet, parse};
+use crate::policy::{self, Direct};
 use crate::stats::drop;
 use crate::{conntrack, icmp, nat};
 
 /// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
 /// published-port flow), a new connection to a published port (DNAT), or a new flow routed to
-/// a container address (tracked as is). Packets for a local container then go straight to its
+/// a container address (tracked as is where the network's gateway mode opens it, dropped where
+/// it does not). Packets for a local container then go straight to its
 /// veth (or through the stack when it must see them); the client's address is kept.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
@@ -22,15 +24,23 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return icmp_error(ctx, &p, hook::UPLINK_IN, true);
     }
     if !p.translatable {
-        return TC_ACT_OK as i32;
+        return match policy::direct_access(&p) {
+            Direct::Denied => drop(drop_reason::DIRECT_ACCESS),
+            _ => TC_ACT_OK as i32,
+        };
     }
     let xlate = match conntrack::lookup(&p, hook::UPLINK_IN) {
         Some(x) => x,
         None => {
             let x = match published(&p) {
                 Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
-                None if routed_to_masquerading(&p) => p.tuple,
-                None => return TC_ACT_OK as i32,
+                // Tracked as is, like Linux conntrack does, so the container's replies are
+                // recognised at egress and keep their address (not masqueraded as a new flow).
+                None => match policy::direct_access(&p) {
+                    Direct::Open => p.tuple,
+                    Direct::Denied => return drop(drop_reason::DIRECT_ACCESS),
+                    Direct::NotContainer => return TC_ACT_OK as i32,
+                },
             };
             if let Err(reason) = conntrack::create(&p.tuple, &x, hook::UPLINK_IN, hook::UPLINK_OUT) {
                 return drop(reason);
@@ -42,14 +52,6 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return drop(drop_reason::REWRITE_FAILED);
     }
     nat::forward_to_endpoint(ctx, xlate.daddr)
-}
-
-/// A flow routed from outside straight to a container address on a masquerading network.
-/// It is tracked untranslated (like Linux conntrack does) so that the container's replies are
-/// recognised at egress and keep their address instead of being masqueraded as a new flow.
-#[inline(always)]
-fn routed_to_masquerading(p: &Packet) -> bool {
-    NETWORKS.get(Key::new(32, p.daddr)).is_some_and(|n| n.flags & net_flags::MASQUERADE != 0)
 }
 
 /// Leaving for outside: a known flow (replies of published-port flows get the host address
@@ -90,19 +92,26 @@ fn finish(ctx: &mut TcContext, p: &Packet, xlate: &Tuple) -> i32 {
     TC_ACT_OK as i32
 }
 
-/// A new flow from a masquerading container network to a non-container address leaves with
-/// the uplink's address.
+/// A new flow from a container network to a non-container address: from a masquerading
+/// network it leaves with the uplink's address; from a network closed to the outside
+/// (`routed`) it keeps its address and is tracked so that its replies are let in.
 #[inline(always)]
 fn masquerade(ctx: &TcContext, p: &Packet) -> Result<Option<Tuple>, u32> {
     let Some(src) = NETWORKS.get(Key::new(32, p.saddr)) else { return Ok(None) };
-    if src.flags & net_flags::MASQUERADE == 0 || NETWORKS.get(Key::new(32, p.daddr)).is_some() {
+    if NETWORKS.get(Key::new(32, p.daddr)).is_some() {
         return Ok(None);
     }
-    // SAFETY: the skb pointer is valid for the program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain lookup, value copied.
-    let Some(addr) = (unsafe { UPLINKS.get(&ifindex) }).copied() else { return Ok(None) };
-    let x = conntrack::snat_tuple(&p.tuple, addr).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?;
+    let x = if src.flags & net_flags::MASQUERADE != 0 {
+        // SAFETY: the skb pointer is valid for the program run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        // SAFETY: plain lookup, value copied.
+        let Some(addr) = (unsafe { UPLINKS.get(&ifindex) }).copied() else { return Ok(None) };
+        conntrack::snat_tuple(&p.tuple, addr).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?
+    } else if policy::track_unmasqueraded(src.flags) {
+        p.tuple
+    } else {
+        return Ok(None);
+    };
     conntrack::create(&p.tuple, &x, hook::UPLINK_OUT, hook::UPLINK_IN)?;
     Ok(Some(x))
 }

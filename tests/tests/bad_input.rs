@@ -97,6 +97,16 @@ fn bad_subnets_and_gateways_are_refused() {
     rejected(&lab, &["network", "create", "--gateway", "10.50.0.1", "n"], "need --subnet");
     rejected(&lab, &["network", "create", "-d", "macvlan", "n"], "unknown driver \"macvlan\"");
     rejected(&lab, &["network", "create", "-d", "host", "n"], "only one instance of the host network");
+    rejected(
+        &lab,
+        &["network", "create", "-o", "com.docker.network.bridge.gateway_mode_ipv4=open", "n"],
+        "invalid com.docker.network.bridge.gateway_mode_ipv4 \"open\": use nat, nat-unprotected or routed",
+    );
+    rejected(&lab, &["network", "create", "-o", "com.example.mtu=9000", "n"], "unsupported network option");
+    // Malformed flags are caught by the CLI before any request (clap's usage error, exit 2).
+    let out = lab.try_np(&["network", "create", "-o", "novalue", "n"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"novalue\" is not KEY=VALUE"));
     assert!(!lab.np(&["network", "ls", "-q"]).lines().any(|l| l == "n"));
 }
 

@@ -55,16 +55,85 @@ fn masquerade_outbound_traffic_leaves_with_the_host_address() {
     assert_eq!(seen.trim(), HOST_ETH0_IP);
 }
 
+const GATEWAY_MODE: &str = "com.docker.network.bridge.gateway_mode_ipv4";
+
+/// TCP from the client namespace that must not get through: the connection fails.
+fn tcp_refused_from_client(lab: &Lab, ip: &str, port: u16) -> bool {
+    let cmd = format!("socat -t 2 - TCP:{ip}:{port},connect-timeout=2 </dev/null");
+    !in_ns(&lab.client_ns, "sh", &["-c", &cmd]).output().unwrap().status.success()
+}
+
+fn drops(lab: &Lab, reason: &str) -> u64 {
+    let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+    counters["drops"][reason].as_u64().unwrap()
+}
+
 #[test]
-fn a_neighbour_routing_to_a_container_address_is_answered_from_that_address() {
-    // No published port: the client routes the default bridge's subnet through the host.
-    // The container's replies must keep its own address (not be masqueraded as a new flow),
-    // or the client's TCP stack would never match them to its connection.
-    let lab = Lab::new("routedin");
-    common::whoami_server_with(&lab, "web", &[]);
+fn outside_hosts_routing_to_a_nat_network_reach_published_host_ports_only() {
+    // Docker's default gateway mode: a neighbour that routes the bridge subnet through the
+    // host reaches no container port by the container's address, published or not.
+    let lab = Lab::new("routednat");
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     must(in_ns(&lab.client_ns, "ip", &["route", "add", "172.17.0.0/16", "via", HOST_ETH0_IP]));
     let ip = lab.ip_of("web", "bridge");
+    assert!(tcp_refused_from_client(&lab, &ip, 8));
+    assert!(drops(&lab, "direct-access") >= 1);
+    assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP);
+    let opts = &lab.inspect_network("bridge")["Options"];
+    assert_eq!(opts[GATEWAY_MODE], "nat", "{opts}");
+}
+
+#[test]
+fn a_neighbour_routing_to_an_unprotected_network_is_answered_from_the_container_address() {
+    // nat-unprotected: every container port is reachable by direct routing, and the
+    // container's replies keep its own address (they are not masqueraded as a new flow).
+    let lab = Lab::new("routedin");
+    lab.np(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.77.0.0/24",
+        "-o",
+        &format!("{GATEWAY_MODE}=nat-unprotected"),
+        "open",
+    ]);
+    common::whoami_server_with(&lab, "web", &["--network", "open"]);
+    must(in_ns(&lab.client_ns, "ip", &["route", "add", "10.77.0.0/24", "via", HOST_ETH0_IP]));
+    let ip = lab.ip_of("web", "open");
     assert_eq!(tcp_from_client(&lab, &ip, 8), CLIENT_IP);
+}
+
+#[test]
+fn a_routed_network_is_not_masqueraded_and_opens_published_container_ports() {
+    let lab = Lab::new("routedmode");
+    lab.np(&["network", "create", "--subnet", "10.78.0.0/24", "-o", &format!("{GATEWAY_MODE}=routed"), "flat"]);
+    common::whoami_server_with(&lab, "web", &["--network", "flat", "-p", "8080:8"]);
+    lab.np(&[
+        "run",
+        "-d",
+        "--name",
+        "other",
+        "--network",
+        "flat",
+        "--",
+        "socat",
+        "TCP-LISTEN:9,fork,reuseaddr",
+        "SYSTEM:echo no",
+    ]);
+    common::wait_listening(&lab, "other", 9);
+    must(in_ns(&lab.client_ns, "ip", &["route", "add", "10.78.0.0/24", "via", HOST_ETH0_IP]));
+    let web = lab.ip_of("web", "flat");
+    // The published container port, by the container's address: the client's address is kept.
+    assert_eq!(tcp_from_client(&lab, &web, 8), CLIENT_IP);
+    // A port nobody published is closed to direct routing.
+    assert!(tcp_refused_from_client(&lab, &lab.ip_of("other", "flat"), 9));
+    // Outbound: the outside sees the container's own address, and its replies get back in.
+    let mut srv = outside_whoami(&lab, 9000);
+    let cmd = format!("socat -t 10 - TCP:{CLIENT_IP}:9000,connect-timeout=5 </dev/null");
+    let seen = lab.np(&["exec", "other", "--", "sh", "-c", &cmd]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert_eq!(seen.trim(), lab.ip_of("other", "flat"));
 }
 
 /// A UDP server in a container answering each datagram with the sender's address.
@@ -202,6 +271,7 @@ fn pinned_len(lab: &Lab, name: &str) -> usize {
             .keys()
             .count(),
         "ENDPOINTS" => aya::maps::HashMap::<_, u32, netpath_common::EndpointInfo>::try_from(&m).unwrap().keys().count(),
+        "PUBLISHED" => aya::maps::HashMap::<_, netpath_common::PortKey, u8>::try_from(&m).unwrap().keys().count(),
         _ => unreachable!(),
     }
 }
@@ -211,11 +281,13 @@ fn rm_removes_every_map_entry_it_added_and_no_iptables_rule_exists() {
     let lab = Lab::new("rmmaps");
     lab.np(&["run", "-d", "--name", "web", "-p", "8000-8099:8000-8099", "-p", "53:53/udp", "--", "sleep", "600"]);
     assert_eq!(pinned_len(&lab, "PORTMAP"), 101);
+    assert_eq!(pinned_len(&lab, "PUBLISHED"), 101);
     assert_eq!(pinned_len(&lab, "ENDPOINTS"), 1);
     assert_eq!(lab.np(&["port", "web"]).lines().count(), 101);
     lab.np(&["run", "--rm", "--name", "probe", "--", "true"]);
     lab.np(&["rm", "-f", "web"]);
     assert_eq!(pinned_len(&lab, "PORTMAP"), 0);
+    assert_eq!(pinned_len(&lab, "PUBLISHED"), 0);
     assert_eq!(pinned_len(&lab, "ENDPOINTS"), 0);
     let flows: serde_json::Value = serde_json::from_str(&lab.np(&["system", "flows"])).unwrap();
     assert_eq!(flows.as_array().unwrap().len(), 0, "{flows}");

@@ -44,7 +44,7 @@ const GW_B: &str = "172.19.0.1";
 const B1: &str = "172.19.0.2";
 const B1_IF: u32 = 20;
 const B1_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x13, 0, 2];
-/// Network N: no masquerade (routed).
+/// Network N: gateway mode `routed` (no masquerade; direct access to published container ports).
 const NET_N: u32 = 3;
 const GW_N: &str = "172.20.0.1";
 const N1: &str = "172.20.0.2";
@@ -91,7 +91,7 @@ impl Fixture {
         let dp = f.dp();
         dp.set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
         dp.set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), net_flags::MASQUERADE).unwrap();
-        dp.set_network("172.20.0.0/16".parse().unwrap(), NET_N, ip(GW_N), 0).unwrap();
+        dp.set_network("172.20.0.0/16".parse().unwrap(), NET_N, ip(GW_N), net_flags::DIRECT_PUBLISHED).unwrap();
         dp.set_endpoint(ip(A1), A1_IF, NET_A, A1_MAC).unwrap();
         dp.set_endpoint(ip(A2), A2_IF, NET_A, A2_MAC).unwrap();
         dp.set_endpoint(ip(B1), B1_IF, NET_B, B1_MAC).unwrap();
@@ -111,6 +111,12 @@ impl Fixture {
 
     fn dp(&mut self) -> &mut Datapath {
         self.0.dp()
+    }
+
+    /// Network A in gateway mode `nat-unprotected`: outside hosts routing to it reach every port.
+    fn unprotect_a(&mut self) {
+        let flags = net_flags::MASQUERADE | net_flags::DIRECT_ANY;
+        self.dp().set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), flags).unwrap();
     }
 
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
@@ -321,6 +327,7 @@ fn a_published_flow_is_forwarded_straight_to_the_containers_veth() {
 #[test]
 fn a_routed_flow_is_forwarded_straight_to_the_containers_veth() {
     let mut f = Fixture::new("fast-routed");
+    f.unprotect_a();
     a1_on_a_real_link(&mut f, 1500);
     let (verdict, out) = f.run(UPLINK_IN, &for_this_host(tcp(CLIENT, 40000, A1, 80)));
     assert_eq!(verdict, TC_ACT_REDIRECT);
@@ -528,10 +535,12 @@ fn masquerade_does_not_take_the_tuple_of_a_published_flow() {
 }
 
 #[test]
-fn replies_of_a_flow_routed_to_a_container_keep_the_container_address() {
-    // A neighbour routes to the container subnet directly (no published port): the flow is
-    // tracked as is, so the container's SYN-ACK is not mistaken for a new outbound flow.
+fn replies_of_a_flow_routed_to_an_unprotected_network_keep_the_container_address() {
+    // A neighbour routes to the container subnet directly (no published port) on a
+    // nat-unprotected network: the flow is tracked as is, so the container's SYN-ACK is not
+    // mistaken for a new outbound flow and masqueraded.
     let mut f = Fixture::new("routed-in");
+    f.unprotect_a();
     let syn = tcp(CLIENT, 40000, A1, 80);
     let (verdict, out) = f.run(UPLINK_IN, &syn);
     assert_eq!((verdict, &out), (TC_ACT_OK, &syn), "the inbound packet passes unchanged");
@@ -548,16 +557,69 @@ fn replies_of_a_flow_routed_to_a_container_keep_the_container_address() {
 }
 
 #[test]
-fn flows_routed_to_a_non_masquerading_network_are_not_tracked() {
-    let mut f = Fixture::new("routed-in-n");
-    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, N1, 80));
-    f.assert_passes_untouched(UPLINK_OUT, &tcp(N1, 80, CLIENT, 40000));
+fn a_nat_network_drops_what_outside_hosts_route_to_its_containers() {
+    // Docker's default: from outside, containers are reached through published host ports only.
+    let mut f = Fixture::published("direct-nat");
+    let mut frag = udp(CLIENT, 5353, A1, 53);
+    frag[14 + 6] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut frag);
+    for pkt in [
+        tcp(CLIENT, 40000, A1, 80),
+        tcp(CLIENT, 40000, A1, BACK), // even the published container port, by its own address
+        udp(CLIENT, 5353, A1, 53),
+        icmp_echo(CLIENT, A1, ICMP_ECHO_REQUEST, 7, 1, b"ping"),
+        frag,
+    ] {
+        let (verdict, _) = f.run(UPLINK_IN, &pkt);
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 5);
+    assert!(f.flows().is_empty(), "{:#?}", f.flows());
+    // The host's own address on the network (the gateway) is not a container.
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, GW_A, 22));
+}
+
+#[test]
+fn a_routed_network_opens_published_container_ports_and_icmp_only() {
+    let mut f = Fixture::new("direct-routed");
+    f.dp().set_published(ip(N1), 80, proto::TCP).unwrap();
+    let open = tcp(CLIENT, 40000, N1, 80);
+    let (verdict, out) = f.run(UPLINK_IN, &open);
+    assert_eq!((verdict, out), (TC_ACT_OK, open), "no translation on a routed network");
+    assert_eq!(f.flow(tuple(CLIENT, 40000, N1, 80, proto::TCP)).xlate, tuple(CLIENT, 40000, N1, 80, proto::TCP));
+    let ping = icmp_echo(CLIENT, N1, ICMP_ECHO_REQUEST, 7, 1, b"ping");
+    assert_eq!(f.run(UPLINK_IN, &ping), (TC_ACT_OK, ping));
+    for closed in [tcp(CLIENT, 40000, N1, 81), udp(CLIENT, 40000, N1, 80)] {
+        assert_eq!(f.run(UPLINK_IN, &closed).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 2);
+    f.dp().remove_published(ip(N1), 80, proto::TCP).unwrap();
+    assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40001, N1, 80)).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn a_routed_networks_containers_keep_their_address_and_get_replies() {
+    let mut f = Fixture::new("routed-out");
+    let out_pkt = tcp(N1, 45000, CLIENT, 443);
+    let (verdict, out) = f.run(UPLINK_OUT, &out_pkt);
+    assert_eq!((verdict, out), (TC_ACT_OK, out_pkt), "not masqueraded");
+    // Tracked as is, so the reply is let in although port 45000 is not published.
+    let reply = tcp(CLIENT, 443, N1, 45000);
+    let (verdict, out) = f.run(UPLINK_IN, &reply);
+    assert_eq!((verdict, out), (TC_ACT_OK, reply));
+    assert_eq!(f.flows().len(), 2);
 }
 
 #[test]
 fn traffic_from_a_non_masquerading_network_is_not_translated() {
     let mut f = Fixture::new("masq-off");
-    f.assert_passes_untouched(UPLINK_OUT, &tcp(N1, 45000, CLIENT, 443));
+    let pkt = tcp(N1, 45000, CLIENT, 443);
+    assert_eq!(f.run(UPLINK_OUT, &pkt), (TC_ACT_OK, pkt.clone()));
+    assert!(
+        f.flows().values().all(|e| e.xlate == tuple(N1, 45000, CLIENT, 443, proto::TCP)
+            || e.xlate == tuple(CLIENT, 443, N1, 45000, proto::TCP)),
+        "tracked only as is"
+    );
 }
 
 #[test]

@@ -23,6 +23,10 @@ pub enum NetworkCmd {
         /// Allocate container addresses from this sub-range.
         #[arg(long)]
         ip_range: Option<String>,
+        /// Driver option KEY=VALUE (repeatable), e.g.
+        /// com.docker.network.bridge.gateway_mode_ipv4=nat|nat-unprotected|routed.
+        #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_opt)]
+        opt: Vec<(String, String)>,
         name: String,
     },
     /// List networks.
@@ -54,15 +58,23 @@ pub enum NetworkCmd {
     Disconnect { network: String, container: String },
 }
 
+fn parse_opt(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
 
 pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
     match cmd {
-        NetworkCmd::Create { driver, subnet, gateway, ip_range, name } => {
-            let v =
-                c.post("/networks", &NetworkCreate { name, driver: Some(driver), subnet, gateway, ip_range }).await?;
+        NetworkCmd::Create { driver, subnet, gateway, ip_range, opt, name } => {
+            let options = opt.into_iter().collect();
+            let req = NetworkCreate { name, driver: Some(driver), subnet, gateway, ip_range, options };
+            let v = c.post("/networks", &req).await?;
             println!("{}", s(&v["Id"]));
         }
         NetworkCmd::Ls { quiet } => {

@@ -23,7 +23,9 @@ use crate::netlink::{Netlink, netns};
 use crate::ports;
 use netpath_common::net_flags;
 
-use crate::state::{self, Container, DriverKind, Endpoint, IpamConfig, Network, Process, Sandbox, State, Store};
+use crate::state::{
+    self, Container, DriverKind, Endpoint, GatewayMode, IpamConfig, Network, Process, Sandbox, State, Store,
+};
 
 /// The default bridge network, as in Docker.
 pub const DEFAULT_BRIDGE: &str = "netpath0";
@@ -65,6 +67,20 @@ fn valid_name(kind: &str, name: &str) -> Result<()> {
             "invalid {kind} name {name:?}: use letters, digits, '_', '.', '-' (starting with a letter or digit, at most 64)"
         ))
     }
+}
+
+/// The gateway mode the options ask for; any option netpath does not know is an error rather
+/// than silently ignored.
+fn gateway_mode(options: &std::collections::BTreeMap<String, String>) -> Result<GatewayMode> {
+    let mut mode = GatewayMode::default();
+    for (k, v) in options {
+        if k != state::GATEWAY_MODE_OPT {
+            return Err(bad_request!("unsupported network option {k:?} (supported: {})", state::GATEWAY_MODE_OPT));
+        }
+        mode = GatewayMode::parse(v)
+            .ok_or_else(|| bad_request!("invalid {k} {v:?}: use nat, nat-unprotected or routed"))?;
+    }
+    Ok(mode)
 }
 
 fn parse_ip(what: &str, s: &str) -> Result<Ipv4Addr> {
@@ -135,7 +151,12 @@ impl Daemon {
     /// Tells the datapath about a bridge network (isolation, masquerade).
     fn publish_network(&mut self, net: &Network) -> anyhow::Result<()> {
         if let (DriverKind::Bridge, Some(ipam)) = (net.driver, net.ipam) {
-            self.datapath.set_network(ipam.subnet, net.index, ipam.gateway, net_flags::MASQUERADE)?;
+            let flags = match net.gateway_mode {
+                GatewayMode::Nat => net_flags::MASQUERADE,
+                GatewayMode::NatUnprotected => net_flags::MASQUERADE | net_flags::DIRECT_ANY,
+                GatewayMode::Routed => net_flags::DIRECT_PUBLISHED,
+            };
+            self.datapath.set_network(ipam.subnet, net.index, ipam.gateway, flags)?;
         }
         Ok(())
     }
@@ -146,7 +167,10 @@ impl Daemon {
         let target = c.primary_ipv4();
         for b in &c.ports {
             match target {
-                Some(ip) => self.datapath.set_port(b.host_ip, b.host_port, b.proto.number(), ip, b.container_port)?,
+                Some(ip) => {
+                    self.datapath.set_port(b.host_ip, b.host_port, b.proto.number(), ip, b.container_port)?;
+                    self.datapath.set_published(ip, b.container_port, b.proto.number())?;
+                }
                 None => self.datapath.remove_port(b.host_ip, b.host_port, b.proto.number())?,
             }
         }
@@ -156,6 +180,16 @@ impl Daemon {
     fn withdraw_ports(&mut self, c: &Container) {
         for b in &c.ports {
             let _ = self.datapath.remove_port(b.host_ip, b.host_port, b.proto.number());
+        }
+        self.withdraw_published(c);
+    }
+
+    /// Closes the container ports direct routing could reach on any of `c`'s addresses.
+    fn withdraw_published(&mut self, c: &Container) {
+        for ip in c.endpoints.iter().filter_map(|e| e.ipv4) {
+            for b in &c.ports {
+                let _ = self.datapath.remove_published(ip, b.container_port, b.proto.number());
+            }
         }
     }
 
@@ -181,6 +215,7 @@ impl Daemon {
                     builtin: true,
                     created: state::now(),
                     index: 0,
+                    gateway_mode: GatewayMode::default(),
                 });
             }
         }
@@ -238,6 +273,18 @@ impl Daemon {
             if !wanted.contains(&(host, port, proto)) {
                 info!("withdrawing stale published port {port}/{proto}");
                 let _ = self.datapath.remove_port(host, port, proto);
+            }
+        }
+        let open: std::collections::HashSet<_> = self
+            .state
+            .containers
+            .iter()
+            .filter_map(|c| c.primary_ipv4().map(|ip| (ip, c)))
+            .flat_map(|(ip, c)| c.ports.iter().map(move |b| (ip, b.container_port, b.proto.number())))
+            .collect();
+        for (ip, port, proto) in self.datapath.published_keys().unwrap_or_default() {
+            if !open.contains(&(ip, port, proto)) {
+                let _ = self.datapath.remove_published(ip, port, proto);
             }
         }
         // Counters of endpoints that disappeared while we were down.
@@ -355,6 +402,7 @@ impl Daemon {
                     .ok_or_else(|| conflict!("no free subnet left in the default pools: give one with --subnet"))?
             }
         };
+        let gateway_mode = gateway_mode(&req.options)?;
         let gateway = req.gateway.as_deref().map(|g| parse_ip("gateway", g)).transpose()?;
         let ip_range = req.ip_range.as_deref().map(ipam::parse_subnet).transpose()?;
         let pool = ipam::pool(subnet, gateway, ip_range)?;
@@ -368,6 +416,7 @@ impl Daemon {
             builtin: false,
             created: state::now(),
             index: self.state.next_network_index(),
+            gateway_mode,
         };
         let drv = driver(net.driver);
         if let Err(e) = async {
@@ -743,6 +792,8 @@ impl Daemon {
             return Err(bad_request!("container {} cannot be disconnected from the host network", c.name));
         }
         self.unwire(&ep).await?;
+        // Its primary address may change: published ports follow it.
+        self.withdraw_published(&c);
         self.state.container_mut(&c.id).unwrap().endpoints.retain(|e| e.id != ep.id);
         let c = self.ctr(&c.id)?.clone();
         self.publish_ports(&c)?;

@@ -35,6 +35,7 @@ impl Daemon {
         let mut options = Map::new();
         if let Some(b) = &n.bridge {
             options.insert("com.docker.network.bridge.name".into(), json!(b));
+            options.insert(crate::state::GATEWAY_MODE_OPT.into(), json!(n.gateway_mode.as_str()));
         }
         json!({
             "Name": n.name,

@@ -184,6 +184,27 @@ impl Datapath {
         Ok(())
     }
 
+    /// Opens a container port to direct routing on a `routed` network.
+    pub fn set_published(&mut self, addr: Ipv4Addr, port: u16, proto: u8) -> Result<()> {
+        let mut m: BpfHashMap<_, PortKey, u8> = self.map(map_names::PUBLISHED)?;
+        m.insert(port_key(Some(addr), port, proto), 1, 0).context("opening a published container port")
+    }
+
+    pub fn remove_published(&mut self, addr: Ipv4Addr, port: u16, proto: u8) -> Result<()> {
+        let mut m: BpfHashMap<_, PortKey, u8> = self.map(map_names::PUBLISHED)?;
+        let _ = m.remove(&port_key(Some(addr), port, proto));
+        Ok(())
+    }
+
+    /// Every open container port: (container address, port, protocol).
+    pub fn published_keys(&mut self) -> Result<Vec<(Ipv4Addr, u16, u8)>> {
+        let m: BpfHashMap<_, PortKey, u8> = self.map(map_names::PUBLISHED)?;
+        Ok(m.keys()
+            .filter_map(|r| r.ok())
+            .map(|k| (Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port), k.proto))
+            .collect())
+    }
+
     /// The keys of every published-port entry: (host address or every address, port, protocol).
     pub fn port_keys(&mut self) -> Result<Vec<(Option<Ipv4Addr>, u16, u8)>> {
         let m: BpfHashMap<_, PortKey, Backend> = self.map(map_names::PORTMAP)?;

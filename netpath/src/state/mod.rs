@@ -41,6 +41,41 @@ impl DriverKind {
     }
 }
 
+/// Docker's option naming a bridge network's gateway mode.
+pub const GATEWAY_MODE_OPT: &str = "com.docker.network.bridge.gateway_mode_ipv4";
+
+/// How a bridge network meets the outside (Docker's gateway modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GatewayMode {
+    /// Masquerade out; from outside only published host ports (Docker's default).
+    #[default]
+    Nat,
+    /// Masquerade out; hosts that route to the subnet reach every container port.
+    NatUnprotected,
+    /// No NAT: containers keep their addresses; hosts that route to the subnet reach
+    /// published container ports (and ICMP).
+    Routed,
+}
+
+impl GatewayMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "nat" => Some(Self::Nat),
+            "nat-unprotected" => Some(Self::NatUnprotected),
+            "routed" => Some(Self::Routed),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nat => "nat",
+            Self::NatUnprotected => "nat-unprotected",
+            Self::Routed => "routed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Network {
     pub id: String,
@@ -56,6 +91,9 @@ pub struct Network {
     /// Small number naming the network in the datapath (isolation); unique per daemon.
     #[serde(default)]
     pub index: u32,
+    /// Bridge networks only.
+    #[serde(default)]
+    pub gateway_mode: GatewayMode,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -250,6 +288,18 @@ pub fn now() -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn gateway_modes_parse_and_state_from_before_them_means_nat() {
+        for m in [GatewayMode::Nat, GatewayMode::NatUnprotected, GatewayMode::Routed] {
+            assert_eq!(GatewayMode::parse(m.as_str()), Some(m));
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+        }
+        assert_eq!(GatewayMode::parse("isolated"), None);
+        let old = r#"{"id":"x","name":"n","driver":"bridge","ipam":null,"bridge":null,"builtin":false,"created":0}"#;
+        let n: Network = serde_json::from_str(old).unwrap();
+        assert_eq!(n.gateway_mode, GatewayMode::Nat);
+    }
+
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("netpath-state-test-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
@@ -268,6 +318,7 @@ mod tests {
                 builtin: false,
                 created: now(),
                 index: 1,
+                gateway_mode: GatewayMode::Routed,
             }],
             containers: vec![],
         }
