@@ -1,7 +1,7 @@
 //! `netpath` and `netpath-direct`: the real daemon in the lab (`Lab::new`), the servers in a
 //! container made by `netpath run -d`. With a [`Publish`] the container is published with
 //! `-p` (filler ports as one range) and the client goes to 198.51.100.1; without, the client
-//! routes to the container's address (the eBPF accounting, no NAT).
+//! routes to the container's address on a `nat-unprotected` network (tracked, not translated).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,7 +33,14 @@ impl Netpath {
         binary()?;
         let lab = Lab::new(if publish.is_some() { "bench-netpath" } else { "bench-netpath-direct" });
         forwarding(&lab.host_ns)?;
-        np(&lab, &["network", "create", "--subnet", SUBNET, NETWORK])?;
+        // Routed rows reach the container by its address: the network must let them in
+        // (Docker's default gateway mode, `nat`, only opens published host ports).
+        let mut create = vec!["network", "create", "--subnet", SUBNET];
+        if publish.is_none() {
+            create.extend(["-o", "com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected"]);
+        }
+        create.push(NETWORK);
+        np(&lab, &create)?;
         let mut args: Vec<String> = ["run", "-d", "--name", SERVER, "--network", NETWORK].map(String::from).to_vec();
         if let Some(p) = &publish {
             args.extend(publish_args(p));
