@@ -22,9 +22,16 @@ impl PrivateDatapath {
     /// `tag` names the pin directory; unique per test.
     pub fn new(tag: &str) -> Self {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        let pins = std::env::temp_dir().join(format!("netpath-testrun-{}-{tag}", std::process::id()));
-        let dp = Datapath::load(&pins).expect("loading datapath");
-        PrivateDatapath { dp: Some(dp), pins }
+        sweep();
+        let pins = std::env::temp_dir().join(format!("{PREFIX}{}-{tag}", std::process::id()));
+        match Datapath::load(&pins) {
+            Ok(dp) => PrivateDatapath { dp: Some(dp), pins },
+            Err(e) => {
+                // The bpffs may be mounted already: a failed load must not leave it behind.
+                unpin(&pins);
+                panic!("loading datapath: {e:?}");
+            }
+        }
     }
 
     pub fn dp(&mut self) -> &mut Datapath {
@@ -44,7 +51,24 @@ impl PrivateDatapath {
 impl Drop for PrivateDatapath {
     fn drop(&mut self) {
         self.dp.take();
-        let _ = nix::mount::umount2(&self.pins, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.pins);
+        unpin(&self.pins);
     }
+}
+
+const PREFIX: &str = "netpath-testrun-";
+
+/// Removes the pin directories of runs that were killed before they could clean up.
+fn sweep() {
+    for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            unpin(&e.path());
+        }
+    }
+}
+
+fn unpin(pins: &std::path::Path) {
+    let _ = nix::mount::umount2(pins, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir_all(pins);
 }
