@@ -75,9 +75,12 @@ pub mod drop_reason {
     /// From outside straight to a container address its network's gateway mode does not open
     /// (Docker's protection of unpublished ports from direct routing).
     pub const DIRECT_ACCESS: u32 = 4;
-    pub const MAX: u32 = 5;
+    /// Sent from a container's veth with the address of another container: a container could
+    /// otherwise slip past isolation or take over another's flows.
+    pub const SPOOFED_SOURCE: u32 = 5;
+    pub const MAX: u32 = 6;
     pub const NAMES: [&str; MAX as usize] =
-        ["isolation", "nat-ports-exhausted", "ct-insert-failed", "rewrite-failed", "direct-access"];
+        ["isolation", "nat-ports-exhausted", "ct-insert-failed", "rewrite-failed", "direct-access", "spoofed-source"];
 }
 
 /// Connection-tracking counters: the index into the per-CPU `CT_STATS` array.

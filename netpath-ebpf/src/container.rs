@@ -10,12 +10,16 @@ use crate::parse::{Packet, parse};
 use crate::stats::{self, Direction, drop};
 use crate::{conntrack, nat, policy};
 
-/// Sent by a container: account → known flow (hairpin, or out through an uplink), or
-/// isolation then hairpin to a published port → rewrite → deliver.
+/// Sent by a container: account → source check → known flow (hairpin, or out through an
+/// uplink), or isolation then hairpin to a published port → rewrite → deliver.
 #[inline(always)]
 pub fn from_container(ctx: &mut TcContext) -> i32 {
     stats::account(ctx, Direction::FromContainer);
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
+    // SAFETY: the skb pointer is valid for the program run.
+    if policy::spoofed(&p, unsafe { (*ctx.skb.skb).ifindex }) {
+        return drop(drop_reason::SPOOFED_SOURCE);
+    }
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
     let known = if p.translatable { conntrack::lookup_any(&p) } else { None };
     let xlate = match known {

@@ -8,6 +8,15 @@ use netpath_common::{PortKey, net_flags, proto};
 use crate::maps::{ENDPOINTS, HOST_ADDRS, NETWORKS, PUBLISHED};
 use crate::parse::Packet;
 
+/// True when `p`, arriving from the container veth `ifindex`, carries the address of a
+/// container on another veth. Isolation and conntrack trust the source address, so it must be
+/// the sender's own (Docker gets the same from interface-based rules).
+#[inline(always)]
+pub fn spoofed(p: &Packet, ifindex: u32) -> bool {
+    // SAFETY: plain lookup.
+    unsafe { ENDPOINTS.get(&p.saddr) }.is_some_and(|ep| ep.ifindex != ifindex)
+}
+
 /// True when `p`, sent by a container, targets a container of another network.
 #[inline(always)]
 pub fn isolated(p: &Packet) -> bool {

@@ -38,14 +38,38 @@ impl PrivateDatapath {
         self.dp.as_mut().unwrap()
     }
 
-    /// Runs program `prog` on `pkt`; returns (verdict, packet after the program).
+    /// Runs program `prog` on `pkt` (on lo); returns (verdict, packet after the program).
     pub fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(None, prog, pkt)
+    }
+
+    /// [`Self::run`] with the packet on interface `ifindex` (one of this namespace's).
+    pub fn run_on(&mut self, ifindex: Option<u32>, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; pkt.len() + 256];
-        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() };
+        // struct __sk_buff up to `ifindex` (offset 40); the kernel zero-fills the rest.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
+        let ctx_in = ifindex.map(|_| &ctx[..]);
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in, ..Default::default() };
         let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
+}
+
+/// Adds a veth pair `name`/`name`p (both up, `name` with `mtu`) to the calling thread's
+/// namespace; returns `name`'s ifindex. (`ip` runs as a child of this thread, in its namespace.)
+pub fn add_veth(name: &str, mtu: u32) -> u32 {
+    let peer = format!("{name}p");
+    for args in [
+        vec!["link", "add", name, "mtu", &mtu.to_string(), "type", "veth", "peer", "name", &peer],
+        vec!["link", "set", name, "up"],
+        vec!["link", "set", &peer, "up"],
+    ] {
+        let st = std::process::Command::new("ip").args(&args).status().expect("running ip");
+        assert!(st.success(), "ip {args:?}");
+    }
+    nix::net::if_::if_nametoindex(name).expect("the veth exists")
 }
 
 impl Drop for PrivateDatapath {

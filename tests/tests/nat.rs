@@ -243,6 +243,37 @@ fn networks_are_isolated_both_ways_and_counted() {
     assert!(counters["drops"]["isolation"].as_u64().unwrap() >= 2, "{counters}");
 }
 
+/// Sends one UDP datagram with a forged source address through a raw socket (IP_HDRINCL):
+/// argv: source, destination, port. The kernel fills in the header checksum and length.
+const SEND_FORGED: &str = "import socket,struct,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW)\nsrc,dst,port=socket.inet_aton(sys.argv[1]),socket.inet_aton(sys.argv[2]),int(sys.argv[3])\nudp=struct.pack('!HHHH',4000,port,8+5,0)+b'hello'\nip=struct.pack('!BBHHHBBH4s4s',0x45,0,0,0,0,64,17,0,src,dst)\nfor _ in range(3): s.sendto(ip+udp,(sys.argv[2],0))";
+
+#[test]
+fn a_container_cannot_forge_another_containers_address_past_isolation() {
+    // Isolation trusts the source address; a container claiming a member of the other network
+    // must be stopped at its own veth, as Docker's interface-based rules would stop it.
+    let lab = Lab::new("spoof");
+    lab.np(&["network", "create", "n1"]);
+    lab.np(&["network", "create", "n2"]);
+    lab.np(&["run", "-d", "--name", "a", "--network", "n1", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "b", "--network", "n2", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "sink", "--network", "n2", "--", "socat", "-u", "UDP-RECV:7000", "-"]);
+    for _ in 0..100 {
+        if !lab.np(&["exec", "sink", "--", "ss", "-Hlun", "sport = :7000"]).trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    let (b, sink) = (lab.ip_of("b", "n2"), lab.ip_of("sink", "n2"));
+    lab.np(&["exec", "a", "--", "python3", "-c", SEND_FORGED, &b, &sink, "7000"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(lab.np(&["logs", "sink"]), "", "a forged datagram crossed into n2");
+    assert!(drops(&lab, "spoofed-source") >= 1);
+    // The same datagram with b's real address, from b, arrives: the check is not the blocker.
+    lab.np(&["exec", "b", "--", "python3", "-c", SEND_FORGED, &b, &sink, "7000"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(lab.np(&["logs", "sink"]).contains("hello"));
+}
+
 #[test]
 fn conflicting_host_ports_are_refused_and_change_nothing() {
     let lab = Lab::new("portclash");

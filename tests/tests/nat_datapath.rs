@@ -18,7 +18,7 @@ use netpath_tests::packet::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
     ipv4_addrs, ipv4_header_ok, l4_checksum_ok, l4_ports, refresh_ipv4_checksum, with_ip_options,
 };
-use netpath_tests::testrun::{LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use netpath_tests::testrun::{LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
 
 /// The uplink's address (also a host address).
 const HOST: &str = "198.51.100.1";
@@ -33,16 +33,13 @@ const CLIENT: &str = "203.0.113.7";
 const NET_A: u32 = 1;
 const GW_A: &str = "172.18.0.1";
 const A1: &str = "172.18.0.2";
-const A1_IF: u32 = 10;
 const A1_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x12, 0, 2];
 const A2: &str = "172.18.0.3";
-const A2_IF: u32 = 11;
 const A2_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x12, 0, 3];
 /// Network B (masquerading): one container.
 const NET_B: u32 = 2;
 const GW_B: &str = "172.19.0.1";
 const B1: &str = "172.19.0.2";
-const B1_IF: u32 = 20;
 const B1_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x13, 0, 2];
 /// Network N: gateway mode `routed` (no masquerade; direct access to published container ports).
 const NET_N: u32 = 3;
@@ -81,21 +78,32 @@ fn assert_checksums(pkt: &[u8]) {
     assert!(l4_checksum_ok(pkt), "L4 checksum must verify after the rewrite");
 }
 
-struct Fixture(PrivateDatapath);
+struct Fixture {
+    inner: PrivateDatapath,
+    /// Each container's host-side veth (a real one in the test's namespace), by address.
+    veths: HashMap<Ipv4Addr, u32>,
+}
 
 impl Fixture {
     /// A private namespace and datapath holding networks A, B and N, their containers, the
     /// host addresses (HOST, HOST2, the gateways) and HOST as the uplink (lo) address.
     fn new(tag: &str) -> Self {
-        let mut f = Fixture(PrivateDatapath::new(&format!("nat-{tag}")));
+        let mut f = Fixture { inner: PrivateDatapath::new(&format!("nat-{tag}")), veths: HashMap::new() };
         let dp = f.dp();
         dp.set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
         dp.set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), net_flags::MASQUERADE).unwrap();
         dp.set_network("172.20.0.0/16".parse().unwrap(), NET_N, ip(GW_N), net_flags::DIRECT_PUBLISHED).unwrap();
-        dp.set_endpoint(ip(A1), A1_IF, NET_A, A1_MAC).unwrap();
-        dp.set_endpoint(ip(A2), A2_IF, NET_A, A2_MAC).unwrap();
-        dp.set_endpoint(ip(B1), B1_IF, NET_B, B1_MAC).unwrap();
-        dp.set_endpoint(ip(N1), 30, NET_N, [0x02, 0x42, 0xac, 0x14, 0, 2]).unwrap();
+        for (name, addr, net, mac) in [
+            ("a1", A1, NET_A, A1_MAC),
+            ("a2", A2, NET_A, A2_MAC),
+            ("b1", B1, NET_B, B1_MAC),
+            ("n1", N1, NET_N, [0x02, 0x42, 0xac, 0x14, 0, 2]),
+        ] {
+            let ifindex = add_veth(name, 1500);
+            f.dp().set_endpoint(ip(addr), ifindex, net, mac).unwrap();
+            f.veths.insert(ip(addr), ifindex);
+        }
+        let dp = f.dp();
         dp.sync_host_addrs(&[ip(HOST), ip(HOST2), ip(GW_A), ip(GW_B), ip(GW_N)]).unwrap();
         dp.set_uplink_addr(LO, Some(ip(HOST))).unwrap();
         f
@@ -110,7 +118,7 @@ impl Fixture {
     }
 
     fn dp(&mut self) -> &mut Datapath {
-        self.0.dp()
+        self.inner.dp()
     }
 
     /// Network A in gateway mode `nat-unprotected`: outside hosts routing to it reach every port.
@@ -119,8 +127,18 @@ impl Fixture {
         self.dp().set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), flags).unwrap();
     }
 
+    /// Runs `prog` on `pkt` where it would run for real: from_container on the veth of the
+    /// container whose address the packet comes from (any other program, and unknown
+    /// sources, on lo).
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
-        self.0.run(prog, pkt)
+        let veth = if prog == FROM_CONTAINER { self.veths.get(&ipv4_addrs(pkt).0).copied() } else { None };
+        self.inner.run_on(veth, prog, pkt)
+    }
+
+    /// Runs from_container on `pkt` as sent from the veth of container `from`.
+    fn run_from(&mut self, from: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let veth = self.veths[&ip(from)];
+        self.inner.run_on(Some(veth), FROM_CONTAINER, pkt)
     }
 
     /// The NAT table, by key.
@@ -283,18 +301,10 @@ fn removed_port_no_longer_translates_new_flows() {
 
 // ---- uplink_in: the fast path straight to a container's veth ----
 
-/// Gives A1 a real host-side link (a veth with `mtu`) in the test's namespace: the fast
-/// path checks the MTU of, and redirects to, the endpoint's interface.
-fn a1_on_a_real_link(f: &mut Fixture, mtu: u32) {
-    for args in [
-        vec!["link", "add", "npfast0", "mtu", &mtu.to_string(), "type", "veth", "peer", "name", "npfast1"],
-        vec!["link", "set", "npfast0", "up"],
-    ] {
-        let st = std::process::Command::new("ip").args(&args).status().expect("running ip");
-        assert!(st.success(), "ip {args:?}");
-    }
-    let ifindex = nix::net::if_::if_nametoindex("npfast0").expect("npfast0 exists");
-    f.dp().set_endpoint(ip(A1), ifindex, NET_A, A1_MAC).unwrap();
+/// Sets the MTU of A1's host-side veth: the fast path checks it before redirecting there.
+fn a1_link_mtu(mtu: u32) {
+    let st = std::process::Command::new("ip").args(["link", "set", "a1", "mtu", &mtu.to_string()]).status().unwrap();
+    assert!(st.success());
 }
 
 /// `pkt` addressed to this host's MAC (test_run's lo: all zeros), as the uplink receives it.
@@ -312,7 +322,6 @@ fn one_hop_less(mut pkt: Vec<u8>) -> Vec<u8> {
 #[test]
 fn a_published_flow_is_forwarded_straight_to_the_containers_veth() {
     let mut f = Fixture::published("fast-dnat");
-    a1_on_a_real_link(&mut f, 1500);
     for (pkt, expected) in [
         (tcp(CLIENT, 40000, HOST, PUB), tcp(CLIENT, 40000, A1, BACK)),
         (udp(CLIENT, 5353, HOST, PUB), udp(CLIENT, 5353, A1, BACK)),
@@ -328,7 +337,6 @@ fn a_published_flow_is_forwarded_straight_to_the_containers_veth() {
 fn a_routed_flow_is_forwarded_straight_to_the_containers_veth() {
     let mut f = Fixture::new("fast-routed");
     f.unprotect_a();
-    a1_on_a_real_link(&mut f, 1500);
     let (verdict, out) = f.run(UPLINK_IN, &for_this_host(tcp(CLIENT, 40000, A1, 80)));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(out, one_hop_less(to_mac(A1_MAC, tcp(CLIENT, 40000, A1, 80))));
@@ -338,7 +346,7 @@ fn a_routed_flow_is_forwarded_straight_to_the_containers_veth() {
 #[test]
 fn the_fast_path_leaves_to_the_stack_what_only_the_stack_handles() {
     let mut f = Fixture::published("fast-fallback");
-    a1_on_a_real_link(&mut f, 1000);
+    a1_link_mtu(1000);
     // TTL 1: forwarding would expire it; the stack sends the time-exceeded error. The packet
     // is translated, its TTL and MAC left alone.
     let ttl_1 = |mut pkt: Vec<u8>| {
@@ -779,6 +787,21 @@ fn unknown_source_into_a_container_subnet_is_dropped() {
         assert_eq!(verdict, TC_ACT_SHOT, "from {src}");
     }
     assert_eq!(f.counter("isolation"), 2);
+}
+
+#[test]
+fn a_container_sending_with_another_containers_address_is_dropped_and_counted() {
+    let mut f = Fixture::published("spoof");
+    // From A1's veth with B1's address: to B1's network (past isolation) or to the outside.
+    for pkt in [tcp(B1, 1000, GW_B, 80), tcp(B1, 1000, CLIENT, 80), tcp(A2, 1000, HOST, PUB)] {
+        assert_eq!(f.run_from(A1, &pkt).0, TC_ACT_SHOT, "{:?}", ipv4_addrs(&pkt));
+    }
+    assert_eq!(f.counter("spoofed-source"), 3);
+    assert!(f.flows().is_empty(), "a spoofed packet must not create a flow");
+    // Its own address passes; so does an address that is nobody's (left to the other checks).
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A1, 1000, CLIENT, 80));
+    let (verdict, _) = f.run_from(A1, &tcp("172.18.0.99", 1000, CLIENT, 80));
+    assert_eq!(verdict, TC_ACT_OK);
 }
 
 // ---- from_container: hairpin ----
