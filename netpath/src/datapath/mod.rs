@@ -11,7 +11,9 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
+};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netpath_common::{
@@ -69,14 +71,14 @@ impl Datapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("verifying program {name}"))?;
+            retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
         }
         for name in prog_names::SOCK {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("verifying program {name}"))?;
+            retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
         }
         Ok(Self { ebpf, attached: HashMap::new(), uplinks: HashMap::new() })
     }
@@ -352,6 +354,19 @@ impl Datapath {
     pub fn stats_keys(&mut self) -> Result<Vec<u32>> {
         Ok(self.stats_map()?.keys().filter_map(|k| k.ok()).collect())
     }
+}
+
+/// Loads a program, again when the verifier was interrupted: it gives up with EAGAIN when a
+/// signal arrives mid-verification (a child exiting, say), and the load must simply be
+/// retried, as libbpf does (5 attempts).
+fn retry_interrupted(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    for _ in 1..5 {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
+            r => return r,
+        }
+    }
+    load()
 }
 
 fn port_key(host: Option<Ipv4Addr>, port: u16, proto: u8) -> PortKey {
