@@ -150,13 +150,7 @@ fn udp_whoami(lab: &Lab, name: &str, publish: &str) {
         "UDP-RECVFROM:5353,fork",
         "SYSTEM:echo $SOCAT_PEERADDR",
     ]);
-    for _ in 0..100 {
-        if !lab.np(&["exec", name, "--", "ss", "-Hlun", "sport = :5353"]).trim().is_empty() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(30));
-    }
-    panic!("{name} never listened on udp 5353");
+    wait_listening_udp(lab, name, 5353);
 }
 
 /// Asks a UDP server from a connected socket bound to `sport` (0: any), resending once a
@@ -223,13 +217,30 @@ fn reachable(lab: &Lab, from: &str, ip: &str) -> bool {
     lab.try_np(&["exec", from, "--", "ping", "-c", "1", "-W", "1", ip]).status.success()
 }
 
-#[test]
-fn networks_are_isolated_both_ways_and_counted() {
-    let lab = Lab::new("isolation");
+/// Networks n1 and n2 with one idle container each: a on n1, b on n2.
+fn two_networks(lab: &Lab) {
     lab.np(&["network", "create", "n1"]);
     lab.np(&["network", "create", "n2"]);
     lab.np(&["run", "-d", "--name", "a", "--network", "n1", "--", "sleep", "600"]);
     lab.np(&["run", "-d", "--name", "b", "--network", "n2", "--", "sleep", "600"]);
+}
+
+/// Waits (bounded) until UDP `port` is bound inside `container`.
+fn wait_listening_udp(lab: &Lab, container: &str, port: u16) {
+    let filter = format!("sport = :{port}");
+    for _ in 0..100 {
+        if !lab.np(&["exec", container, "--", "ss", "-Hlun", &filter]).trim().is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    panic!("{container} never listened on udp {port}");
+}
+
+#[test]
+fn networks_are_isolated_both_ways_and_counted() {
+    let lab = Lab::new("isolation");
+    two_networks(&lab);
     lab.np(&["run", "-d", "--name", "both", "--network", "n1", "--", "sleep", "600"]);
     lab.np(&["network", "connect", "n2", "both"]);
     let (a, b) = (lab.ip_of("a", "n1"), lab.ip_of("b", "n2"));
@@ -252,17 +263,9 @@ fn a_container_cannot_forge_another_containers_address_past_isolation() {
     // Isolation trusts the source address; a container claiming a member of the other network
     // must be stopped at its own veth, as Docker's interface-based rules would stop it.
     let lab = Lab::new("spoof");
-    lab.np(&["network", "create", "n1"]);
-    lab.np(&["network", "create", "n2"]);
-    lab.np(&["run", "-d", "--name", "a", "--network", "n1", "--", "sleep", "600"]);
-    lab.np(&["run", "-d", "--name", "b", "--network", "n2", "--", "sleep", "600"]);
+    two_networks(&lab);
     lab.np(&["run", "-d", "--name", "sink", "--network", "n2", "--", "socat", "-u", "UDP-RECV:7000", "-"]);
-    for _ in 0..100 {
-        if !lab.np(&["exec", "sink", "--", "ss", "-Hlun", "sport = :7000"]).trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(30));
-    }
+    wait_listening_udp(&lab, "sink", 7000);
     let (b, sink) = (lab.ip_of("b", "n2"), lab.ip_of("sink", "n2"));
     lab.np(&["exec", "a", "--", "python3", "-c", SEND_FORGED, &b, &sink, "7000"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
