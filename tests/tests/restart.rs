@@ -126,3 +126,41 @@ fn a_restart_withdraws_published_ports_the_state_does_not_know() {
     assert_eq!(pinned_ports(&lab), vec![(8080, 6)]);
     assert_eq!(lab.np(&["port", "web"]).trim(), "8/tcp -> 0.0.0.0:8080");
 }
+
+/// Polls `inspect` (up to 10 s) for the exit code of `container`'s process.
+fn exit_code(lab: &Lab, container: &str) -> Option<i64> {
+    for _ in 0..100 {
+        if let Some(code) = lab.inspect(container)["State"]["ExitCode"].as_i64() {
+            return Some(code);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn detached_processes_report_how_they_ended_even_across_a_restart() {
+    let mut lab = Lab::new("exitcodes");
+    lab.np(&["run", "-d", "--name", "quick", "--", "sh", "-c", "exit 5"]);
+    assert_eq!(exit_code(&lab, "quick"), Some(5));
+    // Ends while no daemon runs: its supervisor writes the code down for the next one.
+    lab.np(&["run", "-d", "--name", "slow", "--", "sh", "-c", "sleep 1; exit 3"]);
+    lab.stop_daemon();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    lab.start_daemon();
+    assert_eq!(exit_code(&lab, "slow"), Some(3));
+    // Ends after the restart, watched by no one: the next look finds the code.
+    lab.np(&["run", "-d", "--name", "later", "--", "sh", "-c", "sleep 2; exit 4"]);
+    lab.restart_daemon();
+    assert_eq!(exit_code(&lab, "later"), Some(4));
+    // stop: SIGTERM reaches the command, not just its supervisor (143 = 128 + SIGTERM).
+    lab.np(&["run", "-d", "--name", "stopped", "--", "sleep", "600"]);
+    lab.np(&["stop", "stopped"]);
+    assert_eq!(exit_code(&lab, "stopped"), Some(143));
+    let ps = lab.np(&["ps", "-a"]);
+    assert!(ps.lines().any(|l| l.contains("stopped") && l.contains("exited (143)")), "{ps}");
+    // A command that does not exist is known at once, as with Docker.
+    let _ = lab.try_np(&["run", "-d", "--name", "ghost", "--", "no-such-command-here"]);
+    assert_eq!(exit_code(&lab, "ghost"), Some(127));
+    assert!(lab.np(&["logs", "ghost"]).contains("executable file not found"));
+}

@@ -42,6 +42,13 @@ enum Cmd {
     System(SystemCmd),
     #[command(flatten)]
     Container(container::ContainerCmd),
+    /// Internal: supervises a detached container process for the daemon.
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        exit_file: PathBuf,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,6 +75,10 @@ pub fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
+        }
+        Cmd::Supervise { exit_file, cmd } => {
+            let code = crate::daemon::process::supervise(&exit_file, &cmd);
+            ExitCode::from(u8::try_from(code).unwrap_or(255))
         }
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
         Cmd::System(sc) => run_client(&cli.socket, |c| async move {

@@ -146,6 +146,7 @@ impl Daemon {
         if let Err(e) = self.refresh_host().await {
             warn!("refreshing host addresses: {e:#}");
         }
+        self.collect_exits();
     }
 
     /// Tells the datapath about a bridge network (isolation, masquerade).
@@ -568,8 +569,8 @@ impl Daemon {
                 detached: req.detach,
             });
             if req.detach {
-                match process::spawn_detached(&req.cmd, self.sandbox_netns(&c).as_deref(), &self.store.log_path(&c.id))
-                {
+                let (log, exit) = (self.store.log_path(&c.id), self.store.exit_path(&c.id));
+                match process::spawn_detached(&req.cmd, self.sandbox_netns(&c).as_deref(), &log, &exit) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or_default();
                         let p = c.process.as_mut().unwrap();
@@ -661,6 +662,7 @@ impl Daemon {
         let errs = self.teardown(&c).await;
         self.state.containers.retain(|x| x.id != c.id);
         let _ = std::fs::remove_file(self.store.log_path(&c.id));
+        let _ = std::fs::remove_file(self.store.exit_path(&c.id));
         self.persist()?;
         info!("container {} removed", c.name);
         if errs.is_empty() {
@@ -725,12 +727,30 @@ impl Daemon {
         }
     }
 
+    /// Records the exit codes of detached processes that ended while nobody waited for them
+    /// (started by an earlier daemon): their supervisors wrote them down.
+    pub fn collect_exits(&mut self) {
+        let ended: Vec<(String, i32)> = self
+            .state
+            .containers
+            .iter()
+            .filter(|c| c.process.as_ref().is_some_and(|p| p.detached && p.exit_code.is_none()))
+            .filter(|c| !Self::is_running(c))
+            .filter_map(|c| process::recorded_exit(&self.store.exit_path(&c.id)).map(|code| (c.id.clone(), code)))
+            .collect();
+        for (id, code) in ended {
+            self.process_exited(&id, code);
+        }
+    }
+
     pub fn list_containers(&mut self, all: bool) -> Value {
+        self.collect_exits();
         let cs: Vec<Container> = self.state.containers.iter().filter(|c| all || Self::is_running(c)).cloned().collect();
         Value::Array(cs.iter().map(|c| self.container_json(c)).collect())
     }
 
     pub fn inspect_container(&mut self, name: &str) -> Result<Value> {
+        self.collect_exits();
         let c = self.ctr(name)?.clone();
         Ok(self.container_json(&c))
     }

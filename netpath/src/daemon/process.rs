@@ -34,21 +34,85 @@ pub fn enter_in_child(cmd: &mut std::process::Command, netns: Option<OwnedFd>, n
 }
 
 /// Starts a detached container process: own session, stdin from /dev/null, stdout and stderr
-/// appended to `log`.
-pub fn spawn_detached(argv: &[String], netns: Option<&Path>, log: &Path) -> Result<tokio::process::Child> {
-    let Some((prog, args)) = argv.split_first() else { bail!("no command given") };
+/// appended to `log`. It runs under `netpath __supervise` (this binary), which records its exit
+/// code in `exit_file`: a daemon restarted meanwhile, no longer its parent, still learns it.
+pub fn spawn_detached(
+    argv: &[String],
+    netns: Option<&Path>,
+    log: &Path,
+    exit_file: &Path,
+) -> Result<tokio::process::Child> {
+    let Some(prog) = argv.first() else { bail!("no command given") };
+    // The supervisor would report this only after the fact; say it now, as Docker does.
+    if !is_executable(prog) {
+        bail!("exec: {prog:?}: executable file not found in $PATH");
+    }
+    let _ = std::fs::remove_file(exit_file);
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("opening log {}", log.display()))?;
-    let mut cmd = std::process::Command::new(prog);
-    cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // /proc/self/exe: the running daemon's image, even if its file was replaced since.
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg(SUPERVISE).arg(exit_file).arg("--").args(argv).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
     let fd = netns.map(open_netns).transpose()?;
     enter_in_child(&mut cmd, fd, true);
     let child =
         tokio::process::Command::from(cmd).kill_on_drop(false).spawn().with_context(|| format!("starting {prog:?}"))?;
     Ok(child)
+}
+
+/// The hidden subcommand that supervises a detached process: `netpath __supervise EXIT_FILE -- CMD...`.
+pub const SUPERVISE: &str = "__supervise";
+
+/// Signals `stop` sends to the whole process group: the supervisor must outlive the command
+/// to record how it ended, so it ignores them (and restores them for the command).
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Runs `argv` (already in the container's namespace and session), waits for it and writes its
+/// exit code (128+N for signal N, as a shell reports it) to `exit_file`; returns that code.
+pub fn supervise(exit_file: &Path, argv: &[String]) -> i32 {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let Some((prog, args)) = argv.split_first() else { return 127 };
+    // SAFETY: setting dispositions to SIG_IGN before any thread exists.
+    unsafe { STOP_SIGNALS.iter().for_each(|&s| _ = libc::signal(s, libc::SIG_IGN)) };
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args);
+    // SAFETY: signal() is async-signal-safe; ignored dispositions survive exec otherwise.
+    unsafe {
+        cmd.pre_exec(|| {
+            STOP_SIGNALS.iter().for_each(|&s| _ = libc::signal(s, libc::SIG_DFL));
+            Ok(())
+        });
+    }
+    let code = match cmd.status() {
+        Ok(st) => st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)),
+        Err(e) => {
+            eprintln!("netpath: starting {prog:?}: {e}");
+            127
+        }
+    };
+    let tmp = exit_file.with_extension("tmp");
+    if std::fs::write(&tmp, code.to_string()).and_then(|()| std::fs::rename(&tmp, exit_file)).is_err() {
+        eprintln!("netpath: could not record the exit code in {}", exit_file.display());
+    }
+    code
+}
+
+/// The exit code a supervisor recorded, if it did.
+pub fn recorded_exit(exit_file: &Path) -> Option<i32> {
+    std::fs::read_to_string(exit_file).ok()?.trim().parse().ok()
+}
+
+/// True when `prog` names an executable file, directly or through $PATH.
+fn is_executable(prog: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if prog.contains('/') {
+        return ok(Path::new(prog));
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| ok(&d.join(prog))))
 }
 
 /// The kernel's start time of `pid` (field 22 of /proc/PID/stat), if it exists and is not a zombie.
@@ -94,5 +158,28 @@ mod tests {
         assert!(is_alive(me, Some(t)));
         assert!(!is_alive(me, Some(t + 1)), "a different start time means a recycled pid");
         assert!(!is_alive(u32::MAX - 1, None));
+    }
+
+    #[test]
+    fn executables_are_found_directly_or_on_the_path() {
+        assert!(is_executable("sh"));
+        assert!(is_executable("/bin/sh"));
+        assert!(!is_executable("no-such-command-here"));
+        let plain = std::env::temp_dir().join(format!("netpath-plain-test-{}", std::process::id()));
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        assert!(!is_executable(plain.to_str().unwrap()), "a file without x bits");
+        std::fs::remove_file(&plain).unwrap();
+        assert!(!is_executable("/bin"), "a directory");
+    }
+
+    #[test]
+    fn recorded_exit_codes_are_read_back_and_garbage_is_none() {
+        let f = std::env::temp_dir().join(format!("netpath-exit-test-{}", std::process::id()));
+        assert_eq!(recorded_exit(&f), None, "nothing recorded");
+        std::fs::write(&f, "143\n").unwrap();
+        assert_eq!(recorded_exit(&f), Some(143));
+        std::fs::write(&f, "half").unwrap();
+        assert_eq!(recorded_exit(&f), None);
+        std::fs::remove_file(&f).unwrap();
     }
 }

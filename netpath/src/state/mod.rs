@@ -249,6 +249,10 @@ impl Store {
     pub fn log_path(&self, container_id: &str) -> PathBuf {
         self.dir.join("containers").join(format!("{}.log", &container_id[..12]))
     }
+    /// Where a detached process's supervisor records its exit code.
+    pub fn exit_path(&self, container_id: &str) -> PathBuf {
+        self.dir.join("containers").join(format!("{}.exit", &container_id[..12]))
+    }
 
     pub fn load(&self) -> anyhow::Result<State> {
         match fs::read(self.file()) {
