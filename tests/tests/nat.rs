@@ -127,6 +127,8 @@ fn a_routed_network_is_not_masqueraded_and_opens_published_container_ports() {
     assert_eq!(tcp_from_client(&lab, &web, 8), CLIENT_IP);
     // A port nobody published is closed to direct routing.
     assert!(tcp_refused_from_client(&lab, &lab.ip_of("other", "flat"), 9));
+    // As with Docker, routed mode maps no host port.
+    assert!(tcp_refused_from_client(&lab, HOST_ETH0_IP, 8080));
     // Outbound: the outside sees the container's own address, and its replies get back in.
     let mut srv = outside_whoami(&lab, 9000);
     let cmd = format!("socat -t 10 - TCP:{CLIENT_IP}:9000,connect-timeout=5 </dev/null");

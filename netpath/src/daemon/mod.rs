@@ -164,15 +164,23 @@ impl Daemon {
 
     /// Points a container's published ports at its current primary address (or withdraws
     /// them if it has none).
+    /// On a `routed` network, as with Docker, only the container port opens: no host port is
+    /// mapped.
     fn publish_ports(&mut self, c: &Container) -> anyhow::Result<()> {
-        let target = c.primary_ipv4();
+        let primary = c.endpoints.iter().find(|e| e.ipv4.is_some());
+        let target = primary.and_then(|e| e.ipv4);
+        let routed = primary
+            .and_then(|e| self.state.network(&e.network_id))
+            .is_some_and(|n| n.gateway_mode == GatewayMode::Routed);
         for b in &c.ports {
             match target {
-                Some(ip) => {
-                    self.datapath.set_port(b.host_ip, b.host_port, b.proto.number(), ip, b.container_port)?;
-                    self.datapath.set_published(ip, b.container_port, b.proto.number())?;
+                Some(ip) if !routed => {
+                    self.datapath.set_port(b.host_ip, b.host_port, b.proto.number(), ip, b.container_port)?
                 }
-                None => self.datapath.remove_port(b.host_ip, b.host_port, b.proto.number())?,
+                _ => self.datapath.remove_port(b.host_ip, b.host_port, b.proto.number())?,
+            }
+            if let Some(ip) = target {
+                self.datapath.set_published(ip, b.container_port, b.proto.number())?;
             }
         }
         Ok(())
