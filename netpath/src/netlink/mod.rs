@@ -68,13 +68,16 @@ impl Netlink {
     }
 
     /// Creates the bridge if missing, gives it `gateway/prefix` and brings it up. Idempotent.
+    /// Its MAC is set (derived from the gateway, like containers' MACs): a bridge left to pick
+    /// its own takes the lowest of its ports' MACs and changes it as containers come and go,
+    /// leaving containers with a stale gateway MAC.
     pub async fn ensure_bridge(&self, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<u32> {
         let idx = match self.link_index(name).await? {
             Some(i) => i,
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(name).build())
+                    .add(LinkBridge::new(name).address(crate::ipam::mac_for(gateway).to_vec()).build())
                     .execute()
                     .await
                     .with_context(|| format!("creating bridge {name}"))?;
