@@ -180,7 +180,8 @@ pub struct EndpointInfo {
     pub ifindex: u32,
     pub net_id: u32,
     pub mac: [u8; 6],
-    pub _pad: u16,
+    /// Its gateway's MAC (the bridge's): the source of frames netpath hands it directly.
+    pub gw_mac: [u8; 6],
 }
 
 /// A container network, found by longest-prefix match on an address.
@@ -249,7 +250,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<PortKey>() == 8);
-    assert!(core::mem::size_of::<EndpointInfo>() == 16);
+    assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NetworkInfo>() == 12);
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);

@@ -5,7 +5,7 @@ use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_A
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
 use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect};
 use aya_ebpf::programs::TcContext;
-use netpath_common::{Tuple, proto};
+use netpath_common::{EndpointInfo, Tuple, proto};
 
 use crate::maps::{ENDPOINTS, UPLINKS};
 use crate::parse::{ETH_LEN, IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
@@ -59,7 +59,7 @@ pub fn deliver(ctx: &mut TcContext, daddr: u32) -> i32 {
     let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
         return TC_ACT_OK as i32;
     };
-    if ctx.store(0, &ep.mac, 0).is_err() {
+    if set_macs(ctx, &ep).is_err() {
         return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
     }
     // SAFETY: helper call with plain arguments.
@@ -97,7 +97,7 @@ pub fn forward_to_endpoint(ctx: &mut TcContext, daddr: u32) -> i32 {
     if unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ep.ifindex, &mut mtu_len, 0, 0) } != 0 {
         return TC_ACT_OK as i32;
     }
-    if hop(ctx, ttl).is_err() || ctx.store(0, &ep.mac, 0).is_err() {
+    if hop(ctx, ttl).is_err() || set_macs(ctx, &ep).is_err() {
         return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
     }
     redirect(ep.ifindex)
@@ -149,6 +149,13 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
 }
 
 const AF_INET: u8 = 2;
+
+/// Addresses a frame to a container as its bridge would: its MAC, from its gateway's.
+#[inline(always)]
+fn set_macs(ctx: &mut TcContext, ep: &EndpointInfo) -> Result<(), ()> {
+    ctx.store(0, &ep.mac, 0).map_err(|_| ())?;
+    ctx.store(6, &ep.gw_mac, 0).map_err(|_| ())
+}
 
 /// The IPv4 TTL/protocol word, if forwarding may take the TTL down by one (else the stack
 /// must handle the packet and send time-exceeded).

@@ -67,10 +67,19 @@ fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
     Ipv4Packet::udp(src, sport, dst, dport, b"a datagram").build()
 }
 
-/// A frame as the datapath delivers it to a container's veth: the destination MAC is the container's.
+/// A frame as the datapath delivers it to a container's veth: to the container's MAC, from its
+/// gateway's (the bridge's), as the stack would send it.
 fn to_mac(mac: [u8; 6], mut frame: Vec<u8>) -> Vec<u8> {
     frame[..6].copy_from_slice(&mac);
+    let gw = if mac == B1_MAC { GW_B } else { GW_A };
+    frame[6..12].copy_from_slice(&gw_mac(gw));
     frame
+}
+
+/// A gateway's MAC, as the daemon derives it (and sets it on the bridge).
+fn gw_mac(gw: &str) -> [u8; 6] {
+    let o = ip(gw).octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
 fn assert_checksums(pkt: &[u8]) {
@@ -100,7 +109,12 @@ impl Fixture {
             ("n1", N1, NET_N, [0x02, 0x42, 0xac, 0x14, 0, 2]),
         ] {
             let ifindex = add_veth(name, 1500);
-            f.dp().set_endpoint(ip(addr), ifindex, net, mac).unwrap();
+            let gw = match net {
+                NET_A => GW_A,
+                NET_B => GW_B,
+                _ => GW_N,
+            };
+            f.dp().set_endpoint(ip(addr), ifindex, net, mac, gw_mac(gw)).unwrap();
             f.veths.insert(ip(addr), ifindex);
         }
         let dp = f.dp();
@@ -308,8 +322,9 @@ fn a1_link_mtu(mtu: u32) {
 }
 
 /// `pkt` addressed to this host's MAC (test_run's lo: all zeros), as the uplink receives it.
-fn for_this_host(pkt: Vec<u8>) -> Vec<u8> {
-    to_mac([0; 6], pkt)
+fn for_this_host(mut pkt: Vec<u8>) -> Vec<u8> {
+    pkt[..6].copy_from_slice(&[0; 6]);
+    pkt
 }
 
 /// `pkt` as the stack would forward it: one hop less, the header checksum updated.

@@ -329,8 +329,8 @@ impl Daemon {
         let host_if = driver(net.driver).ensure_endpoint(&self.nl, &net, &c.sandbox, ep, primary).await?;
         if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
             self.datapath.attach_endpoint(name, idx)?;
-            if let (Some(ip), Some(mac)) = (ep.ipv4, ep.mac) {
-                self.datapath.set_endpoint(ip, idx, net.index, mac)?;
+            if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
+                self.datapath.set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
             }
         }
         Ok(())

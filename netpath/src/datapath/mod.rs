@@ -131,10 +131,18 @@ impl Datapath {
         Ok(())
     }
 
-    /// A container address: where hairpin traffic is redirected, and which network it is on.
-    pub fn set_endpoint(&mut self, addr: Ipv4Addr, ifindex: u32, net_id: u32, mac: [u8; 6]) -> Result<()> {
+    /// A container address: where hairpin and fast-path traffic is redirected (with `gw_mac`,
+    /// its bridge's MAC, as source), and which network it is on.
+    pub fn set_endpoint(
+        &mut self,
+        addr: Ipv4Addr,
+        ifindex: u32,
+        net_id: u32,
+        mac: [u8; 6],
+        gw_mac: [u8; 6],
+    ) -> Result<()> {
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
-        m.insert(wire_addr(addr), EndpointInfo { ifindex, net_id, mac, _pad: 0 }, 0).context("adding endpoint")?;
+        m.insert(wire_addr(addr), EndpointInfo { ifindex, net_id, mac, gw_mac }, 0).context("adding endpoint")?;
         Ok(())
     }
 
