@@ -43,8 +43,8 @@ fn containers_on_the_default_bridge_talk() {
 #[test]
 fn the_gateway_mac_stays_put_as_containers_come_and_go() {
     // A bridge left to itself takes its lowest port MAC; containers would keep a stale one.
-    let lab = Lab::new("brmac");
-    let bridge_mac = || {
+    let mut lab = Lab::new("brmac");
+    let bridge_mac = |lab: &Lab| {
         let out = netpath_tests::must(lab.host("ip", &["-o", "link", "show", "netpath0"]));
         out.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap().to_string()
     };
@@ -52,14 +52,19 @@ fn the_gateway_mac_stays_put_as_containers_come_and_go() {
         let out = lab.np(&["exec", c, "--", "ip", "neigh", "show", "172.17.0.1"]);
         out.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).map(str::to_string)
     };
-    assert_eq!(bridge_mac(), "02:42:ac:11:00:01", "derived from the gateway 172.17.0.1");
+    assert_eq!(bridge_mac(&lab), "02:42:ac:11:00:01", "derived from the gateway 172.17.0.1");
     echo_server(&lab, "srv", "bridge");
     lab.np(&["run", "-d", "--name", "cli", "--", "sleep", "600"]);
     assert_eq!(echo(&lab, "cli", &lab.ip_of("srv", "bridge"), "hi"), "hi");
     lab.np(&["exec", "cli", "--", "ping", "-c", "1", "-W", "2", "172.17.0.1"]);
     assert_eq!(gw_mac_seen_by("cli").as_deref(), Some("02:42:ac:11:00:01"));
     lab.np(&["rm", "-f", "srv"]);
-    assert_eq!(bridge_mac(), "02:42:ac:11:00:01");
+    assert_eq!(bridge_mac(&lab), "02:42:ac:11:00:01");
+    // A bridge with another MAC (made by an older netpath) gets it fixed on start.
+    lab.stop_daemon();
+    netpath_tests::must(lab.host("ip", &["link", "set", "netpath0", "address", "02:00:00:00:00:99"]));
+    lab.start_daemon();
+    assert_eq!(bridge_mac(&lab), "02:42:ac:11:00:01");
 }
 
 #[test]

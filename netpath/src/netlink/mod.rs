@@ -72,12 +72,22 @@ impl Netlink {
     /// its own takes the lowest of its ports' MACs and changes it as containers come and go,
     /// leaving containers with a stale gateway MAC.
     pub async fn ensure_bridge(&self, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<u32> {
+        let mac = crate::ipam::mac_for(gateway).to_vec();
         let idx = match self.link_index(name).await? {
-            Some(i) => i,
+            // A bridge from before netpath fixed bridge MACs (setting it again is a no-op).
+            Some(i) => {
+                self.handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(i).address(mac).build())
+                    .execute()
+                    .await
+                    .with_context(|| format!("setting the MAC of bridge {name}"))?;
+                i
+            }
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(name).address(crate::ipam::mac_for(gateway).to_vec()).build())
+                    .add(LinkBridge::new(name).address(mac).build())
                     .execute()
                     .await
                     .with_context(|| format!("creating bridge {name}"))?;
