@@ -7,8 +7,9 @@ use netpath_common::{Backend, PortKey, Tuple, drop_reason, hook};
 
 use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
+use crate::policy::{self, Reach};
 use crate::stats::{self, Direction, drop};
-use crate::{conntrack, nat, policy};
+use crate::{conntrack, nat};
 
 /// Sent by a container: account → source check → known flow (hairpin, or out through an
 /// uplink), or isolation then hairpin to a published port → rewrite → deliver.
@@ -28,8 +29,10 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         // and go straight out, or leave it to the stack and the uplink's program.
         Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
         _ => {
-            if policy::isolated(&p) {
-                return drop(drop_reason::ISOLATION);
+            match policy::reach(&p) {
+                Reach::Free => {}
+                Reach::Isolated => return drop(drop_reason::ISOLATION),
+                Reach::Routed => return routed(&p),
             }
             if !p.translatable {
                 return TC_ACT_OK as i32;
@@ -83,4 +86,16 @@ fn hairpin(p: &Packet) -> Result<Option<Tuple>, u32> {
     }
     conntrack::create(&p.tuple, &xlate, hook::FROM_CONTAINER, hook::FROM_CONTAINER)?;
     Ok(Some(xlate))
+}
+
+/// A new flow to a published port of a container on a `routed` network, by its address:
+/// tracked as is so that the replies, from a network isolated from the sender's, pass.
+#[inline(always)]
+fn routed(p: &Packet) -> i32 {
+    if p.translatable
+        && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, hook::FROM_CONTAINER, hook::FROM_CONTAINER)
+    {
+        return drop(reason);
+    }
+    TC_ACT_OK as i32
 }

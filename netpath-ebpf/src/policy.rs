@@ -1,6 +1,7 @@
 //! Who may reach whom, as Docker decides it: isolation between networks (a container may reach
-//! containers of its own networks and any host address, not those of other networks), and the
-//! gateway modes' protection of container addresses from hosts outside that route to them.
+//! containers of its own networks and any host address, not those of other networks, except the
+//! published ports of `routed` networks), and the gateway modes' protection of container
+//! addresses from hosts outside that route to them.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netpath_common::{PortKey, net_flags, proto};
@@ -17,19 +18,42 @@ pub fn spoofed(p: &Packet, ifindex: u32) -> bool {
     unsafe { ENDPOINTS.get(&p.saddr) }.is_some_and(|ep| ep.ifindex != ifindex)
 }
 
-/// True when `p`, sent by a container, targets a container of another network.
+/// Whether a container may send `p` to the container network address it targets.
+pub enum Reach {
+    /// Not another network's container (its own network, a host address, the outside).
+    Free,
+    /// Another network's container that its `routed` network opens to direct routing (a
+    /// published container port, ICMP): allowed, tracked so that replies come back.
+    Routed,
+    /// Another network's container: isolated, as Docker isolates bridge networks.
+    Isolated,
+}
+
 #[inline(always)]
-pub fn isolated(p: &Packet) -> bool {
-    let Some(dst) = NETWORKS.get(Key::new(32, p.daddr)) else { return false };
+pub fn reach(p: &Packet) -> Reach {
+    let Some(dst) = NETWORKS.get(Key::new(32, p.daddr)) else { return Reach::Free };
     if dst.gateway == p.daddr {
-        return false; // the host's own address on that network
+        return Reach::Free; // the host's own address on that network
     }
     // SAFETY: plain lookup.
     match unsafe { ENDPOINTS.get(&p.saddr) } {
-        Some(src) => src.net_id != dst.net_id,
-        // A source netpath did not assign (spoofed) gets no way into another network.
-        None => true,
+        Some(src) if src.net_id == dst.net_id => Reach::Free,
+        _ if dst.flags & net_flags::DIRECT_PUBLISHED != 0 && opens_published(p) => Reach::Routed,
+        // Another network, or a source netpath did not assign (spoofed): no way in.
+        _ => Reach::Isolated,
     }
+}
+
+/// True when a `routed` network opens `p`'s destination to direct routing: a published
+/// container port, or ICMP. Fragments and other untranslatable packets have no port to check.
+#[inline(always)]
+fn opens_published(p: &Packet) -> bool {
+    if p.tuple.proto == proto::ICMP {
+        return true;
+    }
+    let key = PortKey { addr: p.daddr, port: p.tuple.dport, proto: p.tuple.proto, _pad: 0 };
+    // SAFETY: plain lookup.
+    p.translatable && unsafe { PUBLISHED.get(&key) }.is_some()
 }
 
 /// What a packet arriving from outside, of no known flow and for no published host port, may do.
@@ -53,15 +77,8 @@ pub fn direct_access(p: &Packet) -> Direct {
     if net.flags & net_flags::DIRECT_ANY != 0 {
         return Direct::Open;
     }
-    if net.flags & net_flags::DIRECT_PUBLISHED != 0 {
-        if p.tuple.proto == proto::ICMP {
-            return Direct::Open;
-        }
-        let key = PortKey { addr: p.daddr, port: p.tuple.dport, proto: p.tuple.proto, _pad: 0 };
-        // SAFETY: plain lookup. Fragments and other untranslatable packets have no port to check.
-        if p.translatable && unsafe { PUBLISHED.get(&key) }.is_some() {
-            return Direct::Open;
-        }
+    if net.flags & net_flags::DIRECT_PUBLISHED != 0 && opens_published(p) {
+        return Direct::Open;
     }
     Direct::Denied
 }

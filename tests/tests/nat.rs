@@ -129,6 +129,12 @@ fn a_routed_network_is_not_masqueraded_and_opens_published_container_ports() {
     assert!(tcp_refused_from_client(&lab, &lab.ip_of("other", "flat"), 9));
     // As with Docker, routed mode maps no host port.
     assert!(tcp_refused_from_client(&lab, HOST_ETH0_IP, 8080));
+    // Containers of other networks reach the published container port directly, not others.
+    lab.np(&["run", "-d", "--name", "neighbour", "--", "sleep", "600"]);
+    assert_eq!(common::whoami(&lab, "neighbour", &web), lab.ip_of("neighbour", "bridge"));
+    let other = lab.ip_of("other", "flat");
+    let probe = format!("socat -t 2 - TCP:{other}:9,connect-timeout=2 </dev/null");
+    assert!(!lab.try_np(&["exec", "neighbour", "--", "sh", "-c", &probe]).status.success());
     // Outbound: the outside sees the container's own address, and its replies get back in.
     let mut srv = outside_whoami(&lab, 9000);
     let cmd = format!("socat -t 10 - TCP:{CLIENT_IP}:9000,connect-timeout=5 </dev/null");

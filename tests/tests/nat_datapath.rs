@@ -762,6 +762,25 @@ fn traffic_to_a_container_of_another_network_is_dropped_and_counted() {
 }
 
 #[test]
+fn other_networks_reach_a_routed_networks_published_ports_only() {
+    // Docker's routed mode: other networks may use direct routing to its published ports.
+    let mut f = Fixture::new("iso-routed");
+    f.dp().set_published(ip(N1), 80, proto::TCP).unwrap();
+    let (verdict, _) = f.run(FROM_CONTAINER, &tcp(A1, 45000, N1, 80));
+    assert_eq!(verdict, TC_ACT_OK, "the stack routes it");
+    assert_eq!(f.flow(tuple(A1, 45000, N1, 80, proto::TCP)).xlate, tuple(A1, 45000, N1, 80, proto::TCP));
+    // The reply crosses back into A's network although N and A are isolated otherwise.
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(N1, 80, A1, 45000));
+    assert_eq!((verdict, out), (TC_ACT_REDIRECT, to_mac(A1_MAC, tcp(N1, 80, A1, 45000))));
+    let ping = icmp_echo(A1, N1, ICMP_ECHO_REQUEST, 9, 1, b"ping");
+    assert_eq!(f.run(FROM_CONTAINER, &ping).0, TC_ACT_OK);
+    // Unpublished ports of N, and anything of A from N, stay isolated.
+    assert_eq!(f.run(FROM_CONTAINER, &tcp(A1, 45001, N1, 81)).0, TC_ACT_SHOT);
+    assert_eq!(f.run(FROM_CONTAINER, &tcp(N1, 1000, A1, 80)).0, TC_ACT_SHOT);
+    assert_eq!(f.counter("isolation"), 2);
+}
+
+#[test]
 fn isolation_also_drops_packets_that_are_not_translatable() {
     let mut f = Fixture::new("iso-untranslatable");
     let mut fragment = udp(A1, 45000, B1, 53);
