@@ -62,13 +62,7 @@ pub fn deliver(ctx: &mut TcContext, daddr: u32) -> i32 {
     if set_macs(ctx, &ep).is_err() {
         return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
     }
-    // SAFETY: helper call with plain arguments.
-    let r = unsafe { bpf_redirect(ep.ifindex, 0) };
-    if r == i64::from(TC_ACT_REDIRECT) {
-        TC_ACT_REDIRECT as i32
-    } else {
-        crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED)
-    }
+    redirect(ep.ifindex)
 }
 
 /// skb->pkt_type of a frame addressed to this host's MAC.
@@ -77,7 +71,7 @@ const PACKET_HOST: u32 = 0;
 const IP_TTL: usize = ETH_LEN + 8;
 
 /// Forwards a packet arriving on an uplink straight to a local container's veth: what the
-/// stack would do (TTL decrement, the container's MAC) without the trip through routing and
+/// stack would do (TTL decrement, the container's and its gateway's MACs) without the trip through routing and
 /// the bridge. Anything the stack must handle itself continues there: frames not addressed to
 /// this host, a TTL about to expire and packets over the container link's MTU (the stack sends
 /// the ICMP errors those need).
