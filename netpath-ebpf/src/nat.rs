@@ -71,10 +71,10 @@ const PACKET_HOST: u32 = 0;
 const IP_TTL: usize = ETH_LEN + 8;
 
 /// Forwards a packet arriving on an uplink straight to a local container's veth: what the
-/// stack would do (TTL decrement, the container's and its gateway's MACs) without the trip through routing and
-/// the bridge. Anything the stack must handle itself continues there: frames not addressed to
-/// this host, a TTL about to expire and packets over the container link's MTU (the stack sends
-/// the ICMP errors those need).
+/// stack would do (TTL decrement, the container's and its gateway's MACs) without the trip
+/// through routing and the bridge. Anything the stack must handle itself continues there:
+/// frames not addressed to this host, a TTL about to expire and packets over the container
+/// link's MTU (the stack sends the ICMP errors those need).
 #[inline(always)]
 pub fn forward_to_endpoint(ctx: &mut TcContext, daddr: u32) -> i32 {
     // SAFETY: plain map lookup; the value is copied out.
