@@ -128,6 +128,18 @@ fn main() {
     let rules = must(lab.host("iptables-save", &[]));
     println!("iptables rules in the host namespace: {}", rules.lines().filter(|l| l.starts_with("-A")).count());
 
+    step("Direct routing to a container address is dropped (Docker's default gateway mode, nat)");
+    let ip = lab.ip_of("whoami", "demo-net");
+    let route = format!("ip route add {ip}/32 via {HOST_ETH0_IP}");
+    println!("client namespace$ {route}");
+    must(in_ns(&lab.client_ns, "sh", &["-c", &route]));
+    let direct = format!("socat -t 2 - TCP:{ip}:80,connect-timeout=2 </dev/null");
+    println!("client namespace$ {direct}");
+    let got_in = in_ns(&lab.client_ns, "sh", &["-c", &direct]).output().map(|o| o.status.success()).unwrap_or(false);
+    println!("reached the container by its own address: {}", if got_in { "YES" } else { "no (dropped in eBPF)" });
+    let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
+    println!("drops counted as direct-access: {}", counters["drops"]["direct-access"]);
+
     step("Inspect the network");
     np(&lab, &["network", "inspect", "demo-net"]);
 
@@ -136,7 +148,7 @@ fn main() {
     np(&lab, &["network", "rm", "demo-net"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept {
+    if !moved || !kept || got_in {
         std::process::exit(1);
     }
 }
