@@ -17,8 +17,9 @@ use crate::{conntrack, nat};
 pub fn from_container(ctx: &mut TcContext) -> i32 {
     stats::account(ctx, Direction::FromContainer);
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
+    let src = policy::source(&p);
     // SAFETY: the skb pointer is valid for the program run.
-    if policy::spoofed(&p, unsafe { (*ctx.skb.skb).ifindex }) {
+    if policy::spoofed(src.as_ref(), unsafe { (*ctx.skb.skb).ifindex }) {
         return drop(drop_reason::SPOOFED_SOURCE);
     }
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
@@ -29,7 +30,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         // and go straight out, or leave it to the stack and the uplink's program.
         Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
         _ => {
-            match policy::reach(&p) {
+            match policy::reach(&p, src.as_ref()) {
                 Reach::Free => {}
                 Reach::Isolated => return drop(drop_reason::ISOLATION),
                 Reach::Routed => return routed(&p),

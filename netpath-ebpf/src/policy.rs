@@ -4,18 +4,25 @@
 //! addresses from hosts outside that route to them.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use netpath_common::{PortKey, net_flags, proto};
+use netpath_common::{EndpointInfo, PortKey, net_flags, proto};
 
-use crate::maps::{ENDPOINTS, HOST_ADDRS, NETWORKS, PUBLISHED};
+use crate::maps::{ENDPOINTS, NETWORKS, PUBLISHED};
 use crate::parse::Packet;
 
-/// True when `p`, arriving from the container veth `ifindex`, carries the address of a
-/// container on another veth. Isolation and conntrack trust the source address, so it must be
-/// the sender's own (Docker gets the same from interface-based rules).
+/// The container endpoint `p`'s source address belongs to, if any: looked up once per packet
+/// for both the source check and isolation.
 #[inline(always)]
-pub fn spoofed(p: &Packet, ifindex: u32) -> bool {
-    // SAFETY: plain lookup.
-    unsafe { ENDPOINTS.get(&p.saddr) }.is_some_and(|ep| ep.ifindex != ifindex)
+pub fn source(p: &Packet) -> Option<EndpointInfo> {
+    // SAFETY: plain lookup, value copied.
+    unsafe { ENDPOINTS.get(&p.saddr) }.copied()
+}
+
+/// True when a packet from the container veth `ifindex` carries the address of a container on
+/// another veth (`src`: see [`source`]). Isolation and conntrack trust the source address, so
+/// it must be the sender's own (Docker gets the same from interface-based rules).
+#[inline(always)]
+pub fn spoofed(src: Option<&EndpointInfo>, ifindex: u32) -> bool {
+    src.is_some_and(|ep| ep.ifindex != ifindex)
 }
 
 /// Whether a container may send `p` to the container network address it targets.
@@ -29,14 +36,14 @@ pub enum Reach {
     Isolated,
 }
 
+/// `src`: the sender's endpoint, see [`source`].
 #[inline(always)]
-pub fn reach(p: &Packet) -> Reach {
+pub fn reach(p: &Packet, src: Option<&EndpointInfo>) -> Reach {
     let Some(dst) = NETWORKS.get(Key::new(32, p.daddr)) else { return Reach::Free };
     if dst.gateway == p.daddr {
         return Reach::Free; // the host's own address on that network
     }
-    // SAFETY: plain lookup.
-    match unsafe { ENDPOINTS.get(&p.saddr) } {
+    match src {
         Some(src) if src.net_id == dst.net_id => Reach::Free,
         _ if dst.flags & net_flags::DIRECT_PUBLISHED != 0 && opens_published(p) => Reach::Routed,
         // Another network, or a source netpath did not assign (spoofed): no way in.
@@ -70,9 +77,8 @@ pub enum Direct {
 #[inline(always)]
 pub fn direct_access(p: &Packet) -> Direct {
     let Some(net) = NETWORKS.get(Key::new(32, p.daddr)) else { return Direct::NotContainer };
-    // SAFETY: plain lookup.
-    if unsafe { HOST_ADDRS.get(&p.daddr) }.is_some() {
-        return Direct::NotContainer;
+    if net.gateway == p.daddr {
+        return Direct::NotContainer; // the host's own address on that network
     }
     if net.flags & net_flags::DIRECT_ANY != 0 {
         return Direct::Open;
@@ -81,11 +87,4 @@ pub fn direct_access(p: &Packet) -> Direct {
         return Direct::Open;
     }
     Direct::Denied
-}
-
-/// True when a new flow to the outside from a network with `flags` is tracked as is (not
-/// masqueraded): its replies must be let back in by a network closed to direct access.
-#[inline(always)]
-pub fn track_unmasqueraded(flags: u32) -> bool {
-    flags & (net_flags::MASQUERADE | net_flags::DIRECT_ANY) == 0
 }

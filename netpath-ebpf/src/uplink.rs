@@ -15,8 +15,8 @@ use crate::{conntrack, icmp, nat};
 /// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
 /// published-port flow), a new connection to a published port (DNAT), or a new flow routed to
 /// a container address (tracked as is where the network's gateway mode opens it, dropped where
-/// it does not). Packets for a local container then go straight to its
-/// veth (or through the stack when it must see them); the client's address is kept.
+/// it does not). Packets for a local container then go straight to its veth (or through the
+/// stack when it must see them); the client's address is kept.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
@@ -107,7 +107,8 @@ fn masquerade(ctx: &TcContext, p: &Packet) -> Result<Option<Tuple>, u32> {
         // SAFETY: plain lookup, value copied.
         let Some(addr) = (unsafe { UPLINKS.get(&ifindex) }).copied() else { return Ok(None) };
         conntrack::snat_tuple(&p.tuple, addr).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?
-    } else if policy::track_unmasqueraded(src.flags) {
+    } else if src.flags & net_flags::DIRECT_ANY == 0 {
+        // Closed to direct access: its replies are let back in only as a known flow.
         p.tuple
     } else {
         return Ok(None);
