@@ -43,7 +43,7 @@ enum Cmd {
     #[command(flatten)]
     Container(container::ContainerCmd),
     /// Internal: supervises a detached container process for the daemon.
-    #[command(name = "__supervise", hide = true)]
+    #[command(name = crate::daemon::process::SUPERVISE, hide = true)]
     Supervise {
         exit_file: PathBuf,
         #[arg(last = true, required = true)]

@@ -163,12 +163,11 @@ impl Daemon {
     }
 
     /// Points a container's published ports at its current primary address (or withdraws
-    /// them if it has none).
-    /// On a `routed` network, as with Docker, only the container port opens: no host port is
-    /// mapped.
+    /// them if it has none). On a `routed` network, as with Docker, only the container port
+    /// opens: no host port is mapped.
     fn publish_ports(&mut self, c: &Container) -> anyhow::Result<()> {
-        let primary = c.endpoints.iter().find(|e| e.ipv4.is_some());
-        let target = primary.and_then(|e| e.ipv4);
+        let primary = c.primary_endpoint();
+        let target = c.primary_ipv4();
         let routed = primary
             .and_then(|e| self.state.network(&e.network_id))
             .is_some_and(|n| n.gateway_mode == GatewayMode::Routed);
@@ -380,6 +379,7 @@ impl Daemon {
                 kind.as_str()
             ));
         }
+        let gateway_mode = gateway_mode(&req.options)?;
         let subnet = match req.subnet.as_deref() {
             Some(s) => {
                 let subnet = ipam::parse_subnet(s)?;
@@ -411,7 +411,6 @@ impl Daemon {
                     .ok_or_else(|| conflict!("no free subnet left in the default pools: give one with --subnet"))?
             }
         };
-        let gateway_mode = gateway_mode(&req.options)?;
         let gateway = req.gateway.as_deref().map(|g| parse_ip("gateway", g)).transpose()?;
         let ip_range = req.ip_range.as_deref().map(ipam::parse_subnet).transpose()?;
         let pool = ipam::pool(subnet, gateway, ip_range)?;

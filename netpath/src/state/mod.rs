@@ -160,9 +160,14 @@ pub struct Container {
 }
 
 impl Container {
-    /// The address published ports lead to: the first endpoint's address.
+    /// The endpoint published ports lead to: the first one with an address.
+    pub fn primary_endpoint(&self) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.ipv4.is_some())
+    }
+
+    /// The address published ports lead to: the primary endpoint's.
     pub fn primary_ipv4(&self) -> Option<Ipv4Addr> {
-        self.endpoints.iter().find_map(|e| e.ipv4)
+        self.primary_endpoint().and_then(|e| e.ipv4)
     }
 }
 
