@@ -161,7 +161,11 @@ impl Lab {
         self.daemon = Some(c.spawn().expect("starting netpath daemon"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.try_np(&["network", "ls", "-q"]).status.success() {
+            // Answering is not enough: wait until it has made the kernel match its state.
+            let out = self.try_np(&["system", "info"]);
+            if out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| v["Ready"] == true)
+            {
                 return;
             }
             if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {

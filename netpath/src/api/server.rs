@@ -1,7 +1,6 @@
 //! The API server: axum on a unix socket. Handlers are thin: parse, lock, call the daemon.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -14,7 +13,6 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::UnixListener;
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::{Connect, ContainerCreate, Disconnect, ErrorBody, NetworkCreate, ProcessReport};
@@ -54,8 +52,10 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-/// Runs the daemon until SIGINT/SIGTERM. Containers and their wiring stay in place when it
-/// stops, so a restarted daemon picks them up again.
+/// Runs the daemon until SIGINT/SIGTERM. The API answers as soon as the state is loaded;
+/// changes wait for the first reconcile, reads do not. Containers, their wiring and the
+/// datapath stay in place when it stops, so a restarted daemon picks them up again (unless
+/// `--shutdown-containers`).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = bind(&cfg.socket).await?;
     let daemon = match Daemon::start(&cfg).await {
@@ -66,27 +66,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     info!(
-        "netpath daemon listening on {} (state {}, pins {}, uplinks {:?})",
+        "netpath daemon listening on {} (state {}, pins {})",
         cfg.socket.display(),
         cfg.state_dir.display(),
         cfg.bpffs.display(),
-        daemon.uplinks()
     );
-    let shared: Shared = Arc::new(Mutex::new(daemon));
-    tokio::spawn(housekeeping(shared.clone()));
-    let res = axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown()).await;
+    let d = daemon.clone();
+    tokio::spawn(async move {
+        d.reconcile().await;
+        info!("uplinks: {:?}", d.uplinks());
+        tokio::spawn(d.clone().follow_host());
+        d.housekeeping().await;
+    });
+    let res = axum::serve(listener, router(daemon.clone())).with_graceful_shutdown(shutdown()).await;
     let _ = std::fs::remove_file(&cfg.socket);
+    if cfg.shutdown_containers {
+        info!("stopping every container (--shutdown-containers)");
+        daemon.shutdown_containers().await;
+    }
     info!("netpath daemon stopped");
     res.context("serving the API")
-}
-
-/// Expires idle NAT entries and follows host address changes, every few seconds.
-async fn housekeeping(d: Shared) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        d.lock().await.housekeeping().await;
-    }
 }
 
 async fn shutdown() {
@@ -99,6 +98,7 @@ async fn shutdown() {
 pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/_ping", get(|| async { "OK" }))
+        .route("/system/info", get(system_info))
         .route("/networks", get(list_networks).post(create_network))
         .route("/networks/{name}", get(inspect_network).delete(remove_network))
         .route("/networks/{name}/connect", post(connect))
@@ -115,31 +115,31 @@ pub fn router(shared: Shared) -> Router {
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {
-    axum::Json(d.lock().await.list_networks())
+    axum::Json(d.list_networks())
 }
 
 async fn create_network(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
     let req: NetworkCreate = body(&b)?;
-    Ok((StatusCode::CREATED, axum::Json(d.lock().await.create_network(req).await?)))
+    Ok((StatusCode::CREATED, axum::Json(d.create_network(req).await?)))
 }
 
 async fn inspect_network(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
-    Ok(axum::Json(d.lock().await.inspect_network(&name)?))
+    Ok(axum::Json(d.inspect_network(&name)?))
 }
 
 async fn remove_network(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
-    d.lock().await.remove_network(&name).await?;
+    d.remove_network(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn connect(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<Json> {
     let req: Connect = body(&b)?;
-    Ok(axum::Json(d.lock().await.connect(&name, req).await?))
+    Ok(axum::Json(d.connect(&name, req).await?))
 }
 
 async fn disconnect(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<StatusCode> {
     let req: Disconnect = body(&b)?;
-    d.lock().await.disconnect(&name, &req.container).await?;
+    d.disconnect(&name, &req.container).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -150,12 +150,12 @@ struct ListQuery {
 }
 
 async fn list_containers(State(d): State<Shared>, Query(q): Query<ListQuery>) -> Json {
-    axum::Json(d.lock().await.list_containers(q.all))
+    axum::Json(d.list_containers(q.all))
 }
 
 async fn create_container(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
     let req: ContainerCreate = body(&b)?;
-    let (v, started) = d.lock().await.create_container(req).await?;
+    let (v, started) = d.create_container(req).await?;
     if let Some(s) = started {
         watch(d.clone(), s);
     }
@@ -171,12 +171,12 @@ fn watch(d: Shared, mut s: Started) {
             }
             Err(_) => -1,
         };
-        d.lock().await.process_exited(&s.container_id, code);
+        d.process_exited(&s.container_id, code).await;
     });
 }
 
 async fn inspect_container(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
-    Ok(axum::Json(d.lock().await.inspect_container(&name)?))
+    Ok(axum::Json(d.inspect_container(&name)?))
 }
 
 #[derive(Deserialize)]
@@ -190,34 +190,38 @@ async fn remove_container(
     UrlPath(name): UrlPath<String>,
     Query(q): Query<RmQuery>,
 ) -> Result<StatusCode> {
-    d.lock().await.remove_container(&name, q.force).await?;
+    d.remove_container(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn stop_container(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
-    d.lock().await.stop_container(&name).await?;
+    d.stop_container(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn report_process(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<StatusCode> {
     let req: ProcessReport = body(&b)?;
-    d.lock().await.report_process(&name, req)?;
+    d.report_process(&name, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn logs(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Vec<u8>> {
-    d.lock().await.logs(&name)
+    d.logs(&name)
 }
 
 async fn container_ports(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
-    Ok(axum::Json(serde_json::to_value(d.lock().await.ports(&name)?).map_err(|e| Error::Internal(e.into()))?))
+    Ok(axum::Json(serde_json::to_value(d.ports(&name)?).map_err(|e| Error::Internal(e.into()))?))
+}
+
+async fn system_info(State(d): State<Shared>) -> Json {
+    axum::Json(d.status())
 }
 
 async fn counters(State(d): State<Shared>) -> Result<Json> {
-    let c = d.lock().await.datapath_counters()?;
+    let c = d.datapath_counters()?;
     Ok(axum::Json(serde_json::to_value(c).map_err(|e| Error::Internal(e.into()))?))
 }
 
 async fn flows(State(d): State<Shared>) -> Result<Json> {
-    Ok(axum::Json(d.lock().await.flows()?))
+    Ok(axum::Json(d.flows()?))
 }

@@ -131,7 +131,7 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
             };
             let v = c.post("/containers", &req).await?;
             if detach {
-                if v["State"]["ExitCode"].is_number() {
+                if v["State"]["Error"].as_str().is_some_and(|e| !e.is_empty()) {
                     bail!("container {name} created but its command failed to start: see `netpath logs {name}`");
                 }
                 println!("{}", s(&v["Id"]));

@@ -24,15 +24,25 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon (in the network namespace that plays "host").
+    ///
+    /// Containers, their wiring and the datapath outlive the daemon: stop it (SIGTERM) and
+    /// start it again, or upgrade it, and flows keep going; the new daemon adopts them.
     Daemon {
+        /// Where the daemon keeps its state (one file per network and container), container
+        /// namespaces and logs.
         #[arg(long, default_value = "/var/lib/netpath")]
         state_dir: PathBuf,
-        /// Where maps are pinned; made a bpffs mount if it is not on one.
+        /// Where maps and links are pinned; made a bpffs mount if it is not on one.
         #[arg(long, default_value = "/sys/fs/bpf/netpath")]
         bpffs: PathBuf,
-        /// Interface(s) that face the outside (repeatable).
+        /// Interface(s) facing the outside (repeatable). Default: every interface that is not
+        /// netpath's own, followed as interfaces come and go.
         #[arg(long = "uplink")]
         uplinks: Vec<String>,
+        /// On SIGTERM, stop every container's process and take the datapath off every
+        /// interface (the default leaves both running for the next daemon to adopt).
+        #[arg(long)]
+        shutdown_containers: bool,
     },
     /// Manage networks.
     #[command(subcommand)]
@@ -53,6 +63,9 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SystemCmd {
+    /// The daemon as JSON: ready (first reconcile done) and how long it took, counts,
+    /// uplinks, state and pin directories.
+    Info,
     /// Datapath counters as JSON: drops by reason, conntrack activity and size.
     Datapath,
     /// The NAT table as JSON: what each entry matches and rewrites to.
@@ -62,14 +75,14 @@ enum SystemCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Daemon { state_dir, bpffs, uplinks } => {
+        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let cfg = crate::daemon::Config { state_dir, socket: cli.socket, bpffs, uplinks };
+            let cfg = crate::daemon::Config { state_dir, socket: cli.socket, bpffs, uplinks, shutdown_containers };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(crate::api::server::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -83,6 +96,7 @@ pub fn main() -> ExitCode {
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
         Cmd::System(sc) => run_client(&cli.socket, |c| async move {
             let path = match sc {
+                SystemCmd::Info => "/system/info",
                 SystemCmd::Datapath => "/datapath/counters",
                 SystemCmd::Flows => "/datapath/flows",
             };

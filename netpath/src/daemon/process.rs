@@ -136,6 +136,62 @@ pub fn is_alive(pid: u32, started: Option<u64>) -> bool {
     }
 }
 
+/// A handle that becomes readable when `pid` exits (a pidfd), so a stop returns the moment the
+/// process is gone instead of at the next polling tick. None where pidfds are unavailable.
+pub fn exit_watch(pid: u32) -> Option<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: plain syscall; the fd it returns is owned by us from here on.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns `fd`, which stays open and the same for its whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
+/// Waits up to `timeout` for our process `pid` to be gone; true if it is.
+pub async fn wait_exit(
+    watch: Option<&tokio::io::unix::AsyncFd<OwnedFd>>,
+    pid: u32,
+    started: Option<u64>,
+    timeout: std::time::Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    if let Some(w) = watch {
+        let _ = tokio::time::timeout_at(deadline, w.readable()).await;
+        return !is_alive(pid, started);
+    }
+    while tokio::time::Instant::now() < deadline {
+        if !is_alive(pid, started) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    !is_alive(pid, started)
+}
+
+/// Kills every process inside the network namespace at `path` (found through /proc): what a
+/// container leaves running when the daemon died before recording its pid.
+pub fn kill_netns_members(path: &Path) {
+    // Unmounted, the path is an empty file whose inode means nothing.
+    if !crate::netlink::netns::is_mounted(path) {
+        return;
+    }
+    let Some(ino) = crate::netlink::netns::inode(path) else { return };
+    let me = std::process::id();
+    for pid in std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        if pid != me && crate::netlink::netns::inode(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(ino) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// Sends `sig` to the process (and its group when it leads one).
 pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     use nix::unistd::Pid;

@@ -4,12 +4,12 @@ use serde_json::{Map, Value, json};
 
 use super::Daemon;
 use crate::ipam::format_mac;
-use crate::state::{Container, Network, Sandbox};
+use crate::state::{Container, Network, Sandbox, State};
 
 impl Daemon {
-    pub(super) fn network_json(&self, n: &Network) -> Value {
+    pub(super) fn network_json(&self, st: &State, n: &Network) -> Value {
         let mut containers = Map::new();
-        for (c, e) in self.state.endpoints_on(&n.id) {
+        for (c, e) in st.endpoints_on(&n.id) {
             let prefix = n.ipam.map(|i| i.subnet.prefix_len()).unwrap_or(0);
             containers.insert(
                 c.name.clone(),
@@ -49,23 +49,30 @@ impl Daemon {
         })
     }
 
-    pub(super) fn container_json(&mut self, c: &Container) -> Value {
+    /// A container as `inspect` shows it; `counters` adds the datapath's per-endpoint counters
+    /// (`ps` leaves them out: it lists many containers and shows none of them).
+    pub(super) fn container_json(&self, c: &Container, counters: bool) -> Value {
         let running = Self::is_running(c);
+        let nets: Vec<Option<Network>> = {
+            let st = self.state();
+            c.endpoints.iter().map(|e| st.network_by_id(&e.network_id).cloned()).collect()
+        };
         let status = match &c.process {
             None => "created",
             Some(_) if running => "running",
             Some(_) => "exited",
         };
         let mut networks = Map::new();
-        for e in &c.endpoints {
-            let Some(n) = self.state.network_by_id(&e.network_id).cloned() else {
+        for (e, n) in c.endpoints.iter().zip(nets) {
+            let Some(n) = n else {
                 continue;
             };
             let counters = e
                 .host_ifname
                 .as_deref()
+                .filter(|_| counters)
                 .and_then(|h| nix::net::if_::if_nametoindex(h).ok())
-                .and_then(|idx| self.datapath.endpoint_stats(idx).ok())
+                .and_then(|idx| self.dp().endpoint_stats(idx).ok())
                 .map(|s| json!({ "RxPackets": s.rx_packets, "RxBytes": s.rx_bytes, "TxPackets": s.tx_packets, "TxBytes": s.tx_bytes }));
             networks.insert(
                 n.name.clone(),
@@ -105,7 +112,11 @@ impl Daemon {
                 "Status": status,
                 "Running": running,
                 "Pid": if running { p.and_then(|p| p.pid) } else { None },
-                "ExitCode": p.and_then(|p| p.exit_code),
+                "Error": p.and_then(|p| p.start_error.clone()).unwrap_or_default(),
+                // A supervisor may have recorded it since housekeeping last looked.
+                "ExitCode": p.and_then(|p| p.exit_code.or_else(|| {
+                    (p.detached && !running).then(|| super::process::recorded_exit(&self.store.exit_path(&c.id))).flatten()
+                })),
             },
             "Config": { "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(), "Detached": p.is_some_and(|p| p.detached) },
             "LogPath": self.store.log_path(&c.id).display().to_string(),

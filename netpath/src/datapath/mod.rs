@@ -319,6 +319,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// Takes the NAT programs off an uplink (gone, or no longer one) and forgets its address.
+    pub fn detach_uplink(&mut self, ifindex: u32) -> Result<()> {
+        if let Some((i, e)) = self.uplinks.remove(&ifindex) {
+            let _ = self.classifier(prog_names::UPLINK_IN)?.detach(i);
+            let _ = self.classifier(prog_names::UPLINK_OUT)?.detach(e);
+        }
+        self.set_uplink_addr(ifindex, None)
+    }
+
+    /// Takes every program off every interface (endpoints and uplinks).
+    pub fn detach_all(&mut self) {
+        for idx in self.attached.keys().copied().collect::<Vec<_>>() {
+            let _ = self.detach_endpoint(idx);
+        }
+        for idx in self.uplinks.keys().copied().collect::<Vec<_>>() {
+            let _ = self.detach_uplink(idx);
+        }
+    }
+
+    /// Every container address the datapath knows.
+    pub fn endpoint_keys(&mut self) -> Result<Vec<Ipv4Addr>> {
+        let m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
+        Ok(m.keys().filter_map(|r| r.ok()).map(|k| Ipv4Addr::from(k.to_ne_bytes())).collect())
+    }
+
     /// Gives an interface a counter entry, keeping one that survived a restart. The datapath
     /// counts only interfaces that have one.
     pub fn track_endpoint(&mut self, ifindex: u32) -> Result<()> {

@@ -15,10 +15,72 @@ use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+/// One interface as a link dump shows it.
+#[derive(Debug, Clone)]
+pub struct LinkSummary {
+    pub index: u32,
+    pub name: String,
+    /// `bridge`, `veth`, `vxlan`, ...; None for plain devices.
+    pub kind: Option<String>,
+    /// The bridge (or bond) it is enslaved to.
+    pub master: Option<u32>,
+    pub loopback: bool,
+    pub up: bool,
+    /// IFLA_IFALIAS: [`OWNER_ALIAS`] on links netpath made.
+    pub alias: Option<String>,
+    pub mac: Option<Vec<u8>>,
+}
+
+/// The alias netpath gives every link it creates, so it can tell its own links (and only
+/// those) from other software's, whatever their names.
+pub const OWNER_ALIAS: &str = "netpath";
+
+/// What the kernel announces about interfaces (see [`monitor`]).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A link appeared, changed or went away.
+    Link { name: Option<String> },
+    /// An IPv4 address was added or removed on a link.
+    Addr { index: u32 },
+    /// Announcements were lost (the socket overflowed): anything may have changed.
+    Lost,
+}
+
+/// Follows link and IPv4 address changes in the calling thread's network namespace, like
+/// `ip monitor link address`.
+pub fn monitor() -> Result<impl futures::Stream<Item = Event>> {
+    use futures::StreamExt;
+    use rtnetlink::MulticastGroup;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    let (conn, _handle, messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+            .context("subscribing to link and address changes")?;
+    tokio::spawn(conn);
+    Ok(messages.filter_map(|(m, _)| async move {
+        match m.payload {
+            NetlinkPayload::InnerMessage(M::NewLink(l) | M::DelLink(l)) => Some(Event::Link {
+                name: l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                }),
+            }),
+            NetlinkPayload::InnerMessage(M::NewAddress(a) | M::DelAddress(a)) => {
+                Some(Event::Addr { index: a.header.index })
+            }
+            NetlinkPayload::Overrun(_) | NetlinkPayload::Error(_) => Some(Event::Lost),
+            _ => None,
+        }
+    }))
+}
+
 /// A netlink connection bound to one network namespace (the one it was opened in).
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// The kernel runs one dump at a time per socket (a second one fails with EBUSY), and
+    /// requests share this connection: dumps take turns.
+    dumping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The kernel's errno for a netlink error, if that is what `e` is.
@@ -34,7 +96,7 @@ impl Netlink {
     pub fn current() -> Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self { handle, dumping: Default::default() })
     }
 
     /// A connection inside the namespace at `path`. The socket is made on a short-lived thread
@@ -47,7 +109,7 @@ impl Netlink {
             let _guard = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
             rt.spawn(conn);
-            Ok(Self { handle })
+            Ok(Self { handle, dumping: Default::default() })
         })
         .join()
         .map_err(|_| anyhow!("netns thread panicked"))?
@@ -78,7 +140,7 @@ impl Netlink {
             Some(i) => {
                 self.handle
                     .link()
-                    .set(LinkUnspec::new_with_index(i).address(mac).build())
+                    .set(LinkUnspec::new_with_index(i).address(mac).alias(OWNER_ALIAS).build())
                     .execute()
                     .await
                     .with_context(|| format!("setting the MAC of bridge {name}"))?;
@@ -91,7 +153,9 @@ impl Netlink {
                     .execute()
                     .await
                     .with_context(|| format!("creating bridge {name}"))?;
-                self.require_link(name).await?
+                let i = self.require_link(name).await?;
+                self.set_alias(i).await?;
+                i
             }
         };
         self.ensure_addr(idx, gateway, prefix).await?;
@@ -130,7 +194,20 @@ impl Netlink {
             .add(msg)
             .execute()
             .await
-            .with_context(|| format!("creating veth {host} <-> {peer} in {}", netns.display()))
+            .with_context(|| format!("creating veth {host} <-> {peer} in {}", netns.display()))?;
+        // The kernel applies an alias only to existing links: a second request.
+        let idx = self.require_link(host).await?;
+        self.set_alias(idx).await
+    }
+
+    /// Marks a link as netpath's (see [`OWNER_ALIAS`]).
+    async fn set_alias(&self, idx: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).alias(OWNER_ALIAS).build())
+            .execute()
+            .await
+            .with_context(|| format!("marking link {idx} as netpath's"))
     }
 
     pub async fn set_up(&self, idx: u32) -> Result<()> {
@@ -158,6 +235,7 @@ impl Netlink {
             req = req.set_link_index_filter(i);
         }
         let mut out = vec![];
+        let _turn = self.dumping.lock().await;
         let mut s = req.execute();
         while let Some(m) = s.try_next().await.context("dumping addresses")? {
             for a in &m.attributes {
@@ -183,6 +261,7 @@ impl Netlink {
     /// what is already reachable from here, so new networks can keep clear of it.
     pub async fn routed_prefixes(&self) -> Result<Vec<Ipv4Net>> {
         let mut out = vec![];
+        let _turn = self.dumping.lock().await;
         let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(m) = s.try_next().await.context("dumping routes")? {
             let len = m.header.destination_prefix_length;
@@ -203,6 +282,7 @@ impl Netlink {
     /// Interfaces the default routes leave through: the uplinks when none are named.
     pub async fn default_route_links(&self) -> Result<Vec<String>> {
         let mut idxs = vec![];
+        let _turn = self.dumping.lock().await;
         let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(m) = s.try_next().await.context("dumping routes")? {
             if m.header.destination_prefix_length != 0 || m.header.table != 254 {
@@ -229,9 +309,63 @@ impl Netlink {
         Ok(names)
     }
 
+    /// Every link of this namespace, in one dump.
+    pub async fn links(&self) -> Result<Vec<LinkSummary>> {
+        use rtnetlink::packet_route::link::{InfoKind, LinkFlags, LinkInfo};
+        let mut out = vec![];
+        let _turn = self.dumping.lock().await;
+        let mut s = self.handle.link().get().execute();
+        while let Some(m) = s.try_next().await.context("dumping links")? {
+            let mut l = LinkSummary {
+                index: m.header.index,
+                name: String::new(),
+                kind: None,
+                master: None,
+                loopback: m.header.flags.contains(LinkFlags::Loopback),
+                up: m.header.flags.contains(LinkFlags::Up),
+                alias: None,
+                mac: None,
+            };
+            for a in &m.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => l.name = n.clone(),
+                    LinkAttribute::Controller(i) => l.master = Some(*i),
+                    LinkAttribute::IfAlias(a) => l.alias = Some(a.clone()),
+                    LinkAttribute::Address(m) => l.mac = Some(m.clone()),
+                    LinkAttribute::LinkInfo(infos) => {
+                        l.kind = infos.iter().find_map(|i| match i {
+                            LinkInfo::Kind(InfoKind::Other(k)) => Some(k.clone()),
+                            LinkInfo::Kind(k) => Some(k.to_string()),
+                            _ => None,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            out.push(l);
+        }
+        Ok(out)
+    }
+
+    /// Every IPv4 address of this namespace with the link that holds it, in one dump.
+    pub async fn addresses_by_link(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
+        let mut out = vec![];
+        let _turn = self.dumping.lock().await;
+        let mut s = self.handle.address().get().execute();
+        while let Some(m) = s.try_next().await.context("dumping addresses")? {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                    out.push((m.header.index, *ip, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Names of all links in this namespace.
     pub async fn link_names(&self) -> Result<Vec<String>> {
         let mut out = vec![];
+        let _turn = self.dumping.lock().await;
         let mut s = self.handle.link().get().execute();
         while let Some(m) = s.try_next().await.context("dumping links")? {
             for a in &m.attributes {

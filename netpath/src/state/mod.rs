@@ -1,19 +1,26 @@
 //! Desired state: networks and containers with their endpoints. IPAM allocations are the
 //! endpoints' addresses, so they are persisted with them and cannot drift apart.
-//! Written crash-safely (temp file, fsync, rename, fsync dir): a crash leaves the old or the
-//! new state, never a torn one.
+//!
+//! Every object is persisted on its own ([`store`]), so a change costs the same with one
+//! container as with ten thousand, and carries a [`Phase`]: a record is written *before* the
+//! kernel is changed for it (`Creating`, `Removing`), so a daemon that dies half-way leaves a
+//! record saying what to finish or undo, never kernel objects nobody knows about.
+//!
+//! [`State`] keeps indexes (names, addresses in use, members of each network) next to the
+//! objects; every change goes through its methods so the indexes cannot drift either.
 
-use std::collections::BTreeSet;
-use std::fs;
-use std::io::Write;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::{self, Pool};
+
+pub use store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +45,25 @@ impl DriverKind {
             Self::Host => "host",
             Self::None => "none",
         }
+    }
+}
+
+/// Where an object is in its life. Anything but `Ready` after a restart means the daemon
+/// stopped in the middle of creating or removing it: reconcile finishes the job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    #[default]
+    Ready,
+    /// Reserved (name, addresses, ports) and being built; rolled back if the daemon dies.
+    Creating,
+    /// Being torn down; the teardown is finished if the daemon dies.
+    Removing,
+}
+
+impl Phase {
+    fn is_ready(&self) -> bool {
+        *self == Phase::Ready
     }
 }
 
@@ -94,6 +120,8 @@ pub struct Network {
     /// Bridge networks only.
     #[serde(default)]
     pub gateway_mode: GatewayMode,
+    #[serde(default)]
+    pub phase: Phase,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -133,6 +161,10 @@ pub struct Endpoint {
     pub host_ifname: Option<String>,
     pub ipv4: Option<Ipv4Addr>,
     pub mac: Option<[u8; 6]>,
+    /// `network connect` writes the endpoint `Creating` before wiring it, `disconnect` marks
+    /// it `Removing` before unwiring it.
+    #[serde(default)]
+    pub phase: Phase,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +176,9 @@ pub struct Process {
     pub exit_code: Option<i32>,
     /// Supervised by the daemon (`run -d`), output in the container's log.
     pub detached: bool,
+    /// Why the command could not be started (Docker's `State.Error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,126 +192,198 @@ pub struct Container {
     /// Published ports, on the address of the first endpoint that has one.
     #[serde(default)]
     pub ports: Vec<crate::ports::Binding>,
+    #[serde(default)]
+    pub phase: Phase,
 }
 
 impl Container {
-    /// The endpoint published ports lead to: the first one with an address.
+    /// The endpoint published ports lead to: the first wired one with an address.
     pub fn primary_endpoint(&self) -> Option<&Endpoint> {
-        self.endpoints.iter().find(|e| e.ipv4.is_some())
+        self.endpoints.iter().find(|e| e.ipv4.is_some() && e.phase.is_ready())
     }
 
     /// The address published ports lead to: the primary endpoint's.
     pub fn primary_ipv4(&self) -> Option<Ipv4Addr> {
         self.primary_endpoint().and_then(|e| e.ipv4)
     }
+
+    pub fn short_id(&self) -> &str {
+        &self.id[..12]
+    }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Networks and containers with their indexes. Lookups by name, id or id prefix, the
+/// addresses in use on a network and a network's members cost the same whatever the number
+/// of containers.
+#[derive(Debug, Default)]
 pub struct State {
-    pub networks: Vec<Network>,
-    pub containers: Vec<Container>,
+    networks: BTreeMap<String, Network>,
+    network_names: HashMap<String, String>,
+    containers: BTreeMap<String, Container>,
+    container_names: HashMap<String, String>,
+    /// Network id → addresses its endpoints hold (the IPAM allocations, reservations included).
+    used: HashMap<String, BTreeSet<Ipv4Addr>>,
+    /// Network id → ids of the containers with an endpoint on it.
+    members: HashMap<String, BTreeSet<String>>,
+    /// Every container's published ports, with the container holding each.
+    bindings: Vec<(crate::ports::Binding, String)>,
+    /// Bumped on every change: orders the writes of one object (see [`Store`]).
+    rev: u64,
+}
+
+/// An id prefix (at least 3 characters, as Docker) naming exactly one key of `map`.
+fn by_prefix<'a, V>(map: &'a BTreeMap<String, V>, prefix: &str) -> Option<&'a V> {
+    if prefix.len() < 3 {
+        return None;
+    }
+    let mut m = map.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix));
+    match (m.next(), m.next()) {
+        (Some((_, v)), None) => Some(v),
+        _ => None,
+    }
 }
 
 impl State {
+    pub fn from_objects(networks: Vec<Network>, containers: Vec<Container>) -> Self {
+        let mut s = State::default();
+        for n in networks {
+            s.put_network(n);
+        }
+        for c in containers {
+            s.put_container(c);
+        }
+        s
+    }
+
+    /// A revision number for a write that reflects the state as it is now.
+    pub fn next_rev(&mut self) -> u64 {
+        self.rev += 1;
+        self.rev
+    }
+
+    // ------------------------------------------------------------------ networks
+
     pub fn network(&self, name_or_id: &str) -> Option<&Network> {
-        self.networks.iter().find(|n| n.name == name_or_id).or_else(|| {
-            // Docker accepts an unambiguous id prefix too.
-            let mut m = self.networks.iter().filter(|n| name_or_id.len() >= 3 && n.id.starts_with(name_or_id));
-            match (m.next(), m.next()) {
-                (Some(n), None) => Some(n),
-                _ => None,
-            }
-        })
+        match self.network_names.get(name_or_id) {
+            Some(id) => self.networks.get(id),
+            None => self.networks.get(name_or_id).or_else(|| by_prefix(&self.networks, name_or_id)),
+        }
     }
     pub fn network_by_id(&self, id: &str) -> Option<&Network> {
-        self.networks.iter().find(|n| n.id == id)
+        self.networks.get(id)
     }
-    pub fn container(&self, name_or_id: &str) -> Option<&Container> {
-        self.containers.iter().find(|c| c.name == name_or_id).or_else(|| {
-            let mut m = self.containers.iter().filter(|c| name_or_id.len() >= 3 && c.id.starts_with(name_or_id));
-            match (m.next(), m.next()) {
-                (Some(c), None) => Some(c),
-                _ => None,
-            }
-        })
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.networks.values()
     }
-    pub fn container_mut(&mut self, id: &str) -> Option<&mut Container> {
-        self.containers.iter_mut().find(|c| c.id == id)
+    /// Adds or replaces a network.
+    pub fn put_network(&mut self, n: Network) {
+        if let Some(old) = self.networks.get(&n.id) {
+            self.network_names.remove(&old.name);
+        }
+        self.network_names.insert(n.name.clone(), n.id.clone());
+        self.networks.insert(n.id.clone(), n);
     }
-    /// Addresses in use on a network: its endpoints' addresses (the IPAM allocations).
-    pub fn used_addresses(&self, network_id: &str) -> BTreeSet<Ipv4Addr> {
-        self.endpoints_on(network_id).filter_map(|(_, e)| e.ipv4).collect()
+    pub fn remove_network(&mut self, id: &str) -> Option<Network> {
+        let n = self.networks.remove(id)?;
+        self.network_names.remove(&n.name);
+        self.used.remove(id);
+        self.members.remove(id);
+        Some(n)
     }
-    pub fn endpoints_on<'a>(&'a self, network_id: &'a str) -> impl Iterator<Item = (&'a Container, &'a Endpoint)> + 'a {
-        self.containers
-            .iter()
-            .flat_map(|c| c.endpoints.iter().map(move |e| (c, e)))
-            .filter(move |(_, e)| e.network_id == network_id)
-    }
-    /// Every container's published ports except `except`'s.
-    pub fn bindings_except(&self, except: &str) -> Vec<crate::ports::Binding> {
-        self.containers.iter().filter(|c| c.id != except).flat_map(|c| c.ports.iter().copied()).collect()
+    pub fn set_network_phase(&mut self, id: &str, phase: Phase) {
+        if let Some(n) = self.networks.get_mut(id) {
+            n.phase = phase;
+        }
     }
     /// The next unused network index (0 is never used: it marks "not assigned yet").
     pub fn next_network_index(&self) -> u32 {
-        self.networks.iter().map(|n| n.index).max().unwrap_or(0) + 1
+        self.networks.values().map(|n| n.index).max().unwrap_or(0) + 1
     }
     pub fn subnets(&self) -> Vec<Ipv4Net> {
-        self.networks.iter().filter_map(|n| n.ipam.map(|c| c.subnet)).collect()
+        self.networks.values().filter_map(|n| n.ipam.map(|c| c.subnet)).collect()
     }
     /// A network whose subnet overlaps `subnet`, if any.
     pub fn overlapping(&self, subnet: Ipv4Net) -> Option<&Network> {
-        self.networks.iter().find(|n| n.ipam.is_some_and(|c| ipam::overlaps(c.subnet, subnet)))
-    }
-}
-
-/// The state file and its directory layout under `--state-dir`.
-pub struct Store {
-    dir: PathBuf,
-}
-
-impl Store {
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        for sub in ["", "netns", "containers"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
-        }
-        Ok(Self { dir: dir.to_owned() })
-    }
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-    fn file(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-    pub fn netns_path(&self, container_id: &str) -> PathBuf {
-        self.dir.join("netns").join(&container_id[..12])
-    }
-    pub fn log_path(&self, container_id: &str) -> PathBuf {
-        self.dir.join("containers").join(format!("{}.log", &container_id[..12]))
-    }
-    /// Where a detached process's supervisor records its exit code.
-    pub fn exit_path(&self, container_id: &str) -> PathBuf {
-        self.dir.join("containers").join(format!("{}.exit", &container_id[..12]))
+        self.networks.values().find(|n| n.ipam.is_some_and(|c| ipam::overlaps(c.subnet, subnet)))
     }
 
-    pub fn load(&self) -> anyhow::Result<State> {
-        match fs::read(self.file()) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", self.file().display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.file().display())),
+    // ---------------------------------------------------------------- containers
+
+    pub fn container(&self, name_or_id: &str) -> Option<&Container> {
+        match self.container_names.get(name_or_id) {
+            Some(id) => self.containers.get(id),
+            None => self.containers.get(name_or_id).or_else(|| by_prefix(&self.containers, name_or_id)),
         }
     }
+    pub fn container_by_id(&self, id: &str) -> Option<&Container> {
+        self.containers.get(id)
+    }
+    pub fn containers(&self) -> impl Iterator<Item = &Container> {
+        self.containers.values()
+    }
+    pub fn container_count(&self) -> usize {
+        self.containers.len()
+    }
+    /// Adds or replaces a container, keeping every index in step.
+    pub fn put_container(&mut self, c: Container) {
+        self.unindex(&c.id);
+        self.container_names.insert(c.name.clone(), c.id.clone());
+        for e in &c.endpoints {
+            self.members.entry(e.network_id.clone()).or_default().insert(c.id.clone());
+            if let Some(ip) = e.ipv4 {
+                self.used.entry(e.network_id.clone()).or_default().insert(ip);
+            }
+        }
+        self.bindings.extend(c.ports.iter().map(|b| (*b, c.id.clone())));
+        self.containers.insert(c.id.clone(), c);
+    }
+    pub fn remove_container(&mut self, id: &str) -> Option<Container> {
+        self.unindex(id);
+        self.containers.remove(id)
+    }
+    /// Changes a container in place through `f`, re-indexing it. None if it does not exist.
+    pub fn update_container<R>(&mut self, id: &str, f: impl FnOnce(&mut Container) -> R) -> Option<R> {
+        let mut c = self.containers.get(id)?.clone();
+        let r = f(&mut c);
+        self.put_container(c);
+        Some(r)
+    }
+    fn unindex(&mut self, id: &str) {
+        let Some(old) = self.containers.get(id) else { return };
+        self.container_names.remove(&old.name);
+        for e in &old.endpoints {
+            if let Some(m) = self.members.get_mut(&e.network_id) {
+                m.remove(id);
+            }
+            if let (Some(ip), Some(u)) = (e.ipv4, self.used.get_mut(&e.network_id)) {
+                u.remove(&ip);
+            }
+        }
+        if !old.ports.is_empty() {
+            self.bindings.retain(|(_, c)| c != id);
+        }
+    }
 
-    pub fn save(&self, state: &State) -> anyhow::Result<()> {
-        let tmp = self.dir.join(".state.json.tmp");
-        let data = serde_json::to_vec_pretty(state)?;
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, self.file()).context("replacing state file")?;
-        fs::File::open(&self.dir)?.sync_all().context("syncing state dir")?;
-        Ok(())
+    /// Addresses in use on a network: its endpoints' addresses (the IPAM allocations).
+    pub fn used_addresses(&self, network_id: &str) -> &BTreeSet<Ipv4Addr> {
+        static EMPTY: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        self.used.get(network_id).unwrap_or(&EMPTY)
+    }
+    /// How many containers have an endpoint on a network.
+    pub fn member_count(&self, network_id: &str) -> usize {
+        self.members.get(network_id).map_or(0, |m| m.len())
+    }
+    pub fn endpoints_on<'a>(&'a self, network_id: &'a str) -> impl Iterator<Item = (&'a Container, &'a Endpoint)> + 'a {
+        self.members
+            .get(network_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.containers.get(id))
+            .flat_map(move |c| c.endpoints.iter().filter(move |e| e.network_id == network_id).map(move |e| (c, e)))
+    }
+    /// Every container's published ports except `except`'s.
+    pub fn bindings_except(&self, except: &str) -> Vec<crate::ports::Binding> {
+        self.bindings.iter().filter(|(_, c)| c != except).map(|(b, _)| *b).collect()
     }
 }
 
@@ -294,7 +401,7 @@ pub fn now() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -307,64 +414,124 @@ mod tests {
         let old = r#"{"id":"x","name":"n","driver":"bridge","ipam":null,"bridge":null,"builtin":false,"created":0}"#;
         let n: Network = serde_json::from_str(old).unwrap();
         assert_eq!(n.gateway_mode, GatewayMode::Nat);
+        assert_eq!(n.phase, Phase::Ready, "records from before phases are complete");
     }
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("netpath-state-test-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
+    pub(crate) fn network(name: &str, subnet: &str) -> Network {
+        let subnet: Ipv4Net = subnet.parse().unwrap();
+        Network {
+            id: new_id(),
+            name: name.into(),
+            driver: DriverKind::Bridge,
+            ipam: Some(IpamConfig { subnet, gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1), ip_range: None }),
+            bridge: Some(format!("np-{name}")),
+            builtin: false,
+            created: now(),
+            index: 1,
+            gateway_mode: GatewayMode::Routed,
+            phase: Phase::Ready,
+        }
     }
 
-    fn sample() -> State {
-        let subnet: Ipv4Net = "10.5.0.0/24".parse().unwrap();
-        State {
-            networks: vec![Network {
+    pub(crate) fn container(name: &str, net: &Network, ip: &str, port: Option<u16>) -> Container {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        Container {
+            id: new_id(),
+            name: name.into(),
+            sandbox: Sandbox::Netns { path: PathBuf::from("/x"), owned: true },
+            endpoints: vec![Endpoint {
                 id: new_id(),
-                name: "n1".into(),
-                driver: DriverKind::Bridge,
-                ipam: Some(IpamConfig { subnet, gateway: "10.5.0.1".parse().unwrap(), ip_range: None }),
-                bridge: Some("np-x".into()),
-                builtin: false,
-                created: now(),
-                index: 1,
-                gateway_mode: GatewayMode::Routed,
+                network_id: net.id.clone(),
+                ifname: "eth0".into(),
+                host_ifname: Some("vethx".into()),
+                ipv4: Some(ip),
+                mac: Some(ipam::mac_for(ip)),
+                phase: Phase::Ready,
             }],
-            containers: vec![],
+            process: None,
+            created: now(),
+            ports: port
+                .map(|p| crate::ports::Binding {
+                    host_ip: None,
+                    host_port: p,
+                    container_port: 80,
+                    proto: crate::ports::Proto::Tcp,
+                })
+                .into_iter()
+                .collect(),
+            phase: Phase::Ready,
         }
     }
 
     #[test]
-    fn save_load_roundtrip_and_no_temp_left() {
-        let d = tmpdir("rt");
-        let s = Store::open(&d).unwrap();
-        assert!(s.load().unwrap().networks.is_empty(), "missing file is an empty state");
-        let st = sample();
-        s.save(&st).unwrap();
-        let back = s.load().unwrap();
-        assert_eq!(back.networks[0].name, "n1");
-        assert_eq!(back.networks[0].ipam.unwrap().subnet, st.networks[0].ipam.unwrap().subnet);
-        assert!(!d.join(".state.json.tmp").exists());
-        fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn corrupt_file_is_an_error_not_an_empty_state() {
-        let d = tmpdir("corrupt");
-        let s = Store::open(&d).unwrap();
-        fs::write(d.join("state.json"), b"{ not json").unwrap();
-        assert!(s.load().is_err());
-        fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn lookups_by_name_and_id_prefix() {
-        let st = sample();
-        let id = st.networks[0].id.clone();
+    fn lookups_by_name_id_and_id_prefix() {
+        let n = network("n1", "10.5.0.0/24");
+        let id = n.id.clone();
+        let st = State::from_objects(vec![n], vec![]);
         assert!(st.network("n1").is_some());
+        assert!(st.network(&id).is_some());
         assert!(st.network(&id[..6]).is_some());
+        assert!(st.network(&id[..2]).is_none(), "too short a prefix");
         assert!(st.network("zz").is_none());
         assert!(st.overlapping("10.5.0.128/25".parse().unwrap()).is_some());
         assert!(st.overlapping("10.6.0.0/24".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn ambiguous_prefixes_name_nothing() {
+        let mut a = network("a", "10.1.0.0/24");
+        let mut b = network("b", "10.2.0.0/24");
+        a.id = format!("abc1{}", &a.id[4..]);
+        b.id = format!("abc2{}", &b.id[4..]);
+        let st = State::from_objects(vec![a, b], vec![]);
+        assert!(st.network("abc").is_none());
+        assert_eq!(st.network("abc1").unwrap().name, "a");
+    }
+
+    #[test]
+    fn indexes_follow_every_change() {
+        let n = network("n", "10.5.0.0/24");
+        let c1 = container("c1", &n, "10.5.0.2", Some(8080));
+        let c2 = container("c2", &n, "10.5.0.3", None);
+        let (nid, id1, id2) = (n.id.clone(), c1.id.clone(), c2.id.clone());
+        let mut st = State::from_objects(vec![n], vec![c1, c2]);
+        assert_eq!(st.member_count(&nid), 2);
+        assert_eq!(st.used_addresses(&nid).len(), 2);
+        assert_eq!(st.bindings_except("").len(), 1);
+        assert!(st.bindings_except(&id1).is_empty());
+        assert_eq!(st.endpoints_on(&nid).count(), 2);
+
+        // Rename and readdress through update: the old name and address are free again.
+        st.update_container(&id1, |c| {
+            c.name = "renamed".into();
+            c.endpoints[0].ipv4 = Some("10.5.0.9".parse().unwrap());
+            c.ports.clear();
+        });
+        assert!(st.container("c1").is_none());
+        assert_eq!(st.container("renamed").unwrap().id, id1);
+        assert!(st.used_addresses(&nid).contains(&"10.5.0.9".parse().unwrap()));
+        assert!(!st.used_addresses(&nid).contains(&"10.5.0.2".parse().unwrap()));
+        assert!(st.bindings_except("").is_empty());
+
+        st.remove_container(&id2);
+        assert!(st.container("c2").is_none());
+        assert_eq!(st.member_count(&nid), 1);
+        assert_eq!(st.used_addresses(&nid).len(), 1);
+        st.remove_container(&id1);
+        assert_eq!(st.member_count(&nid), 0);
+        assert!(st.used_addresses(&nid).is_empty());
+        assert_eq!(st.container_count(), 0);
+    }
+
+    #[test]
+    fn reservations_hold_their_address_and_are_not_primary() {
+        let n = network("n", "10.5.0.0/24");
+        let mut c = container("c", &n, "10.5.0.2", None);
+        c.endpoints[0].phase = Phase::Creating;
+        let nid = n.id.clone();
+        let st = State::from_objects(vec![n], vec![c.clone()]);
+        assert!(st.used_addresses(&nid).contains(&"10.5.0.2".parse().unwrap()), "a reservation holds its address");
+        assert_eq!(c.primary_ipv4(), None, "an endpoint being wired is not where ports lead");
     }
 
     #[test]

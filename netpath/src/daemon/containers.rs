@@ -1,0 +1,618 @@
+//! Containers: run/attach, rm, stop, connect/disconnect, processes, published ports.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use super::networks::{lookup as lookup_network, usable};
+use super::{Daemon, crash, lo_up, parse_ip, process, valid_name};
+use crate::api::{Connect, ContainerCreate, ProcessReport};
+use crate::drivers::driver;
+use crate::error::{Error, Result};
+use crate::ipam;
+use crate::netlink::netns;
+use crate::ports;
+use crate::state::{self, Container, DriverKind, Endpoint, GatewayMode, Network, Phase, Process, Sandbox, State};
+
+/// Linux bridges take at most 1,024 ports (BR_MAX_PORTS); one stays free for the kernel's
+/// own bookkeeping. Docker fails at the same point ("exchange full"); we say why up front.
+const MAX_BRIDGE_ENDPOINTS: usize = 1023;
+
+/// A detached process the API layer must watch (it holds the shared handle the watcher needs).
+pub struct Started {
+    pub container_id: String,
+    pub child: tokio::process::Child,
+}
+
+fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Container> {
+    st.container(name).ok_or_else(|| not_found!("container {name} not found"))
+}
+
+/// Plans a new endpoint on `net`: address, MAC, interface names. Pure: nothing is changed
+/// until the caller records and wires it.
+fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option<&str>) -> Result<Endpoint> {
+    let requested = ip.map(|s| parse_ip("address", s)).transpose()?;
+    let Some(pool) = net.pool() else {
+        if requested.is_some() {
+            return Err(bad_request!("network {} has no IPAM: --ip cannot be used", net.name));
+        }
+        return Ok(Endpoint {
+            id: state::new_id(),
+            network_id: net.id.clone(),
+            ifname: String::new(),
+            host_ifname: None,
+            ipv4: None,
+            mac: None,
+            phase: Phase::Ready,
+        });
+    };
+    if net.driver == DriverKind::Bridge && st.member_count(&net.id) >= MAX_BRIDGE_ENDPOINTS {
+        return Err(conflict!(
+            "network {} has {MAX_BRIDGE_ENDPOINTS} endpoints, the most a Linux bridge takes: use another network",
+            net.name
+        ));
+    }
+    let ip = ipam::allocate(&pool, st.used_addresses(&net.id), requested).map_err(|e| match e {
+        Error::BadRequest(m) => Error::BadRequest(format!("network {}: {m}", net.name)),
+        Error::Conflict(m) => Error::Conflict(format!("network {}: {m}", net.name)),
+        e => e,
+    })?;
+    let ifname = (0..).map(|i| format!("eth{i}")).find(|n| !taken_ifnames.contains(n)).expect("unbounded");
+    let id = state::new_id();
+    Ok(Endpoint {
+        host_ifname: Some(format!("veth{}", &id[..8])),
+        id,
+        network_id: net.id.clone(),
+        ifname,
+        ipv4: Some(ip),
+        mac: Some(ipam::mac_for(ip)),
+        phase: Phase::Ready,
+    })
+}
+
+/// Resolves `-p`/`-P`/`--expose` into bindings that clash with no other container's.
+fn plan_ports(st: &State, req: &ContainerCreate, net: &Network) -> Result<Vec<ports::Binding>> {
+    let mut reqs = req.publish.iter().map(|s| ports::parse_publish(s)).collect::<Result<Vec<_>>>()?;
+    let exposed = req.expose.iter().map(|s| ports::parse_expose(s)).collect::<Result<Vec<_>>>()?;
+    if req.publish_all {
+        reqs.extend(exposed);
+    }
+    if reqs.is_empty() {
+        return Ok(vec![]);
+    }
+    if net.driver != DriverKind::Bridge {
+        return Err(bad_request!("ports cannot be published on the {} network: use a bridge network", net.name));
+    }
+    ports::resolve(&reqs, &st.bindings_except(""))
+}
+
+/// The namespace a container's processes enter; `None` means the daemon's own.
+fn sandbox_netns(c: &Container) -> Option<PathBuf> {
+    match &c.sandbox {
+        Sandbox::Netns { path, .. } => Some(path.clone()),
+        Sandbox::Host => None,
+    }
+}
+
+impl Daemon {
+    pub fn is_running(c: &Container) -> bool {
+        c.process
+            .as_ref()
+            .and_then(|p| p.pid.map(|pid| (pid, p.start_time)))
+            .is_some_and(|(pid, t)| process::is_alive(pid, t))
+    }
+
+    /// Resolves a user's name for a container to its id (the key of its lock).
+    fn container_id(&self, name: &str) -> Result<String> {
+        Ok(lookup(&self.state(), name)?.id.clone())
+    }
+
+    /// The container `id` as it is now, once its lock is held (it may have gone meanwhile).
+    fn current(&self, id: &str, name: &str) -> Result<Container> {
+        self.state().container_by_id(id).cloned().ok_or_else(|| not_found!("container {name} not found"))
+    }
+
+    // ------------------------------------------------------------------ create
+
+    /// `run` and `attach`: makes (or adopts) the sandbox, wires it to one network, optionally
+    /// starts the detached process.
+    pub async fn create_container(&self, req: ContainerCreate) -> Result<(Value, Option<Started>)> {
+        self.wait_ready().await;
+        valid_name("container", &req.name)?;
+        if req.detach && req.cmd.is_empty() {
+            return Err(bad_request!("a detached container needs a command"));
+        }
+        if let Some(p) = &req.netns
+            && !netns::is_mounted(std::path::Path::new(p))
+        {
+            return Err(bad_request!("{p} is not a network namespace"));
+        }
+        let id = state::new_id();
+        // Nobody else knows this id yet: the lock is free, and taking it before the container
+        // is visible makes every other request on it wait until it is built.
+        let _lock = self.locks.lock(&id).await;
+        let c = {
+            let mut st = self.state();
+            if st.container(&req.name).is_some_and(|c| c.name == req.name) {
+                return Err(conflict!("container name {} is already in use", req.name));
+            }
+            let net = usable(&st, req.network.as_deref().unwrap_or("bridge"))?.clone();
+            if net.driver == DriverKind::Host && req.netns.is_some() {
+                return Err(bad_request!("--network host cannot be used with --netns"));
+            }
+            let ports = plan_ports(&st, &req, &net)?;
+            let ep = plan_endpoint(&st, &net, &[], req.ip.as_deref())?;
+            let sandbox = match (&req.netns, net.driver) {
+                (_, DriverKind::Host) => Sandbox::Host,
+                (Some(p), _) => Sandbox::Netns { path: PathBuf::from(p), owned: false },
+                (None, _) => Sandbox::Netns { path: self.store.netns_path(&id), owned: true },
+            };
+            let c = Container {
+                id: id.clone(),
+                name: req.name.clone(),
+                sandbox,
+                endpoints: vec![ep],
+                process: None,
+                created: state::now(),
+                ports,
+                phase: Phase::Creating,
+            };
+            st.put_container(c.clone());
+            c
+        };
+        if let Err(e) = self.persist_container(&id).await {
+            self.state().remove_container(&id);
+            return Err(e);
+        }
+        crash::point("run:reserved");
+        if let Err(e) = async {
+            self.build_sandbox(&c).await?;
+            crash::point("run:wired");
+            self.publish_ports(&c, c.primary_ipv4())
+        }
+        .await
+        {
+            self.finish_container_removal(&c).await;
+            return Err(e.into());
+        }
+        crash::point("run:published");
+
+        let mut started = None;
+        let mut proc = None;
+        if !req.cmd.is_empty() {
+            let mut p = Process {
+                cmd: req.cmd.clone(),
+                pid: None,
+                start_time: None,
+                exit_code: None,
+                detached: req.detach,
+                start_error: None,
+            };
+            if req.detach {
+                let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
+                match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), &log, &exit) {
+                    Ok(child) => {
+                        let pid = child.id().unwrap_or_default();
+                        p.pid = Some(pid);
+                        p.start_time = process::start_time(pid);
+                        started = Some(Started { container_id: id.clone(), child });
+                    }
+                    Err(e) => {
+                        // Docker keeps a container whose command failed to start; so do we, exited.
+                        p.exit_code = Some(127);
+                        p.start_error = Some(format!("{e:#}"));
+                        warn!("container {}: {e:#}", c.name);
+                        let _ = std::fs::write(&log, format!("netpath: {e:#}\n"));
+                    }
+                }
+            }
+            proc = Some(p);
+        }
+        crash::point("run:started");
+        self.state().update_container(&id, |x| {
+            x.phase = Phase::Ready;
+            x.process = proc;
+        });
+        if let Err(e) = self.persist_container(&id).await {
+            if let Some(s) = &started {
+                self.kill_pid(s.child.id(), None).await;
+            }
+            self.finish_container_removal(&c).await;
+            return Err(e);
+        }
+        info!("container {} created", c.name);
+        let c = self.current(&id, &c.name)?;
+        Ok((self.container_json(&c, true), started))
+    }
+
+    async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {
+        if let Sandbox::Netns { path, owned } = &c.sandbox {
+            if *owned {
+                netns::create(path)?;
+            }
+            crash::point("run:sandbox");
+            lo_up(path).await?;
+        }
+        for (i, ep) in c.endpoints.iter().enumerate() {
+            self.wire(c, ep, i == 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Wires one endpoint (driver) and attaches the datapath to its host interface.
+    pub(super) async fn wire(&self, c: &Container, ep: &Endpoint, primary: bool) -> anyhow::Result<()> {
+        let net = self.state().network_by_id(&ep.network_id).context("endpoint on unknown network")?.clone();
+        let host_if = driver(net.driver).ensure_endpoint(&self.nl, &net, &c.sandbox, ep, primary).await?;
+        if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
+            self.attach_endpoint(&net, ep, name, idx)?;
+        }
+        Ok(())
+    }
+
+    /// The datapath side of a wired endpoint: programs on its host veth, its map entry.
+    pub(super) fn attach_endpoint(&self, net: &Network, ep: &Endpoint, host_if: &str, idx: u32) -> anyhow::Result<()> {
+        let mut dp = self.dp();
+        dp.attach_endpoint(host_if, idx)?;
+        if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
+            dp.set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine.
+    async fn unwire(&self, ep: &Endpoint) -> anyhow::Result<()> {
+        if let Some(name) = ep.host_ifname.as_deref()
+            && let Some(idx) = self.nl.link_index(name).await?
+        {
+            self.dp().detach_endpoint(idx)?;
+        }
+        if let Some(ip) = ep.ipv4 {
+            let mut dp = self.dp();
+            dp.remove_endpoint(ip)?;
+            dp.flush_flows(ip)?;
+        }
+        let Some(net) = self.state().network_by_id(&ep.network_id).cloned() else {
+            // Its network went first (a crash between the two): only a veth can be left.
+            if let Some(h) = &ep.host_ifname {
+                self.nl.delete_link(h).await?;
+            }
+            return Ok(());
+        };
+        driver(net.driver).remove_endpoint(&self.nl, &net, ep).await
+    }
+
+    /// Undoes [`Self::build_sandbox`] as far as it got; keeps going past errors and reports
+    /// them all.
+    async fn teardown(&self, c: &Container) -> Vec<String> {
+        let mut errs = vec![];
+        for ep in &c.endpoints {
+            if let Err(e) = self.unwire(ep).await {
+                errs.push(format!("endpoint {}: {e:#}", ep.ifname));
+            }
+        }
+        if let Sandbox::Netns { path, owned: true } = &c.sandbox {
+            // Processes left in it (a run that died before recording its pid) go with it.
+            process::kill_netns_members(path);
+            if let Err(e) = netns::remove(path) {
+                errs.push(format!("{e:#}"));
+            }
+        }
+        errs
+    }
+
+    /// Removes everything a container made and its record: `rm`, a failed `run`, and
+    /// reconcile finishing what a dead daemon left half done. Returns the errors met.
+    pub(super) async fn finish_container_removal(&self, c: &Container) -> Vec<String> {
+        self.withdraw_ports(c);
+        let errs = self.teardown(c).await;
+        crash::point("rm:unwired");
+        let _ = std::fs::remove_file(self.store.log_path(&c.id));
+        let _ = std::fs::remove_file(self.store.exit_path(&c.id));
+        self.state().remove_container(&c.id);
+        if let Err(e) = self.persist_container(&c.id).await {
+            warn!("container {}: {e}", c.name);
+        }
+        errs
+    }
+
+    // ------------------------------------------------------------------ ports
+
+    /// Points a container's published ports at `target` (its primary address) or withdraws
+    /// them if it has none. On a `routed` network, as with Docker, only the container port
+    /// opens: no host port is mapped.
+    pub(super) fn publish_ports(&self, c: &Container, target: Option<std::net::Ipv4Addr>) -> anyhow::Result<()> {
+        if c.ports.is_empty() {
+            return Ok(());
+        }
+        let routed = {
+            let st = self.state();
+            target
+                .and_then(|ip| c.endpoints.iter().find(|e| e.ipv4 == Some(ip)))
+                .and_then(|e| st.network_by_id(&e.network_id))
+                .is_some_and(|n| n.gateway_mode == GatewayMode::Routed)
+        };
+        let mut dp = self.dp();
+        for b in &c.ports {
+            match target {
+                Some(ip) if !routed => dp.set_port(b.host_ip, b.host_port, b.proto.number(), ip, b.container_port)?,
+                _ => dp.remove_port(b.host_ip, b.host_port, b.proto.number())?,
+            }
+            if let Some(ip) = target {
+                dp.set_published(ip, b.container_port, b.proto.number())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn withdraw_ports(&self, c: &Container) {
+        let mut dp = self.dp();
+        for b in &c.ports {
+            let _ = dp.remove_port(b.host_ip, b.host_port, b.proto.number());
+        }
+        drop(dp);
+        self.withdraw_published(c);
+    }
+
+    /// Closes the container ports direct routing could reach on any of `c`'s addresses.
+    fn withdraw_published(&self, c: &Container) {
+        let mut dp = self.dp();
+        for ip in c.endpoints.iter().filter_map(|e| e.ipv4) {
+            for b in &c.ports {
+                let _ = dp.remove_published(ip, b.container_port, b.proto.number());
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ rm, stop
+
+    pub async fn remove_container(&self, name: &str, force: bool) -> Result<()> {
+        self.wait_ready().await;
+        let id = self.container_id(name)?;
+        let _lock = self.locks.lock(&id).await;
+        let c = self.current(&id, name)?;
+        if Self::is_running(&c) && !force {
+            return Err(conflict!("container {} is running: stop it first or use rm -f", c.name));
+        }
+        self.state().update_container(&id, |x| x.phase = Phase::Removing);
+        self.persist_container(&id).await?;
+        crash::point("rm:marked");
+        self.kill(&c).await;
+        crash::point("rm:killed");
+        let errs = self.finish_container_removal(&c).await;
+        info!("container {} removed", c.name);
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Internal(anyhow::anyhow!("container {} removed, with errors: {}", c.name, errs.join("; "))))
+        }
+    }
+
+    /// Stops a container's process: SIGTERM, then SIGKILL if it is still there after a grace
+    /// period. Returns as soon as it is gone (no polling interval to wait out).
+    pub(super) async fn kill(&self, c: &Container) {
+        if let Some(p) = &c.process
+            && let Some(pid) = p.pid
+        {
+            self.kill_pid(Some(pid), p.start_time).await;
+        }
+    }
+
+    async fn kill_pid(&self, pid: Option<u32>, start_time: Option<u64>) {
+        let Some(pid) = pid else { return };
+        if !process::is_alive(pid, start_time) {
+            return;
+        }
+        use nix::sys::signal::Signal;
+        let exited = process::exit_watch(pid);
+        process::signal(pid, Signal::SIGTERM);
+        if process::wait_exit(exited.as_ref(), pid, start_time, std::time::Duration::from_secs(5)).await {
+            return;
+        }
+        process::signal(pid, Signal::SIGKILL);
+        process::wait_exit(exited.as_ref(), pid, start_time, std::time::Duration::from_secs(2)).await;
+    }
+
+    pub async fn stop_container(&self, name: &str) -> Result<()> {
+        let id = self.container_id(name)?;
+        let _lock = self.locks.lock(&id).await;
+        let c = self.current(&id, name)?;
+        self.kill(&c).await;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ processes
+
+    /// Records what the CLI reports about a foreground process.
+    pub async fn report_process(&self, name: &str, rep: ProcessReport) -> Result<()> {
+        let id = self.container_id(name)?;
+        let _lock = self.locks.lock(&id).await;
+        let ok = self.state().update_container(&id, |c| {
+            let Some(p) = c.process.as_mut() else { return false };
+            if let Some(pid) = rep.pid {
+                p.pid = Some(pid);
+                p.start_time = process::start_time(pid);
+            }
+            if rep.exit_code.is_some() {
+                p.exit_code = rep.exit_code;
+            }
+            true
+        });
+        match ok {
+            None => Err(not_found!("container {name} not found")),
+            Some(false) => Err(bad_request!("container {name} has no process")),
+            Some(true) => self.persist_container(&id).await,
+        }
+    }
+
+    /// Called by the watcher when a detached process exits.
+    pub async fn process_exited(&self, container_id: &str, code: i32) {
+        let _lock = self.locks.lock(container_id).await;
+        let changed = self
+            .state()
+            .update_container(container_id, |c| c.process.as_mut().map(|p| p.exit_code = Some(code)).is_some());
+        if changed == Some(true)
+            && let Err(e) = self.persist_container(container_id).await
+        {
+            warn!("recording exit: {e}");
+        }
+    }
+
+    /// Records the exit codes of detached processes that ended while nobody waited for them
+    /// (started by an earlier daemon): their supervisors wrote them down.
+    pub async fn collect_exits(&self) {
+        let ended: Vec<(String, i32)> = self
+            .state()
+            .containers()
+            .filter(|c| c.process.as_ref().is_some_and(|p| p.detached && p.exit_code.is_none()))
+            .filter(|c| !Self::is_running(c))
+            .filter_map(|c| process::recorded_exit(&self.store.exit_path(&c.id)).map(|code| (c.id.clone(), code)))
+            .collect();
+        for (id, code) in ended {
+            self.process_exited(&id, code).await;
+        }
+    }
+
+    // ------------------------------------------------------------------ views
+
+    pub fn list_containers(&self, all: bool) -> Value {
+        let mut cs: Vec<Container> = self.state().containers().filter(|c| c.phase == Phase::Ready).cloned().collect();
+        cs.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Value::Array(cs.iter().filter(|c| all || Self::is_running(c)).map(|c| self.container_json(c, false)).collect())
+    }
+
+    pub fn inspect_container(&self, name: &str) -> Result<Value> {
+        let c = lookup(&self.state(), name)?.clone();
+        Ok(self.container_json(&c, true))
+    }
+
+    pub fn logs(&self, name: &str) -> Result<Vec<u8>> {
+        let id = self.container_id(name)?;
+        match std::fs::read(self.store.log_path(&id)) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `netpath port NAME`: the container's published ports.
+    pub fn ports(&self, name: &str) -> Result<Vec<ports::Binding>> {
+        Ok(lookup(&self.state(), name)?.ports.clone())
+    }
+
+    // ------------------------------------------------------------------ connect
+
+    pub async fn connect(&self, network: &str, req: Connect) -> Result<Value> {
+        self.wait_ready().await;
+        let id = self.container_id(&req.container)?;
+        let _lock = self.locks.lock(&id).await;
+        let (c, ep) = {
+            let mut st = self.state();
+            let c = st.container_by_id(&id).ok_or_else(|| not_found!("container {} not found", req.container))?;
+            let net = usable(&st, network)?;
+            if net.driver != DriverKind::Bridge {
+                return Err(bad_request!("container cannot be connected to the {} network", net.name));
+            }
+            for e in &c.endpoints {
+                let other = st.network_by_id(&e.network_id).map(|n| (n.driver, n.name.clone()));
+                if let Some((DriverKind::Host | DriverKind::None, name)) = other {
+                    return Err(bad_request!(
+                        "container {} uses the {name} network: it cannot join other networks",
+                        c.name
+                    ));
+                }
+            }
+            if c.endpoints.iter().any(|e| e.network_id == net.id) {
+                return Err(conflict!("container {} is already connected to network {}", c.name, net.name));
+            }
+            let taken: Vec<String> = c.endpoints.iter().map(|e| e.ifname.clone()).collect();
+            let mut ep = plan_endpoint(&st, net, &taken, req.ip.as_deref())?;
+            ep.phase = Phase::Creating;
+            let c = c.clone();
+            st.update_container(&id, |x| x.endpoints.push(ep.clone()));
+            (c, ep)
+        };
+        let undo = |this: &Self| {
+            this.state().update_container(&id, |x| x.endpoints.retain(|e| e.id != ep.id));
+        };
+        if let Err(e) = self.persist_container(&id).await {
+            undo(self);
+            return Err(e);
+        }
+        crash::point("connect:reserved");
+        if let Err(e) = self.wire(&c, &ep, c.endpoints.is_empty()).await {
+            let _ = self.unwire(&ep).await;
+            undo(self);
+            let _ = self.persist_container(&id).await;
+            return Err(e.into());
+        }
+        crash::point("connect:wired");
+        self.state().update_container(&id, |x| x.endpoints.iter_mut().for_each(|e| e.phase = Phase::Ready));
+        if let Err(e) = self.persist_container(&id).await {
+            let _ = self.unwire(&ep).await;
+            undo(self);
+            return Err(e);
+        }
+        let c = self.current(&id, &req.container)?;
+        // A container that had no address yet now has one for its published ports.
+        self.publish_ports(&c, c.primary_ipv4())?;
+        Ok(self.container_json(&c, true))
+    }
+
+    pub async fn disconnect(&self, network: &str, container: &str) -> Result<()> {
+        self.wait_ready().await;
+        let id = self.container_id(container)?;
+        let _lock = self.locks.lock(&id).await;
+        let (c, ep) = {
+            let mut st = self.state();
+            let net = lookup_network(&st, network)?.clone();
+            let c = st.container_by_id(&id).ok_or_else(|| not_found!("container {container} not found"))?.clone();
+            let Some(ep) = c.endpoints.iter().find(|e| e.network_id == net.id).cloned() else {
+                return Err(not_found!("container {} is not connected to network {}", c.name, net.name));
+            };
+            // Its processes stay in the host's namespace whatever the state says.
+            if net.driver == DriverKind::Host {
+                return Err(bad_request!("container {} cannot be disconnected from the host network", c.name));
+            }
+            st.update_container(&id, |x| {
+                x.endpoints.iter_mut().filter(|e| e.id == ep.id).for_each(|e| e.phase = Phase::Removing)
+            });
+            (c, ep)
+        };
+        self.persist_container(&id).await?;
+        crash::point("disconnect:marked");
+        self.finish_disconnect(&c, &ep).await?;
+        Ok(())
+    }
+
+    /// Unwires an endpoint marked `Removing` and drops it from the record; published ports
+    /// follow the primary address, which may change. Also used by reconcile.
+    pub(super) async fn finish_disconnect(&self, c: &Container, ep: &Endpoint) -> Result<()> {
+        self.unwire(ep).await?;
+        crash::point("disconnect:unwired");
+        self.withdraw_published(c);
+        self.state().update_container(&c.id, |x| x.endpoints.retain(|e| e.id != ep.id));
+        self.persist_container(&c.id).await?;
+        let c = self.current(&c.id, &c.name)?;
+        self.publish_ports(&c, c.primary_ipv4())?;
+        Ok(())
+    }
+
+    /// `--shutdown-containers`: stops every container's process (the daemon is going away).
+    pub async fn stop_all(self: &Arc<Self>) {
+        let ids: Vec<String> = self.state().containers().map(|c| c.id.clone()).collect();
+        let stops = ids.into_iter().map(|id| {
+            let d = self.clone();
+            async move {
+                let _lock = d.locks.lock(&id).await;
+                let c = d.state().container_by_id(&id).cloned();
+                if let Some(c) = c {
+                    d.kill(&c).await;
+                }
+            }
+        });
+        futures::future::join_all(stops).await;
+    }
+}

@@ -1,0 +1,250 @@
+//! The state on disk: one file per object (`db/networks/<id>.json`, `db/containers/<id>.json`)
+//! under `--state-dir`, so saving one container costs the same whatever the number of others.
+//! Each file is written crash-safely (temp file, fsync, rename, fsync dir): a crash leaves the
+//! old or the new version of that object, never a torn one.
+//!
+//! Writes of one object may be issued concurrently by different requests: each carries the
+//! state's revision at the time it was taken, and an older revision never overwrites a newer.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use super::{Container, Network};
+
+/// What a write does to an object's file.
+pub enum Op<'a, T> {
+    Save(&'a T),
+    Delete,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    /// Object file → the revision last written to it. Held while writing that file, which
+    /// also serialises the writes of one object (others proceed in parallel).
+    written: Mutex<HashMap<PathBuf, std::sync::Arc<Mutex<u64>>>>,
+}
+
+const NETWORKS: &str = "db/networks";
+const CONTAINERS: &str = "db/containers";
+/// The single-file state of earlier versions, split into per-object files on first start.
+const LEGACY: &str = "state.json";
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        for sub in ["", "netns", "containers", NETWORKS, CONTAINERS] {
+            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        Ok(Self { dir: dir.to_owned(), written: Mutex::new(HashMap::new()) })
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn netns_dir(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+    pub fn netns_path(&self, container_id: &str) -> PathBuf {
+        self.netns_dir().join(&container_id[..12])
+    }
+    pub fn log_path(&self, container_id: &str) -> PathBuf {
+        self.dir.join("containers").join(format!("{}.log", &container_id[..12]))
+    }
+    /// Where a detached process's supervisor records its exit code.
+    pub fn exit_path(&self, container_id: &str) -> PathBuf {
+        self.dir.join("containers").join(format!("{}.exit", &container_id[..12]))
+    }
+
+    /// Reads every object. A file that does not parse is an error naming it, never an empty
+    /// state (which would make the daemon forget, and then leak, what that file described).
+    pub fn load(&self) -> Result<(Vec<Network>, Vec<Container>)> {
+        self.migrate_legacy()?;
+        Ok((self.load_dir(NETWORKS)?, self.load_dir(CONTAINERS)?))
+    }
+
+    fn load_dir<T: DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>> {
+        let dir = self.dir.join(sub);
+        let mut out = vec![];
+        for e in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = e?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with('.') {
+                // A write the daemon did not finish: the object's file still holds the old version.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let b = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            out.push(serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?);
+        }
+        Ok(out)
+    }
+
+    /// Splits the single state file of earlier versions into per-object files.
+    fn migrate_legacy(&self) -> Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Legacy {
+            networks: Vec<Network>,
+            containers: Vec<Container>,
+        }
+        let file = self.dir.join(LEGACY);
+        let b = match fs::read(&file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        };
+        let old: Legacy = serde_json::from_slice(&b).with_context(|| format!("parsing {}", file.display()))?;
+        for n in &old.networks {
+            self.write_file(&self.network_file(&n.id), Op::Save(n), 0)?;
+        }
+        for c in &old.containers {
+            self.write_file(&self.container_file(&c.id), Op::Save(c), 0)?;
+        }
+        // Only once every object is safely in its own file.
+        fs::rename(&file, self.dir.join(format!("{LEGACY}.migrated"))).context("retiring the old state file")?;
+        info!(
+            "state: moved {} networks and {} containers to per-object files",
+            old.networks.len(),
+            old.containers.len()
+        );
+        Ok(())
+    }
+
+    fn network_file(&self, id: &str) -> PathBuf {
+        self.dir.join(NETWORKS).join(format!("{id}.json"))
+    }
+    fn container_file(&self, id: &str) -> PathBuf {
+        self.dir.join(CONTAINERS).join(format!("{id}.json"))
+    }
+
+    pub fn write_network(&self, id: &str, op: Op<Network>, rev: u64) -> Result<()> {
+        self.write_file(&self.network_file(id), op, rev)
+    }
+    pub fn write_container(&self, id: &str, op: Op<Container>, rev: u64) -> Result<()> {
+        self.write_file(&self.container_file(id), op, rev)
+    }
+
+    fn write_file<T: Serialize>(&self, file: &Path, op: Op<T>, rev: u64) -> Result<()> {
+        let slot = self.written.lock().unwrap().entry(file.to_owned()).or_default().clone();
+        let mut last = slot.lock().unwrap();
+        if rev != 0 && *last > rev {
+            return Ok(()); // a newer version is already on disk
+        }
+        let dir = file.parent().context("object file without a directory")?;
+        match op {
+            Op::Save(v) => {
+                let tmp = dir.join(format!(".{}.tmp", file.file_name().unwrap_or_default().to_string_lossy()));
+                let data = serde_json::to_vec_pretty(v)?;
+                let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                drop(f);
+                fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
+            }
+            Op::Delete => match fs::remove_file(file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+            },
+        }
+        fs::File::open(dir)?.sync_all().context("syncing the state directory")?;
+        *last = rev;
+        drop(last);
+        drop(slot);
+        if matches!(op, Op::Delete) {
+            // Forget deleted objects so churn does not grow the table.
+            let mut w = self.written.lock().unwrap();
+            if w.get(file).is_some_and(|s| std::sync::Arc::strong_count(s) == 1) {
+                w.remove(file);
+            } else if w.contains_key(file) {
+                warn!("state: {} was rewritten while being deleted", file.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{container, network};
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("netpath-store-test-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn objects_roundtrip_one_file_each_and_no_temp_left() {
+        let d = tmpdir("rt");
+        let s = Store::open(&d).unwrap();
+        assert!(s.load().unwrap().0.is_empty(), "an empty dir is an empty state");
+        let n = network("n1", "10.5.0.0/24");
+        let c = container("c1", &n, "10.5.0.2", Some(80));
+        s.write_network(&n.id, Op::Save(&n), 1).unwrap();
+        s.write_container(&c.id, Op::Save(&c), 2).unwrap();
+        let (nets, ctrs) = s.load().unwrap();
+        assert_eq!(nets[0].name, "n1");
+        assert_eq!(ctrs[0].name, "c1");
+        assert_eq!(ctrs[0].ports.len(), 1);
+        assert_eq!(fs::read_dir(d.join(CONTAINERS)).unwrap().count(), 1, "no temp file left");
+        s.write_container(&c.id, Op::Delete, 3).unwrap();
+        assert!(s.load().unwrap().1.is_empty());
+        assert_eq!(s.written.lock().unwrap().len(), 1, "deleted objects are forgotten (the network stays)");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_older_revision_never_overwrites_a_newer_one() {
+        let d = tmpdir("rev");
+        let s = Store::open(&d).unwrap();
+        let n = network("n", "10.5.0.0/24");
+        let mut c = container("new", &n, "10.5.0.2", None);
+        s.write_container(&c.id, Op::Save(&c), 5).unwrap();
+        c.name = "old".into();
+        s.write_container(&c.id, Op::Save(&c), 4).unwrap();
+        assert_eq!(s.load().unwrap().1[0].name, "new");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn corrupt_files_are_errors_naming_the_file_and_torn_writes_are_ignored() {
+        let d = tmpdir("corrupt");
+        let s = Store::open(&d).unwrap();
+        fs::write(d.join(CONTAINERS).join(".abc.json.tmp"), b"{ half").unwrap();
+        assert!(s.load().unwrap().1.is_empty(), "an unfinished write is not an object");
+        assert!(!d.join(CONTAINERS).join(".abc.json.tmp").exists(), "and is cleaned up");
+        fs::write(d.join(CONTAINERS).join("abc.json"), b"{ not json").unwrap();
+        let e = s.load().unwrap_err();
+        assert!(format!("{e:#}").contains("abc.json"), "{e:#}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_single_state_file_of_earlier_versions_is_split() {
+        let d = tmpdir("legacy");
+        fs::create_dir_all(&d).unwrap();
+        let n = network("n", "10.5.0.0/24");
+        let c = container("c", &n, "10.5.0.2", None);
+        let legacy = serde_json::json!({ "networks": [n], "containers": [c] });
+        fs::write(d.join(LEGACY), legacy.to_string()).unwrap();
+        let s = Store::open(&d).unwrap();
+        let (nets, ctrs) = s.load().unwrap();
+        assert_eq!((nets.len(), ctrs.len()), (1, 1));
+        assert!(!d.join(LEGACY).exists());
+        assert!(d.join("state.json.migrated").exists());
+        // Idempotent: a second start reads the per-object files.
+        let (nets, ctrs) = Store::open(&d).unwrap().load().unwrap();
+        assert_eq!((nets.len(), ctrs.len()), (1, 1));
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
