@@ -2,6 +2,7 @@
 //! driver → datapath. Mutations validate everything first, then change the kernel, then
 //! persist; a failure part-way undoes what was done so state stays as it was.
 
+mod dns;
 pub mod process;
 mod view;
 
@@ -37,6 +38,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub uplinks: Vec<String>,
+    /// The host's resolver configuration: upstreams of the embedded DNS server.
+    pub resolv_conf: PathBuf,
 }
 
 pub struct Daemon {
@@ -45,6 +48,7 @@ pub struct Daemon {
     nl: Netlink,
     datapath: Datapath,
     uplinks: Vec<String>,
+    dns: crate::dns::Dns,
 }
 
 pub type Shared = Arc<Mutex<Daemon>>;
@@ -110,9 +114,11 @@ impl Daemon {
         if let Err(e) = netns::cgroup2_root().and_then(|cg| datapath.attach_sockets(&cg, netns::current_cookie()?)) {
             warn!("host-local access to published ports is off: {e:#}");
         }
-        let mut d = Self { store, state, nl, datapath, uplinks };
+        let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
+        let mut d = Self { store, state, nl, datapath, uplinks, dns };
         d.ensure_builtin_networks()?;
         d.reconcile().await;
+        d.dns_reconcile(); // dns: serve every container again
         d.refresh_host().await?;
         d.store.save(&d.state)?;
         Ok(d)
@@ -499,6 +505,7 @@ impl Daemon {
                 host_ifname: None,
                 ipv4: None,
                 mac: None,
+                aliases: vec![],
             });
         };
         let ip = ipam::allocate(&pool, &self.state.used_addresses(&net.id), requested).map_err(|e| match e {
@@ -515,6 +522,7 @@ impl Daemon {
             ifname,
             ipv4: Some(ip),
             mac: Some(ipam::mac_for(ip)),
+            aliases: vec![],
         })
     }
 
@@ -537,23 +545,37 @@ impl Daemon {
         {
             return Err(bad_request!("{p} is not a network namespace"));
         }
+        let dns_opts = dns::check_options(&req, &net)?; // dns: --alias, --dns, --dns-search, --hostname
         let ports = self.plan_ports(&req, &net)?;
-        let ep = self.plan_endpoint(&net, &[], req.ip.as_deref())?;
+        let mut ep = self.plan_endpoint(&net, &[], req.ip.as_deref())?;
+        ep.aliases = dns_opts.aliases;
         let id = state::new_id();
         let sandbox = match (&req.netns, net.driver) {
             (_, DriverKind::Host) => Sandbox::Host,
             (Some(p), _) => Sandbox::Netns { path: PathBuf::from(p), owned: false },
             (None, _) => Sandbox::Netns { path: self.store.netns_path(&id), owned: true },
         };
-        let mut c =
-            Container { id, name: req.name, sandbox, endpoints: vec![ep], process: None, created: state::now(), ports };
+        let mut c = Container {
+            id,
+            name: req.name,
+            sandbox,
+            endpoints: vec![ep],
+            process: None,
+            created: state::now(),
+            ports,
+            hostname: dns_opts.hostname,
+            dns: dns_opts.dns,
+            dns_search: dns_opts.dns_search,
+        };
 
         if let Err(e) = async {
             self.build_sandbox(&c).await?;
-            self.publish_ports(&c)
+            self.publish_ports(&c)?;
+            self.dns_up(&c) // dns: names, 127.0.0.11, /etc files
         }
         .await
         {
+            self.dns.container_gone(&c.id); // dns
             self.withdraw_ports(&c);
             self.teardown(&c).await;
             return Err(e.into());
@@ -561,6 +583,7 @@ impl Daemon {
         self.state.containers.push(c.clone());
         if let Err(e) = self.persist() {
             self.state.containers.pop();
+            self.dns.container_gone(&c.id); // dns
             self.withdraw_ports(&c);
             self.teardown(&c).await;
             return Err(e);
@@ -577,7 +600,8 @@ impl Daemon {
             });
             if req.detach {
                 let (log, exit) = (self.store.log_path(&c.id), self.store.exit_path(&c.id));
-                match process::spawn_detached(&req.cmd, self.sandbox_netns(&c).as_deref(), &log, &exit) {
+                let iso = self.isolation(&c); // dns: own /etc files and hostname
+                match process::spawn_detached(&req.cmd, self.sandbox_netns(&c).as_deref(), iso.as_ref(), &log, &exit) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or_default();
                         let p = c.process.as_mut().unwrap();
@@ -665,6 +689,7 @@ impl Daemon {
             }
             self.kill(&c).await;
         }
+        self.dns.container_gone(&c.id); // dns: its names go at once
         self.withdraw_ports(&c);
         let errs = self.teardown(&c).await;
         self.state.containers.retain(|x| x.id != c.id);
@@ -789,8 +814,10 @@ impl Daemon {
         if c.endpoints.iter().any(|e| e.network_id == net.id) {
             return Err(conflict!("container {} is already connected to network {}", c.name, net.name));
         }
+        let aliases = dns::check_aliases(&req.aliases, &net)?; // dns
         let taken: Vec<String> = c.endpoints.iter().map(|e| e.ifname.clone()).collect();
-        let ep = self.plan_endpoint(&net, &taken, req.ip.as_deref())?;
+        let mut ep = self.plan_endpoint(&net, &taken, req.ip.as_deref())?;
+        ep.aliases = aliases;
         let primary = c.endpoints.is_empty();
         if let Err(e) = self.wire(&c, &ep, primary).await {
             let _ = self.unwire(&ep).await;
@@ -805,6 +832,7 @@ impl Daemon {
         let c = self.ctr(&c.id)?.clone();
         // A container that had no address yet now has one for its published ports.
         self.publish_ports(&c)?;
+        self.dns_refresh(&c); // dns: resolvable on the new network
         Ok(self.container_json(&c))
     }
 
@@ -824,6 +852,7 @@ impl Daemon {
         self.state.container_mut(&c.id).unwrap().endpoints.retain(|e| e.id != ep.id);
         let c = self.ctr(&c.id)?.clone();
         self.publish_ports(&c)?;
+        self.dns_refresh(&c); // dns: no longer resolvable there
         self.persist()
     }
 

@@ -77,6 +77,7 @@ impl Daemon {
                     "IPPrefixLen": n.ipam.map(|i| i.subnet.prefix_len()).unwrap_or(0),
                     "MacAddress": e.mac.map(|m| format_mac(&m)).unwrap_or_default(),
                     "Interface": e.ifname,
+                    "Aliases": e.aliases,
                     "HostInterface": e.host_ifname,
                     "Counters": counters,
                 }),
@@ -97,17 +98,32 @@ impl Daemon {
                 "HostPort": b.host_port.to_string(),
             }));
         }
+        // Docker's name for the network mode is the network the container was started on.
+        let mode = c.endpoints.first().and_then(|e| self.state.network_by_id(&e.network_id)).map(|n| n.name.clone());
+        let etc = self.dns.etc_paths(&c.id);
         json!({
             "Id": c.id,
             "Name": c.name,
             "Created": c.created,
+            "ResolvConfPath": etc.resolv_conf,
+            "HostsPath": etc.hosts,
+            "HostnamePath": etc.hostname,
+            "HostConfig": {
+                "NetworkMode": if c.sandbox == Sandbox::Host { Some("host".to_string()) } else { mode },
+                "Dns": c.dns,
+                "DnsSearch": c.dns_search,
+            },
             "State": {
                 "Status": status,
                 "Running": running,
                 "Pid": if running { p.and_then(|p| p.pid) } else { None },
                 "ExitCode": p.and_then(|p| p.exit_code),
             },
-            "Config": { "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(), "Detached": p.is_some_and(|p| p.detached) },
+            "Config": {
+                "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(),
+                "Detached": p.is_some_and(|p| p.detached),
+                "Hostname": c.hostname(),
+            },
             "LogPath": self.store.log_path(&c.id).display().to_string(),
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
         })

@@ -133,6 +133,9 @@ pub struct Endpoint {
     pub host_ifname: Option<String>,
     pub ipv4: Option<Ipv4Addr>,
     pub mac: Option<[u8; 6]>,
+    /// Network-scoped DNS aliases (`--alias`), user-defined networks only.
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,12 +160,26 @@ pub struct Container {
     /// Published ports, on the address of the first endpoint that has one.
     #[serde(default)]
     pub ports: Vec<crate::ports::Binding>,
+    /// `--hostname`; the short ID when unset.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `--dns`: upstream resolvers instead of the host's.
+    #[serde(default)]
+    pub dns: Vec<std::net::IpAddr>,
+    /// `--dns-search`: search domains instead of the host's.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
 }
 
 impl Container {
     /// The endpoint published ports lead to: the first one with an address.
     pub fn primary_endpoint(&self) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.ipv4.is_some())
+    }
+
+    /// The UTS hostname its processes get: `--hostname`, else the short ID (as Docker).
+    pub fn hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.id[..12])
     }
 
     /// The address published ports lead to: the primary endpoint's.
