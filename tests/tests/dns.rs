@@ -2,69 +2,14 @@
 //! with `getent` and `dig` (their own /etc/resolv.conf says where), and an upstream resolver
 //! (dnsmasq) in the lab's "client" namespace, which plays the outside world.
 
-mod common;
-
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netpath_tests::dns::{EXT_NAME, Upstream};
 use netpath_tests::{CLIENT_IP, Lab, in_ns, must};
 
-/// An external name the upstream answers, and its address.
-const EXT_NAME: &str = "ext.test";
+/// The address the lab's upstream gives `EXT_NAME`.
 const EXT_IP: &str = "203.0.113.7";
-
-/// The upstream resolver: dnsmasq in a lab namespace, answering `ext.test`, a TXT record too
-/// big for 512-byte UDP (it truncates UDP answers at 512: `--edns-packet-max`), and NXDOMAIN
-/// for every other name. Killed on drop.
-struct Upstream(Child);
-
-impl Upstream {
-    fn start(lab: &Lab, ns: &Path, addr: &str, ext_ip: &str) -> Upstream {
-        let big: Vec<String> = (0..4).map(|i| format!("\"{}\"", i.to_string().repeat(200))).collect();
-        let mut c = in_ns(
-            ns,
-            "dnsmasq",
-            &[
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-poll",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-                "--bind-interfaces",
-                &format!("--listen-address={addr}"),
-                "--edns-packet-max=512",
-                &format!("--address=/{EXT_NAME}/{ext_ip}"),
-                &format!("--txt-record=big.test,{}", big.join(",")),
-                "--address=/#/",
-                "--log-facility=-",
-            ],
-        );
-        let log = std::fs::File::create(lab.dir.join(format!("dnsmasq-{addr}.log"))).unwrap();
-        c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        let mut child = c.spawn().expect("starting dnsmasq (apt-get install dnsmasq-base)");
-        // Ready when it answers.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = in_ns(ns, "dig", &["+short", "+tries=1", "+timeout=1", &format!("@{addr}"), EXT_NAME]).output();
-            if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == ext_ip) {
-                return Upstream(child);
-            }
-            assert!(child.try_wait().unwrap().is_none(), "dnsmasq exited");
-            assert!(Instant::now() < deadline, "dnsmasq at {addr} did not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A lab whose upstream resolver is dnsmasq at the client namespace's address.
 fn lab_with_upstream(tag: &str) -> (Lab, Upstream) {
