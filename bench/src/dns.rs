@@ -56,7 +56,7 @@ struct Target {
 }
 
 struct DnsLab {
-    lab: Lab,
+    _lab: Lab,
     _upstream: Upstream,
     client_ns: PathBuf,
     aardvark_pid: Option<i32>,
@@ -111,7 +111,7 @@ fn setup() -> Result<DnsLab> {
     );
     check(in_ns(&lab.host_ns, "unshare", &["--mount", "--propagation", "private", "sh", "-c", &script]), None, T)?;
     let pid = std::fs::read_to_string(dir.join("aardvark.pid")).ok().and_then(|s| s.trim().parse().ok());
-    Ok(DnsLab { lab, _upstream: upstream, client_ns, aardvark_pid: pid })
+    Ok(DnsLab { _lab: lab, _upstream: upstream, client_ns, aardvark_pid: pid })
 }
 
 /// Runs the client inside the client container; returns what it measured.

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::debug;
 
 use super::files::EMBEDDED;
@@ -78,7 +78,11 @@ pub fn start(inner: &Shared, id: &str, netns: &Path) -> Result<Listener> {
 
 async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocket>, inflight: Arc<Semaphore>) {
     let mut buf = vec![0u8; 65535];
+    // Forwarded queries belong to this task: stopping it (container removed) stops them and
+    // closes the socket at once, so nothing keeps the container's namespace alive.
+    let mut forwards = JoinSet::new();
     loop {
+        while forwards.try_join_next().is_some() {}
         let (n, peer) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
@@ -96,7 +100,7 @@ async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocke
                 let Ok(permit) = inflight.clone().try_acquire_owned() else { continue };
                 let upstreams = inner.upstreams(&id);
                 let sock = sock.clone();
-                tokio::spawn(async move {
+                forwards.spawn(async move {
                     let out = forward(&f, &upstreams, false).await;
                     let _ = sock.send_to(&out, peer).await;
                     drop(permit);
@@ -109,11 +113,14 @@ async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocke
 
 async fn serve_tcp(inner: std::sync::Weak<Inner>, id: String, listener: TcpListener) {
     let conns = Arc::new(Semaphore::new(MAX_TCP));
+    // Connections belong to this task, like the UDP forwards.
+    let mut tasks = JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        while tasks.try_join_next().is_some() {}
         let Ok(permit) = conns.clone().try_acquire_owned() else { continue };
         let (inner, id) = (inner.clone(), id.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             serve_conn(inner, &id, stream).await;
             drop(permit);
         });
