@@ -5,6 +5,7 @@
 //! variants in each repetition, so drift hits all of them alike; the table (medians, ratios
 //! against `direct`) goes to stdout and to bench/results/latest.{md,svg}.
 
+mod dns;
 mod figures;
 mod report;
 mod serve;
@@ -60,6 +61,9 @@ struct Cli {
     /// The cni variant is reported n/a above this many published ports (portmap is quadratic).
     #[arg(long, default_value_t = 1000)]
     cni_max_ports: u32,
+    /// The DNS section (netpath's embedded server vs aardvark-dns): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    dns: String,
     /// Where latest.md and latest.svg go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -88,6 +92,19 @@ enum Internal {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// The DNS client (prints JSON): UDP A queries for NAMES, `window` in flight per thread.
+    #[command(name = "__dns-client", hide = true)]
+    DnsClient {
+        server: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Waits until the accept server answers at ADDR.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -109,6 +126,9 @@ fn main() -> ExitCode {
                 println!("{j}");
                 ExitCode::SUCCESS
             })
+        }
+        Some(Internal::DnsClient { server, secs, window, threads, names }) => {
+            dns::dns_client(server, &names, secs, window, threads).map(|_| ExitCode::SUCCESS)
         }
         Some(Internal::Probe { addr, timeout_secs }) => {
             serve::probe(addr, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
@@ -170,6 +190,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     let plan = Plan::from_cli(cli)?;
     util::install_stop_handler();
     let exe = std::env::current_exe().context("locating this binary")?;
+    if cli.dns == "only" {
+        let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("dns.md"), &md)?;
+        eprintln!("bench: wrote {}/dns.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = Ctx {
         exe: exe.clone(),
         setup_timeout: Duration::from_secs(cli.setup_timeout),
@@ -273,7 +301,17 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         Metric::ALL.into_iter().filter(|m| plan.figures.iter().any(|f| f.metrics().contains(m))).collect();
     notes.extend(method_notes());
     let report = Report { command, header: header(&plan, started.elapsed()), metrics, rows: &rows, notes };
-    let md = report.markdown();
+    let mut md = report.markdown();
+    if cli.dns == "include" && !interrupted {
+        match dns::run(&exe, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("dns.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## DNS\n\nnot run: {e:#}\n")),
+        }
+    }
     println!("{md}");
     if interrupted {
         eprintln!("bench: interrupted: {}/latest.* left as they were", cli.out.display());

@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod drivers;
 pub mod ipam;
 pub mod netlink;

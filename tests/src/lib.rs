@@ -8,6 +8,7 @@
 //! removes the directory; `Lab::new` first sweeps labs left by killed runs.
 //! Traffic only ever goes to addresses of namespaces the lab made.
 
+pub mod dns;
 pub mod packet;
 pub mod testrun;
 
@@ -36,6 +37,9 @@ pub struct Lab {
     pub bpffs: PathBuf,
     pub host_ns: PathBuf,
     pub client_ns: PathBuf,
+    /// The daemon's `--resolv-conf`: the upstreams of its embedded DNS server. No nameserver
+    /// unless a test sets one ([`Lab::set_upstreams`]), so no lab ever asks the machine's own.
+    pub resolv_conf: PathBuf,
     daemon: Option<Child>,
 }
 
@@ -109,9 +113,11 @@ impl Lab {
             bpffs: dir.join("bpf"),
             host_ns: dir.join("ns/host"),
             client_ns: dir.join("ns/client"),
+            resolv_conf: dir.join("resolv.conf"),
             dir,
             daemon: None,
         };
+        lab.set_upstreams(&[]);
         // From here on, Drop cleans up whatever was made.
         lab.make_ns(&lab.host_ns);
         lab.make_ns(&lab.client_ns);
@@ -127,6 +133,14 @@ impl Lab {
         must(in_ns(&lab.client_ns, "ip", &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]));
         must(in_ns(&lab.client_ns, "ip", &["link", "set", "eth0", "up"]));
         lab
+    }
+
+    /// Writes the lab's resolv.conf: the daemon forwards names it does not know to `servers`
+    /// (addresses of the lab's own namespaces), and default-bridge containers get them.
+    pub fn set_upstreams(&self, servers: &[&str]) {
+        let mut s = String::from("# netpath lab: upstream resolvers\n");
+        servers.iter().for_each(|a| s.push_str(&format!("nameserver {a}\n")));
+        std::fs::write(&self.resolv_conf, s).expect("writing the lab's resolv.conf");
     }
 
     /// Makes another namespace (with `lo` up) that belongs to this lab.
@@ -155,6 +169,8 @@ impl Lab {
             .arg(&self.bpffs)
             .arg("--uplink")
             .arg("eth0")
+            .arg("--resolv-conf")
+            .arg(&self.resolv_conf)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

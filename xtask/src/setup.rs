@@ -23,11 +23,15 @@ const APT_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     // The UDP clients of the end-to-end tests.
     "python3",
+    // The DNS tests: dig in containers, dnsmasq as the lab's upstream resolver (the -base
+    // package: the binary only, no system service).
+    "dnsutils",
+    "dnsmasq-base",
 ];
 
 /// Only the benchmarks need these: the baselines netpath is measured against (podman's
-/// netavark, the CNI bridge + portmap plugins) and the tools that drive them.
-pub const BENCH_APT_PACKAGES: &[&str] = &["netavark", "containernetworking-plugins"];
+/// netavark and aardvark-dns, the CNI bridge + portmap plugins) and the tools that drive them.
+pub const BENCH_APT_PACKAGES: &[&str] = &["netavark", "containernetworking-plugins", "aardvark-dns"];
 
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";

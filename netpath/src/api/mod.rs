@@ -42,6 +42,18 @@ pub struct ContainerCreate {
     pub publish_all: bool,
     #[serde(default)]
     pub expose: Vec<String>,
+    /// DNS aliases on `network` (`--alias`, user-defined networks only).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// `--dns`: upstream resolver addresses instead of the host's.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// `--dns-search`: search domains instead of the host's.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
+    /// `--hostname` (default: the short ID).
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -49,6 +61,9 @@ pub struct ContainerCreate {
 pub struct Connect {
     pub container: String,
     pub ip: Option<String>,
+    /// DNS aliases on this network (`--alias`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! `netpath run | exec | ps | inspect | rm | stop | logs | attach`
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -39,6 +39,18 @@ pub enum ContainerCmd {
         /// A port the container serves: PORT[-END][/tcp|/udp] (repeatable; used by -P).
         #[arg(long)]
         expose: Vec<String>,
+        /// A DNS name for the container on its network (repeatable; user-defined networks).
+        #[arg(long = "alias", alias = "network-alias")]
+        aliases: Vec<String>,
+        /// An upstream DNS server for the container instead of the host's (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// A DNS search domain for the container instead of the host's (repeatable).
+        #[arg(long)]
+        dns_search: Vec<String>,
+        /// The container's host name (default: its short ID).
+        #[arg(long)]
+        hostname: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -97,13 +109,28 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// Runs `cmd` in the namespace at `sandbox` with the terminal's stdio; returns its exit code.
-fn run_in(sandbox: &str, cmd: &[String], on_start: impl FnOnce(u32)) -> Result<i32> {
+/// How the daemon says a container's processes are isolated (its inspect JSON): their own
+/// /etc files and hostname, except on the host network.
+fn isolation(v: &Value) -> Option<process::Isolation> {
+    if v["HostConfig"]["NetworkMode"] == "host" {
+        return None;
+    }
+    let path = |k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(PathBuf::from);
+    Some(process::Isolation {
+        resolv_conf: path("ResolvConfPath")?,
+        hosts: path("HostsPath")?,
+        hostname_file: path("HostnamePath")?,
+        hostname: v["Config"]["Hostname"].as_str()?.to_string(),
+    })
+}
+
+/// Runs `cmd` in container `v`'s namespace with the terminal's stdio; returns its exit code.
+fn run_in(v: &Value, cmd: &[String], on_start: impl FnOnce(u32)) -> Result<i32> {
     let (prog, args) = cmd.split_first().context("no command given")?;
-    let fd = process::open_netns(Path::new(sandbox))?;
+    let fd = process::open_netns(Path::new(&s(&v["NetworkSettings"]["SandboxKey"])))?;
     let mut c = std::process::Command::new(prog);
     c.args(args);
-    process::enter_in_child(&mut c, Some(fd), false);
+    process::enter_in_child(&mut c, Some(fd), isolation(v).as_ref(), false)?;
     let mut child = c.spawn().with_context(|| format!("starting {prog:?}"))?;
     on_start(child.id());
     let st = child.wait()?;
@@ -117,7 +144,21 @@ fn exit_byte(code: i32) -> u8 {
 
 pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
     match cmd {
-        ContainerCmd::Run { detach, rm, name, network, ip, publish, publish_all, expose, cmd } => {
+        ContainerCmd::Run {
+            detach,
+            rm,
+            name,
+            network,
+            ip,
+            publish,
+            publish_all,
+            expose,
+            aliases,
+            dns,
+            dns_search,
+            hostname,
+            cmd,
+        } => {
             let req = ContainerCreate {
                 name: name.clone(),
                 network: Some(network),
@@ -127,6 +168,10 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
                 publish,
                 publish_all,
                 expose,
+                aliases,
+                dns,
+                dns_search,
+                hostname,
                 ..Default::default()
             };
             let v = c.post("/containers", &req).await?;
@@ -138,9 +183,8 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
                 return Ok(0);
             }
             let path = format!("/containers/{}/process", seg(&name));
-            let sandbox = s(&v["NetworkSettings"]["SandboxKey"]);
             let mut pid = None;
-            let code = run_in(&sandbox, &cmd, |p| pid = Some(p));
+            let code = run_in(&v, &cmd, |p| pid = Some(p));
             if let Some(p) = pid {
                 // Best effort: the container's status is informational.
                 let _ = c.post(&path, &ProcessReport { pid: Some(p), exit_code: None }).await;
@@ -160,8 +204,7 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
         }
         ContainerCmd::Exec { name, cmd } => {
             let v = c.get(&format!("/containers/{}", seg(&name))).await?;
-            let sandbox = s(&v["NetworkSettings"]["SandboxKey"]);
-            Ok(exit_byte(run_in(&sandbox, &cmd, |_| {})?))
+            Ok(exit_byte(run_in(&v, &cmd, |_| {})?))
         }
         ContainerCmd::Ps { all } => {
             let v = c.get(&format!("/containers?all={all}")).await?;

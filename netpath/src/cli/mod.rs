@@ -43,6 +43,9 @@ enum Cmd {
         /// interface (the default leaves both running for the next daemon to adopt).
         #[arg(long)]
         shutdown_containers: bool,
+        /// The resolver configuration whose nameservers the embedded DNS server forwards to.
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
     },
     /// Manage networks.
     #[command(subcommand)]
@@ -75,14 +78,21 @@ enum SystemCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers } => {
+        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers, resolv_conf } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let cfg = crate::daemon::Config { state_dir, socket: cli.socket, bpffs, uplinks, shutdown_containers };
+            let cfg = crate::daemon::Config {
+                state_dir,
+                socket: cli.socket,
+                bpffs,
+                uplinks,
+                shutdown_containers,
+                resolv_conf,
+            };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(crate::api::server::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,

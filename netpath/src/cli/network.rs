@@ -51,6 +51,9 @@ pub enum NetworkCmd {
     Connect {
         #[arg(long)]
         ip: Option<String>,
+        /// A DNS name for the container on this network (repeatable).
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
         network: String,
         container: String,
     },
@@ -117,8 +120,8 @@ pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
             }
             return Ok(u8::from(failed));
         }
-        NetworkCmd::Connect { ip, network, container } => {
-            c.post(&format!("/networks/{}/connect", seg(&network)), &Connect { container, ip }).await?;
+        NetworkCmd::Connect { ip, aliases, network, container } => {
+            c.post(&format!("/networks/{}/connect", seg(&network)), &Connect { container, ip, aliases }).await?;
         }
         NetworkCmd::Disconnect { network, container } => {
             c.post(&format!("/networks/{}/disconnect", seg(&network)), &Disconnect { container }).await?;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::networks::{lookup as lookup_network, usable};
-use super::{Daemon, crash, lo_up, parse_ip, process, valid_name};
+use super::{Daemon, crash, dns, lo_up, parse_ip, process, valid_name};
 use crate::api::{Connect, ContainerCreate, ProcessReport};
 use crate::drivers::driver;
 use crate::error::{Error, Result};
@@ -47,6 +47,7 @@ fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option
             ipv4: None,
             mac: None,
             phase: Phase::Ready,
+            aliases: vec![],
         });
     };
     if net.driver == DriverKind::Bridge && st.member_count(&net.id) >= MAX_BRIDGE_ENDPOINTS {
@@ -70,6 +71,7 @@ fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option
         ipv4: Some(ip),
         mac: Some(ipam::mac_for(ip)),
         phase: Phase::Ready,
+        aliases: vec![],
     })
 }
 
@@ -143,8 +145,10 @@ impl Daemon {
             if net.driver == DriverKind::Host && req.netns.is_some() {
                 return Err(bad_request!("--network host cannot be used with --netns"));
             }
+            let dns_opts = dns::check_options(&req, &net)?; // --alias, --dns, --dns-search, --hostname
             let ports = plan_ports(&st, &req, &net)?;
-            let ep = plan_endpoint(&st, &net, &[], req.ip.as_deref())?;
+            let mut ep = plan_endpoint(&st, &net, &[], req.ip.as_deref())?;
+            ep.aliases = dns_opts.aliases;
             let sandbox = match (&req.netns, net.driver) {
                 (_, DriverKind::Host) => Sandbox::Host,
                 (Some(p), _) => Sandbox::Netns { path: PathBuf::from(p), owned: false },
@@ -159,6 +163,9 @@ impl Daemon {
                 created: state::now(),
                 ports,
                 phase: Phase::Creating,
+                hostname: dns_opts.hostname,
+                dns: dns_opts.dns,
+                dns_search: dns_opts.dns_search,
             };
             st.put_container(c.clone());
             c
@@ -171,7 +178,8 @@ impl Daemon {
         if let Err(e) = async {
             self.build_sandbox(&c).await?;
             crash::point("run:wired");
-            self.publish_ports(&c, c.primary_ipv4())
+            self.publish_ports(&c, c.primary_ipv4())?;
+            self.dns_up(&c) // names, 127.0.0.11, /etc files
         }
         .await
         {
@@ -193,7 +201,8 @@ impl Daemon {
             };
             if req.detach {
                 let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
-                match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), &log, &exit) {
+                let iso = self.isolation(&c); // own /etc files and hostname
+                match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), iso.as_ref(), &log, &exit) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or_default();
                         p.pid = Some(pid);
@@ -306,6 +315,7 @@ impl Daemon {
     /// Removes everything a container made and its record: `rm`, a failed `run`, and
     /// reconcile finishing what a dead daemon left half done. Returns the errors met.
     pub(super) async fn finish_container_removal(&self, c: &Container) -> Vec<String> {
+        self.dns.container_gone(&c.id); // its names go at once
         self.withdraw_ports(c);
         let errs = self.teardown(c).await;
         crash::point("rm:unwired");
@@ -527,8 +537,10 @@ impl Daemon {
             if c.endpoints.iter().any(|e| e.network_id == net.id) {
                 return Err(conflict!("container {} is already connected to network {}", c.name, net.name));
             }
+            let aliases = dns::check_aliases(&req.aliases, net)?;
             let taken: Vec<String> = c.endpoints.iter().map(|e| e.ifname.clone()).collect();
             let mut ep = plan_endpoint(&st, net, &taken, req.ip.as_deref())?;
+            ep.aliases = aliases;
             ep.phase = Phase::Creating;
             let c = c.clone();
             st.update_container(&id, |x| x.endpoints.push(ep.clone()));
@@ -558,6 +570,7 @@ impl Daemon {
         let c = self.current(&id, &req.container)?;
         // A container that had no address yet now has one for its published ports.
         self.publish_ports(&c, c.primary_ipv4())?;
+        self.dns_refresh(&c); // resolvable on the new network
         Ok(self.container_json(&c, true))
     }
 
@@ -597,6 +610,7 @@ impl Daemon {
         self.persist_container(&c.id).await?;
         let c = self.current(&c.id, &c.name)?;
         self.publish_ports(&c, c.primary_ipv4())?;
+        self.dns_refresh(&c); // no longer resolvable there
         Ok(())
     }
 

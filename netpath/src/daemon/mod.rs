@@ -16,6 +16,7 @@
 
 mod containers;
 pub mod crash;
+mod dns;
 mod host;
 mod locks;
 mod networks;
@@ -52,6 +53,8 @@ pub struct Config {
     pub uplinks: Vec<String>,
     /// On SIGTERM, stop every container's process and detach the datapath.
     pub shutdown_containers: bool,
+    /// The host's resolver configuration: upstreams of the embedded DNS server.
+    pub resolv_conf: PathBuf,
 }
 
 pub struct Daemon {
@@ -62,6 +65,7 @@ pub struct Daemon {
     nl: Netlink,
     datapath: Mutex<Datapath>,
     host: host::Host,
+    dns: crate::dns::Dns,
     /// False until the first reconcile is done; changes wait for it, reads do not.
     ready: watch::Sender<bool>,
     /// How long the first reconcile took (ms), once it is done.
@@ -108,8 +112,10 @@ impl Daemon {
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
         let d = Arc::new(Self {
             host: host::Host::new(cfg),
+            dns,
             cfg: cfg.clone(),
             store: Arc::new(store),
             state: Mutex::new(state),
@@ -128,6 +134,7 @@ impl Daemon {
     pub async fn reconcile(self: &Arc<Self>) {
         let t = std::time::Instant::now();
         reconcile::run(self).await;
+        self.dns_reconcile(); // serve every container's names and 127.0.0.11 again
         if let Err(e) = self.refresh_host().await {
             tracing::warn!("refreshing host interfaces: {e:#}");
         }

@@ -1,9 +1,10 @@
 //! Container processes: starting one inside a sandbox, telling whether it still runs, and
 //! stopping it.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
@@ -13,10 +14,122 @@ pub fn open_netns(path: &Path) -> Result<OwnedFd> {
     Ok(File::open(path).with_context(|| format!("opening netns {}", path.display()))?.into())
 }
 
-/// Prepares `cmd` to run inside the network namespace `netns` (if any); `new_session` puts it
-/// in its own session and process group so it and its children can be signalled together.
-pub fn enter_in_child(cmd: &mut std::process::Command, netns: Option<OwnedFd>, new_session: bool) {
+/// What a container's processes see instead of the host's: their own /etc/resolv.conf,
+/// /etc/hosts and /etc/hostname (bind-mounted in a private mount namespace, the way
+/// `ip netns exec` uses /etc/netns/NAME/) and their own UTS hostname.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    pub resolv_conf: PathBuf,
+    pub hosts: PathBuf,
+    pub hostname_file: PathBuf,
+    pub hostname: String,
+}
+
+/// [`Isolation`] ready for the child: C strings made before fork (no allocation after it).
+struct IsolationPlan {
+    /// (source, target) bind mounts.
+    binds: Vec<(CString, CString)>,
+    /// Every network-namespace file mounted in the parent: the child's copies would keep
+    /// those namespaces alive after their containers are removed, so it unmounts them.
+    nsfs: Vec<CString>,
+    hostname: Vec<u8>,
+}
+
+impl IsolationPlan {
+    fn new(iso: &Isolation) -> Result<Self> {
+        let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).context("path with a NUL byte");
+        let mut binds = vec![];
+        for (src, dst) in
+            [(&iso.resolv_conf, "/etc/resolv.conf"), (&iso.hosts, "/etc/hosts"), (&iso.hostname_file, "/etc/hostname")]
+        {
+            if !src.is_file() {
+                bail!("{} is missing (is the daemon running?)", src.display());
+            }
+            // A host without the file has nothing to mount over; its processes do without.
+            if Path::new(dst).exists() {
+                binds.push((c(src)?, c(Path::new(dst))?));
+            }
+        }
+        let nsfs = nsfs_mounts().iter().map(|p| c(p)).collect::<Result<_>>()?;
+        Ok(Self { binds, nsfs, hostname: iso.hostname.as_bytes().to_vec() })
+    }
+
+    /// Runs in the child between fork and exec: only async-signal-safe syscalls.
+    fn apply(&self) -> std::io::Result<()> {
+        let err = std::io::Error::last_os_error;
+        // SAFETY: plain syscalls on NUL-terminated strings that outlive them.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS) != 0 {
+                return Err(err());
+            }
+            // Slave, so nothing mounted or unmounted here propagates back to the host.
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(err());
+            }
+            for m in &self.nsfs {
+                libc::umount2(m.as_ptr(), libc::MNT_DETACH);
+            }
+            for (src, dst) in &self.binds {
+                if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+                    return Err(err());
+                }
+            }
+            if libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) != 0 {
+                return Err(err());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mount points of namespace files (fs type nsfs), from /proc/self/mountinfo.
+fn nsfs_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mountpoint = pre.split(' ').nth(4)?;
+            (post.split(' ').next()? == "nsfs").then(|| PathBuf::from(unescape_mountinfo(mountpoint)))
+        })
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = u16::from(b[i + 1] - b'0') * 64 + u16::from(b[i + 2] - b'0') * 8 + u16::from(b[i + 3] - b'0');
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Prepares `cmd` to run inside the network namespace `netns` (if any), isolated as `iso` says
+/// (if given); `new_session` puts it in its own session and process group so it and its
+/// children can be signalled together.
+pub fn enter_in_child(
+    cmd: &mut std::process::Command,
+    netns: Option<OwnedFd>,
+    iso: Option<&Isolation>,
+    new_session: bool,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
+    let plan = iso.map(IsolationPlan::new).transpose()?;
     // SAFETY: only async-signal-safe syscalls run between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -25,12 +138,16 @@ pub fn enter_in_child(cmd: &mut std::process::Command, netns: Option<OwnedFd>, n
             {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(p) = &plan {
+                p.apply()?;
+            }
             if new_session && libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
+    Ok(())
 }
 
 /// Starts a detached container process: own session, stdin from /dev/null, stdout and stderr
@@ -39,6 +156,7 @@ pub fn enter_in_child(cmd: &mut std::process::Command, netns: Option<OwnedFd>, n
 pub fn spawn_detached(
     argv: &[String],
     netns: Option<&Path>,
+    iso: Option<&Isolation>,
     log: &Path,
     exit_file: &Path,
 ) -> Result<tokio::process::Child> {
@@ -57,7 +175,7 @@ pub fn spawn_detached(
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg(SUPERVISE).arg(exit_file).arg("--").args(argv).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
     let fd = netns.map(open_netns).transpose()?;
-    enter_in_child(&mut cmd, fd, true);
+    enter_in_child(&mut cmd, fd, iso, true)?;
     let child =
         tokio::process::Command::from(cmd).kill_on_drop(false).spawn().with_context(|| format!("starting {prog:?}"))?;
     Ok(child)
@@ -226,6 +344,12 @@ mod tests {
         assert!(!is_executable(plain.to_str().unwrap()), "a file without x bits");
         std::fs::remove_file(&plain).unwrap();
         assert!(!is_executable("/bin"), "a directory");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b/c\134d"), "/tmp/a b/c\\d");
+        assert_eq!(unescape_mountinfo(r"/plain\04"), r"/plain\04", "a cut escape stays as written");
     }
 
     #[test]

@@ -63,6 +63,7 @@ impl Daemon {
             Some(_) => "exited",
         };
         let mut networks = Map::new();
+        let first_net = nets.first().cloned().flatten();
         for (e, n) in c.endpoints.iter().zip(nets) {
             let Some(n) = n else {
                 continue;
@@ -84,6 +85,7 @@ impl Daemon {
                     "IPPrefixLen": n.ipam.map(|i| i.subnet.prefix_len()).unwrap_or(0),
                     "MacAddress": e.mac.map(|m| format_mac(&m)).unwrap_or_default(),
                     "Interface": e.ifname,
+                    "Aliases": e.aliases,
                     "HostInterface": e.host_ifname,
                     "Counters": counters,
                 }),
@@ -104,10 +106,21 @@ impl Daemon {
                 "HostPort": b.host_port.to_string(),
             }));
         }
+        // Docker's name for the network mode is the network the container was started on.
+        let mode = first_net.map(|n| n.name);
+        let etc = self.dns.etc_paths(&c.id);
         json!({
             "Id": c.id,
             "Name": c.name,
             "Created": c.created,
+            "ResolvConfPath": etc.resolv_conf,
+            "HostsPath": etc.hosts,
+            "HostnamePath": etc.hostname,
+            "HostConfig": {
+                "NetworkMode": if c.sandbox == Sandbox::Host { Some("host".to_string()) } else { mode },
+                "Dns": c.dns,
+                "DnsSearch": c.dns_search,
+            },
             "State": {
                 "Status": status,
                 "Running": running,
@@ -118,7 +131,11 @@ impl Daemon {
                     (p.detached && !running).then(|| super::process::recorded_exit(&self.store.exit_path(&c.id))).flatten()
                 })),
             },
-            "Config": { "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(), "Detached": p.is_some_and(|p| p.detached) },
+            "Config": {
+                "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(),
+                "Detached": p.is_some_and(|p| p.detached),
+                "Hostname": c.hostname(),
+            },
             "LogPath": self.store.log_path(&c.id).display().to_string(),
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
         })

@@ -165,6 +165,9 @@ pub struct Endpoint {
     /// it `Removing` before unwiring it.
     #[serde(default)]
     pub phase: Phase,
+    /// Network-scoped DNS aliases (`--alias`), user-defined networks only.
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,12 +197,26 @@ pub struct Container {
     pub ports: Vec<crate::ports::Binding>,
     #[serde(default)]
     pub phase: Phase,
+    /// `--hostname`; the short ID when unset.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `--dns`: upstream resolvers instead of the host's.
+    #[serde(default)]
+    pub dns: Vec<std::net::IpAddr>,
+    /// `--dns-search`: search domains instead of the host's.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
 }
 
 impl Container {
     /// The endpoint published ports lead to: the first wired one with an address.
     pub fn primary_endpoint(&self) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.ipv4.is_some() && e.phase.is_ready())
+    }
+
+    /// The UTS hostname its processes get: `--hostname`, else the short ID (as Docker).
+    pub fn hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.id[..12])
     }
 
     /// The address published ports lead to: the primary endpoint's.
@@ -447,6 +464,7 @@ pub(crate) mod tests {
                 ipv4: Some(ip),
                 mac: Some(ipam::mac_for(ip)),
                 phase: Phase::Ready,
+                aliases: vec![],
             }],
             process: None,
             created: now(),
@@ -460,6 +478,9 @@ pub(crate) mod tests {
                 .into_iter()
                 .collect(),
             phase: Phase::Ready,
+            hostname: None,
+            dns: vec![],
+            dns_search: vec![],
         }
     }
 

@@ -61,26 +61,27 @@ fn main() {
     np(&lab, &["ps"]);
     let before = counters(&lab, "web", "demo-net");
 
-    step("A second container talks to web across the bridge");
+    step("A second container talks to web across the bridge, by name");
     np(
         &lab,
-        &[
-            "run",
-            "--rm",
-            "--name",
-            "client",
-            "--network",
-            "demo-net",
-            "--",
-            "socat",
-            "-t",
-            "2",
-            "-",
-            &format!("TCP:{ip}:80"),
-        ],
+        &["run", "--rm", "--name", "client", "--network", "demo-net", "--", "socat", "-t", "2", "-", "TCP:web:80"],
     );
     np(&lab, &["run", "-d", "--name", "client2", "--network", "demo-net", "--", "sleep", "60"]);
     np(&lab, &["exec", "client2", "--", "ping", "-c", "2", "-i", "0.2", &ip]);
+
+    step("Names: the daemon's DNS server answers at 127.0.0.11 inside each container's namespace");
+    np(&lab, &["exec", "client2", "--", "cat", "/etc/resolv.conf"]);
+    let resolved = np(&lab, &["exec", "client2", "--", "getent", "hosts", "web"]);
+    np(&lab, &["run", "-d", "--name", "api", "--network", "demo-net", "--alias", "backend", "--", "sleep", "60"]);
+    let alias = np(&lab, &["exec", "client2", "--", "getent", "hosts", "backend"]);
+    let api_ip = lab.ip_of("api", "demo-net");
+    np(&lab, &["exec", "client2", "--", "dig", "+short", "-x", &api_ip]);
+    np(&lab, &["rm", "-f", "api"]);
+    let gone = np(&lab, &["exec", "client2", "--", "sh", "-c", "getent hosts backend || echo \"backend: not found\""]);
+    let names_ok = resolved.split_whitespace().next() == Some(ip.as_str())
+        && alias.split_whitespace().next() == Some(api_ip.as_str())
+        && gone.contains("not found");
+    println!("names, aliases, reverse names; gone with the container: {}", if names_ok { "yes" } else { "NO" });
 
     step("The eBPF datapath counted it (TC programs on web's veth, per-CPU map)");
     let after = counters(&lab, "web", "demo-net");
@@ -148,7 +149,7 @@ fn main() {
     np(&lab, &["network", "rm", "demo-net"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept || got_in {
+    if !moved || !kept || got_in || !names_ok {
         std::process::exit(1);
     }
 }

@@ -1,0 +1,148 @@
+//! The embedded server's sockets: opened inside each container's network namespace (bound to
+//! 127.0.0.11:53 on its `lo`), served by the daemon's tokio runtime. The socket a query
+//! arrives on says which container asked, so no packet needs rewriting and no rule is needed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::debug;
+
+use super::files::EMBEDDED;
+use super::forward::{forward, read_frame, write_frame};
+use super::message::Outcome;
+use super::{Inner, Shared};
+
+/// Forwarded queries one container may have in flight; more are dropped (the client retries),
+/// so a flood from one container cannot exhaust the daemon.
+const MAX_INFLIGHT: usize = 256;
+/// TCP connections one container may hold open.
+const MAX_TCP: usize = 32;
+/// A TCP client idle this long is disconnected (RFC 7766 suggests seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// The running server of one container; dropping it stops the tasks and closes the sockets.
+pub struct Listener {
+    pub netns_inode: Option<u64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Binds 127.0.0.11:53 (UDP and TCP) inside the namespace at `netns`, on a short-lived thread
+/// (setns changes only the calling thread).
+fn bind_in(netns: &Path) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let p = netns.to_owned();
+    std::thread::spawn(move || -> Result<_> {
+        crate::netlink::netns::enter(&p)?;
+        let addr: SockAddr = SocketAddr::new(EMBEDDED.parse().unwrap(), 53).into();
+        let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        // A restarted daemon binds again at once, whatever the old sockets left behind.
+        udp.set_reuse_address(true)?;
+        udp.set_nonblocking(true)?;
+        udp.bind(&addr).with_context(|| format!("binding {EMBEDDED}:53/udp"))?;
+        let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        tcp.set_reuse_address(true)?;
+        tcp.set_nonblocking(true)?;
+        tcp.bind(&addr).with_context(|| format!("binding {EMBEDDED}:53/tcp"))?;
+        tcp.listen(128)?;
+        Ok((udp.into(), tcp.into()))
+    })
+    .join()
+    .map_err(|_| anyhow!("socket thread panicked"))?
+}
+
+/// Opens and starts serving the embedded server for container `id` in `netns`.
+pub fn start(inner: &Shared, id: &str, netns: &Path) -> Result<Listener> {
+    let (udp, tcp) = bind_in(netns).with_context(|| format!("embedded DNS in {}", netns.display()))?;
+    let _rt = inner.runtime.enter();
+    let udp = Arc::new(UdpSocket::from_std(udp)?);
+    let tcp = TcpListener::from_std(tcp)?;
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let tasks = vec![
+        inner.runtime.spawn(serve_udp(Arc::downgrade(inner), id.to_string(), udp, inflight)),
+        inner.runtime.spawn(serve_tcp(Arc::downgrade(inner), id.to_string(), tcp)),
+    ];
+    Ok(Listener { netns_inode: crate::netlink::netns::inode(netns), tasks })
+}
+
+async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocket>, inflight: Arc<Semaphore>) {
+    let mut buf = vec![0u8; 65535];
+    // Forwarded queries belong to this task: stopping it (container removed) stops them and
+    // closes the socket at once, so nothing keeps the container's namespace alive.
+    let mut forwards = JoinSet::new();
+    loop {
+        while forwards.try_join_next().is_some() {}
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; the socket itself is fine.
+                debug!("dns {}: recv: {e}", &id[..12]);
+                continue;
+            }
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        match inner.handle(&id, &buf[..n], false) {
+            Outcome::Reply(b) => {
+                let _ = sock.send_to(&b, peer).await;
+            }
+            Outcome::Forward(f) => {
+                let Ok(permit) = inflight.clone().try_acquire_owned() else { continue };
+                let upstreams = inner.upstreams(&id);
+                let sock = sock.clone();
+                forwards.spawn(async move {
+                    let out = forward(&f, &upstreams, false).await;
+                    let _ = sock.send_to(&out, peer).await;
+                    drop(permit);
+                });
+            }
+            Outcome::Drop => {}
+        }
+    }
+}
+
+async fn serve_tcp(inner: std::sync::Weak<Inner>, id: String, listener: TcpListener) {
+    let conns = Arc::new(Semaphore::new(MAX_TCP));
+    // Connections belong to this task, like the UDP forwards.
+    let mut tasks = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        while tasks.try_join_next().is_some() {}
+        let Ok(permit) = conns.clone().try_acquire_owned() else { continue };
+        let (inner, id) = (inner.clone(), id.clone());
+        tasks.spawn(async move {
+            serve_conn(inner, &id, stream).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Answers length-prefixed queries on one connection, in order, until the client closes it,
+/// stays idle, or sends something we drop.
+async fn serve_conn(inner: std::sync::Weak<Inner>, id: &str, mut s: TcpStream) {
+    while let Ok(Some(q)) = tokio::time::timeout(TCP_IDLE, read_frame(&mut s)).await {
+        let Some(dns) = inner.upgrade() else { return };
+        let out = match dns.handle(id, &q, true) {
+            Outcome::Reply(b) => b,
+            Outcome::Forward(f) => {
+                let upstreams = dns.upstreams(id);
+                drop(dns);
+                forward(&f, &upstreams, true).await
+            }
+            Outcome::Drop => return,
+        };
+        if write_frame(&mut s, &out).await.is_err() {
+            return;
+        }
+    }
+}
