@@ -30,6 +30,17 @@ pub const CLIENT_IP: &str = "198.51.100.2";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// How [`Lab::start_daemon_with`] starts the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOpts {
+    /// Extra `netpath daemon` flags.
+    pub args: Vec<String>,
+    /// Extra environment (e.g. NETPATH_CRASH_AT).
+    pub env: Vec<(String, String)>,
+    /// No `--uplink eth0`: every interface that is not netpath's is an uplink.
+    pub all_uplinks: bool,
+}
+
 pub struct Lab {
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -157,25 +168,14 @@ impl Lab {
 
     /// Starts `netpath daemon` inside the host namespace and waits until it answers.
     pub fn start_daemon(&mut self) {
-        assert!(self.daemon.is_none(), "daemon already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
-        let mut c = in_ns(&self.host_ns, netpath_bin().to_str().unwrap(), &[]);
-        c.arg("--socket")
-            .arg(&self.socket)
-            .arg("daemon")
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--uplink")
-            .arg("eth0")
-            .arg("--resolv-conf")
-            .arg(&self.resolv_conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.daemon = Some(c.spawn().expect("starting netpath daemon"));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.start_daemon_with(&DaemonOpts::default());
+    }
+
+    /// [`Lab::start_daemon`] with extra flags and environment; waits until it has reconciled
+    /// (unless it dies first and `opts.may_die`).
+    pub fn start_daemon_with(&mut self, opts: &DaemonOpts) {
+        self.spawn_daemon(opts);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             // Answering is not enough: wait until it has made the kernel match its state.
             let out = self.try_np(&["system", "info"]);
@@ -190,6 +190,61 @@ impl Lab {
             assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.daemon_log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts the daemon without waiting for it.
+    pub fn spawn_daemon(&mut self, opts: &DaemonOpts) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let mut c = in_ns(&self.host_ns, netpath_bin().to_str().unwrap(), &[]);
+        c.arg("--socket")
+            .arg(&self.socket)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--resolv-conf")
+            .arg(&self.resolv_conf)
+            .args(&opts.args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if !opts.all_uplinks {
+            c.arg("--uplink").arg("eth0");
+        }
+        self.daemon = Some(c.spawn().expect("starting netpath daemon"));
+    }
+
+    /// Kills the daemon with SIGKILL (a crash) and reaps it.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+
+    /// Waits (up to 20 s) for a daemon that is expected to die (a crash point) and reaps it;
+    /// false if it is still running.
+    pub fn wait_daemon_died(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(d) = self.daemon.as_mut() {
+            if d.try_wait().unwrap().is_some() {
+                self.daemon = None;
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.id())
     }
 
     /// Stops the daemon (SIGTERM) and waits for it; containers stay, as after a real restart.

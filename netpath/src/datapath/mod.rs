@@ -53,6 +53,10 @@ pub struct Counters {
     pub drops: std::collections::BTreeMap<&'static str, u64>,
     pub conntrack: std::collections::BTreeMap<&'static str, u64>,
     pub ct_entries: usize,
+    /// Container addresses the datapath knows (ENDPOINTS).
+    pub endpoints: usize,
+    /// Published host ports (PORTMAP).
+    pub published_ports: usize,
 }
 
 impl Datapath {
@@ -273,6 +277,8 @@ impl Datapath {
             c.conntrack.insert(name, cts.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0));
         }
         c.ct_entries = self.ct()?.keys().count();
+        c.endpoints = self.endpoint_keys()?.len();
+        c.published_ports = self.port_keys()?.len();
         Ok(c)
     }
 
