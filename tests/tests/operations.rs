@@ -361,3 +361,111 @@ impl Drop for DaemonGuard {
         let _ = self.0.wait();
     }
 }
+
+/// GET http://127.0.0.1:PORT/metrics from the host namespace; the body.
+fn scrape(lab: &Lab, port: u16) -> String {
+    let mut c = lab.host(
+        "sh",
+        &["-c", &format!("printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | socat -t 5 - TCP:127.0.0.1:{port}")],
+    );
+    c.stdin(Stdio::null());
+    let resp = must(c);
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The text format's grammar, strictly: every sample belongs to a family announced by HELP
+/// and TYPE lines before it, names and labels are well formed, values are numbers.
+fn check_text_format(body: &str) {
+    let name_ok = |n: &str| {
+        n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let mut typed: BTreeMap<String, String> = BTreeMap::new();
+    let mut helped = BTreeSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(name_ok(name) && helped.insert(name.to_string()), "HELP {line}");
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut w = rest.split(' ');
+            let (name, kind) = (w.next().unwrap(), w.next().unwrap_or(""));
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            assert!(helped.contains(name) && typed.insert(name.to_string(), kind.to_string()).is_none(), "{line}");
+        } else {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+            assert!(value.parse::<f64>().is_ok(), "value of {line}");
+            let name = series.split('{').next().unwrap();
+            assert!(name_ok(name), "name in {line}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.get(*f).is_some_and(|k| k == "histogram")))
+                .unwrap_or(name);
+            assert!(typed.contains_key(family), "{line}: sample before its TYPE");
+            if let Some(labels) = series.strip_prefix(name)
+                && !labels.is_empty()
+            {
+                let inner = labels.strip_prefix('{').and_then(|l| l.strip_suffix('}')).expect("braces");
+                for kv in inner.split("\",") {
+                    let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("label in {line}"));
+                    assert!(name_ok(k) && v.starts_with('"'), "label {kv} in {line}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text_with_tables_drops_traffic_and_api_latency() {
+    let mut lab = Lab::without_daemon("metrics");
+    lab.start_daemon_with(&DaemonOpts {
+        args: vec!["--metrics-addr".into(), "127.0.0.1:9273".into()],
+        ..Default::default()
+    });
+    lab.np(&["network", "create", "--subnet", "10.77.0.0/24", "m"]);
+    whoami_server_with(&lab, "web", &["--network", "m", "-p", "8080:8"]);
+    // Traffic through the published port from the client.
+    let mut c = in_ns(
+        &lab.client_ns,
+        "socat",
+        &["-t", "5", "-", &format!("TCP:{}:8080,connect-timeout=3", netpath_tests::HOST_ETH0_IP)],
+    );
+    c.stdin(Stdio::null());
+    assert_eq!(must(c).trim(), netpath_tests::CLIENT_IP);
+
+    let body = scrape(&lab, 9273);
+    check_text_format(&body);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(
+            |s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                other => panic!("{name}: {other:?}"),
+            },
+        )
+    };
+    assert!(value("netpath_conntrack_entries", &[]).unwrap() >= 2.0, "the flow is tracked");
+    assert_eq!(value("netpath_conntrack_capacity", &[]), Some(netpath_common::CT_MAX_ENTRIES as f64));
+    assert_eq!(value("netpath_drops_total", &[("reason", "isolation")]), Some(0.0));
+    assert_eq!(value("netpath_published_ports", &[]), Some(1.0));
+    assert_eq!(value("netpath_containers", &[("status", "running")]), Some(1.0));
+    assert!(value("netpath_container_rx_packets_total", &[("container", "web"), ("network", "m")]).unwrap() > 0.0);
+    assert!(value("netpath_container_tx_bytes_total", &[("container", "web"), ("network", "m")]).unwrap() > 0.0);
+    let runs = scrape.samples.iter().find(|s| {
+        s.metric == "netpath_api_request_duration_seconds"
+            && s.labels.get("route") == Some("/containers")
+            && s.labels.get("method") == Some("POST")
+    });
+    match runs.map(|s| &s.value) {
+        Some(prometheus_parse::Value::Histogram(h)) => {
+            let inf = h.iter().find(|b| b.less_than == f64::INFINITY).expect("+Inf bucket");
+            assert!(inf.count >= 1.0, "the run was timed: {h:?}");
+            assert!(h.windows(2).all(|w| w[0].count <= w[1].count), "buckets are cumulative: {h:?}");
+        }
+        other => panic!("no API latency histogram for POST /containers: {other:?}"),
+    }
+}

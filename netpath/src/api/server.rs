@@ -65,6 +65,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    if let Some(addr) = cfg.metrics_addr
+        && let Err(e) = crate::daemon::metrics::serve(daemon.clone(), addr).await
+    {
+        let _ = std::fs::remove_file(&cfg.socket);
+        return Err(e);
+    }
     info!(
         "netpath daemon listening on {} (state {}, pins {})",
         cfg.socket.display(),
@@ -111,6 +117,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/containers/{name}/ports", get(container_ports))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), crate::daemon::metrics::time_requests))
         .with_state(shared)
 }
 

@@ -46,6 +46,9 @@ enum Cmd {
         /// The resolver configuration whose nameservers the embedded DNS server forwards to.
         #[arg(long, default_value = "/etc/resolv.conf")]
         resolv_conf: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Manage networks.
     #[command(subcommand)]
@@ -78,7 +81,7 @@ enum SystemCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers, resolv_conf } => {
+        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers, resolv_conf, metrics_addr } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
@@ -92,6 +95,7 @@ pub fn main() -> ExitCode {
                 uplinks,
                 shutdown_containers,
                 resolv_conf,
+                metrics_addr,
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(crate::api::server::run(cfg)) {

@@ -19,6 +19,7 @@ pub mod crash;
 mod dns;
 mod host;
 mod locks;
+pub mod metrics;
 mod networks;
 pub mod process;
 mod reconcile;
@@ -55,6 +56,8 @@ pub struct Config {
     pub shutdown_containers: bool,
     /// The host's resolver configuration: upstreams of the embedded DNS server.
     pub resolv_conf: PathBuf,
+    /// Where to serve Prometheus metrics (off when None).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub struct Daemon {
@@ -70,6 +73,7 @@ pub struct Daemon {
     ready: watch::Sender<bool>,
     /// How long the first reconcile took (ms), once it is done.
     reconcile_ms: std::sync::atomic::AtomicU64,
+    api_latency: metrics::ApiLatency,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -124,6 +128,7 @@ impl Daemon {
             datapath: Mutex::new(datapath),
             ready: watch::channel(false).0,
             reconcile_ms: Default::default(),
+            api_latency: Default::default(),
         });
         d.attach_sockets(&cfg.state_dir)?;
         d.ensure_builtin_networks()?;
