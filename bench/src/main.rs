@@ -8,6 +8,7 @@
 mod dns;
 mod figures;
 mod report;
+mod scale;
 mod serve;
 mod stats;
 mod util;
@@ -64,6 +65,13 @@ struct Cli {
     /// The DNS section (netpath's embedded server vs aardvark-dns): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     dns: String,
+    /// The scale section (run/rm/restart/ps cost against container count, netpath vs
+    /// netavark): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    scale: String,
+    /// Container counts for the scale section (10000 takes a few minutes more).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    scale_counts: Vec<usize>,
     /// Where latest.md and latest.svg go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -190,6 +198,15 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     let plan = Plan::from_cli(cli)?;
     util::install_stop_handler();
     let exe = std::env::current_exe().context("locating this binary")?;
+    if cli.scale == "only" {
+        let (md, svg) = scale::run(&cli.scale_counts, if cli.quick { 3 } else { 10 })?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("scale.md"), &md)?;
+        std::fs::write(cli.out.join("scale.svg"), &svg)?;
+        eprintln!("bench: wrote {}/scale.md and scale.svg", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.dns == "only" {
         let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
@@ -310,6 +327,17 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}"));
             }
             Err(e) => md.push_str(&format!("\n## DNS\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.scale == "include" && !interrupted {
+        match scale::run(&cli.scale_counts, if cli.quick { 3 } else { 10 }) {
+            Ok((d, svg)) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("scale.md"), &d)?;
+                std::fs::write(cli.out.join("scale.svg"), &svg)?;
+                md.push_str(&format!("\n{d}\n![scale](scale.svg)\n"));
+            }
+            Err(e) => md.push_str(&format!("\n## Scale\n\nnot run: {e:#}\n")),
         }
     }
     println!("{md}");

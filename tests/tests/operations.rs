@@ -364,15 +364,25 @@ impl Drop for DaemonGuard {
 
 /// GET http://127.0.0.1:PORT/metrics from the host namespace; the body.
 fn scrape(lab: &Lab, port: u16) -> String {
-    let mut c = lab.host(
-        "sh",
-        &["-c", &format!("printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | socat -t 5 - TCP:127.0.0.1:{port}")],
-    );
-    c.stdin(Stdio::null());
-    let resp = must(c);
+    let ns = lab.host_ns.clone();
+    // A thread of our own enters the namespace (setns is per thread). The request is sent
+    // without shutting down our side, which would make the server drop the answer.
+    let resp = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        netpath::netlink::netns::enter(&ns).unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
     body.to_string()
 }
 
@@ -468,4 +478,20 @@ fn metrics_are_valid_prometheus_text_with_tables_drops_traffic_and_api_latency()
         }
         other => panic!("no API latency histogram for POST /containers: {other:?}"),
     }
+}
+
+#[test]
+fn a_running_container_holds_no_other_container_namespace() {
+    // Container processes get their own mount namespace (for /etc files); the copies of the
+    // daemon's namespace mounts it would inherit must not keep removed containers alive.
+    let lab = Lab::new("nsrefs");
+    lab.np(&["run", "-d", "--name", "a", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "b", "--", "sleep", "600"]);
+    let pid = lab.inspect("a")["State"]["Pid"].as_u64().expect("a runs");
+    let netns_dir = lab.state_dir.join("netns").display().to_string();
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let held: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&netns_dir)).collect();
+    assert!(held.is_empty(), "a's mount namespace holds namespace files: {held:?}");
+    lab.np(&["rm", "-f", "b"]);
+    assert_eq!(lab.inspect("a")["State"]["Running"], true);
 }

@@ -9,7 +9,7 @@
 
 mod cni;
 mod docker;
-mod netavark;
+pub mod netavark;
 mod netpath;
 
 pub use netpath::stale_binary_warning;

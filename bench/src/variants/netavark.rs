@@ -68,15 +68,25 @@ impl Netavark {
     }
 }
 
-fn mapping(host: u16, ctr: u16, range: u16, proto: Proto) -> Value {
+/// A port mapping as podman passes it to netavark.
+pub fn netavark_mapping(host: u16, ctr: u16, range: u16, proto: Proto) -> Value {
     json!({"host_ip": "", "container_port": ctr, "host_port": host, "range": range, "protocol": proto.as_str()})
 }
 
-/// What podman passes to `netavark setup` for one container on one bridge network.
+fn mapping(host: u16, ctr: u16, range: u16, proto: Proto) -> Value {
+    netavark_mapping(host, ctr, range, proto)
+}
+
 fn config(name: &str, ip: &str, port_mappings: &[Value]) -> Value {
+    netavark_config(name, ip, SUBNET, GATEWAY, port_mappings)
+}
+
+/// What podman passes to `netavark setup` for one container on one bridge network.
+pub fn netavark_config(name: &str, ip: &str, subnet: &str, gateway: &str, port_mappings: &[Value]) -> Value {
     let id = format!("{:0>64}", name.bytes().map(|b| format!("{b:02x}")).collect::<String>());
+    let id = &id[id.len() - 64..];
     json!({
-        "container_id": &id[..64],
+        "container_id": id,
         "container_name": name,
         "port_mappings": port_mappings,
         "networks": {
@@ -88,7 +98,7 @@ fn config(name: &str, ip: &str, port_mappings: &[Value]) -> Value {
                 "id": "b".repeat(64),
                 "driver": "bridge",
                 "network_interface": BRIDGE,
-                "subnets": [{"subnet": SUBNET, "gateway": GATEWAY}],
+                "subnets": [{"subnet": subnet, "gateway": gateway}],
                 "ipv6_enabled": false,
                 "internal": false,
                 "dns_enabled": false,

@@ -123,6 +123,7 @@ impl Daemon {
     /// starts the detached process.
     pub async fn create_container(&self, req: ContainerCreate) -> Result<(Value, Option<Started>)> {
         self.wait_ready().await;
+        let mut laps = super::Laps::new();
         valid_name("container", &req.name)?;
         if req.detach && req.cmd.is_empty() {
             return Err(bad_request!("a detached container needs a command"));
@@ -170,10 +171,12 @@ impl Daemon {
             st.put_container(c.clone());
             c
         };
+        laps.lap("reserve");
         if let Err(e) = self.persist_container(&id).await {
             self.state().remove_container(&id);
             return Err(e);
         }
+        laps.lap("persist");
         crash::point("run:reserved");
         if let Err(e) = async {
             self.build_sandbox(&c).await?;
@@ -187,6 +190,7 @@ impl Daemon {
             return Err(e.into());
         }
         crash::point("run:published");
+        laps.lap("build");
 
         let mut started = None;
         let mut proc = None;
@@ -221,6 +225,7 @@ impl Daemon {
             proc = Some(p);
         }
         crash::point("run:started");
+        laps.lap("spawn");
         self.state().update_container(&id, |x| {
             x.phase = Phase::Ready;
             x.process = proc;
@@ -232,22 +237,31 @@ impl Daemon {
             self.finish_container_removal(&c).await;
             return Err(e);
         }
-        info!("container {} created", c.name);
+        laps.lap("persist");
         let c = self.current(&id, &c.name)?;
-        Ok((self.container_json(&c, true), started))
+        let v = self.container_json(&c, true);
+        laps.lap("view");
+        info!("container {} created", c.name);
+        tracing::debug!("run {}: {laps}", c.name);
+        Ok((v, started))
     }
 
     async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {
+        let mut laps = super::Laps::new();
         if let Sandbox::Netns { path, owned } = &c.sandbox {
             if *owned {
                 netns::create(path)?;
             }
+            laps.lap("netns");
             crash::point("run:sandbox");
             lo_up(path).await?;
+            laps.lap("lo");
         }
         for (i, ep) in c.endpoints.iter().enumerate() {
             self.wire(c, ep, i == 0).await?;
         }
+        laps.lap("wire");
+        tracing::debug!("build {}: {laps}", c.name);
         Ok(())
     }
 
@@ -294,8 +308,9 @@ impl Daemon {
     }
 
     /// Undoes [`Self::build_sandbox`] as far as it got; keeps going past errors and reports
-    /// them all.
-    async fn teardown(&self, c: &Container) -> Vec<String> {
+    /// them all. `sweep`: also kill whatever still runs in its namespace (a creation that
+    /// died before recording its process); a plain `rm` has stopped the process it knows.
+    async fn teardown(&self, c: &Container, sweep: bool) -> Vec<String> {
         let mut errs = vec![];
         for ep in &c.endpoints {
             if let Err(e) = self.unwire(ep).await {
@@ -303,8 +318,11 @@ impl Daemon {
             }
         }
         if let Sandbox::Netns { path, owned: true } = &c.sandbox {
-            // Processes left in it (a run that died before recording its pid) go with it.
-            process::kill_netns_members(path);
+            // Scanning /proc costs as much as there are processes: only when the process is
+            // not known (its pid was never recorded).
+            if sweep || c.process.as_ref().is_some_and(|p| p.pid.is_none() && p.exit_code.is_none()) {
+                process::kill_netns_members(path);
+            }
             if let Err(e) = netns::remove(path) {
                 errs.push(format!("{e:#}"));
             }
@@ -317,7 +335,7 @@ impl Daemon {
     pub(super) async fn finish_container_removal(&self, c: &Container) -> Vec<String> {
         self.dns.container_gone(&c.id); // its names go at once
         self.withdraw_ports(c);
-        let errs = self.teardown(c).await;
+        let errs = self.teardown(c, c.phase == Phase::Creating).await;
         crash::point("rm:unwired");
         let _ = std::fs::remove_file(self.store.log_path(&c.id));
         let _ = std::fs::remove_file(self.store.exit_path(&c.id));
@@ -386,13 +404,18 @@ impl Daemon {
         if Self::is_running(&c) && !force {
             return Err(conflict!("container {} is running: stop it first or use rm -f", c.name));
         }
+        let mut laps = super::Laps::new();
         self.state().update_container(&id, |x| x.phase = Phase::Removing);
         self.persist_container(&id).await?;
+        laps.lap("persist");
         crash::point("rm:marked");
         self.kill(&c).await;
+        laps.lap("kill");
         crash::point("rm:killed");
         let errs = self.finish_container_removal(&c).await;
+        laps.lap("teardown");
         info!("container {} removed", c.name);
+        tracing::debug!("rm {}: {laps}", c.name);
         if errs.is_empty() {
             Ok(())
         } else {

@@ -106,6 +106,7 @@ impl Daemon {
     /// by [`Daemon::reconcile`], which the caller runs while the API already answers.
     pub async fn start(cfg: &Config) -> anyhow::Result<Shared> {
         let store = Store::open(&cfg.state_dir)?;
+        crate::netlink::netns::own_dir_mount(&store.netns_dir())?;
         let (networks, containers) = store.load()?;
         let state = State::from_objects(networks, containers);
         let nl = Netlink::current()?;
@@ -139,7 +140,9 @@ impl Daemon {
     pub async fn reconcile(self: &Arc<Self>) {
         let t = std::time::Instant::now();
         reconcile::run(self).await;
+        let dns = std::time::Instant::now();
         self.dns_reconcile(); // serve every container's names and 127.0.0.11 again
+        info!("embedded DNS serves every container again ({} ms)", dns.elapsed().as_millis());
         if let Err(e) = self.refresh_host().await {
             tracing::warn!("refreshing host interfaces: {e:#}");
         }
@@ -197,6 +200,27 @@ impl Daemon {
             None => store.write_network(&store_id, Op::Delete, rev),
         })
         .await
+    }
+}
+
+/// Time spent per phase of an operation, for the log (`reconcile`, and `run`/`rm` at debug level).
+pub(crate) struct Laps(Vec<(&'static str, u128)>, std::time::Instant);
+
+impl Laps {
+    pub fn new() -> Self {
+        Laps(vec![], std::time::Instant::now())
+    }
+    pub fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.0.push((name, (now - self.1).as_micros()));
+        self.1 = now;
+    }
+}
+
+impl std::fmt::Display for Laps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(n, us)| format!("{n} {:.1}", *us as f64 / 1000.0)).collect();
+        f.write_str(&parts.join(", "))
     }
 }
 

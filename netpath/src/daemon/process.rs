@@ -19,6 +19,9 @@ pub fn open_netns(path: &Path) -> Result<OwnedFd> {
 /// `ip netns exec` uses /etc/netns/NAME/) and their own UTS hostname.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Isolation {
+    /// The daemon's directory of namespace files (a mount of its own): unmounted in the
+    /// container's mount namespace so it keeps no other container's namespace alive.
+    pub netns_dir: Option<PathBuf>,
     pub resolv_conf: PathBuf,
     pub hosts: PathBuf,
     pub hostname_file: PathBuf,
@@ -29,9 +32,9 @@ pub struct Isolation {
 struct IsolationPlan {
     /// (source, target) bind mounts.
     binds: Vec<(CString, CString)>,
-    /// Every network-namespace file mounted in the parent: the child's copies would keep
-    /// those namespaces alive after their containers are removed, so it unmounts them.
-    nsfs: Vec<CString>,
+    /// The namespace-file directory: the child's copies of those mounts would keep other
+    /// containers' namespaces alive after their removal, so it unmounts them (all at once).
+    netns_dir: Option<CString>,
     hostname: Vec<u8>,
 }
 
@@ -50,8 +53,8 @@ impl IsolationPlan {
                 binds.push((c(src)?, c(Path::new(dst))?));
             }
         }
-        let nsfs = nsfs_mounts().iter().map(|p| c(p)).collect::<Result<_>>()?;
-        Ok(Self { binds, nsfs, hostname: iso.hostname.as_bytes().to_vec() })
+        let netns_dir = iso.netns_dir.as_deref().map(c).transpose()?;
+        Ok(Self { binds, netns_dir, hostname: iso.hostname.as_bytes().to_vec() })
     }
 
     /// Runs in the child between fork and exec: only async-signal-safe syscalls.
@@ -73,8 +76,8 @@ impl IsolationPlan {
             {
                 return Err(err());
             }
-            for m in &self.nsfs {
-                libc::umount2(m.as_ptr(), libc::MNT_DETACH);
+            if let Some(d) = &self.netns_dir {
+                libc::umount2(d.as_ptr(), libc::MNT_DETACH);
             }
             for (src, dst) in &self.binds {
                 if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
@@ -87,36 +90,6 @@ impl IsolationPlan {
         }
         Ok(())
     }
-}
-
-/// Mount points of namespace files (fs type nsfs), from /proc/self/mountinfo.
-fn nsfs_mounts() -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mountpoint = pre.split(' ').nth(4)?;
-            (post.split(' ').next()? == "nsfs").then(|| PathBuf::from(unescape_mountinfo(mountpoint)))
-        })
-        .collect()
-}
-
-/// mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = u16::from(b[i + 1] - b'0') * 64 + u16::from(b[i + 2] - b'0') * 8 + u16::from(b[i + 3] - b'0');
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Prepares `cmd` to run inside the network namespace `netns` (if any), isolated as `iso` says
@@ -348,8 +321,12 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/tmp/a\040b/c\134d"), "/tmp/a b/c\\d");
-        assert_eq!(unescape_mountinfo(r"/plain\04"), r"/plain\04", "a cut escape stays as written");
+        assert_eq!(crate::netlink::netns::unescape_mountinfo(r"/tmp/a\040b/c\134d"), "/tmp/a b/c\\d");
+        assert_eq!(
+            crate::netlink::netns::unescape_mountinfo(r"/plain\04"),
+            r"/plain\04",
+            "a cut escape stays as written"
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ use crate::state::{Container, DriverKind, Network, Phase, Sandbox};
 const PARALLEL_REPAIRS: usize = 16;
 
 pub(super) async fn run(d: &Arc<Daemon>) {
+    let mut phases = super::Laps::new();
     finish_interrupted(d).await;
+    phases.lap("interrupted");
     let links = match d.nl.links().await {
         Ok(l) => l,
         Err(e) => {
@@ -49,6 +51,7 @@ pub(super) async fn run(d: &Arc<Daemon>) {
     };
     let by_name: HashMap<&str, &LinkSummary> = links.iter().map(|l| (l.name.as_str(), l)).collect();
 
+    phases.lap("networks");
     let containers: Vec<Container> = d.state().containers().cloned().collect();
     let mut broken = vec![];
     for c in &containers {
@@ -58,6 +61,7 @@ pub(super) async fn run(d: &Arc<Daemon>) {
             Err(e) => warn!("container {}: {e:#}", c.name),
         }
     }
+    phases.lap("adopt");
     if !broken.is_empty() {
         info!("reconcile: rewiring {} containers", broken.len());
     }
@@ -68,13 +72,17 @@ pub(super) async fn run(d: &Arc<Daemon>) {
             }
         })
         .await;
+    phases.lap("rewire");
     for c in &containers {
         if let Err(e) = d.publish_ports(c, c.primary_ipv4()) {
             warn!("container {}: {e:#}", c.name);
         }
     }
+    phases.lap("ports");
     remove_orphans(d, &links).await;
     withdraw_stale_entries(d).await;
+    phases.lap("cleanup");
+    info!("reconcile phases (ms): {phases}");
 }
 
 /// Operations a dead daemon left half done: what was being created is undone (its request

@@ -114,6 +114,9 @@ impl Daemon {
             "Name": c.name,
             "Created": c.created,
             "ResolvConfPath": etc.resolv_conf,
+            // Where the daemon mounts container namespaces (processes started in a container
+            // unmount it in their own mount namespace).
+            "NetnsDir": self.store.netns_dir(),
             "HostsPath": etc.hosts,
             "HostnamePath": etc.hostname,
             "HostConfig": {

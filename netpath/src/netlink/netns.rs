@@ -95,3 +95,68 @@ pub fn cgroup2_root() -> Result<std::path::PathBuf> {
         .next()
         .context("no cgroup2 hierarchy is mounted (needed for host-local access to published ports)")
 }
+
+/// Mount points and their filesystem types, from /proc/self/mountinfo.
+pub fn mounts() -> Vec<(std::path::PathBuf, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mountpoint = pre.split(' ').nth(4)?;
+            Some((std::path::PathBuf::from(unescape_mountinfo(mountpoint)), post.split(' ').next()?.to_string()))
+        })
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
+pub fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = u16::from(b[i + 1] - b'0') * 64 + u16::from(b[i + 2] - b'0') * 8 + u16::from(b[i + 3] - b'0');
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Makes `dir`, where container namespaces are mounted, a (shared) mount of its own. A
+/// container's processes get a copy of the host's mounts (their own mount namespace for
+/// /etc files); with `dir` a mount, one lazy unmount of it there drops every namespace file
+/// at once, so no container keeps another's network namespace alive, whatever the count.
+/// Namespace files mounted before (by an older daemon) are carried over.
+pub fn own_dir_mount(dir: &Path) -> Result<()> {
+    let all = mounts();
+    if all.iter().any(|(m, _)| m == dir) {
+        return Ok(());
+    }
+    // Hold the namespaces mounted there now, unmount them, mount the directory, mount them again.
+    let held: Vec<(std::path::PathBuf, File)> = all
+        .iter()
+        .filter(|(m, t)| t == "nsfs" && m.parent() == Some(dir))
+        .filter_map(|(m, _)| File::open(m).ok().map(|f| (m.clone(), f)))
+        .collect();
+    for (m, _) in &held {
+        umount2(m, MntFlags::MNT_DETACH).with_context(|| format!("unmounting {}", m.display()))?;
+    }
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting {} on itself", dir.display()))?;
+    // Shared, as iproute2 makes /run/netns: where the state dir is itself shared with another
+    // mount namespace (the CLI's), namespace files still show through. Container processes
+    // unmount their copy, so they receive nothing.
+    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+        .with_context(|| format!("making {} a shared mount", dir.display()))?;
+    for (m, f) in &held {
+        use std::os::fd::AsRawFd;
+        let src = format!("/proc/self/fd/{}", f.as_raw_fd());
+        mount(Some(src.as_str()), m, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .with_context(|| format!("mounting {} again", m.display()))?;
+    }
+    Ok(())
+}
