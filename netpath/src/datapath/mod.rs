@@ -402,10 +402,10 @@ impl Datapath {
         Ok(c)
     }
 
-    /// Logs one warning per call (the daemon calls it every few seconds) for each kind of
-    /// table pressure that dropped new flows since the last call: a full conntrack table,
-    /// no free masquerade port. Established flows are not affected by either.
-    pub fn check_pressure(&mut self) -> Result<()> {
+    /// Logs (and returns) one warning per call — the daemon calls it every few seconds — for
+    /// each kind of table pressure that dropped new flows since the last call: a full
+    /// conntrack table, no free masquerade port. Established flows are not affected by either.
+    pub fn check_pressure(&mut self) -> Result<Vec<String>> {
         let drops: PerCpuArray<_, u64> = self.map(map_names::DROPS)?;
         let totals: Vec<(u32, u64)> = [drop_reason::CT_FULL, drop_reason::NAT_PORTS_EXHAUSTED]
             .into_iter()
@@ -421,19 +421,22 @@ impl Datapath {
                 moved.push((reason, total - last));
             }
         }
+        let mut warnings = vec![];
         for (reason, n) in moved {
             let name = drop_reason::NAMES[reason as usize];
-            if reason == drop_reason::CT_FULL {
+            let w = if reason == drop_reason::CT_FULL {
                 let entries = self.ct()?.keys().count();
-                warn!(
+                format!(
                     "conntrack table full ({entries} of {} entries): {n} new flows dropped ({name}) since the last check; established flows are unaffected",
                     self.ct_capacity
-                );
+                )
             } else {
-                warn!("no free source port to masquerade with: {n} new flows dropped ({name}) since the last check");
-            }
+                format!("no free source port to masquerade with: {n} new flows dropped ({name}) since the last check")
+            };
+            warn!("{w}");
+            warnings.push(w);
         }
-        Ok(())
+        Ok(warnings)
     }
 
     /// Attaches an ingress/egress program pair to an interface; on failure nothing this call
