@@ -39,6 +39,18 @@ impl PrivateDatapath {
         }
     }
 
+    /// Drops this datapath (its pins stay, as when a daemon stops) and loads another on the
+    /// same pins, as a restarted daemon does.
+    pub fn reload(&mut self, opts: LoadOptions) {
+        self.dp.take();
+        self.dp = Some(Datapath::load_with(&self.pins, opts).unwrap_or_else(|e| panic!("reloading: {e:?}")));
+    }
+
+    /// The pin directory (a private bpffs).
+    pub fn pins(&self) -> &std::path::Path {
+        &self.pins
+    }
+
     pub fn dp(&mut self) -> &mut Datapath {
         self.dp.as_mut().unwrap()
     }
