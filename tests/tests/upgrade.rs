@@ -120,6 +120,11 @@ fn three_streams_survive_a_restart_an_upgrade_and_the_way_back() {
         std::thread::sleep(Duration::from_millis(30));
     }
     let embedded = loaded_object(&lab);
+    let version = lab.np(&["version"]);
+    assert!(
+        version.contains(&format!("\neBPF object: {embedded}\n")),
+        "the CLI embeds what the daemon runs: {version}"
+    );
     let resets_before = host_resets(&lab);
     let cli = lab.sandbox("cli");
 
