@@ -3,7 +3,8 @@
 //! atomic link update (packets see the old or the new program, never none); pins whose
 //! interface is gone or was replaced by another of the same name are removed. Attachments
 //! the daemon then asks for are claimed (or made); the rest are released once it has
-//! reconciled.
+//! reconciled. The pins hold the links: no descriptor stays open per link (a host with
+//! thousands of containers would otherwise need thousands).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -38,7 +39,6 @@ fn attach_type(prog: &str) -> Option<u32> {
 const CGROUP: &str = "cgroup";
 
 struct Held {
-    fd: OwnedFd,
     prog: String,
     target: LinkTarget,
     /// Asked for since this daemon started (adopted links start unclaimed).
@@ -119,7 +119,7 @@ impl Links {
             t => anyhow::bail!("unexpected link target {t:?}"),
         }
         sys::link_update(fd.as_fd(), prog_fd(ebpf, prog)?).context("replacing the link's program")?;
-        self.held.insert(name.to_string(), Held { fd, prog: prog.to_string(), target: li.target, claimed: false });
+        self.held.insert(name.to_string(), Held { prog: prog.to_string(), target: li.target, claimed: false });
         Ok(true)
     }
 
@@ -165,11 +165,9 @@ impl Links {
         let path = self.pins.link(name);
         // A pin we hold no link for (removed from under us, say) would refuse the new one.
         let _ = std::fs::remove_file(&path);
-        if let Err(e) = sys::obj_pin(fd.as_fd(), &path) {
-            let _ = sys::link_detach(fd.as_fd());
-            return Err(e).with_context(|| format!("pinning link {}", path.display()));
-        }
-        self.held.insert(name.to_string(), Held { fd, prog: prog.to_string(), target, claimed: true });
+        // Closing the only descriptor of an unpinned link detaches it.
+        sys::obj_pin(fd.as_fd(), &path).with_context(|| format!("pinning link {}", path.display()))?;
+        self.held.insert(name.to_string(), Held { prog: prog.to_string(), target, claimed: true });
         Ok(())
     }
 
@@ -177,11 +175,12 @@ impl Links {
         let _ = std::fs::remove_file(self.pins.link(name));
     }
 
-    /// Detaches one link now and removes its pin.
+    /// Detaches one link now (whoever else holds it) and removes its pin.
     pub fn detach(&mut self, name: &str) {
-        if let Some(h) = self.held.remove(name) {
+        self.held.remove(name);
+        if let Ok(fd) = sys::obj_get(&self.pins.link(name)) {
             // Fails with ENOLINK once its interface is gone: already detached then.
-            let _ = sys::link_detach(h.fd.as_fd());
+            let _ = sys::link_detach(fd.as_fd());
         }
         self.remove_pin(name);
     }
@@ -224,10 +223,7 @@ impl Links {
 
     /// Detaches every link and removes every link pin (the datapath stops).
     pub fn detach_all(&mut self) {
-        let names: Vec<String> = self.held.keys().cloned().collect();
-        for n in names {
-            self.detach(&n);
-        }
+        self.held.clear();
         for e in std::fs::read_dir(self.pins.links_dir()).into_iter().flatten().flatten() {
             if let Ok(fd) = sys::obj_get(&e.path()) {
                 let _ = sys::link_detach(fd.as_fd());
