@@ -211,6 +211,25 @@ impl Links {
             .collect()
     }
 
+    /// Removes the pins of links whose interface went away (the kernel keeps such a link,
+    /// defunct, for as long as it is pinned). Returns how many.
+    pub fn prune_defunct(&mut self) -> usize {
+        let defunct: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| matches!(h.target, LinkTarget::Tcx { .. }))
+            .map(|(n, _)| n.clone())
+            .filter(|n| {
+                let info = sys::obj_get(&self.pins.link(n)).and_then(|fd| sys::link_info(fd.as_fd()));
+                matches!(info, Ok(i) if matches!(i.target, LinkTarget::Tcx { ifindex: 0, .. }))
+            })
+            .collect();
+        for n in &defunct {
+            self.detach(n);
+        }
+        defunct.len()
+    }
+
     /// Detaches adopted links nobody claimed: attachments of a former state.
     pub fn release_unclaimed(&mut self) -> usize {
         let doomed: Vec<String> = self.held.iter().filter(|(_, h)| !h.claimed).map(|(n, _)| n.clone()).collect();

@@ -402,6 +402,19 @@ impl Datapath {
         Ok(c)
     }
 
+    /// Periodic upkeep (the daemon calls it every few seconds): table pressure warnings, and
+    /// the pins of links whose interface disappeared without the daemon detaching it (a
+    /// container namespace deleted under us takes its veth along).
+    pub fn housekeeping(&mut self) {
+        if let Err(e) = self.check_pressure() {
+            warn!("checking table pressure: {e:#}");
+        }
+        let n = self.links.prune_defunct();
+        if n > 0 {
+            info!("removed {n} link pins of interfaces that are gone");
+        }
+    }
+
     /// Logs (and returns) one warning per call — the daemon calls it every few seconds — for
     /// each kind of table pressure that dropped new flows since the last call: a full
     /// conntrack table, no free masquerade port. Established flows are not affected by either.
