@@ -42,8 +42,10 @@ const fn map(name: &'static str, rev: u32, map_type: u32, key: u32, value: u32, 
 
 use map_type::*;
 
-/// Every map of the datapath, as this build defines it.
-pub const MAPS: [MapLayout; 12] = [
+/// Every map of the datapath, as this build defines it. A map the eBPF object pins must be
+/// here (the daemon refuses to load an object with an unlisted one): a new map starts at
+/// revision 1.
+pub const MAPS: &[MapLayout] = &[
     map(n::ENDPOINT_STATS, 1, PERCPU_HASH, 4, 32, MAX_ENDPOINTS, 0),
     map(n::ENDPOINTS, 1, HASH, 4, 20, MAX_ENDPOINTS, 0),
     map(n::NETWORKS, 1, LPM_TRIE, 8, 12, MAX_NETWORKS, NO_PREALLOC),
@@ -61,7 +63,7 @@ pub const MAPS: [MapLayout; 12] = [
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
-pub const PREVIOUS: [MapLayout; 12] = [
+pub const PREVIOUS: &[MapLayout] = &[
     map(n::ENDPOINT_STATS, 0, PERCPU_HASH, 4, 32, MAX_ENDPOINTS, 0),
     map(n::ENDPOINTS, 0, HASH, 4, 20, MAX_ENDPOINTS, 0),
     map(n::NETWORKS, 0, LPM_TRIE, 8, 12, MAX_NETWORKS, NO_PREALLOC),
@@ -133,7 +135,7 @@ mod tests {
                 }
             }
         }
-        for m in &MAPS {
+        for m in MAPS {
             assert!(m.rev >= 1, "{}: revision 0 is reserved for unversioned pins", m.name);
             assert!(PREVIOUS.iter().filter(|p| p.name == m.name).all(|p| p.rev < m.rev), "{}", m.name);
             assert_eq!(MAPS.iter().filter(|o| o.name == m.name).count(), 1, "{}", m.name);
