@@ -18,11 +18,13 @@ pub enum Figure {
     Latency,
     Conn,
     Attach,
+    /// The daemon stopped and started under an iperf3 stream (rows with a daemon).
+    Restart,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 6] =
-        [Figure::Tcp1, Figure::Tcp4, Figure::Udp, Figure::Latency, Figure::Conn, Figure::Attach];
+    pub const ALL: [Figure; 7] =
+        [Figure::Tcp1, Figure::Tcp4, Figure::Udp, Figure::Latency, Figure::Conn, Figure::Attach, Figure::Restart];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,6 +34,7 @@ impl Figure {
             Figure::Latency => "latency",
             Figure::Conn => "conn",
             Figure::Attach => "attach",
+            Figure::Restart => "restart",
         }
     }
 
@@ -52,6 +55,7 @@ impl Figure {
             Figure::Latency => &[Metric::RttP50, Metric::RttP99],
             Figure::Conn => &[Metric::ConnRate],
             Figure::Attach => &[Metric::Attach],
+            Figure::Restart => &[Metric::RestartStall, Metric::RestartResets],
         }
     }
 }
@@ -66,11 +70,22 @@ pub enum Metric {
     RttP99,
     ConnRate,
     Attach,
+    RestartStall,
+    RestartResets,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] =
-        [Metric::Tcp1, Metric::Tcp4, Metric::UdpPps, Metric::RttP50, Metric::RttP99, Metric::ConnRate, Metric::Attach];
+    pub const ALL: [Metric; 9] = [
+        Metric::Tcp1,
+        Metric::Tcp4,
+        Metric::UdpPps,
+        Metric::RttP50,
+        Metric::RttP99,
+        Metric::ConnRate,
+        Metric::Attach,
+        Metric::RestartStall,
+        Metric::RestartResets,
+    ];
 
     pub fn title(self) -> &'static str {
         match self {
@@ -81,6 +96,8 @@ impl Metric {
             Metric::RttP99 => "TCP RTT p99",
             Metric::ConnRate => "new TCP conns",
             Metric::Attach => "attach one container",
+            Metric::RestartStall => "restart: longest stall",
+            Metric::RestartResets => "restart: resets",
         }
     }
 
@@ -90,12 +107,13 @@ impl Metric {
             Metric::UdpPps => "kpps",
             Metric::RttP50 | Metric::RttP99 => "µs",
             Metric::ConnRate => "conn/s",
-            Metric::Attach => "ms",
+            Metric::Attach | Metric::RestartStall => "ms",
+            Metric::RestartResets => "count",
         }
     }
 
     pub fn higher_is_better(self) -> bool {
-        !matches!(self, Metric::RttP50 | Metric::RttP99 | Metric::Attach)
+        !matches!(self, Metric::RttP50 | Metric::RttP99 | Metric::Attach | Metric::RestartStall | Metric::RestartResets)
     }
 
     /// Formats a value with a precision that suits its size.
@@ -148,7 +166,75 @@ pub fn measure(
             }
             out
         }
+        Figure::Restart => match v.host_ns() {
+            Some(_) => {
+                let (stall, resets) = restart_under_load(v, d)?;
+                vec![(Metric::RestartStall, stall), (Metric::RestartResets, resets)]
+            }
+            None => vec![],
+        },
     })
+}
+
+/// TCP resets sent from namespace `ns` so far (the host answers packets of flows it does not
+/// know, such as those of a datapath that went away, with one).
+fn out_rsts(ns: &std::path::Path) -> Result<u64> {
+    let snmp = output(in_ns(ns, "cat", &["/proc/net/snmp"]), None, Duration::from_secs(10))?;
+    let snmp = String::from_utf8_lossy(&snmp.stdout).into_owned();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().context("no Tcp: line")?, tcp.next().context("no Tcp: values")?);
+    let i = names.split_whitespace().position(|n| n == "OutRsts").context("no OutRsts")?;
+    values.split_whitespace().nth(i).context("short Tcp: line")?.parse().context("OutRsts")
+}
+
+/// The longest stretch of consecutive iperf3 intervals that moved no byte, in ms, and the
+/// end of the last interval that moved some (s).
+pub fn longest_stall(j: &Value) -> (f64, f64) {
+    let (mut longest, mut run, mut last_moved) = (0.0f64, 0.0, 0.0);
+    for i in j["intervals"].as_array().into_iter().flatten() {
+        let s = &i["sum"];
+        if s["bytes"].as_u64().unwrap_or(0) == 0 {
+            run += s["seconds"].as_f64().unwrap_or(0.0);
+            longest = longest.max(run);
+        } else {
+            run = 0.0;
+            last_moved = s["end"].as_f64().unwrap_or(last_moved);
+        }
+    }
+    (longest * 1e3, last_moved)
+}
+
+/// One iperf3 stream (0.1 s intervals) while the variant's daemon is stopped and started
+/// again: the longest stall (ms) and the resets (the host's, plus one if the stream died).
+pub fn restart_under_load(v: &mut dyn Variant, d: Durations) -> Result<(f64, f64)> {
+    let host = v.host_ns().context("no daemon")?.to_path_buf();
+    let t = v.target();
+    let secs = d.secs.max(3) + 3;
+    let args: Vec<String> = ["-c", &t.ip.to_string(), "-p", &t.iperf.to_string(), "-t", &secs.to_string()]
+        .into_iter()
+        .chain(["-i", "0.1", "-J"])
+        .map(String::from)
+        .collect();
+    let rsts = out_rsts(&host)?;
+    let client = v.client_ns().to_path_buf();
+    let limit = Durations { secs }.limit();
+    let stream = std::thread::spawn(move || {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        output(in_ns(&client, "iperf3", &argv), None, limit)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let restarted = v.restart();
+    let out = stream.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
+    restarted?;
+    let resets = (out_rsts(&host)? - rsts) as f64;
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let (stall, last_moved) = longest_stall(&j);
+    if out.status.success() && j.get("error").is_none() {
+        Ok((stall, resets))
+    } else {
+        // The stream died: it stalled from its last byte to the end, and was reset.
+        Ok((stall.max((f64::from(secs) - last_moved) * 1e3), resets.max(1.0)))
+    }
 }
 
 /// Runs a client tool in the client namespace; returns stdout, or an error with its output.
@@ -293,6 +379,21 @@ mod tests {
                       "sum_received":{"packets":2000,"lost_packets":1000,"seconds":1.0}}}"#;
         assert!((parse_iperf_udp(udp).unwrap() - 1.0).abs() < 1e-9);
         assert!(parse_iperf_tcp("{}").is_err());
+    }
+
+    #[test]
+    fn stalls_are_the_longest_run_of_empty_intervals() {
+        let iv = |b: &[u64]| {
+            let v: Vec<Value> = b
+                .iter()
+                .enumerate()
+                .map(|(i, b)| serde_json::json!({"sum": {"bytes": b, "seconds": 0.1, "end": (i + 1) as f64 * 0.1}}))
+                .collect();
+            serde_json::json!({ "intervals": v })
+        };
+        let (ms, last) = longest_stall(&iv(&[5, 0, 0, 5, 0, 5]));
+        assert!((ms - 200.0).abs() < 1e-6 && (last - 0.6).abs() < 1e-9, "{ms} {last}");
+        assert_eq!(longest_stall(&iv(&[5, 5])).0, 0.0);
     }
 
     #[test]

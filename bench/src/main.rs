@@ -47,7 +47,7 @@ struct Cli {
     /// Variants to run (comma-separated): direct, netpath-direct, iptables, netavark, cni, netpath.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Figures to run (comma-separated): tcp1, tcp4, udp, latency, conn, attach.
+    /// Figures to run (comma-separated): tcp1, tcp4, udp, latency, conn, attach, restart.
     #[arg(long, value_delimiter = ',')]
     figures: Vec<String>,
     /// Published-port counts for the publishing variants.
@@ -409,7 +409,10 @@ fn method_notes() -> Vec<String> {
          connections: 2 client threads connect, read one byte, close with RST (no TIME_WAIT), against \
          an accept-write-close server; attach: wiring one more container (with one published port where \
          the variant publishes) on the same host: ip commands (+ iptables-restore) for direct/iptables, \
-         netavark setup, CNI ADD bridge+portmap, netpath attach (netpath-direct) or netpath run -d -p."
+         netavark setup, CNI ADD bridge+portmap, netpath attach (netpath-direct) or netpath run -d -p; \
+         restart (rows with a daemon): one iperf3 -c stream (0.1 s intervals) while the daemon is stopped \
+         (SIGTERM) and started again; the longest run of intervals that moved no byte, and the TCP resets \
+         the host namespace sent (plus one if the stream died)."
             .into(),
     ]
 }

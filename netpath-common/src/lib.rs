@@ -1,12 +1,19 @@
 //! Types shared by the eBPF datapath and the daemon. Everything here is `#[repr(C)]`, has no
 //! implicit padding and no `bool`, so both sides agree on the byte layout (checked at compile time).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod layout;
 
 /// Upper bound on endpoints (container interfaces) one daemon manages; sizes the endpoint maps.
 pub const MAX_ENDPOINTS: u32 = 16384;
 
-/// Connection-tracking (NAT) entries; LRU, so a full table evicts the least recently used.
+/// Connection-tracking (NAT) entries, preallocated: a full table refuses new flows (dropped as
+/// `ct-full`) and never evicts an established one; the daemon expires idle entries.
 pub const CT_MAX_ENTRIES: u32 = 131_072;
+/// Sockets the socket programs translated (LRU: a socket's entry only matters while it lives).
+pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
+/// Uplinks one daemon can hold.
+pub const MAX_UPLINKS: u32 = 64;
 /// Published ports (host address, port, protocol) one daemon can hold.
 pub const MAX_PORTMAPS: u32 = 65_536;
 /// Container networks (subnets) one daemon can hold.
@@ -78,9 +85,18 @@ pub mod drop_reason {
     /// Sent from a container's veth with the address of another container: a container could
     /// otherwise slip past isolation or take over another's flows.
     pub const SPOOFED_SOURCE: u32 = 5;
-    pub const MAX: u32 = 6;
-    pub const NAMES: [&str; MAX as usize] =
-        ["isolation", "nat-ports-exhausted", "ct-insert-failed", "rewrite-failed", "direct-access", "spoofed-source"];
+    /// A new flow found the conntrack table full (established flows keep their entries).
+    pub const CT_FULL: u32 = 6;
+    pub const MAX: u32 = 7;
+    pub const NAMES: [&str; MAX as usize] = [
+        "isolation",
+        "nat-ports-exhausted",
+        "ct-insert-failed",
+        "rewrite-failed",
+        "direct-access",
+        "spoofed-source",
+        "ct-full",
+    ];
 }
 
 /// Connection-tracking counters: the index into the per-CPU `CT_STATS` array.

@@ -1,5 +1,6 @@
-//! Connection tracking for NAT: two entries per flow (one per direction) in an LRU hash.
-//! The datapath creates and refreshes entries; the daemon expires idle ones.
+//! Connection tracking for NAT: two entries per flow (one per direction) in a preallocated
+//! hash. The datapath creates and refreshes entries; the daemon expires idle ones. A full
+//! table refuses new flows (`ct-full`) and leaves established ones alone.
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
@@ -54,14 +55,22 @@ pub fn create(orig: &Tuple, xlate: &Tuple, orig_hook: u8, reply_hook: u8) -> Res
     let reply_key = xlate.reversed();
     let reply =
         CtEntry { xlate: orig.reversed(), last_seen_ns: now, hook: reply_hook, is_reply: 1, ..Default::default() };
-    CT.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).map_err(|_| drop_reason::CT_INSERT_FAILED)?;
+    CT.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).map_err(insert_failure)?;
     let fwd = entry(*xlate, now, orig_hook, 0);
-    if CT.insert(orig, &fwd, u64::from(BPF_ANY)).is_err() {
+    if let Err(e) = CT.insert(orig, &fwd, u64::from(BPF_ANY)) {
         let _ = CT.remove(&reply_key);
-        return Err(drop_reason::CT_INSERT_FAILED);
+        return Err(insert_failure(e));
     }
     count(&CT_STATS, ct_stat::CREATED);
     Ok(())
+}
+
+/// The kernel's answer to a refused insert: E2BIG means the table is full; anything else
+/// (EEXIST: the reply tuple belongs to another flow) is a clash.
+#[inline(always)]
+fn insert_failure(errno: i32) -> u32 {
+    const E2BIG: i32 = 7;
+    if errno == -E2BIG { drop_reason::CT_FULL } else { drop_reason::CT_INSERT_FAILED }
 }
 
 /// Builds an entry from an aligned, zeroed value: zeroing the unaligned tail field by field

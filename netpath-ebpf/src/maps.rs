@@ -1,13 +1,26 @@
 //! The map catalogue: every map the datapath uses, with who writes it and who reads it.
-//! Maps are pinned by name under the daemon's bpffs dir so they outlive a daemon restart.
-//! Addresses and ports in keys and values are in network byte order, as on the wire.
+//! Maps are pinned under the daemon's bpffs dir (at versioned names the daemon chooses, see
+//! netpath_common::layout, which must agree with the definitions here) so they outlive a
+//! daemon restart. Addresses and ports in keys and values are in network byte order.
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
 use netpath_common::{
-    Backend, CT_MAX_ENTRIES, CtEntry, EndpointInfo, EndpointStats, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
-    MAX_PORTMAPS, NetworkInfo, PortKey, SockRevKey, SockRevValue, Tuple, config, ct_stat, drop_reason,
+    Backend, CtEntry, EndpointInfo, EndpointStats, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
+    MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES, SockRevKey, SockRevValue, Tuple, config, drop_reason,
 };
+
+/// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
+/// switch to and back) differs here and in CT_STATS, so an upgrade migrates both maps.
+#[cfg(not(feature = "upgrade-test"))]
+const CT_ENTRIES: u32 = netpath_common::CT_MAX_ENTRIES;
+#[cfg(feature = "upgrade-test")]
+const CT_ENTRIES: u32 = netpath_common::CT_MAX_ENTRIES / 2;
+#[cfg(not(feature = "upgrade-test"))]
+pub const CT_STATS_SLOTS: u32 = netpath_common::ct_stat::MAX;
+/// One slot more: the variant's programs count the packets they see there.
+#[cfg(feature = "upgrade-test")]
+pub const CT_STATS_SLOTS: u32 = netpath_common::ct_stat::MAX + 1;
 
 /// Key: host-side veth ifindex. Daemon creates a zeroed entry when it wires an endpoint and
 /// deletes it on teardown; the datapath increments it; the daemon sums it for `netpath inspect`.
@@ -31,7 +44,7 @@ pub static HOST_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_HOST_ADDRS, 0);
 
 /// Key: uplink ifindex; value: the address masqueraded traffic leaves with. Daemon writes.
 #[map(name = "UPLINKS")]
-pub static UPLINKS: HashMap<u32, u32> = HashMap::pinned(64, 0);
+pub static UPLINKS: HashMap<u32, u32> = HashMap::pinned(MAX_UPLINKS, 0);
 
 /// Published ports. Daemon writes on run/rm; datapath reads when a new flow arrives.
 #[map(name = "PORTMAP")]
@@ -44,9 +57,10 @@ pub static PORTMAP: HashMap<PortKey, Backend> = HashMap::pinned(MAX_PORTMAPS, 0)
 pub static PUBLISHED: HashMap<PortKey, u8> = HashMap::pinned(MAX_PORTMAPS, 0);
 
 /// NAT state, two entries per flow. Datapath creates and refreshes; daemon expires idle
-/// entries and flushes a removed container's flows.
+/// entries and flushes a removed container's flows. A preallocated hash, not an LRU: when it
+/// is full a new flow is refused (`ct-full`) rather than an established one evicted.
 #[map(name = "CT")]
-pub static CT: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+pub static CT: HashMap<Tuple, CtEntry> = HashMap::pinned(CT_ENTRIES, 0);
 
 /// Drops by reason (netpath_common::drop_reason). Datapath increments; daemon reports.
 #[map(name = "DROPS")]
@@ -54,7 +68,7 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_reason::MAX, 0);
 
 /// Conntrack counters (netpath_common::ct_stat). Datapath increments; daemon reports.
 #[map(name = "CT_STATS")]
-pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ct_stat::MAX, 0);
+pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(CT_STATS_SLOTS, 0);
 
 /// Daemon-set settings (netpath_common::config). Daemon writes at start; socket programs read.
 #[map(name = "CONFIG")]
@@ -63,7 +77,7 @@ pub static CONFIG: Array<u64> = Array::pinned(config::MAX, 0);
 /// Sockets whose destination the socket programs translated, so replies and getpeername show
 /// the address the application asked for. Socket programs write and read; LRU ages them out.
 #[map(name = "SOCK_REVNAT")]
-pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(65_536, 0);
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
 
 #[inline(always)]
 pub fn count(map: &PerCpuArray<u64>, idx: u32) {

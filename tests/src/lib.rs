@@ -54,6 +54,18 @@ pub struct Lab {
     daemon: Option<Child>,
 }
 
+/// The second build of the eBPF programs the upgrade tests switch to (`cargo xtask build`
+/// makes it): $NETPATH_TEST_EBPF_VARIANT, or its place in the workspace's target dir.
+pub fn variant_object() -> PathBuf {
+    if let Ok(p) = std::env::var("NETPATH_TEST_EBPF_VARIANT") {
+        return PathBuf::from(p);
+    }
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf-upgrade-test/bpfel-unknown-none/debug/netpath-ebpf");
+    assert!(p.is_file(), "{} is missing: run `cargo xtask build` first", p.display());
+    p
+}
+
 /// The netpath binary under test: $NETPATH_BIN, or `netpath` next to the test's target dir.
 pub fn netpath_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NETPATH_BIN") {
@@ -327,6 +339,12 @@ impl Lab {
             .as_str()
             .unwrap_or_else(|| panic!("{container} has no address on {network}"))
             .to_string()
+    }
+
+    /// The network namespace of a container (a file under the state dir): commands run there
+    /// directly keep running whatever the daemon does.
+    pub fn sandbox(&self, container: &str) -> PathBuf {
+        PathBuf::from(self.inspect(container)["NetworkSettings"]["SandboxKey"].as_str().expect("SandboxKey"))
     }
 
     /// Runs a command in the host namespace.

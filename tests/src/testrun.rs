@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use aya::programs::{TestRun, TestRunOptions};
-use netpath::datapath::Datapath;
+use netpath::datapath::{Datapath, LoadOptions};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -21,10 +21,15 @@ pub struct PrivateDatapath {
 impl PrivateDatapath {
     /// `tag` names the pin directory; unique per test.
     pub fn new(tag: &str) -> Self {
+        Self::with_options(tag, LoadOptions::default())
+    }
+
+    /// [`PrivateDatapath::new`] loading with `opts` (small tables, say).
+    pub fn with_options(tag: &str, opts: LoadOptions) -> Self {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
         sweep();
         let pins = std::env::temp_dir().join(format!("{PREFIX}{}-{tag}", std::process::id()));
-        match Datapath::load(&pins) {
+        match Datapath::load_with(&pins, opts) {
             Ok(dp) => PrivateDatapath { dp: Some(dp), pins },
             Err(e) => {
                 // The bpffs may be mounted already: a failed load must not leave it behind.
@@ -32,6 +37,18 @@ impl PrivateDatapath {
                 panic!("loading datapath: {e:?}");
             }
         }
+    }
+
+    /// Drops this datapath (its pins stay, as when a daemon stops) and loads another on the
+    /// same pins, as a restarted daemon does.
+    pub fn reload(&mut self, opts: LoadOptions) {
+        self.dp.take();
+        self.dp = Some(Datapath::load_with(&self.pins, opts).unwrap_or_else(|e| panic!("reloading: {e:?}")));
+    }
+
+    /// The pin directory (a private bpffs).
+    pub fn pins(&self) -> &std::path::Path {
+        &self.pins
     }
 
     pub fn dp(&mut self) -> &mut Datapath {

@@ -308,7 +308,7 @@ fn conflicting_host_ports_are_refused_and_change_nothing() {
 
 /// Entries of a pinned map of the lab's daemon, read straight from bpffs.
 fn pinned_len(lab: &Lab, name: &str) -> usize {
-    let m = aya::maps::MapData::from_pin(lab.bpffs.join(name)).unwrap();
+    let m = aya::maps::MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, name)).unwrap();
     let m = aya::maps::Map::HashMap(m);
     match name {
         "PORTMAP" => aya::maps::HashMap::<_, netpath_common::PortKey, netpath_common::Backend>::try_from(&m)

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use netpath::datapath::{Datapath, wire_addr, wire_port};
+use netpath::datapath::{Datapath, LoadOptions, wire_addr, wire_port};
 use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT};
 use netpath_common::{CtEntry, Tuple, ct_state, hook, net_flags, proto};
 use netpath_tests::packet::{
@@ -97,7 +97,17 @@ impl Fixture {
     /// A private namespace and datapath holding networks A, B and N, their containers, the
     /// host addresses (HOST, HOST2, the gateways) and HOST as the uplink (lo) address.
     fn new(tag: &str) -> Self {
-        let mut f = Fixture { inner: PrivateDatapath::new(&format!("nat-{tag}")), veths: HashMap::new() };
+        Self::with_options(tag, LoadOptions::default())
+    }
+
+    /// [`Fixture::new`] with a conntrack table of `entries` entries.
+    fn with_ct_size(tag: &str, entries: u32) -> Self {
+        Self::with_options(tag, LoadOptions { max_entries: vec![("CT".into(), entries)], ..Default::default() })
+    }
+
+    fn with_options(tag: &str, opts: LoadOptions) -> Self {
+        let inner = PrivateDatapath::with_options(&format!("nat-{tag}"), opts);
+        let mut f = Fixture { inner, veths: HashMap::new() };
         let dp = f.dp();
         dp.set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
         dp.set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), net_flags::MASQUERADE).unwrap();
@@ -1011,4 +1021,122 @@ fn ip_options_on_a_masqueraded_flow_are_translated_correctly() {
     assert_eq!(out, with_ip_options(&udp(HOST, 45000, CLIENT, 53), &opts));
     assert_checksums(&out);
     assert_eq!(ipv4_addrs(&out).0, ip(HOST));
+}
+
+// ---- a full conntrack table ----
+
+/// Publishes HOST:8080 and fills a 4-entry table with two flows: a published one (CLIENT:40000
+/// to A1) and a masqueraded one (A1:45000 to CLIENT:443).
+fn full_table(tag: &str) -> Fixture {
+    let mut f = Fixture::with_ct_size(tag, 4);
+    f.dp().set_port(None, PUB, proto::TCP, ip(A1), BACK).unwrap();
+    assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB)).0, TC_ACT_OK);
+    assert_eq!(f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443)).0, TC_ACT_OK);
+    assert_eq!(f.flows().len(), 4);
+    f
+}
+
+#[test]
+fn a_full_conntrack_table_drops_new_flows_as_ct_full() {
+    let mut f = full_table("ct-full");
+    // A new published flow, a new masqueraded flow and a new hairpin: each refused, counted.
+    let (verdict, _) = f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, _) = f.run(UPLINK_OUT, &udp(A2, 45001, CLIENT, 53));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, _) = f.run_from(A2, &tcp(A2, 45002, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.counter("ct-full"), 3);
+    assert_eq!(f.counter("ct-insert-failed"), 0, "a full table is not a clash");
+    assert_eq!(f.counter("flows-created"), 2);
+    assert_eq!(f.flows().len(), 4, "nothing half-made stays behind");
+}
+
+#[test]
+fn established_flows_keep_working_while_the_table_is_full() {
+    let mut f = full_table("ct-full-est");
+    assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB)).0, TC_ACT_SHOT);
+    // The published flow, both ways.
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40000, A1, BACK)));
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(HOST, PUB, CLIENT, 40000)));
+    // The masqueraded flow, both ways.
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(HOST, 45000, CLIENT, 443)));
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 443, HOST, 45000));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 443, A1, 45000)));
+    assert_eq!(f.flow(tuple(CLIENT, 443, HOST, 45000, proto::TCP)).state, ct_state::ESTABLISHED);
+    assert_eq!(f.counter("ct-full"), 1, "only the new flow was refused");
+}
+
+#[test]
+fn a_flow_that_fits_only_half_leaves_no_entry_behind() {
+    // Five entries: after two flows one is free, enough for the reply entry but not both.
+    let mut f = Fixture::with_ct_size("ct-half", 5);
+    f.dp().set_port(None, PUB, proto::TCP, ip(A1), BACK).unwrap();
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    let (verdict, _) = f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.counter("ct-full"), 1);
+    assert_eq!(f.flows().len(), 4, "the reply entry made first was taken back: {:#?}", f.flows());
+}
+
+#[test]
+fn room_made_by_the_daemon_lets_new_flows_in_again() {
+    let mut f = full_table("ct-full-room");
+    assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB)).0, TC_ACT_SHOT);
+    // The daemon expires idle flows (and flushes a removed container's).
+    assert_eq!(f.dp().expire_flows(u64::MAX).unwrap(), 4);
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40001, A1, BACK)));
+}
+
+#[test]
+fn table_pressure_is_reported_once_per_check_not_per_packet() {
+    let mut f = full_table("ct-full-warn");
+    assert!(f.dp().check_pressure().unwrap().is_empty(), "the first check only learns the counters");
+    for sport in 40001..40011 {
+        f.run(UPLINK_IN, &tcp(CLIENT, sport, HOST, PUB));
+    }
+    let w = f.dp().check_pressure().unwrap();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("conntrack table full (4 of 4 entries): 10 new flows dropped (ct-full)"), "{w:?}");
+    assert!(f.dp().check_pressure().unwrap().is_empty(), "nothing new, nothing said");
+}
+
+#[test]
+fn a_malformed_packet_toward_a_full_table_is_not_counted_as_a_flow() {
+    let mut f = full_table("ct-full-malformed");
+    // Truncated TCP header: not translatable, passes untouched, no ct-full.
+    let mut pkt = tcp(CLIENT, 40001, HOST, PUB);
+    pkt.truncate(14 + 20 + 10);
+    let (verdict, out) = f.run(UPLINK_IN, &pkt);
+    assert_eq!((verdict, out), (TC_ACT_OK, pkt));
+    assert_eq!(f.counter("ct-full"), 0);
+}
+
+#[test]
+fn exhausted_masquerade_ports_drop_new_flows_and_are_reported_once() {
+    let mut f = Fixture::new("ports-exhausted");
+    // Every source port masquerade may pick toward CLIENT:443 is taken (its reply tuple is
+    // tracked): the kept port 45000 and the whole 32768-60999 range.
+    let pin = netpath::datapath::map_pin(f.dp().pin_dir(), "CT");
+    let mut m = aya::maps::Map::HashMap(aya::maps::MapData::from_pin(pin).unwrap());
+    let mut ct = aya::maps::HashMap::<_, Tuple, CtEntry>::try_from(&mut m).unwrap();
+    for port in std::iter::once(45000).chain(32768..=60999) {
+        let taken = tuple(CLIENT, 443, HOST, port, proto::TCP);
+        ct.insert(taken, CtEntry { xlate: taken, hook: hook::UPLINK_IN, ..Default::default() }, 0).unwrap();
+    }
+    assert!(f.dp().check_pressure().unwrap().is_empty());
+    let (verdict, _) = f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.counter("nat-ports-exhausted"), 1);
+    let w = f.dp().check_pressure().unwrap();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("no free source port") && w[0].contains("(nat-ports-exhausted)"), "{w:?}");
+    // Another destination still has ports.
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 444));
+    assert_eq!((verdict, out), (TC_ACT_OK, tcp(HOST, 45000, CLIENT, 444)));
 }

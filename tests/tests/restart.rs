@@ -99,7 +99,9 @@ fn a_container_removed_after_restart_leaves_nothing_behind() {
 
 /// The published ports in the pinned port table, as (port, protocol).
 fn pinned_ports(lab: &Lab) -> Vec<(u16, u8)> {
-    let m = aya::maps::Map::HashMap(aya::maps::MapData::from_pin(lab.bpffs.join("PORTMAP")).unwrap());
+    let m = aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, "PORTMAP")).unwrap(),
+    );
     let m = aya::maps::HashMap::<_, netpath_common::PortKey, netpath_common::Backend>::try_from(&m).unwrap();
     let mut v: Vec<_> = m.keys().map(|k| k.unwrap()).map(|k| (u16::from_be(k.port), k.proto)).collect();
     v.sort();
@@ -114,7 +116,9 @@ fn a_restart_withdraws_published_ports_the_state_does_not_know() {
     whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     lab.stop_daemon();
     {
-        let mut m = aya::maps::Map::HashMap(aya::maps::MapData::from_pin(lab.bpffs.join("PORTMAP")).unwrap());
+        let mut m = aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, "PORTMAP")).unwrap(),
+        );
         let mut m =
             aya::maps::HashMap::<_, netpath_common::PortKey, netpath_common::Backend>::try_from(&mut m).unwrap();
         let key = netpath_common::PortKey { addr: 0, port: 9999u16.to_be(), proto: 6, _pad: 0 };

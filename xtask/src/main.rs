@@ -97,8 +97,34 @@ fn build_ebpf(release: bool) -> Result<()> {
     Ok(())
 }
 
+/// Where the upgrade tests' second build of the programs goes (its own target dir, so the
+/// feature switch never rebuilds the embedded object).
+fn variant_object() -> std::path::PathBuf {
+    target_dir().join("ebpf-upgrade-test").join("bpfel-unknown-none").join("debug").join("netpath-ebpf")
+}
+
+/// Builds the `upgrade-test` variant of the eBPF object (programs and map layouts differ).
+fn build_ebpf_variant() -> Result<()> {
+    run(command("cargo")
+        .args(["+nightly", "build", "-p", "netpath-ebpf", "--features", "upgrade-test"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(target_dir().join("ebpf-upgrade-test")))
+    .context("building the upgrade-test eBPF object")?;
+    let obj = variant_object();
+    if !obj.is_file() {
+        bail!("the eBPF build succeeded but {} is missing", obj.display());
+    }
+    eprintln!("xtask: upgrade-test eBPF object: {}", obj.display());
+    Ok(())
+}
+
 fn build(release: bool) -> Result<()> {
     build_ebpf(release)?;
+    if !release {
+        // The tests upgrade the datapath to it and back.
+        build_ebpf_variant()?;
+    }
     run(command("cargo").arg("build").args(profile_args(release))).context("cargo build")
 }
 
@@ -115,7 +141,7 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     // The end-to-end tests run the `netpath` binary itself, which `cargo test` does not build.
     build(false)?;
     let mut cmd = command("cargo");
-    cmd.arg("test").args(cargo_args);
+    cmd.arg("test").args(cargo_args).env("NETPATH_TEST_EBPF_VARIANT", variant_object());
     if !test_args.is_empty() {
         cmd.arg("--").args(test_args);
     }

@@ -54,6 +54,14 @@ pub trait Variant {
     /// Undoes what setup did outside the lab's namespaces' lifetime (netavark teardown, CNI
     /// DEL, netpath rm); the lab itself is removed when the variant is dropped.
     fn teardown(&mut self) -> Result<()>;
+    /// The namespace a restartable daemon runs in (None: no daemon, the kernel state is all).
+    fn host_ns(&self) -> Option<&Path> {
+        None
+    }
+    /// Stops the variant's daemon and starts it again (see [`Variant::host_ns`]).
+    fn restart(&mut self) -> Result<()> {
+        bail!("{} has no daemon to restart", self.label())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -171,6 +171,17 @@ impl Variant for Netpath {
         Ok(took)
     }
 
+    fn host_ns(&self) -> Option<&Path> {
+        Some(&self.lab.host_ns)
+    }
+
+    /// SIGTERM, then a new daemon: the pinned datapath keeps forwarding meanwhile.
+    fn restart(&mut self) -> Result<()> {
+        self.lab.stop_daemon();
+        self.lab.start_daemon();
+        Ok(())
+    }
+
     fn teardown(&mut self) -> Result<()> {
         if std::mem::take(&mut self.running) {
             np(&self.lab, &["rm", "-f", SERVER])?;

@@ -105,6 +105,7 @@ pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/_ping", get(|| async { "OK" }))
         .route("/system/info", get(system_info))
+        .route("/version", get(version))
         .route("/networks", get(list_networks).post(create_network))
         .route("/networks/{name}", get(inspect_network).delete(remove_network))
         .route("/networks/{name}/connect", post(connect))
@@ -119,6 +120,12 @@ pub fn router(shared: Shared) -> Router {
         .route("/datapath/flows", get(flows))
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), crate::daemon::metrics::time_requests))
         .with_state(shared)
+}
+
+/// This daemon's version and the build id of the eBPF object it runs.
+async fn version(State(d): State<Shared>) -> Json {
+    let object = d.datapath_object_id();
+    axum::Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "ebpf_object": object }))
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {

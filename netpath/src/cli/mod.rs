@@ -49,7 +49,12 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Load this eBPF object instead of the embedded one (development and upgrade tests).
+        #[arg(long, hide = true)]
+        ebpf_object: Option<PathBuf>,
     },
+    /// Versions: this CLI, its embedded eBPF object and, if one answers, the daemon's.
+    Version,
     /// Manage networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
@@ -81,7 +86,7 @@ enum SystemCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers, resolv_conf, metrics_addr } => {
+        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers, resolv_conf, metrics_addr, ebpf_object } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
@@ -96,6 +101,7 @@ pub fn main() -> ExitCode {
                 shutdown_containers,
                 resolv_conf,
                 metrics_addr,
+                ebpf_object,
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(crate::api::server::run(cfg)) {
@@ -107,6 +113,19 @@ pub fn main() -> ExitCode {
             let code = crate::daemon::process::supervise(&exit_file, &cmd);
             ExitCode::from(u8::try_from(code).unwrap_or(255))
         }
+        Cmd::Version => run_client(&cli.socket, |c| async move {
+            println!("netpath {}", env!("CARGO_PKG_VERSION"));
+            println!("eBPF object: {}", crate::datapath::object_id(crate::datapath::EBPF_OBJECT));
+            match c.get("/version").await {
+                Ok(v) => {
+                    let field = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+                    println!("daemon: netpath {}", field("version"));
+                    println!("daemon eBPF object: {}", field("ebpf_object"));
+                }
+                Err(e) => println!("daemon: not reachable ({e:#})"),
+            }
+            Ok(0)
+        }),
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
         Cmd::System(sc) => run_client(&cli.socket, |c| async move {
             let path = match sc {

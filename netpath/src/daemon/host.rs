@@ -195,6 +195,8 @@ impl Daemon {
             if let Err(e) = self.dp().expire_flows(now) {
                 warn!("expiring flows: {e:#}");
             }
+            // Table pressure warnings, pins of links whose interface vanished.
+            self.dp().housekeeping();
             self.collect_exits().await;
             n += 1;
             if n.is_multiple_of(12)

@@ -89,7 +89,7 @@ impl Daemon {
         o.family("netpath_conntrack_entries", "gauge", "Entries in the connection-tracking (NAT) table, two per flow.");
         o.sample("netpath_conntrack_entries", &[], counters.ct_entries);
         o.family("netpath_conntrack_capacity", "gauge", "Entries the connection-tracking table holds at most.");
-        o.sample("netpath_conntrack_capacity", &[], netpath_common::CT_MAX_ENTRIES);
+        o.sample("netpath_conntrack_capacity", &[], counters.ct_capacity);
         o.family("netpath_conntrack_events_total", "counter", "Connection-tracking events by kind.");
         for (k, v) in &counters.conntrack {
             o.sample("netpath_conntrack_events_total", &[("event", k)], v);

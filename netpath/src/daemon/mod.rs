@@ -58,6 +58,8 @@ pub struct Config {
     pub resolv_conf: PathBuf,
     /// Where to serve Prometheus metrics (off when None).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Load this eBPF object instead of the embedded one (development, upgrade tests).
+    pub ebpf_object: Option<PathBuf>,
 }
 
 pub struct Daemon {
@@ -113,7 +115,12 @@ impl Daemon {
         for up in &cfg.uplinks {
             nl.link_index(up).await?.with_context(|| format!("--uplink {up}: no such interface"))?;
         }
-        let datapath = Datapath::load(&cfg.bpffs)
+        let object = match &cfg.ebpf_object {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading eBPF object {}", p.display()))?),
+            None => None,
+        };
+        let opts = crate::datapath::LoadOptions { object, ..Default::default() };
+        let datapath = Datapath::load_with(&cfg.bpffs, opts)
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
@@ -146,6 +153,8 @@ impl Daemon {
         if let Err(e) = self.refresh_host().await {
             tracing::warn!("refreshing host interfaces: {e:#}");
         }
+        // Programs a former state attached (and this one no longer wants) stop now.
+        self.dp().release_unclaimed();
         let ms = t.elapsed().as_millis() as u64;
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
@@ -257,6 +266,11 @@ impl Daemon {
             "Bpffs": self.cfg.bpffs,
             "Version": env!("CARGO_PKG_VERSION"),
         })
+    }
+
+    /// The build id of the eBPF object the datapath runs.
+    pub fn datapath_object_id(&self) -> String {
+        self.dp().object_id().to_string()
     }
 
     /// Datapath-wide counters (drops by reason, conntrack).

@@ -1,9 +1,20 @@
-//! The datapath: loads the embedded eBPF object, attaches its programs to endpoint interfaces
-//! and owns every map handle. The rest of the daemon talks to the kernel datapath only here.
+//! The datapath: loads the eBPF object, attaches its programs to endpoint interfaces and owns
+//! every map handle. The rest of the daemon talks to the kernel datapath only here.
+//!
+//! Everything it attaches and every map is pinned under the daemon's bpffs dir (layout in
+//! `pins.rs`), so the datapath keeps forwarding while no daemon runs, and a new daemon — the
+//! same build or another — adopts it: maps are reused or migrated (`migrate.rs`), links get
+//! the new programs atomically (`links.rs`).
 
 mod bpffs;
+mod links;
+mod migrate;
+pub mod pins;
+mod sys;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use std::net::Ipv4Addr;
@@ -11,17 +22,17 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
-};
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netpath_common::{
     Backend, CtEntry, EndpointInfo, EndpointStats, NetworkInfo, PortKey, Tuple, config, ct_stat, drop_reason,
     map_names, prog_names,
 };
+use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
+pub use pins::map_pin;
 
 mod conntrack;
 pub use conntrack::ct_timeout;
@@ -39,12 +50,32 @@ pub fn wire_port(port: u16) -> u16 {
 /// The compiled datapath (`netpath-ebpf`), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpath-ebpf.o"));
 
+/// An eBPF object's build id: the start of its SHA-256, as `netpath version` shows it.
+pub fn object_id(object: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(object).iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// What to load besides the defaults.
+#[derive(Default)]
+pub struct LoadOptions {
+    /// Another eBPF object than the embedded one (`netpath daemon --ebpf-object`).
+    pub object: Option<Vec<u8>>,
+    /// Map sizes other than the object's (tests fill small tables).
+    pub max_entries: Vec<(String, u32)>,
+}
+
+const CONTAINER_PROGS: [&str; 2] = [prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER];
+const UPLINK_PROGS: [&str; 2] = [prog_names::UPLINK_IN, prog_names::UPLINK_OUT];
+
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Host-side veth ifindex → the (from_container, to_container) tcx links we attached.
-    attached: HashMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
-    /// Uplink ifindex → the (uplink_in, uplink_out) tcx links.
-    uplinks: HashMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    pins: pins::Pins,
+    links: links::Links,
+    object_id: String,
+    ct_capacity: u32,
+    /// Drop counters at the last pressure check (see [`Datapath::check_pressure`]).
+    last_drops: HashMap<u32, u64>,
 }
 
 /// Datapath-wide counters for `netpath info`-style reporting.
@@ -57,17 +88,77 @@ pub struct Counters {
     pub endpoints: usize,
     /// Published host ports (PORTMAP).
     pub published_ports: usize,
+    /// How many entries the conntrack table holds at most.
+    pub ct_capacity: u32,
 }
 
 impl Datapath {
-    /// Loads every program and opens (or creates) the maps pinned under `pin_dir`, which is made
-    /// a bpffs mount if it is not on one already. Pinned maps keep counters across restarts.
+    /// Loads the embedded object with its maps pinned under `pin_dir` (made a bpffs mount if it
+    /// is not on one already), adopting whatever an earlier daemon left there.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_with(pin_dir, LoadOptions::default())
+    }
+
+    /// [`Datapath::load`], with another object or map sizes. In order, so no flow is dropped:
+    /// plan every map (open the pins to migrate from), load the object (reused maps opened,
+    /// new ones created), verify the programs, copy the migrating maps, move every pinned
+    /// link to the new programs, copy again what the old programs wrote meanwhile, then put
+    /// the new maps under their final names and remove the old pins.
+    pub fn load_with(pin_dir: &Path, opts: LoadOptions) -> Result<Self> {
         ensure_bpffs(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (is the kernel's BPF support enabled?)")?;
+        let pins = pins::Pins::new(pin_dir);
+        pins.make_dirs()?;
+        let object: Cow<[u8]> = opts.object.map_or(Cow::Borrowed(EBPF_OBJECT), Cow::Owned);
+        let wants = migrate::object_layouts(&object, &opts.max_entries)?;
+        migrate::sweep_unknown(&pins, &wants);
+        let mut plans = migrate::plan(&pins, &wants)?;
+        let loaded = Self::load_object(&object, &plans, &opts.max_entries);
+        let ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                plans.iter().for_each(|p| p.abort());
+                return Err(e);
+            }
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        for p in plans.iter_mut().filter(|p| p.migrating()) {
+            let m = sys::obj_get(&p.load_path).with_context(|| format!("opening {}", p.load_path.display()))?;
+            p.copy(m.as_fd(), cpus).with_context(|| format!("copying map {}", p.name))?;
+        }
+        let mut links = links::Links::new(pins.clone());
+        let adopted = links.adopt(&ebpf)?;
+        if plans.iter().any(|p| p.migrating()) {
+            // Old programs still running on another CPU finish within microseconds.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        for p in plans.iter_mut().filter(|p| p.migrating()) {
+            let m = sys::obj_get(&p.load_path).with_context(|| format!("opening {}", p.load_path.display()))?;
+            // The programs moved already: a failure here costs entries, not the datapath.
+            if let Err(e) = p.copy_again(m.as_fd(), cpus) {
+                warn!("map {}: copying what the old programs wrote last: {e:#}", p.name);
+            }
+        }
+        for p in plans {
+            let (name, rev) = (p.name.clone(), p.rev());
+            p.finish().with_context(|| format!("pinning map {name} rev {rev}"))?;
+        }
+        let object_id = object_id(&object);
+        let ct_capacity = wants.iter().find(|w| w.name == map_names::CT).map_or(0, |w| w.info.max_entries);
+        if adopted > 0 {
+            info!("datapath {object_id}: took over {adopted} attached links");
+        }
+        Ok(Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new() })
+    }
+
+    fn load_object(object: &[u8], plans: &[migrate::MapPlan], max_entries: &[(String, u32)]) -> Result<Ebpf> {
+        let mut loader = EbpfLoader::new();
+        for p in plans {
+            loader.map_pin_path(&p.name, p.load_path.as_path());
+        }
+        for (name, n) in max_entries {
+            loader.map_max_entries(name, *n);
+        }
+        let mut ebpf = loader.load(object).context("loading the eBPF object (is the kernel's BPF support enabled?)")?;
         for name in
             [prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT]
         {
@@ -84,7 +175,41 @@ impl Datapath {
                 .try_into()?;
             retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
         }
-        Ok(Self { ebpf, attached: HashMap::new(), uplinks: HashMap::new() })
+        Ok(ebpf)
+    }
+
+    /// The build id of the loaded object.
+    pub fn object_id(&self) -> &str {
+        &self.object_id
+    }
+
+    /// Where this datapath pins its maps and links.
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.root()
+    }
+
+    /// Detaches the pinned links this daemon did not ask for since it loaded: endpoints and
+    /// uplinks its state no longer has. Call once the state is reconciled.
+    pub fn release_unclaimed(&mut self) {
+        let n = self.links.release_unclaimed();
+        if n > 0 {
+            info!("detached {n} links no container or uplink claims");
+        }
+    }
+
+    /// Tears the datapath down: every program detached, every link pin removed. The maps stay
+    /// pinned (a later daemon finds its counters); [`Datapath::unpin_maps`] removes them too.
+    pub fn detach_all(&mut self) {
+        self.links.detach_all();
+    }
+
+    /// Removes every map pin (after [`Datapath::detach_all`]: nothing is left on the bpffs).
+    pub fn unpin_maps(&self) -> Result<()> {
+        let dir = self.pins.maps_dir();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+        }
+        Ok(())
     }
 
     /// Attaches the socket programs to the cgroup2 root at `cgroup`, acting only for sockets of
@@ -93,14 +218,8 @@ impl Datapath {
     pub fn attach_sockets(&mut self, cgroup: &Path, netns_cookie: u64) -> Result<()> {
         let mut cfg: Array<_, u64> = self.map(map_names::CONFIG)?;
         cfg.set(config::HOST_NETNS_COOKIE, netns_cookie, 0).context("setting the namespace cookie")?;
-        let dir = std::fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in prog_names::SOCK {
-            let prog: &mut CgroupSockAddr =
-                self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
-            // Kernels >= 5.7 attach through a bpf_link, which always coexists with other
-            // programs and refuses the ALLOW_MULTI flag; "Single" means no flag here.
-            prog.attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            self.links.attach_cgroup(&self.ebpf, cgroup, name)?;
         }
         Ok(())
     }
@@ -279,69 +398,97 @@ impl Datapath {
         c.ct_entries = self.ct()?.keys().count();
         c.endpoints = self.endpoint_keys()?.len();
         c.published_ports = self.port_keys()?.len();
+        c.ct_capacity = self.ct_capacity;
         Ok(c)
     }
 
-    /// Attaches an ingress/egress program pair to an interface; on failure nothing stays attached.
-    fn attach_pair(
-        &mut self,
-        ifname: &str,
-        ingress: &str,
-        egress: &str,
-    ) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId)> {
-        let i = self
-            .classifier(ingress)?
-            .attach(ifname, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {ingress} to {ifname}"))?;
-        match self.classifier(egress)?.attach(ifname, TcAttachType::Egress) {
-            Ok(e) => Ok((i, e)),
-            Err(err) => {
-                let _ = self.classifier(ingress)?.detach(i);
-                Err(err).with_context(|| format!("attaching {egress} to {ifname}"))
-            }
+    /// Periodic upkeep (the daemon calls it every few seconds): table pressure warnings, and
+    /// the pins of links whose interface disappeared without the daemon detaching it (a
+    /// container namespace deleted under us takes its veth along).
+    pub fn housekeeping(&mut self) {
+        if let Err(e) = self.check_pressure() {
+            warn!("checking table pressure: {e:#}");
+        }
+        let n = self.links.prune_defunct();
+        if n > 0 {
+            info!("removed {n} link pins of interfaces that are gone");
         }
     }
 
-    /// Starts accounting for an endpoint: a counter entry (kept if it survived a restart) and
-    /// the programs on both directions of its host-side veth. Idempotent.
-    pub fn attach_endpoint(&mut self, host_ifname: &str, ifindex: u32) -> Result<()> {
-        if self.attached.contains_key(&ifindex) {
-            return Ok(());
+    /// Logs (and returns) one warning per call — the daemon calls it every few seconds — for
+    /// each kind of table pressure that dropped new flows since the last call: a full
+    /// conntrack table, no free masquerade port. Established flows are not affected by either.
+    pub fn check_pressure(&mut self) -> Result<Vec<String>> {
+        let drops: PerCpuArray<_, u64> = self.map(map_names::DROPS)?;
+        let totals: Vec<(u32, u64)> = [drop_reason::CT_FULL, drop_reason::NAT_PORTS_EXHAUSTED]
+            .into_iter()
+            .map(|r| (r, drops.get(&r, 0).map(|v| v.iter().sum()).unwrap_or(0)))
+            .collect();
+        let mut moved = vec![];
+        for (reason, total) in totals {
+            let last = self.last_drops.insert(reason, total);
+            // The first look only learns where the counter stands (it survives restarts).
+            if let Some(last) = last
+                && total > last
+            {
+                moved.push((reason, total - last));
+            }
         }
-        self.track_endpoint(ifindex)?;
-        let links = self.attach_pair(host_ifname, prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER)?;
-        self.attached.insert(ifindex, links);
+        let mut warnings = vec![];
+        for (reason, n) in moved {
+            let name = drop_reason::NAMES[reason as usize];
+            let w = if reason == drop_reason::CT_FULL {
+                let entries = self.ct()?.keys().count();
+                format!(
+                    "conntrack table full ({entries} of {} entries): {n} new flows dropped ({name}) since the last check; established flows are unaffected",
+                    self.ct_capacity
+                )
+            } else {
+                format!("no free source port to masquerade with: {n} new flows dropped ({name}) since the last check")
+            };
+            warn!("{w}");
+            warnings.push(w);
+        }
+        Ok(warnings)
+    }
+
+    /// Attaches an ingress/egress program pair to an interface; on failure nothing this call
+    /// made stays attached.
+    fn attach_pair(&mut self, ifname: &str, ifindex: u32, [ingress, egress]: [&str; 2]) -> Result<()> {
+        let made = self.links.attach_tcx(&self.ebpf, ifname, ifindex, ingress)?;
+        if let Err(e) = self.links.attach_tcx(&self.ebpf, ifname, ifindex, egress) {
+            if made {
+                self.links.detach(&pins::Pins::link_name(ifname, ingress));
+            }
+            return Err(e);
+        }
         Ok(())
+    }
+
+    /// Starts accounting for an endpoint: a counter entry (kept if it survived a restart) and
+    /// the programs on both directions of its host-side veth (adopted if they still are).
+    /// Idempotent.
+    pub fn attach_endpoint(&mut self, host_ifname: &str, ifindex: u32) -> Result<()> {
+        self.track_endpoint(ifindex)?;
+        self.attach_pair(host_ifname, ifindex, CONTAINER_PROGS)
     }
 
     /// Attaches the NAT programs to an uplink and records the address masqueraded traffic
     /// leaves with. Idempotent; a new address replaces the old one.
     pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<()> {
         self.set_uplink_addr(ifindex, addr)?;
-        if !self.uplinks.contains_key(&ifindex) {
-            let links = self.attach_pair(ifname, prog_names::UPLINK_IN, prog_names::UPLINK_OUT)?;
-            self.uplinks.insert(ifindex, links);
-        }
-        Ok(())
+        self.attach_pair(ifname, ifindex, UPLINK_PROGS)
     }
 
-    /// Takes the NAT programs off an uplink (gone, or no longer one) and forgets its address.
+    /// Detaches the NAT programs from an uplink and forgets its address.
     pub fn detach_uplink(&mut self, ifindex: u32) -> Result<()> {
-        if let Some((i, e)) = self.uplinks.remove(&ifindex) {
-            let _ = self.classifier(prog_names::UPLINK_IN)?.detach(i);
-            let _ = self.classifier(prog_names::UPLINK_OUT)?.detach(e);
-        }
+        self.links.detach_ifindex(ifindex, &UPLINK_PROGS);
         self.set_uplink_addr(ifindex, None)
     }
 
-    /// Takes every program off every interface (endpoints and uplinks).
-    pub fn detach_all(&mut self) {
-        for idx in self.attached.keys().copied().collect::<Vec<_>>() {
-            let _ = self.detach_endpoint(idx);
-        }
-        for idx in self.uplinks.keys().copied().collect::<Vec<_>>() {
-            let _ = self.detach_uplink(idx);
-        }
+    /// The ifindexes of the interfaces the uplink programs are attached to.
+    pub fn uplink_ifindexes(&self) -> Vec<u32> {
+        self.links.ifindexes(prog_names::UPLINK_IN)
     }
 
     /// Every container address the datapath knows.
@@ -365,10 +512,7 @@ impl Datapath {
     /// Stops accounting for an endpoint and forgets its counters. The veth may already be gone
     /// (the kernel drops tcx links with their device), so detach errors are not failures.
     pub fn detach_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        if let Some((from, to)) = self.attached.remove(&ifindex) {
-            let _ = self.classifier(prog_names::FROM_CONTAINER)?.detach(from);
-            let _ = self.classifier(prog_names::TO_CONTAINER)?.detach(to);
-        }
+        self.links.detach_ifindex(ifindex, &CONTAINER_PROGS);
         let mut stats = self.stats_map()?;
         if stats.get(&ifindex, 0).is_ok() {
             stats.remove(&ifindex).context("removing endpoint counters")?;

@@ -1,0 +1,144 @@
+//! The layout of every pinned map, versioned. Maps are pinned as `maps/<NAME>.v<rev>` under the
+//! daemon's bpffs dir; a daemon only reuses a pin whose kernel-reported layout matches what it
+//! loads, and migrates (or, failing that, replaces with a logged reason) any other. The sizes
+//! here are literals on purpose: the tests below fail when a key or value type changes size,
+//! and the fix is a new revision (plus a converter in the daemon's `datapath/migrate.rs`), not
+//! an edited one.
+
+use crate::{
+    CT_MAX_ENTRIES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES,
+    config, ct_stat, drop_reason, map_names as n,
+};
+
+/// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
+pub mod map_type {
+    pub const HASH: u32 = 1;
+    pub const ARRAY: u32 = 2;
+    pub const PERCPU_HASH: u32 = 5;
+    pub const PERCPU_ARRAY: u32 = 6;
+    pub const LRU_HASH: u32 = 9;
+    pub const LPM_TRIE: u32 = 11;
+}
+
+/// `BPF_F_NO_PREALLOC`: LPM tries require it.
+pub const NO_PREALLOC: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    /// Bumped by hand whenever keys or values change size or meaning. Revision 0 is the
+    /// unversioned pins (`<bpffs>/<NAME>`) of builds from before pins were versioned.
+    pub rev: u32,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+const fn map(name: &'static str, rev: u32, map_type: u32, key: u32, value: u32, max: u32, flags: u32) -> MapLayout {
+    MapLayout { name, rev, map_type, key_size: key, value_size: value, max_entries: max, flags }
+}
+
+use map_type::*;
+
+/// Every map of the datapath, as this build defines it. A map the eBPF object pins must be
+/// here (the daemon refuses to load an object with an unlisted one): a new map starts at
+/// revision 1.
+pub const MAPS: &[MapLayout] = &[
+    map(n::ENDPOINT_STATS, 1, PERCPU_HASH, 4, 32, MAX_ENDPOINTS, 0),
+    map(n::ENDPOINTS, 1, HASH, 4, 20, MAX_ENDPOINTS, 0),
+    map(n::NETWORKS, 1, LPM_TRIE, 8, 12, MAX_NETWORKS, NO_PREALLOC),
+    map(n::HOST_ADDRS, 1, HASH, 4, 4, MAX_HOST_ADDRS, 0),
+    map(n::UPLINKS, 1, HASH, 4, 4, MAX_UPLINKS, 0),
+    map(n::PORTMAP, 1, HASH, 8, 8, MAX_PORTMAPS, 0),
+    map(n::PUBLISHED, 1, HASH, 8, 1, MAX_PORTMAPS, 0),
+    // rev 1: a preallocated hash instead of rev 0's LRU (same entries).
+    map(n::CT, 1, HASH, 16, 32, CT_MAX_ENTRIES, 0),
+    // rev 1: the ct-full slot was added.
+    map(n::DROPS, 1, PERCPU_ARRAY, 4, 8, drop_reason::MAX, 0),
+    map(n::CT_STATS, 1, PERCPU_ARRAY, 4, 8, ct_stat::MAX, 0),
+    map(n::CONFIG, 1, ARRAY, 4, 8, config::MAX, 0),
+    map(n::SOCK_REVNAT, 1, LRU_HASH, 16, 8, SOCK_REVNAT_MAX_ENTRIES, 0),
+];
+
+/// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
+pub const PREVIOUS: &[MapLayout] = &[
+    map(n::ENDPOINT_STATS, 0, PERCPU_HASH, 4, 32, MAX_ENDPOINTS, 0),
+    map(n::ENDPOINTS, 0, HASH, 4, 20, MAX_ENDPOINTS, 0),
+    map(n::NETWORKS, 0, LPM_TRIE, 8, 12, MAX_NETWORKS, NO_PREALLOC),
+    map(n::HOST_ADDRS, 0, HASH, 4, 4, MAX_HOST_ADDRS, 0),
+    map(n::UPLINKS, 0, HASH, 4, 4, 64, 0),
+    map(n::PORTMAP, 0, HASH, 8, 8, MAX_PORTMAPS, 0),
+    map(n::PUBLISHED, 0, HASH, 8, 1, MAX_PORTMAPS, 0),
+    map(n::CT, 0, LRU_HASH, 16, 32, 131_072, 0),
+    map(n::DROPS, 0, PERCPU_ARRAY, 4, 8, 6, 0),
+    map(n::CT_STATS, 0, PERCPU_ARRAY, 4, 8, 2, 0),
+    map(n::CONFIG, 0, ARRAY, 4, 8, 1, 0),
+    map(n::SOCK_REVNAT, 0, LRU_HASH, 16, 8, 65_536, 0),
+];
+
+/// The current layout of map `name`.
+pub fn current(name: &str) -> Option<&'static MapLayout> {
+    MAPS.iter().find(|m| m.name == name)
+}
+
+/// Layout revision `rev` of map `name`, current or previous.
+pub fn revision(name: &str, rev: u32) -> Option<&'static MapLayout> {
+    MAPS.iter().chain(PREVIOUS.iter()).find(|m| m.name == name && m.rev == rev)
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+    use crate::*;
+
+    fn sizes(name: &str) -> (usize, usize) {
+        let l = current(name).unwrap();
+        (l.key_size as usize, l.value_size as usize)
+    }
+
+    #[test]
+    fn every_key_and_value_type_has_the_size_its_layout_revision_says() {
+        // A failure here means a shared type changed size: add a revision to MAPS (the old
+        // one goes to PREVIOUS) and a converter in netpath/src/datapath/migrate.rs.
+        assert_eq!(sizes(n::ENDPOINT_STATS), (size_of::<u32>(), size_of::<EndpointStats>()));
+        assert_eq!(sizes(n::ENDPOINTS), (size_of::<u32>(), size_of::<EndpointInfo>()));
+        // LPM keys: a u32 prefix length, then the u32 address.
+        assert_eq!(sizes(n::NETWORKS), (4 + size_of::<u32>(), size_of::<NetworkInfo>()));
+        assert_eq!(sizes(n::HOST_ADDRS), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::UPLINKS), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::PORTMAP), (size_of::<PortKey>(), size_of::<Backend>()));
+        assert_eq!(sizes(n::PUBLISHED), (size_of::<PortKey>(), size_of::<u8>()));
+        assert_eq!(sizes(n::CT), (size_of::<Tuple>(), size_of::<CtEntry>()));
+        assert_eq!(sizes(n::DROPS), (size_of::<u32>(), size_of::<u64>()));
+        assert_eq!(sizes(n::CT_STATS), (size_of::<u32>(), size_of::<u64>()));
+        assert_eq!(sizes(n::CONFIG), (size_of::<u32>(), size_of::<u64>()));
+        assert_eq!(sizes(n::SOCK_REVNAT), (size_of::<SockRevKey>(), size_of::<SockRevValue>()));
+    }
+
+    #[test]
+    fn array_lengths_follow_their_index_constants() {
+        assert_eq!(current(n::DROPS).unwrap().max_entries, drop_reason::MAX);
+        assert_eq!(current(n::CT_STATS).unwrap().max_entries, ct_stat::MAX);
+        assert_eq!(current(n::CONFIG).unwrap().max_entries, config::MAX);
+    }
+
+    #[test]
+    fn a_revision_names_one_key_and_value_layout() {
+        for a in MAPS.iter().chain(PREVIOUS.iter()) {
+            for b in MAPS.iter().chain(PREVIOUS.iter()) {
+                if a.name == b.name && a.rev == b.rev {
+                    assert_eq!((a.key_size, a.value_size), (b.key_size, b.value_size), "{} rev {}", a.name, a.rev);
+                }
+            }
+        }
+        for m in MAPS {
+            assert!(m.rev >= 1, "{}: revision 0 is reserved for unversioned pins", m.name);
+            assert!(PREVIOUS.iter().filter(|p| p.name == m.name).all(|p| p.rev < m.rev), "{}", m.name);
+            assert_eq!(MAPS.iter().filter(|o| o.name == m.name).count(), 1, "{}", m.name);
+        }
+    }
+}
