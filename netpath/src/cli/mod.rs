@@ -103,7 +103,15 @@ pub fn main() -> ExitCode {
                 metrics_addr,
                 ebpf_object,
             };
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            // Much of the daemon's work is syscalls that wait out RCU grace periods (mounts,
+            // link and program changes): more workers than CPUs keep a few such waits from
+            // stalling every other request.
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads((4 * cpus).max(8))
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             match rt.block_on(crate::api::server::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),

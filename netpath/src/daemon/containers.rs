@@ -267,44 +267,64 @@ impl Daemon {
 
     /// Wires one endpoint (driver) and attaches the datapath to its host interface.
     pub(super) async fn wire(&self, c: &Container, ep: &Endpoint, primary: bool) -> anyhow::Result<()> {
+        let mut laps = super::Laps::new();
         let net = self.state().network_by_id(&ep.network_id).context("endpoint on unknown network")?.clone();
         let host_if = driver(net.driver).ensure_endpoint(&self.nl, &net, &c.sandbox, ep, primary).await?;
+        laps.lap("driver");
         if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
             self.attach_endpoint(&net, ep, name, idx)?;
         }
+        laps.lap("datapath");
+        tracing::debug!("wire {} {}: {laps}", c.name, ep.ifname);
         Ok(())
     }
 
     /// The datapath side of a wired endpoint: programs on its host veth, its map entry.
     pub(super) fn attach_endpoint(&self, net: &Network, ep: &Endpoint, host_if: &str, idx: u32) -> anyhow::Result<()> {
-        let mut dp = self.dp();
-        dp.attach_endpoint(host_if, idx)?;
+        self.dp().track_endpoint(idx)?;
+        // Without the datapath's lock: the kernel makes a new link wait for a grace period.
+        self.links.attach(host_if, idx)?;
         if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
-            dp.set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
+            self.dp().set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
         }
         Ok(())
     }
 
-    /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine.
+    /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth
+    /// goes first: its programs go with it, which spares each of them a detach (an RCU grace
+    /// period under the RTNL lock).
     async fn unwire(&self, ep: &Endpoint) -> anyhow::Result<()> {
-        if let Some(name) = ep.host_ifname.as_deref()
-            && let Some(idx) = self.nl.link_index(name).await?
-        {
-            self.dp().detach_endpoint(idx)?;
-        }
-        if let Some(ip) = ep.ipv4 {
-            let mut dp = self.dp();
-            dp.remove_endpoint(ip)?;
-            dp.flush_flows(ip)?;
-        }
-        let Some(net) = self.state().network_by_id(&ep.network_id).cloned() else {
-            // Its network went first (a crash between the two): only a veth can be left.
-            if let Some(h) = &ep.host_ifname {
-                self.nl.delete_link(h).await?;
-            }
-            return Ok(());
+        let mut laps = super::Laps::new();
+        let idx = match ep.host_ifname.as_deref() {
+            Some(name) => self.nl.link_index(name).await?,
+            None => None,
         };
-        driver(net.driver).remove_endpoint(&self.nl, &net, ep).await
+        if let Some(ip) = ep.ipv4 {
+            self.dp().remove_endpoint(ip)?;
+            self.flush_flows(ip).await;
+        }
+        laps.lap("maps");
+        let net = self.state().network_by_id(&ep.network_id).cloned();
+        let removed = match net {
+            Some(net) => driver(net.driver).remove_endpoint(&self.nl, &net, ep).await,
+            // Its network went first (a crash between the two): only a veth can be left.
+            None => match &ep.host_ifname {
+                Some(h) => self.nl.delete_link(h).await,
+                None => Ok(()),
+            },
+        };
+        laps.lap("link");
+        if let Some(idx) = idx {
+            if removed.is_ok() {
+                self.dp().forget_endpoint_stats(idx)?;
+                self.links.forget(idx);
+            } else {
+                self.dp().detach_endpoint(idx)?;
+            }
+        }
+        laps.lap("pins");
+        tracing::debug!("unwire {}: {laps}", ep.ifname);
+        removed
     }
 
     /// Undoes [`Self::build_sandbox`] as far as it got; keeps going past errors and reports

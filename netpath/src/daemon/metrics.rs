@@ -84,7 +84,7 @@ impl Daemon {
     /// The metrics in the Prometheus text format (version 0.0.4).
     pub fn render_metrics(&self) -> anyhow::Result<String> {
         let mut o = Out(String::new());
-        let counters = self.dp().counters()?;
+        let counters = self.datapath_counters()?;
 
         o.family("netpath_conntrack_entries", "gauge", "Entries in the connection-tracking (NAT) table, two per flow.");
         o.sample("netpath_conntrack_entries", &[], counters.ct_entries);

@@ -69,8 +69,14 @@ pub struct Daemon {
     locks: locks::KeyedLocks,
     nl: Netlink,
     datapath: Mutex<Datapath>,
+    /// The container programs' links, changed without the datapath's lock.
+    links: crate::datapath::EndpointLinks,
     host: host::Host,
     dns: crate::dns::Dns,
+    /// The conntrack table, scanned without the datapath lock (expiry, flushes, counts).
+    flows: Arc<crate::datapath::FlowTable>,
+    /// Where `rm` and `disconnect` ask for a container address's flows to be flushed.
+    flusher: tokio::sync::mpsc::UnboundedSender<(std::net::Ipv4Addr, tokio::sync::oneshot::Sender<()>)>,
     /// False until the first reconcile is done; changes wait for it, reads do not.
     ready: watch::Sender<bool>,
     /// How long the first reconcile took (ms), once it is done.
@@ -125,7 +131,12 @@ impl Daemon {
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
+        let flows = Arc::new(datapath.flow_table()?);
+        let links = crate::datapath::EndpointLinks::new(&datapath);
         let d = Arc::new(Self {
+            flusher: spawn_flusher(flows.clone()),
+            links,
+            flows,
             host: host::Host::new(cfg),
             dns,
             cfg: cfg.clone(),
@@ -212,8 +223,48 @@ impl Daemon {
     }
 }
 
+/// The task that flushes removed containers' flows: it takes every request waiting, scans the
+/// conntrack table once for all of them (off the async workers), then answers them all. Twenty
+/// concurrent `rm` cost one scan, not twenty.
+fn spawn_flusher(
+    flows: Arc<crate::datapath::FlowTable>,
+) -> tokio::sync::mpsc::UnboundedSender<(std::net::Ipv4Addr, tokio::sync::oneshot::Sender<()>)> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(std::net::Ipv4Addr, tokio::sync::oneshot::Sender<()>)>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let addrs: std::collections::HashSet<u32> =
+                batch.iter().map(|(ip, _)| crate::datapath::wire_addr(*ip)).collect();
+            let f = flows.clone();
+            let t = std::time::Instant::now();
+            let n = addrs.len();
+            match tokio::task::spawn_blocking(move || f.flush(&addrs)).await {
+                Ok(Ok(gone)) => tracing::debug!(
+                    "flushed {gone} flows of {n} addresses in {:.1} ms",
+                    t.elapsed().as_secs_f64() * 1000.0
+                ),
+                Ok(Err(e)) => tracing::warn!("flushing flows: {e:#}"),
+                Err(e) => tracing::warn!("flushing flows: {e}"),
+            }
+            for (_, done) in batch {
+                let _ = done.send(());
+            }
+        }
+    });
+    tx
+}
+
 /// Time spent per phase of an operation, for the log (`reconcile`, and `run`/`rm` at debug level).
-pub(crate) struct Laps(Vec<(&'static str, u128)>, std::time::Instant);
+pub struct Laps(Vec<(&'static str, u128)>, std::time::Instant);
+
+impl Default for Laps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Laps {
     pub fn new() -> Self {
@@ -275,7 +326,18 @@ impl Daemon {
 
     /// Datapath-wide counters (drops by reason, conntrack).
     pub fn datapath_counters(&self) -> Result<crate::datapath::Counters> {
-        Ok(self.dp().counters()?)
+        let mut c = self.dp().counters()?;
+        c.ct_entries = self.flows.len()?;
+        Ok(c)
+    }
+
+    /// Forgets the flows of a container address that is going away, before the address can
+    /// be handed out again. Flushes asked for at once share one scan of the table.
+    pub(crate) async fn flush_flows(&self, ip: std::net::Ipv4Addr) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.flusher.send((ip, tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// The NAT table as JSON, for diagnostics and tests.

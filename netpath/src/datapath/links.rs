@@ -48,11 +48,63 @@ struct Held {
 pub struct Links {
     pins: Pins,
     held: HashMap<String, Held>,
+    /// The loaded programs' descriptors (duplicated from the object), so links can be made
+    /// without the object, and without the lock its maps are behind.
+    progs: HashMap<String, OwnedFd>,
 }
+
+/// The links of a datapath, shared: a link change waits out an RCU grace period under the
+/// kernel's RTNL lock, so it happens without holding this (or the maps') lock.
+pub type SharedLinks = std::sync::Arc<std::sync::Mutex<Links>>;
 
 fn prog_fd<'a>(ebpf: &'a Ebpf, prog: &str) -> Result<std::os::fd::BorrowedFd<'a>> {
     let p = ebpf.program(prog).with_context(|| format!("program {prog} missing from the eBPF object"))?;
     Ok(p.fd().with_context(|| format!("program {prog} is not loaded"))?.as_fd())
+}
+
+fn lock(l: &SharedLinks) -> std::sync::MutexGuard<'_, Links> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Attaches `prog` to interface `ifname` (`ifindex`) unless an adopted link is there already
+/// (then claims it). The link is made and pinned without holding the lock. Returns true if
+/// it made a new link.
+pub fn attach_tcx(links: &SharedLinks, ifname: &str, ifindex: u32, prog: &str) -> Result<bool> {
+    let name = Pins::link_name(ifname, prog);
+    let (fd, t, path) = {
+        let mut l = lock(links);
+        if let Some(h) = l.held.get_mut(&name) {
+            if matches!(h.target, LinkTarget::Tcx { ifindex: i, .. } if i == ifindex) {
+                h.claimed = true;
+                return Ok(false);
+            }
+            // The interface was replaced since: the old link goes with it.
+            l.detach(&name);
+        }
+        let t = attach_type(prog).context("not a tcx program")?;
+        let fd = l.progs.get(prog).with_context(|| format!("program {prog} is not loaded"))?.try_clone()?;
+        (fd, t, l.pins.link(&name))
+    };
+    let link = sys::link_create(fd.as_fd(), AttachTo::Ifindex(ifindex), t)
+        .with_context(|| format!("attaching {prog} to {ifname}"))?;
+    // A pin we hold no link for (removed from under us, say) would refuse the new one.
+    let _ = std::fs::remove_file(&path);
+    sys::obj_pin(link.as_fd(), &path).with_context(|| format!("pinning link {}", path.display()))?;
+    let target = LinkTarget::Tcx { ifindex, attach_type: t };
+    lock(links).held.insert(name, Held { prog: prog.to_string(), target, claimed: true });
+    Ok(true)
+}
+
+/// Removes link pins taken out of the table: without detaching first (`detach` false) for an
+/// interface already deleted, whose links the kernel has made defunct, so releasing them
+/// costs nothing; with a detach otherwise.
+pub fn drop_pins(paths: &[std::path::PathBuf], detach: bool) {
+    for p in paths {
+        if detach && let Ok(fd) = sys::obj_get(p) {
+            let _ = sys::link_detach(fd.as_fd());
+        }
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// The cgroup id of a cgroup2 directory (its inode number).
@@ -61,13 +113,19 @@ fn cgroup_id(dir: &Path) -> Result<u64> {
 }
 
 impl Links {
-    pub fn new(pins: Pins) -> Self {
-        Self { pins, held: HashMap::new() }
+    pub fn new(pins: Pins, ebpf: &Ebpf) -> Result<Self> {
+        let mut progs = HashMap::new();
+        for (name, _) in ebpf.programs() {
+            if attach_type(name).is_some() {
+                progs.insert(name.to_string(), prog_fd(ebpf, name)?.try_clone_to_owned()?);
+            }
+        }
+        Ok(Self { pins, held: HashMap::new(), progs })
     }
 
     /// Adopts every link pin: moves it to this object's program, or removes it where its
     /// target is gone. Returns how many links now run the new programs.
-    pub fn adopt(&mut self, ebpf: &Ebpf) -> Result<usize> {
+    pub fn adopt(&mut self) -> Result<usize> {
         let mut adopted = 0;
         let dir = self.pins.links_dir();
         let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -77,7 +135,7 @@ impl Links {
             .collect();
         names.sort();
         for name in names {
-            match self.adopt_one(ebpf, &name) {
+            match self.adopt_one(&name) {
                 Ok(true) => adopted += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -89,7 +147,7 @@ impl Links {
         Ok(adopted)
     }
 
-    fn adopt_one(&mut self, ebpf: &Ebpf, name: &str) -> Result<bool> {
+    fn adopt_one(&mut self, name: &str) -> Result<bool> {
         let path = self.pins.link(name);
         let Some((target, prog)) = Pins::parse_link_name(name) else {
             info!("removing unknown pin {}", path.display());
@@ -118,32 +176,14 @@ impl Links {
             LinkTarget::Cgroup { attach_type, .. } if attach_type == want_type && target == CGROUP => {}
             t => anyhow::bail!("unexpected link target {t:?}"),
         }
-        sys::link_update(fd.as_fd(), prog_fd(ebpf, prog)?).context("replacing the link's program")?;
+        let new = self.progs.get(prog).with_context(|| format!("program {prog} is not loaded"))?;
+        sys::link_update(fd.as_fd(), new.as_fd()).context("replacing the link's program")?;
         self.held.insert(name.to_string(), Held { prog: prog.to_string(), target: li.target, claimed: false });
         Ok(true)
     }
 
-    /// Makes sure `prog` is attached to interface `ifname` (`ifindex`): claims the adopted
-    /// link, or attaches and pins a new one. Returns true if it made a new link.
-    pub fn attach_tcx(&mut self, ebpf: &Ebpf, ifname: &str, ifindex: u32, prog: &str) -> Result<bool> {
-        let name = Pins::link_name(ifname, prog);
-        if let Some(h) = self.held.get_mut(&name) {
-            if matches!(h.target, LinkTarget::Tcx { ifindex: i, .. } if i == ifindex) {
-                h.claimed = true;
-                return Ok(false);
-            }
-            // The interface was replaced since: the old link goes with it.
-            self.detach(&name);
-        }
-        let t = attach_type(prog).context("not a tcx program")?;
-        let fd = sys::link_create(prog_fd(ebpf, prog)?, AttachTo::Ifindex(ifindex), t)
-            .with_context(|| format!("attaching {prog} to {ifname}"))?;
-        self.pin(&name, fd, prog, LinkTarget::Tcx { ifindex, attach_type: t })?;
-        Ok(true)
-    }
-
     /// Makes sure socket program `prog` is attached to the cgroup2 directory `cgroup`.
-    pub fn attach_cgroup(&mut self, ebpf: &Ebpf, cgroup: &Path, prog: &str) -> Result<()> {
+    pub fn attach_cgroup(&mut self, cgroup: &Path, prog: &str) -> Result<()> {
         let name = Pins::link_name(CGROUP, prog);
         let id = cgroup_id(cgroup)?;
         if let Some(h) = self.held.get_mut(&name) {
@@ -156,7 +196,8 @@ impl Links {
         let t = attach_type(prog).context("not a cgroup program")?;
         let dir = std::fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         // A bpf_link always coexists with other programs on the cgroup (no ALLOW_MULTI flag).
-        let fd = sys::link_create(prog_fd(ebpf, prog)?, AttachTo::Cgroup(dir.as_fd()), t)
+        let prog_fd = self.progs.get(prog).with_context(|| format!("program {prog} is not loaded"))?;
+        let fd = sys::link_create(prog_fd.as_fd(), AttachTo::Cgroup(dir.as_fd()), t)
             .with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
         self.pin(&name, fd, prog, LinkTarget::Cgroup { cgroup_id: id, attach_type: t })
     }
@@ -185,8 +226,9 @@ impl Links {
         self.remove_pin(name);
     }
 
-    /// Detaches the links of `progs` on interface `ifindex` (however they were named).
-    pub fn detach_ifindex(&mut self, ifindex: u32, progs: &[&str]) {
+    /// Takes the links of `progs` on interface `ifindex` out of the table (however they were
+    /// named) and returns their pins, for [`drop_pins`] once the lock is released.
+    pub fn take_ifindex(&mut self, ifindex: u32, progs: &[&str]) -> Vec<std::path::PathBuf> {
         let doomed: Vec<String> = self
             .held
             .iter()
@@ -194,9 +236,13 @@ impl Links {
             .filter(|(_, h)| matches!(h.target, LinkTarget::Tcx { ifindex: i, .. } if i == ifindex))
             .map(|(n, _)| n.clone())
             .collect();
-        for n in doomed {
-            self.detach(&n);
-        }
+        doomed
+            .into_iter()
+            .map(|n| {
+                self.held.remove(&n);
+                self.pins.link(&n)
+            })
+            .collect()
     }
 
     /// The ifindexes `prog` is attached to (claimed or not).

@@ -35,7 +35,9 @@ pub use bpffs::ensure_bpffs;
 pub use pins::map_pin;
 
 mod conntrack;
+mod flows;
 pub use conntrack::ct_timeout;
+pub use flows::FlowTable;
 
 /// An IPv4 address as the datapath keeps it: the wire's byte order, read as a native u32.
 pub fn wire_addr(ip: Ipv4Addr) -> u32 {
@@ -71,7 +73,7 @@ const UPLINK_PROGS: [&str; 2] = [prog_names::UPLINK_IN, prog_names::UPLINK_OUT];
 pub struct Datapath {
     ebpf: Ebpf,
     pins: pins::Pins,
-    links: links::Links,
+    links: links::SharedLinks,
     object_id: String,
     ct_capacity: u32,
     /// Drop counters at the last pressure check (see [`Datapath::check_pressure`]).
@@ -125,8 +127,9 @@ impl Datapath {
             let m = sys::obj_get(&p.load_path).with_context(|| format!("opening {}", p.load_path.display()))?;
             p.copy(m.as_fd(), cpus).with_context(|| format!("copying map {}", p.name))?;
         }
-        let mut links = links::Links::new(pins.clone());
-        let adopted = links.adopt(&ebpf)?;
+        let mut links = links::Links::new(pins.clone(), &ebpf)?;
+        let adopted = links.adopt()?;
+        let links = std::sync::Arc::new(std::sync::Mutex::new(links));
         if plans.iter().any(|p| p.migrating()) {
             // Old programs still running on another CPU finish within microseconds.
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -191,7 +194,7 @@ impl Datapath {
     /// Detaches the pinned links this daemon did not ask for since it loaded: endpoints and
     /// uplinks its state no longer has. Call once the state is reconciled.
     pub fn release_unclaimed(&mut self) {
-        let n = self.links.release_unclaimed();
+        let n = self.links().release_unclaimed();
         if n > 0 {
             info!("detached {n} links no container or uplink claims");
         }
@@ -200,7 +203,7 @@ impl Datapath {
     /// Tears the datapath down: every program detached, every link pin removed. The maps stay
     /// pinned (a later daemon finds its counters); [`Datapath::unpin_maps`] removes them too.
     pub fn detach_all(&mut self) {
-        self.links.detach_all();
+        self.links().detach_all();
     }
 
     /// Removes every map pin (after [`Datapath::detach_all`]: nothing is left on the bpffs).
@@ -219,7 +222,7 @@ impl Datapath {
         let mut cfg: Array<_, u64> = self.map(map_names::CONFIG)?;
         cfg.set(config::HOST_NETNS_COOKIE, netns_cookie, 0).context("setting the namespace cookie")?;
         for name in prog_names::SOCK {
-            self.links.attach_cgroup(&self.ebpf, cgroup, name)?;
+            self.links().attach_cgroup(cgroup, name)?;
         }
         Ok(())
     }
@@ -351,33 +354,20 @@ impl Datapath {
         self.map(map_names::CT)
     }
 
-    /// Forgets every flow to or from `addr` (a container going away): its replacement must
-    /// not inherit stale translations, which is what keeps UDP clients working across a
-    /// container re-create.
-    pub fn flush_flows(&mut self, addr: Ipv4Addr) -> Result<usize> {
-        let a = wire_addr(addr);
-        let mut ct = self.ct()?;
-        let doomed: Vec<Tuple> = ct
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, e)| [k.saddr, k.daddr, e.xlate.saddr, e.xlate.daddr].contains(&a))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            let _ = ct.remove(k);
-        }
-        Ok(doomed.len())
+    /// The conntrack table through a descriptor of its own (see [`FlowTable`]).
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let m = self.ebpf.map(map_names::CT).context("map CT missing from the eBPF object")?;
+        let data = match m {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
+            _ => anyhow::bail!("map CT has an unexpected type"),
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().context("duplicating the conntrack descriptor")?;
+        Ok(FlowTable::new(fd))
     }
 
     /// Expires idle flows (both entries of a flow go together). Returns how many entries went.
-    pub fn expire_flows(&mut self, now_ns: u64) -> Result<usize> {
-        let mut ct = self.ct()?;
-        let entries: HashMap<Tuple, CtEntry> = ct.iter().filter_map(|r| r.ok()).collect();
-        let doomed = conntrack::expired(&entries, now_ns);
-        for k in &doomed {
-            let _ = ct.remove(k);
-        }
-        Ok(doomed.len())
+    pub fn expire_flows(&self, now_ns: u64) -> Result<usize> {
+        self.flow_table()?.expire(now_ns)
     }
 
     /// The NAT table, for tests and `netpath` diagnostics.
@@ -395,7 +385,7 @@ impl Datapath {
         for (i, name) in ct_stat::NAMES.iter().enumerate() {
             c.conntrack.insert(name, cts.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0));
         }
-        c.ct_entries = self.ct()?.keys().count();
+        // ct_entries: filled by the caller from a FlowTable, without this handle's lock.
         c.endpoints = self.endpoint_keys()?.len();
         c.published_ports = self.port_keys()?.len();
         c.ct_capacity = self.ct_capacity;
@@ -409,7 +399,7 @@ impl Datapath {
         if let Err(e) = self.check_pressure() {
             warn!("checking table pressure: {e:#}");
         }
-        let n = self.links.prune_defunct();
+        let n = self.links().prune_defunct();
         if n > 0 {
             info!("removed {n} link pins of interfaces that are gone");
         }
@@ -452,17 +442,20 @@ impl Datapath {
         Ok(warnings)
     }
 
+    /// The links, shared, for changing them without this datapath's lock (see
+    /// [`links::SharedLinks`]).
+    pub fn shared_links(&self) -> links::SharedLinks {
+        self.links.clone()
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, links::Links> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Attaches an ingress/egress program pair to an interface; on failure nothing this call
     /// made stays attached.
-    fn attach_pair(&mut self, ifname: &str, ifindex: u32, [ingress, egress]: [&str; 2]) -> Result<()> {
-        let made = self.links.attach_tcx(&self.ebpf, ifname, ifindex, ingress)?;
-        if let Err(e) = self.links.attach_tcx(&self.ebpf, ifname, ifindex, egress) {
-            if made {
-                self.links.detach(&pins::Pins::link_name(ifname, ingress));
-            }
-            return Err(e);
-        }
-        Ok(())
+    fn attach_pair(&mut self, ifname: &str, ifindex: u32, progs: [&str; 2]) -> Result<()> {
+        attach_pair(&self.links, ifname, ifindex, progs)
     }
 
     /// Starts accounting for an endpoint: a counter entry (kept if it survived a restart) and
@@ -482,13 +475,14 @@ impl Datapath {
 
     /// Detaches the NAT programs from an uplink and forgets its address.
     pub fn detach_uplink(&mut self, ifindex: u32) -> Result<()> {
-        self.links.detach_ifindex(ifindex, &UPLINK_PROGS);
+        let pins = self.links().take_ifindex(ifindex, &UPLINK_PROGS);
+        links::drop_pins(&pins, true);
         self.set_uplink_addr(ifindex, None)
     }
 
     /// The ifindexes of the interfaces the uplink programs are attached to.
     pub fn uplink_ifindexes(&self) -> Vec<u32> {
-        self.links.ifindexes(prog_names::UPLINK_IN)
+        self.links().ifindexes(prog_names::UPLINK_IN)
     }
 
     /// Every container address the datapath knows.
@@ -512,7 +506,17 @@ impl Datapath {
     /// Stops accounting for an endpoint and forgets its counters. The veth may already be gone
     /// (the kernel drops tcx links with their device), so detach errors are not failures.
     pub fn detach_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        self.links.detach_ifindex(ifindex, &CONTAINER_PROGS);
+        let pins = self.links().take_ifindex(ifindex, &CONTAINER_PROGS);
+        links::drop_pins(&pins, true);
+        let mut stats = self.stats_map()?;
+        if stats.get(&ifindex, 0).is_ok() {
+            stats.remove(&ifindex).context("removing endpoint counters")?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an endpoint's counters (its links are the caller's: see [`EndpointLinks`]).
+    pub fn forget_endpoint_stats(&mut self, ifindex: u32) -> Result<()> {
         let mut stats = self.stats_map()?;
         if stats.get(&ifindex, 0).is_ok() {
             stats.remove(&ifindex).context("removing endpoint counters")?;
@@ -550,6 +554,42 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), ProgramError>) -> Resu
         }
     }
     load()
+}
+
+/// Attaches an ingress/egress program pair; on failure nothing this call made stays attached.
+fn attach_pair(l: &links::SharedLinks, ifname: &str, ifindex: u32, [ingress, egress]: [&str; 2]) -> Result<()> {
+    let made = links::attach_tcx(l, ifname, ifindex, ingress)?;
+    if let Err(e) = links::attach_tcx(l, ifname, ifindex, egress) {
+        if made {
+            let pins = l.lock().unwrap_or_else(|e| e.into_inner()).take_ifindex(ifindex, &[ingress]);
+            links::drop_pins(&pins, true);
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The container programs' links, changed without the datapath's lock: attaching and
+/// detaching wait for the kernel (an RCU grace period under RTNL), map updates should not.
+#[derive(Clone)]
+pub struct EndpointLinks(links::SharedLinks);
+
+impl EndpointLinks {
+    pub fn new(dp: &Datapath) -> Self {
+        Self(dp.shared_links())
+    }
+
+    /// Attaches (or claims) the programs on both directions of a container's host veth.
+    pub fn attach(&self, host_ifname: &str, ifindex: u32) -> Result<()> {
+        attach_pair(&self.0, host_ifname, ifindex, CONTAINER_PROGS)
+    }
+
+    /// Drops the links of an endpoint whose veth the caller already deleted (the kernel made
+    /// them defunct with it): no detach, so no grace period to wait for.
+    pub fn forget(&self, ifindex: u32) {
+        let pins = self.0.lock().unwrap_or_else(|e| e.into_inner()).take_ifindex(ifindex, &CONTAINER_PROGS);
+        links::drop_pins(&pins, false);
+    }
 }
 
 fn port_key(host: Option<Ipv4Addr>, port: u16, proto: u8) -> PortKey {

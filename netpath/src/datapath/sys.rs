@@ -191,3 +191,9 @@ pub fn map_update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> i
     let mut attr = elem_attr(fd, key.as_ptr(), value.as_ptr() as *mut u8, flags);
     sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
+
+/// Deletes `key`; false if it was not there.
+pub fn map_delete(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
+    let mut attr = elem_attr(fd, key.as_ptr(), std::ptr::null_mut(), 0);
+    not_found(sys_bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr))
+}

@@ -41,23 +41,30 @@ impl Driver for Bridge {
         let host = ep.host_ifname.as_deref().context("bridge endpoint without a host interface")?;
         let ip = ep.ipv4.context("bridge endpoint without an address")?;
         let mac = ep.mac.context("bridge endpoint without a MAC")?;
+        let mut laps = crate::daemon::Laps::new();
         let inner = Netlink::in_netns(path)?;
+        laps.lap("netlink");
 
         // A host end whose container end vanished (its namespace was recreated) is rebuilt.
         if nl.link_index(host).await?.is_some() && inner.link_index(&ep.ifname).await?.is_none() {
             nl.delete_link(host).await?;
         }
+        laps.lap("check");
         if nl.link_index(host).await?.is_none() {
             let master = nl.require_link(bridge_name(net)?).await?;
             nl.create_veth(host, master, path, &ep.ifname, mac).await?;
         }
+        laps.lap("veth");
         let idx = inner.require_link(&ep.ifname).await?;
         inner.ensure_addr(idx, ip, ipam.subnet.prefix_len()).await?;
         inner.set_up(idx).await?;
         if primary {
             inner.ensure_default_route(ipam.gateway).await?;
         }
-        Ok(Some(nl.require_link(host).await?))
+        laps.lap("inside");
+        let idx = nl.require_link(host).await?;
+        tracing::debug!("bridge endpoint {host}: {laps}");
+        Ok(Some(idx))
     }
 
     async fn remove_endpoint(&self, nl: &Netlink, _: &Network, ep: &Endpoint) -> Result<()> {

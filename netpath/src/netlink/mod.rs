@@ -77,11 +77,18 @@ pub fn monitor() -> Result<impl futures::Stream<Item = Event>> {
 /// A netlink connection bound to one network namespace (the one it was opened in).
 #[derive(Clone)]
 pub struct Netlink {
-    handle: Handle,
-    /// The kernel runs one dump at a time per socket (a second one fails with EBUSY), and
-    /// requests share this connection: dumps take turns.
+    /// Several sockets: the kernel handles a request on the sender's socket to completion (a
+    /// link deletion waits out grace periods), and one socket would queue every other request
+    /// behind it. `handles[0]` is kept for dumps.
+    handles: std::sync::Arc<[Handle]>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The kernel runs one dump at a time per socket (a second one fails with EBUSY): dumps
+    /// take turns on theirs.
     dumping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
+
+/// Sockets of the daemon's own namespace; those made inside a container's need only one.
+const HOST_SOCKETS: usize = 8;
 
 /// The kernel's errno for a netlink error, if that is what `e` is.
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
@@ -94,9 +101,32 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 impl Netlink {
     /// A connection in the calling thread's network namespace. Needs a tokio runtime.
     pub fn current() -> Result<Self> {
-        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-        tokio::spawn(conn);
-        Ok(Self { handle, dumping: Default::default() })
+        let handles = (0..HOST_SOCKETS)
+            .map(|_| {
+                let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
+                tokio::spawn(conn);
+                Ok(handle)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::with(handles))
+    }
+
+    fn with(handles: Vec<Handle>) -> Self {
+        Self { handles: handles.into(), next: Default::default(), dumping: Default::default() }
+    }
+
+    /// The socket for the next request (dumps use [`Self::dump_handle`]).
+    fn handle(&self) -> &Handle {
+        let n = self.handles.len();
+        if n == 1 {
+            return &self.handles[0];
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (n - 1);
+        &self.handles[1 + i]
+    }
+
+    fn dump_handle(&self) -> &Handle {
+        &self.handles[0]
     }
 
     /// A connection inside the namespace at `path`. The socket is made on a short-lived thread
@@ -109,14 +139,14 @@ impl Netlink {
             let _guard = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
             rt.spawn(conn);
-            Ok(Self { handle, dumping: Default::default() })
+            Ok(Self::with(vec![handle]))
         })
         .join()
         .map_err(|_| anyhow!("netns thread panicked"))?
     }
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self.handle().link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(msg.header.index)),
             Ok(None) => Ok(None),
@@ -138,7 +168,7 @@ impl Netlink {
         let idx = match self.link_index(name).await? {
             // A bridge from before netpath fixed bridge MACs (setting it again is a no-op).
             Some(i) => {
-                self.handle
+                self.handle()
                     .link()
                     .set(LinkUnspec::new_with_index(i).address(mac).alias(OWNER_ALIAS).build())
                     .execute()
@@ -147,7 +177,7 @@ impl Netlink {
                 i
             }
             None => {
-                self.handle
+                self.handle()
                     .link()
                     .add(LinkBridge::new(name).address(mac).build())
                     .execute()
@@ -168,7 +198,7 @@ impl Netlink {
         let Some(idx) = self.link_index(name).await? else {
             return Ok(());
         };
-        match self.handle.link().del(idx).execute().await {
+        match self.handle().link().del(idx).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("deleting link {name}")),
@@ -189,7 +219,7 @@ impl Netlink {
             .controller(master)
             .up()
             .build();
-        self.handle
+        self.handle()
             .link()
             .add(msg)
             .execute()
@@ -202,7 +232,7 @@ impl Netlink {
 
     /// Marks a link as netpath's (see [`OWNER_ALIAS`]).
     async fn set_alias(&self, idx: u32) -> Result<()> {
-        self.handle
+        self.handle()
             .link()
             .set(LinkUnspec::new_with_index(idx).alias(OWNER_ALIAS).build())
             .execute()
@@ -211,7 +241,7 @@ impl Netlink {
     }
 
     pub async fn set_up(&self, idx: u32) -> Result<()> {
-        self.handle
+        self.handle()
             .link()
             .set(LinkUnspec::new_with_index(idx).up().build())
             .execute()
@@ -221,7 +251,7 @@ impl Netlink {
 
     /// Adds an IPv4 address unless the link already has it.
     pub async fn ensure_addr(&self, idx: u32, ip: Ipv4Addr, prefix: u8) -> Result<()> {
-        match self.handle.address().add(idx, IpAddr::V4(ip), prefix).execute().await {
+        match self.handle().address().add(idx, IpAddr::V4(ip), prefix).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("adding {ip}/{prefix} to link {idx}")),
@@ -230,7 +260,7 @@ impl Netlink {
 
     /// IPv4 addresses of a link (or of every link with `None`).
     pub async fn addresses_v4(&self, idx: Option<u32>) -> Result<Vec<(Ipv4Addr, u8)>> {
-        let mut req = self.handle.address().get();
+        let mut req = self.dump_handle().address().get();
         if let Some(i) = idx {
             req = req.set_link_index_filter(i);
         }
@@ -250,7 +280,7 @@ impl Netlink {
     /// Adds `default via gateway` unless a default route exists already.
     pub async fn ensure_default_route(&self, gateway: Ipv4Addr) -> Result<()> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).build();
-        match self.handle.route().add(msg).execute().await {
+        match self.handle().route().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("adding default route via {gateway}")),
@@ -262,7 +292,7 @@ impl Netlink {
     pub async fn routed_prefixes(&self) -> Result<Vec<Ipv4Net>> {
         let mut out = vec![];
         let _turn = self.dumping.lock().await;
-        let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        let mut s = self.dump_handle().route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(m) = s.try_next().await.context("dumping routes")? {
             let len = m.header.destination_prefix_length;
             if len == 0 || m.header.table != 254 {
@@ -283,7 +313,7 @@ impl Netlink {
     pub async fn default_route_links(&self) -> Result<Vec<String>> {
         let mut idxs = vec![];
         let _turn = self.dumping.lock().await;
-        let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        let mut s = self.dump_handle().route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(m) = s.try_next().await.context("dumping routes")? {
             if m.header.destination_prefix_length != 0 || m.header.table != 254 {
                 continue;
@@ -298,7 +328,7 @@ impl Netlink {
         }
         let mut names = vec![];
         for i in idxs {
-            let mut links = self.handle.link().get().match_index(i).execute();
+            let mut links = self.handle().link().get().match_index(i).execute();
             if let Some(m) = links.try_next().await.context("looking up link")? {
                 names.extend(m.attributes.iter().filter_map(|a| match a {
                     LinkAttribute::IfName(n) => Some(n.clone()),
@@ -314,7 +344,7 @@ impl Netlink {
         use rtnetlink::packet_route::link::{InfoKind, LinkFlags, LinkInfo};
         let mut out = vec![];
         let _turn = self.dumping.lock().await;
-        let mut s = self.handle.link().get().execute();
+        let mut s = self.dump_handle().link().get().execute();
         while let Some(m) = s.try_next().await.context("dumping links")? {
             let mut l = LinkSummary {
                 index: m.header.index,
@@ -351,7 +381,7 @@ impl Netlink {
     pub async fn addresses_by_link(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
         let mut out = vec![];
         let _turn = self.dumping.lock().await;
-        let mut s = self.handle.address().get().execute();
+        let mut s = self.dump_handle().address().get().execute();
         while let Some(m) = s.try_next().await.context("dumping addresses")? {
             for a in &m.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
@@ -366,7 +396,7 @@ impl Netlink {
     pub async fn link_names(&self) -> Result<Vec<String>> {
         let mut out = vec![];
         let _turn = self.dumping.lock().await;
-        let mut s = self.handle.link().get().execute();
+        let mut s = self.dump_handle().link().get().execute();
         while let Some(m) = s.try_next().await.context("dumping links")? {
             for a in &m.attributes {
                 if let LinkAttribute::IfName(n) = a {
