@@ -192,8 +192,10 @@ impl Daemon {
             // SAFETY: valid pointer to a timespec.
             unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
             let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-            if let Err(e) = self.dp().expire_flows(now) {
-                warn!("expiring flows: {e:#}");
+            let expired = self.dp().expire_flows(now);
+            match expired {
+                Ok(gone) => self.flows_expired(&gone),
+                Err(e) => warn!("expiring flows: {e:#}"),
             }
             // Table pressure warnings, pins of links whose interface vanished.
             self.dp().housekeeping();

@@ -17,6 +17,7 @@
 mod containers;
 pub mod crash;
 mod dns;
+mod flows;
 mod host;
 mod locks;
 pub mod metrics;
@@ -76,6 +77,7 @@ pub struct Daemon {
     /// How long the first reconcile took (ms), once it is done.
     reconcile_ms: std::sync::atomic::AtomicU64,
     api_latency: metrics::ApiLatency,
+    flows: flows::FlowEvents,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -120,8 +122,11 @@ impl Daemon {
             None => None,
         };
         let opts = crate::datapath::LoadOptions { object, ..Default::default() };
-        let datapath = Datapath::load_with(&cfg.bpffs, opts)
+        let mut datapath = Datapath::load_with(&cfg.bpffs, opts)
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
+        // Nobody follows flow events yet (a daemon that died may have left them on).
+        datapath.set_flow_events(false)?;
+        let events = datapath.flow_events()?;
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
@@ -137,7 +142,9 @@ impl Daemon {
             ready: watch::channel(false).0,
             reconcile_ms: Default::default(),
             api_latency: Default::default(),
+            flows: Default::default(),
         });
+        tokio::spawn(d.clone().read_flow_events(events));
         d.attach_sockets(&cfg.state_dir)?;
         d.ensure_builtin_networks()?;
         Ok(d)
