@@ -48,11 +48,13 @@ pub struct FlowEvents {
     followers: Mutex<usize>,
     /// Set when the daemon stops: every follower's stream ends (the API waits for them).
     stop: watch::Sender<bool>,
+    /// False when the loaded eBPF object has no flow events (one from before them).
+    available: bool,
 }
 
-impl Default for FlowEvents {
-    fn default() -> Self {
-        Self { tx: broadcast::channel(BACKLOG).0, followers: Mutex::new(0), stop: watch::channel(false).0 }
+impl FlowEvents {
+    pub fn new(available: bool) -> Self {
+        Self { tx: broadcast::channel(BACKLOG).0, followers: Mutex::new(0), stop: watch::channel(false).0, available }
     }
 }
 
@@ -86,6 +88,12 @@ impl Daemon {
         self: &Arc<Self>,
         container: Option<&str>,
     ) -> Result<impl Stream<Item = std::result::Result<Bytes, Infallible>> + Send + 'static + use<>> {
+        if !self.flows.available {
+            return Err(conflict!(
+                "the datapath this daemon runs (eBPF object {}) writes no flow events",
+                self.datapath_object_id()
+            ));
+        }
         let container = match container {
             Some(c) => {
                 let st = self.state();
@@ -138,7 +146,9 @@ impl Daemon {
     /// Ends every follower's stream (the daemon is stopping) and switches events off.
     pub fn stop_flow_events(&self) {
         self.flows.stop.send_replace(true);
-        if let Err(e) = self.dp().set_flow_events(false) {
+        if self.flows.available
+            && let Err(e) = self.dp().set_flow_events(false)
+        {
             warn!("switching flow events off: {e:#}");
         }
     }

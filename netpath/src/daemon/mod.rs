@@ -124,9 +124,15 @@ impl Daemon {
         let opts = crate::datapath::LoadOptions { object, ..Default::default() };
         let mut datapath = Datapath::load_with(&cfg.bpffs, opts)
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
-        // Nobody follows flow events yet (a daemon that died may have left them on).
-        datapath.set_flow_events(false)?;
-        let events = datapath.flow_events()?;
+        // Nobody follows flow events yet (a daemon that died may have left them on). An object
+        // from before flow events (--ebpf-object) runs without them.
+        let events = match datapath.set_flow_events(false).and_then(|_| datapath.flow_events()) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                tracing::warn!("flow events unavailable with this eBPF object: {e:#}");
+                None
+            }
+        };
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
@@ -142,9 +148,11 @@ impl Daemon {
             ready: watch::channel(false).0,
             reconcile_ms: Default::default(),
             api_latency: Default::default(),
-            flows: Default::default(),
+            flows: flows::FlowEvents::new(events.is_some()),
         });
-        tokio::spawn(d.clone().read_flow_events(events));
+        if let Some(ring) = events {
+            tokio::spawn(d.clone().read_flow_events(ring));
+        }
         d.attach_sockets(&cfg.state_dir)?;
         d.ensure_builtin_networks()?;
         Ok(d)

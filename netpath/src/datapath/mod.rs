@@ -430,7 +430,8 @@ impl Datapath {
         c.endpoints = self.endpoint_keys()?.len();
         c.published_ports = self.port_keys()?.len();
         c.ct_capacity = self.ct_capacity;
-        c.flow_events = self.flow_events_on()?;
+        // An object from before flow events has no switch: off.
+        c.flow_events = self.flow_events_on().unwrap_or(false);
         Ok(c)
     }
 
