@@ -33,6 +33,7 @@ const BACKLOG: usize = 2048;
 const BATCH: usize = 256;
 
 /// One event as followers get it.
+#[derive(Debug)]
 pub struct Record {
     /// The NDJSON line, newline included.
     line: Bytes,
@@ -67,16 +68,38 @@ impl Drop for Following {
     }
 }
 
-struct Follower {
+/// One follower's end of the broadcast. `P` is held for as long as the stream lives (its
+/// place among the followers).
+struct Follower<P> {
     rx: broadcast::Receiver<Arc<Record>>,
     container: Option<String>,
     stop: watch::Receiver<bool>,
-    _place: Following,
+    _place: P,
 }
 
-impl Follower {
+impl<P: Send + 'static> Follower<P> {
     fn wants(&self, r: &Record) -> bool {
         r.to_all || self.container.as_ref().is_none_or(|c| r.containers.iter().any(|n| n.as_ref() == Some(c)))
+    }
+
+    /// The lines this follower gets, until `stop` or the channel closes. Falling behind by
+    /// more than the channel holds costs the oldest events, replaced by one `lost` line.
+    fn lines(self) -> impl Stream<Item = std::result::Result<Bytes, Infallible>> + Send + 'static {
+        futures::stream::unfold(self, |mut f| async move {
+            loop {
+                let r = tokio::select! {
+                    r = f.rx.recv() => r,
+                    _ = f.stop.wait_for(|s| *s) => return None,
+                };
+                let line = match r {
+                    Ok(rec) if f.wants(&rec) => rec.line.clone(),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(n)) => lost_line(n, "follower-too-slow"),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                return Some((Ok(line), f));
+            }
+        })
     }
 }
 
@@ -105,21 +128,7 @@ impl Daemon {
         let rx = self.flows.tx.subscribe();
         self.follower_joined()?;
         let f = Follower { rx, container, stop: self.flows.stop.subscribe(), _place: Following(self.clone()) };
-        Ok(futures::stream::unfold(f, |mut f| async move {
-            loop {
-                let r = tokio::select! {
-                    r = f.rx.recv() => r,
-                    _ = f.stop.wait_for(|s| *s) => return None,
-                };
-                let line = match r {
-                    Ok(rec) if f.wants(&rec) => rec.line.clone(),
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(n)) => lost_line(n, "follower-too-slow"),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                };
-                return Some((Ok(line), f));
-            }
-        }))
+        Ok(f.lines())
     }
 
     fn follower_joined(&self) -> Result<()> {
@@ -401,6 +410,54 @@ mod tests {
         let s = std::str::from_utf8(&r.line).unwrap();
         assert!(s.ends_with('\n') && !s[..s.len() - 1].contains('\n'), "one line: {s:?}");
         serde_json::from_str(s).unwrap()
+    }
+
+    fn record(i: usize, container: Option<&str>) -> Arc<Record> {
+        let line = Bytes::from(format!("{{\"n\":{i}}}\n"));
+        Arc::new(Record { line, containers: [None, container.map(str::to_string)], to_all: false })
+    }
+
+    async fn next(s: &mut (impl Stream<Item = std::result::Result<Bytes, Infallible>> + Unpin)) -> Value {
+        use futures::StreamExt;
+        let line = tokio::time::timeout(Duration::from_secs(5), s.next()).await.unwrap().unwrap().unwrap();
+        serde_json::from_slice(&line).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_slow_follower_loses_the_oldest_events_and_is_told_how_many() {
+        let hub = FlowEvents::new(true);
+        let stop = || hub.stop.subscribe();
+        let slow = Follower { rx: hub.tx.subscribe(), container: None, stop: stop(), _place: () };
+        let mut fast = Box::pin(Follower { rx: hub.tx.subscribe(), container: None, stop: stop(), _place: () }.lines());
+        let mut slow = Box::pin(slow.lines());
+        // The sender never waits: the fast follower keeps up while the slow one reads nothing.
+        for i in 0..BACKLOG + 10 {
+            hub.tx.send(record(i, None)).unwrap();
+            assert_eq!(next(&mut fast).await["n"], i);
+        }
+        let lost = next(&mut slow).await;
+        assert_eq!((lost["event"].as_str(), lost["count"].as_u64()), (Some("lost"), Some(10)), "{lost}");
+        assert_eq!(lost["reason"], "follower-too-slow");
+        assert_eq!(next(&mut slow).await["n"], 10, "then the oldest it still can have");
+    }
+
+    #[tokio::test]
+    async fn a_container_filter_keeps_that_containers_events_and_losses() {
+        let hub = FlowEvents::new(true);
+        let f =
+            Follower { rx: hub.tx.subscribe(), container: Some("web".into()), stop: hub.stop.subscribe(), _place: () };
+        let mut s = Box::pin(f.lines());
+        hub.tx.send(record(1, Some("api"))).unwrap();
+        hub.tx.send(record(2, Some("web"))).unwrap();
+        hub.tx
+            .send(Arc::new(Record { line: lost_line(3, "ring-buffer-full"), containers: [None, None], to_all: true }))
+            .unwrap();
+        assert_eq!(next(&mut s).await["n"], 2);
+        assert_eq!(next(&mut s).await["count"], 3);
+        // Stopping the daemon ends the stream.
+        hub.stop.send_replace(true);
+        use futures::StreamExt;
+        assert!(s.next().await.is_none());
     }
 
     #[test]
