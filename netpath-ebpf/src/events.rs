@@ -15,6 +15,20 @@ fn enabled() -> bool {
     CONFIG.get(config::FLOW_EVENTS).is_some_and(|on| *on != 0)
 }
 
+/// A NEW or CLOSED event. Not inlined, like [`emit_drop`]: one copy of the writer per
+/// program rather than one per call site (a BPF-to-BPF call, taken only while someone
+/// follows). Subprograms take at most five arguments.
+#[inline(never)]
+fn emit_flow(kind: u8, hook: u8, orig: &Tuple, xlate: &Tuple) {
+    emit(kind, hook, orig, xlate, 1, 0, 0);
+}
+
+/// A DROP event: no translation.
+#[inline(never)]
+fn emit_drop(hook: u8, orig: &Tuple, ports: u8, reason: u32, ifindex: u32) {
+    emit(flow_event::DROP, hook, orig, &Tuple::new(0, 0, 0, 0, 0), ports, reason, ifindex);
+}
+
 /// Writes one event straight into the ring (no copy on the 512-byte stack), every field set
 /// (padding included) so no byte of an earlier record leaks to the reader. A full ring is
 /// counted, never waited for.
@@ -72,7 +86,7 @@ unsafe fn put_tuple(dst: *mut Tuple, t: &Tuple) {
 #[inline(always)]
 pub fn new_flow(orig: &Tuple, xlate: &Tuple, hook: u8) {
     if enabled() {
-        emit(flow_event::NEW, hook, orig, xlate, 1, 0, 0);
+        emit_flow(flow_event::NEW, hook, orig, xlate);
     }
 }
 
@@ -90,12 +104,12 @@ pub fn closing(key: &Tuple, e: &CtEntry) {
         return;
     }
     if e.is_reply == 0 {
-        emit(flow_event::CLOSED, e.hook, key, &e.xlate, 1, 0, 0);
+        emit_flow(flow_event::CLOSED, e.hook, key, &e.xlate);
     } else {
         // A reply entry is keyed by the flow's translation reversed and translates back to
         // its original tuple reversed; the hook is the forward entry's.
         let hook = partner.map_or(0, |p| p.hook);
-        emit(flow_event::CLOSED, hook, &e.xlate.reversed(), &key.reversed(), 1, 0, 0);
+        emit_flow(flow_event::CLOSED, hook, &e.xlate.reversed(), &key.reversed());
     }
 }
 
@@ -105,6 +119,6 @@ pub fn dropped(ctx: &TcContext, p: &Packet, hook: u8, reason: u32) {
     if enabled() {
         // SAFETY: the skb pointer is valid for the program run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        emit(flow_event::DROP, hook, &p.tuple, &Tuple::new(0, 0, 0, 0, 0), u8::from(p.translatable), reason, ifindex);
+        emit_drop(hook, &p.tuple, u8::from(p.translatable), reason, ifindex);
     }
 }
