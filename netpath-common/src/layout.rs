@@ -6,8 +6,8 @@
 //! an edited one.
 
 use crate::{
-    CT_MAX_ENTRIES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES,
-    config, ct_stat, drop_reason, map_names as n,
+    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS, MAX_UPLINKS,
+    SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason, map_names as n,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
@@ -18,6 +18,8 @@ pub mod map_type {
     pub const PERCPU_ARRAY: u32 = 6;
     pub const LRU_HASH: u32 = 9;
     pub const LPM_TRIE: u32 = 11;
+    /// Keys and values of size 0; `max_entries` is the ring's size in bytes.
+    pub const RINGBUF: u32 = 27;
 }
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it.
@@ -57,9 +59,14 @@ pub const MAPS: &[MapLayout] = &[
     map(n::CT, 1, HASH, 16, 32, CT_MAX_ENTRIES, 0),
     // rev 1: the ct-full slot was added.
     map(n::DROPS, 1, PERCPU_ARRAY, 4, 8, drop_reason::MAX, 0),
+    // Arrays that gained a slot keep their revision: the slots they had keep their meaning,
+    // and a migration copies them (CT_STATS: flow-events-lost; CONFIG: flow events on/off).
     map(n::CT_STATS, 1, PERCPU_ARRAY, 4, 8, ct_stat::MAX, 0),
     map(n::CONFIG, 1, ARRAY, 4, 8, config::MAX, 0),
     map(n::SOCK_REVNAT, 1, LRU_HASH, 16, 8, SOCK_REVNAT_MAX_ENTRIES, 0),
+    // Records are netpath_common::FlowEvent. A ring holds events in flight, not state: one of
+    // another size is replaced, never copied.
+    map(n::FLOW_EVENTS, 1, RINGBUF, 0, 0, FLOW_EVENTS_RING_BYTES, 0),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -117,6 +124,15 @@ mod tests {
         assert_eq!(sizes(n::CT_STATS), (size_of::<u32>(), size_of::<u64>()));
         assert_eq!(sizes(n::CONFIG), (size_of::<u32>(), size_of::<u64>()));
         assert_eq!(sizes(n::SOCK_REVNAT), (size_of::<SockRevKey>(), size_of::<SockRevValue>()));
+        // A ring buffer has no keys or values; its records are FlowEvents (56 B, asserted in lib.rs).
+        assert_eq!(sizes(n::FLOW_EVENTS), (0, 0));
+    }
+
+    #[test]
+    fn the_event_ring_is_a_power_of_two_number_of_pages() {
+        let l = current(n::FLOW_EVENTS).unwrap();
+        // The kernel wants a power of two and whole pages (up to 64 KiB on some machines).
+        assert!(l.max_entries.is_power_of_two() && l.max_entries >= 64 * 1024, "{}", l.max_entries);
     }
 
     #[test]

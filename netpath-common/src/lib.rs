@@ -10,6 +10,9 @@ pub const MAX_ENDPOINTS: u32 = 16384;
 /// Connection-tracking (NAT) entries, preallocated: a full table refuses new flows (dropped as
 /// `ct-full`) and never evicts an established one; the daemon expires idle entries.
 pub const CT_MAX_ENTRIES: u32 = 131_072;
+/// Bytes of the flow-event ring buffer (a power-of-2 multiple of the page size): 4,096 events
+/// of [`FlowEvent`] (56 B + the ring's 8 B header) waiting for the daemon to read them.
+pub const FLOW_EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Sockets the socket programs translated (LRU: a socket's entry only matters while it lives).
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 /// Uplinks one daemon can hold.
@@ -35,13 +38,18 @@ pub mod map_names {
     pub const CT_STATS: &str = "CT_STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
 }
 
 /// Slots of the `CONFIG` array.
 pub mod config {
     /// Cookie of the network namespace the daemon serves: socket programs act only there.
     pub const HOST_NETNS_COOKIE: u32 = 0;
-    pub const MAX: u32 = 1;
+    /// Non-zero while someone follows flow events (`netpath system flows --follow`): the
+    /// programs write [`super::FlowEvent`]s only then, so with nobody listening an event
+    /// costs one array lookup.
+    pub const FLOW_EVENTS: u32 = 1;
+    pub const MAX: u32 = 2;
 }
 
 /// Names of the programs in the object file.
@@ -105,8 +113,11 @@ pub mod ct_stat {
     pub const CREATED: u32 = 0;
     /// Masquerade source-port collisions that needed another port.
     pub const PORT_RETRIES: u32 = 1;
-    pub const MAX: u32 = 2;
-    pub const NAMES: [&str; MAX as usize] = ["flows-created", "port-retries"];
+    /// Flow events the datapath could not write because the ring buffer was full (the
+    /// daemon reads too slowly): followers are told how many they missed.
+    pub const EVENTS_LOST: u32 = 2;
+    pub const MAX: u32 = 3;
+    pub const NAMES: [&str; MAX as usize] = ["flows-created", "port-retries", "flow-events-lost"];
 }
 
 /// Which hook applies a conntrack entry: the same tuple is seen at several hooks (a
@@ -124,6 +135,44 @@ pub mod ct_state {
     pub const ESTABLISHED: u8 = 1;
     /// FIN or RST seen.
     pub const CLOSING: u8 = 2;
+}
+
+/// Kinds of [`FlowEvent`].
+pub mod flow_event {
+    /// A flow was tracked (where conntrack created its entries): `orig` as it arrived,
+    /// `xlate` as it leaves, `hook` where the translation applies.
+    pub const NEW: u8 = 1;
+    /// The first TCP FIN or RST of a tracked flow (either direction), reported once.
+    pub const CLOSED: u8 = 2;
+    /// A dropped packet: `orig` is its tuple, `reason` a `drop_reason`.
+    pub const DROP: u8 = 3;
+    /// Written by the daemon only: its idle-timeout sweep removed the flow.
+    pub const EXPIRED: u8 = 4;
+}
+
+/// One record of the `FLOW_EVENTS` ring buffer. Tuples as in [`Tuple`] (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// bpf_ktime_get_ns() when it happened (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// The flow's tuple as it arrived (for a drop: the dropped packet's).
+    pub orig: Tuple,
+    /// The tuple it leaves with (NEW, CLOSED); zero for a drop.
+    pub xlate: Tuple,
+    /// `drop_reason` of a DROP; 0 otherwise.
+    pub reason: u32,
+    /// The interface a packet was dropped on; 0 for other kinds.
+    pub ifindex: u32,
+    /// `flow_event::*`.
+    pub kind: u8,
+    /// `hook::*` where the flow is translated (NEW, CLOSED) or the packet dropped (DROP).
+    pub hook: u8,
+    /// 1 when the tuples' ports are meaningful (a translatable packet); a dropped fragment,
+    /// say, has addresses and protocol only.
+    pub ports: u8,
+    pub _pad1: u8,
+    pub _pad2: u32,
 }
 
 /// A flow in one direction. Addresses and ports are kept as on the wire (network byte order),
@@ -270,6 +319,9 @@ const _: () = {
     assert!(core::mem::size_of::<NetworkInfo>() == 12);
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
+    assert!(core::mem::size_of::<FlowEvent>() == 56);
+    // The ring buffer hands out 8-byte aligned records.
+    assert!(core::mem::align_of::<FlowEvent>() <= 8);
 };
 
 #[cfg(feature = "user")]
@@ -284,4 +336,5 @@ mod pod {
     unsafe impl aya::Pod for super::NetworkInfo {}
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
 }

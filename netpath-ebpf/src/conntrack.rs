@@ -6,6 +6,7 @@ use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use netpath_common::{CtEntry, Tuple, ct_stat, ct_state, drop_reason};
 
+use crate::events;
 use crate::maps::{CT, CT_STATS, count};
 use crate::parse::{Packet, TCP_FIN, TCP_RST};
 
@@ -29,6 +30,9 @@ pub fn lookup_any(p: &Packet) -> Option<(u8, Tuple)> {
     // SAFETY: helper without arguments.
     e.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if e.state != ct_state::CLOSING {
+            events::closing(&p.tuple, e);
+        }
         e.state = ct_state::CLOSING;
     } else if e.is_reply == 1 && e.state == ct_state::NEW {
         e.state = ct_state::ESTABLISHED;
@@ -62,6 +66,7 @@ pub fn create(orig: &Tuple, xlate: &Tuple, orig_hook: u8, reply_hook: u8) -> Res
         return Err(insert_failure(e));
     }
     count(&CT_STATS, ct_stat::CREATED);
+    events::new_flow(orig, xlate, orig_hook);
     Ok(())
 }
 

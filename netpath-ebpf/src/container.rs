@@ -11,6 +11,9 @@ use crate::policy::{self, Reach};
 use crate::stats::{self, Direction, drop};
 use crate::{conntrack, nat};
 
+/// The hook these paths act at (conntrack entries, drops).
+const HOOK: u8 = hook::FROM_CONTAINER;
+
 /// Sent by a container: account → source check → known flow (hairpin, or out through an
 /// uplink), or isolation then hairpin to a published port → rewrite → deliver.
 #[inline(always)]
@@ -20,7 +23,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     let src = policy::source(&p);
     // SAFETY: the skb pointer is valid for the program run.
     if policy::spoofed(src.as_ref(), unsafe { (*ctx.skb.skb).ifindex }) {
-        return drop(drop_reason::SPOOFED_SOURCE);
+        return drop(ctx, &p, HOOK, drop_reason::SPOOFED_SOURCE);
     }
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
     let known = if p.translatable { conntrack::lookup_any(&p) } else { None };
@@ -32,8 +35,8 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         _ => {
             match policy::reach(&p, src.as_ref()) {
                 Reach::Free => {}
-                Reach::Isolated => return drop(drop_reason::ISOLATION),
-                Reach::Routed => return routed(&p),
+                Reach::Isolated => return drop(ctx, &p, HOOK, drop_reason::ISOLATION),
+                Reach::Routed => return routed(ctx, &p),
             }
             if !p.translatable {
                 return TC_ACT_OK as i32;
@@ -41,14 +44,14 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             match hairpin(&p) {
                 Ok(Some(x)) => x,
                 Ok(None) => return TC_ACT_OK as i32,
-                Err(reason) => return drop(reason),
+                Err(reason) => return drop(ctx, &p, HOOK, reason),
             }
         }
     };
     if nat::rewrite(ctx, &p, &xlate).is_err() {
-        return drop(drop_reason::REWRITE_FAILED);
+        return drop(ctx, &p, HOOK, drop_reason::REWRITE_FAILED);
     }
-    nat::deliver(ctx, xlate.daddr)
+    nat::deliver(ctx, &p, xlate.daddr)
 }
 
 /// Delivered to a container: account only.
@@ -85,18 +88,18 @@ fn hairpin(p: &Packet) -> Result<Option<Tuple>, u32> {
         let gw = NETWORKS.get(Key::new(32, p.tuple.saddr)).map(|n| n.gateway).ok_or(drop_reason::REWRITE_FAILED)?;
         xlate = conntrack::snat_tuple(&xlate, gw).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?;
     }
-    conntrack::create(&p.tuple, &xlate, hook::FROM_CONTAINER, hook::FROM_CONTAINER)?;
+    conntrack::create(&p.tuple, &xlate, HOOK, HOOK)?;
     Ok(Some(xlate))
 }
 
 /// A new flow to a published port of a container on a `routed` network, by its address:
 /// tracked as is so that the replies, from a network isolated from the sender's, pass.
 #[inline(always)]
-fn routed(p: &Packet) -> i32 {
+fn routed(ctx: &TcContext, p: &Packet) -> i32 {
     if p.translatable
-        && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, hook::FROM_CONTAINER, hook::FROM_CONTAINER)
+        && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, HOOK, HOOK)
     {
-        return drop(reason);
+        return drop(ctx, p, HOOK, reason);
     }
     TC_ACT_OK as i32
 }

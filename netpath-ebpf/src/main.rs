@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod container;
+mod events;
 mod icmp;
 mod maps;
 mod nat;

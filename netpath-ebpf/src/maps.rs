@@ -4,10 +4,11 @@
 //! daemon restart. Addresses and ports in keys and values are in network byte order.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, EndpointStats, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
-    MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES, SockRevKey, SockRevValue, Tuple, config, drop_reason,
+    Backend, CtEntry, EndpointInfo, EndpointStats, FLOW_EVENTS_RING_BYTES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
+    MAX_PORTMAPS, MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES, SockRevKey, SockRevValue, Tuple, config,
+    drop_reason,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -66,11 +67,14 @@ pub static CT: HashMap<Tuple, CtEntry> = HashMap::pinned(CT_ENTRIES, 0);
 #[map(name = "DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_reason::MAX, 0);
 
-/// Conntrack counters (netpath_common::ct_stat). Datapath increments; daemon reports.
+/// Conntrack counters and lost flow events (netpath_common::ct_stat). Datapath increments;
+/// daemon reports.
 #[map(name = "CT_STATS")]
 pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(CT_STATS_SLOTS, 0);
 
-/// Daemon-set settings (netpath_common::config). Daemon writes at start; socket programs read.
+/// Daemon-set settings (netpath_common::config). Daemon writes the namespace cookie at start
+/// (socket programs read it) and the flow-events switch as followers come and go (every
+/// program that emits flow events reads it first).
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<u64> = Array::pinned(config::MAX, 0);
 
@@ -78,6 +82,12 @@ pub static CONFIG: Array<u64> = Array::pinned(config::MAX, 0);
 /// the address the application asked for. Socket programs write and read; LRU ages them out.
 #[map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
+
+/// Flow events (netpath_common::FlowEvent records): new flows, first FIN/RST, drops. The
+/// programs write only while CONFIG[FLOW_EVENTS] is set; the daemon reads and fans them out
+/// to `netpath system flows --follow`.
+#[map(name = "FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_EVENTS_RING_BYTES, 0);
 
 #[inline(always)]
 pub fn count(map: &PerCpuArray<u64>, idx: u32) {

@@ -5,10 +5,11 @@ use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_A
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
 use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect};
 use aya_ebpf::programs::TcContext;
-use netpath_common::{EndpointInfo, Tuple, proto};
+use netpath_common::{EndpointInfo, Tuple, drop_reason, hook, proto};
 
 use crate::maps::{ENDPOINTS, UPLINKS};
 use crate::parse::{ETH_LEN, IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
+use crate::stats::drop;
 
 /// Rewrites `p` (parsed from `ctx`) so that it carries `to`.
 #[inline(always)]
@@ -54,15 +55,15 @@ fn set_port(ctx: &mut TcContext, p: &Packet, off: usize, old: u16, new: u16, man
 /// one (hairpin): the host stack would reject a packet from one of its own addresses.
 /// Anything else continues through the stack.
 #[inline(always)]
-pub fn deliver(ctx: &mut TcContext, daddr: u32) -> i32 {
+pub fn deliver(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
     // SAFETY: plain map lookup; the value is copied out.
     let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
         return TC_ACT_OK as i32;
     };
     if set_macs(ctx, &ep).is_err() {
-        return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
+        return drop(ctx, p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
     }
-    redirect(ep.ifindex)
+    redirect(ctx, p, hook::FROM_CONTAINER, ep.ifindex)
 }
 
 /// skb->pkt_type of a frame addressed to this host's MAC.
@@ -76,7 +77,7 @@ const IP_TTL: usize = ETH_LEN + 8;
 /// frames not addressed to this host, a TTL about to expire and packets over the container
 /// link's MTU (the stack sends the ICMP errors those need).
 #[inline(always)]
-pub fn forward_to_endpoint(ctx: &mut TcContext, daddr: u32) -> i32 {
+pub fn forward_to_endpoint(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
     // SAFETY: plain map lookup; the value is copied out.
     let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
         return TC_ACT_OK as i32;
@@ -92,9 +93,9 @@ pub fn forward_to_endpoint(ctx: &mut TcContext, daddr: u32) -> i32 {
         return TC_ACT_OK as i32;
     }
     if hop(ctx, ttl).is_err() || set_macs(ctx, &ep).is_err() {
-        return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
+        return drop(ctx, p, hook::UPLINK_IN, drop_reason::REWRITE_FAILED);
     }
-    redirect(ep.ifindex)
+    redirect(ctx, p, hook::UPLINK_IN, ep.ifindex)
 }
 
 /// Sends a container's packet of a flow translated at an uplink (`to`: its translation)
@@ -137,9 +138,9 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
         || ctx.store(0, &fib.dmac, 0).is_err()
         || ctx.store(6, &fib.smac, 0).is_err()
     {
-        return crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED);
+        return drop(ctx, p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
     }
-    redirect(fib.ifindex)
+    redirect(ctx, p, hook::FROM_CONTAINER, fib.ifindex)
 }
 
 const AF_INET: u8 = 2;
@@ -168,12 +169,13 @@ fn hop(ctx: &mut TcContext, word: [u8; 2]) -> Result<(), ()> {
     ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2).map_err(|_| ())
 }
 
+/// Redirects `p` (being handled at `hook`) to interface `ifindex`.
 #[inline(always)]
-fn redirect(ifindex: u32) -> i32 {
+fn redirect(ctx: &TcContext, p: &Packet, hook: u8, ifindex: u32) -> i32 {
     // SAFETY: helper call with plain arguments.
     if unsafe { bpf_redirect(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
         TC_ACT_REDIRECT as i32
     } else {
-        crate::stats::drop(netpath_common::drop_reason::REWRITE_FAILED)
+        drop(ctx, p, hook, drop_reason::REWRITE_FAILED)
     }
 }

@@ -3,6 +3,7 @@
 use aya_ebpf::programs::TcContext;
 
 use crate::maps::ENDPOINT_STATS;
+use crate::parse::Packet;
 
 pub enum Direction {
     FromContainer,
@@ -33,9 +34,11 @@ pub fn account(ctx: &TcContext, dir: Direction) {
     }
 }
 
-/// Every drop goes through here: counted by reason, then TC_ACT_SHOT.
+/// Every drop goes through here: counted by reason, reported to flow followers with the
+/// packet's tuple and the hook (`netpath_common::hook`) that dropped it, then TC_ACT_SHOT.
 #[inline(always)]
-pub fn drop(reason: u32) -> i32 {
+pub fn drop(ctx: &TcContext, p: &Packet, hook: u8, reason: u32) -> i32 {
     crate::maps::count(&crate::maps::DROPS, reason);
+    crate::events::dropped(ctx, p, hook, reason);
     aya_ebpf::bindings::TC_ACT_SHOT as i32
 }

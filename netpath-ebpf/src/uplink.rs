@@ -12,6 +12,9 @@ use crate::policy::{self, Direct};
 use crate::stats::drop;
 use crate::{conntrack, icmp, nat};
 
+const IN: u8 = hook::UPLINK_IN;
+const OUT: u8 = hook::UPLINK_OUT;
+
 /// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
 /// published-port flow), a new connection to a published port (DNAT), or a new flow routed to
 /// a container address (tracked as is where the network's gateway mode opens it, dropped where
@@ -24,15 +27,15 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     crate::maps::count(&crate::maps::CT_STATS, netpath_common::ct_stat::MAX);
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
     if p.icmp_error {
-        return icmp_error(ctx, &p, hook::UPLINK_IN, true);
+        return icmp_error(ctx, &p, IN, true);
     }
     if !p.translatable {
         return match policy::direct_access(&p) {
-            Direct::Denied => drop(drop_reason::DIRECT_ACCESS),
+            Direct::Denied => drop(ctx, &p, IN, drop_reason::DIRECT_ACCESS),
             _ => TC_ACT_OK as i32,
         };
     }
-    let xlate = match conntrack::lookup(&p, hook::UPLINK_IN) {
+    let xlate = match conntrack::lookup(&p, IN) {
         Some(x) => x,
         None => {
             let x = match published(&p) {
@@ -41,20 +44,20 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
                 // recognised at egress and keep their address (not masqueraded as a new flow).
                 None => match policy::direct_access(&p) {
                     Direct::Open => p.tuple,
-                    Direct::Denied => return drop(drop_reason::DIRECT_ACCESS),
+                    Direct::Denied => return drop(ctx, &p, IN, drop_reason::DIRECT_ACCESS),
                     Direct::NotContainer => return TC_ACT_OK as i32,
                 },
             };
-            if let Err(reason) = conntrack::create(&p.tuple, &x, hook::UPLINK_IN, hook::UPLINK_OUT) {
-                return drop(reason);
+            if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
+                return drop(ctx, &p, IN, reason);
             }
             x
         }
     };
     if nat::rewrite(ctx, &p, &xlate).is_err() {
-        return drop(drop_reason::REWRITE_FAILED);
+        return drop(ctx, &p, IN, drop_reason::REWRITE_FAILED);
     }
-    nat::forward_to_endpoint(ctx, xlate.daddr)
+    nat::forward_to_endpoint(ctx, &p, xlate.daddr)
 }
 
 /// Leaving for outside: a known flow (replies of published-port flows get the host address
@@ -63,17 +66,17 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
 pub fn egress(ctx: &mut TcContext) -> i32 {
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
     if p.icmp_error {
-        return icmp_error(ctx, &p, hook::UPLINK_OUT, false);
+        return icmp_error(ctx, &p, OUT, false);
     }
     if !p.translatable {
         return TC_ACT_OK as i32;
     }
-    let xlate = match conntrack::lookup(&p, hook::UPLINK_OUT) {
+    let xlate = match conntrack::lookup(&p, OUT) {
         Some(x) => x,
         None => match masquerade(ctx, &p) {
             Ok(Some(x)) => x,
             Ok(None) => return TC_ACT_OK as i32,
-            Err(reason) => return drop(reason),
+            Err(reason) => return drop(ctx, &p, OUT, reason),
         },
     };
     finish(ctx, &p, &xlate)
@@ -83,14 +86,14 @@ pub fn egress(ctx: &mut TcContext) -> i32 {
 fn icmp_error(ctx: &mut TcContext, p: &Packet, hook: u8, inbound: bool) -> i32 {
     match icmp::translate(ctx, p, hook, inbound) {
         Ok(_) => TC_ACT_OK as i32,
-        Err(()) => drop(drop_reason::REWRITE_FAILED),
+        Err(()) => drop(ctx, p, hook, drop_reason::REWRITE_FAILED),
     }
 }
 
 #[inline(always)]
 fn finish(ctx: &mut TcContext, p: &Packet, xlate: &Tuple) -> i32 {
     if nat::rewrite(ctx, p, xlate).is_err() {
-        return drop(drop_reason::REWRITE_FAILED);
+        return drop(ctx, p, OUT, drop_reason::REWRITE_FAILED);
     }
     TC_ACT_OK as i32
 }
@@ -116,6 +119,6 @@ fn masquerade(ctx: &TcContext, p: &Packet) -> Result<Option<Tuple>, u32> {
     } else {
         return Ok(None);
     };
-    conntrack::create(&p.tuple, &x, hook::UPLINK_OUT, hook::UPLINK_IN)?;
+    conntrack::create(&p.tuple, &x, OUT, IN)?;
     Ok(Some(x))
 }

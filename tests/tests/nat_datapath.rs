@@ -4,6 +4,10 @@
 //! checks the verdict, every header field it expects rewritten (by comparing with the packet
 //! built from scratch), that the IPv4 and L4 checksums verify, and the conntrack entries.
 //!
+//! Flow events (the FLOW_EVENTS ring, written while CONFIG[FLOW_EVENTS] is set) are checked on
+//! the same packets: none while switched off, one `new` per flow with both tuples, `closed`
+//! once per flow, a `drop` with the packet's tuple and reason, nothing for malformed packets.
+//!
 //! Each test runs in its own network namespace (entered by the test's thread) with the maps
 //! pinned on a private bpffs, so nothing touches the machine. test_run attaches the packet to
 //! the namespace's loopback (ifindex 1), which therefore plays the uplink for `uplink_out`.
@@ -11,9 +15,9 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use netpath::datapath::{Datapath, LoadOptions, wire_addr, wire_port};
+use netpath::datapath::{Datapath, FlowEventRing, LoadOptions, wire_addr, wire_port};
 use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT};
-use netpath_common::{CtEntry, Tuple, ct_state, hook, net_flags, proto};
+use netpath_common::{CtEntry, FlowEvent, Tuple, ct_state, drop_reason, flow_event, hook, net_flags, proto};
 use netpath_tests::packet::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
     ipv4_addrs, ipv4_header_ok, l4_checksum_ok, l4_ports, refresh_ipv4_checksum, with_ip_options,
@@ -91,6 +95,8 @@ struct Fixture {
     inner: PrivateDatapath,
     /// Each container's host-side veth (a real one in the test's namespace), by address.
     veths: HashMap<Ipv4Addr, u32>,
+    /// The flow-event ring's reading end, once a test asked for events.
+    ring: Option<FlowEventRing>,
 }
 
 impl Fixture {
@@ -107,7 +113,7 @@ impl Fixture {
 
     fn with_options(tag: &str, opts: LoadOptions) -> Self {
         let inner = PrivateDatapath::with_options(&format!("nat-{tag}"), opts);
-        let mut f = Fixture { inner, veths: HashMap::new() };
+        let mut f = Fixture { inner, veths: HashMap::new(), ring: None };
         let dp = f.dp();
         dp.set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
         dp.set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), net_flags::MASQUERADE).unwrap();
@@ -178,6 +184,19 @@ impl Fixture {
     fn counter(&mut self, name: &str) -> u64 {
         let c = self.dp().counters().unwrap();
         c.drops.get(name).or(c.conntrack.get(name)).copied().unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Switches flow events on or off, as the daemon does when followers come and go.
+    fn flow_events(&mut self, on: bool) {
+        self.dp().set_flow_events(on).unwrap();
+    }
+
+    /// The flow events written since the last call.
+    fn events(&mut self) -> Vec<FlowEvent> {
+        if self.ring.is_none() {
+            self.ring = Some(self.dp().flow_events().unwrap());
+        }
+        self.ring.as_mut().unwrap().drain_all()
     }
 
     /// Runs `prog` and checks the packet passed untouched and no flow appeared.
@@ -1088,7 +1107,7 @@ fn room_made_by_the_daemon_lets_new_flows_in_again() {
     let mut f = full_table("ct-full-room");
     assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB)).0, TC_ACT_SHOT);
     // The daemon expires idle flows (and flushes a removed container's).
-    assert_eq!(f.dp().expire_flows(u64::MAX).unwrap(), 4);
+    assert_eq!(f.dp().expire_flows(u64::MAX).unwrap().len(), 4);
     let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB));
     assert_eq!((verdict, out), (TC_ACT_OK, tcp(CLIENT, 40001, A1, BACK)));
 }
@@ -1139,4 +1158,217 @@ fn exhausted_masquerade_ports_drop_new_flows_and_are_reported_once() {
     // Another destination still has ports.
     let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 444));
     assert_eq!((verdict, out), (TC_ACT_OK, tcp(HOST, 45000, CLIENT, 444)));
+}
+
+// ---- flow events ----
+
+/// `pkt` (TCP, built by `tcp`) with its flags set to `flags`; conntrack does not check the
+/// checksum.
+fn tcp_flags(mut pkt: Vec<u8>, flags: u8) -> Vec<u8> {
+    pkt[14 + 20 + 13] = flags;
+    pkt
+}
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+fn event(kind: u8, hook_nr: u8, orig: Tuple, xlate: Tuple) -> (u8, u8, Tuple, Tuple) {
+    (kind, hook_nr, orig, xlate)
+}
+
+/// What a test compares: kind, hook, and both tuples.
+fn what(e: &FlowEvent) -> (u8, u8, Tuple, Tuple) {
+    (e.kind, e.hook, e.orig, e.xlate)
+}
+
+#[test]
+fn with_flow_events_off_nothing_is_written() {
+    let mut f = Fixture::published("ev-off");
+    f.events();
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    f.run(UPLINK_IN, &tcp_flags(tcp(CLIENT, 40000, HOST, PUB), FIN_ACK));
+    assert_eq!(f.run(FROM_CONTAINER, &tcp(A1, 45000, B1, 80)).0, TC_ACT_SHOT);
+    assert_eq!(f.flows().len(), 2, "the datapath worked as usual");
+    assert!(f.events().is_empty(), "{:#?}", f.events());
+    // Switched on and off again: nothing either.
+    f.flow_events(true);
+    f.flow_events(false);
+    f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB));
+    assert!(f.events().is_empty());
+}
+
+#[test]
+fn a_new_published_flow_writes_one_new_event_with_both_tuples() {
+    let mut f = Fixture::published("ev-new");
+    f.flow_events(true);
+    let before = f.events();
+    assert!(before.is_empty());
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    // Later packets of the flow, both ways, are no new flow.
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    let ev = f.events();
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert_eq!(
+        what(&ev[0]),
+        event(
+            flow_event::NEW,
+            hook::UPLINK_IN,
+            tuple(CLIENT, 40000, HOST, PUB, proto::TCP),
+            tuple(CLIENT, 40000, A1, BACK, proto::TCP)
+        )
+    );
+    assert_eq!((ev[0].ports, ev[0].reason, ev[0].ifindex), (1, 0, 0));
+    assert!(ev[0].ts_ns > 0, "stamped with the monotonic clock");
+}
+
+#[test]
+fn masquerade_and_hairpin_flows_write_new_events_at_their_hook() {
+    let mut f = Fixture::published("ev-new-others");
+    f.flow_events(true);
+    f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    f.run(FROM_CONTAINER, &tcp(A2, 45001, HOST, PUB));
+    let ev: Vec<_> = f.events().iter().map(what).collect();
+    assert_eq!(
+        ev,
+        [
+            event(
+                flow_event::NEW,
+                hook::UPLINK_OUT,
+                tuple(A1, 45000, CLIENT, 443, proto::TCP),
+                tuple(HOST, 45000, CLIENT, 443, proto::TCP)
+            ),
+            event(
+                flow_event::NEW,
+                hook::FROM_CONTAINER,
+                tuple(A2, 45001, HOST, PUB, proto::TCP),
+                tuple(A2, 45001, A1, BACK, proto::TCP)
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_fin_writes_closed_once_per_flow() {
+    let mut f = Fixture::published("ev-fin");
+    f.flow_events(true);
+    let syn = tcp(CLIENT, 40000, HOST, PUB);
+    f.run(UPLINK_IN, &syn);
+    f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    f.events();
+    f.run(UPLINK_IN, &tcp_flags(syn.clone(), FIN_ACK));
+    let ev = f.events();
+    let closed = event(
+        flow_event::CLOSED,
+        hook::UPLINK_IN,
+        tuple(CLIENT, 40000, HOST, PUB, proto::TCP),
+        tuple(CLIENT, 40000, A1, BACK, proto::TCP),
+    );
+    assert_eq!(ev.iter().map(what).collect::<Vec<_>>(), [closed]);
+    // The FIN again, the other side's FIN, a RST: the flow was reported already.
+    f.run(UPLINK_IN, &tcp_flags(syn.clone(), FIN_ACK));
+    f.run(UPLINK_OUT, &tcp_flags(tcp(A1, BACK, CLIENT, 40000), FIN_ACK));
+    f.run(UPLINK_IN, &tcp_flags(syn, RST));
+    assert!(f.events().is_empty(), "closed only once");
+}
+
+#[test]
+fn a_flow_the_container_closes_is_reported_in_its_original_direction() {
+    let mut f = Fixture::published("ev-fin-reply");
+    f.flow_events(true);
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    f.events();
+    // The container resets it: seen on the reply entry, reported as the client's flow.
+    f.run(UPLINK_OUT, &tcp_flags(tcp(A1, BACK, CLIENT, 40000), RST));
+    let ev: Vec<_> = f.events().iter().map(what).collect();
+    assert_eq!(
+        ev,
+        [event(
+            flow_event::CLOSED,
+            hook::UPLINK_IN,
+            tuple(CLIENT, 40000, HOST, PUB, proto::TCP),
+            tuple(CLIENT, 40000, A1, BACK, proto::TCP)
+        )]
+    );
+    f.run(UPLINK_IN, &tcp_flags(tcp(CLIENT, 40000, HOST, PUB), FIN_ACK));
+    assert!(f.events().is_empty());
+}
+
+#[test]
+fn drops_write_the_packets_tuple_and_reason() {
+    let mut f = Fixture::published("ev-drop");
+    f.flow_events(true);
+    assert_eq!(f.run(FROM_CONTAINER, &tcp(A1, 45000, B1, 80)).0, TC_ACT_SHOT);
+    assert_eq!(f.run(UPLINK_IN, &udp(CLIENT, 5353, A1, 53)).0, TC_ACT_SHOT);
+    assert_eq!(f.run_from(A1, &tcp(B1, 1000, CLIENT, 80)).0, TC_ACT_SHOT);
+    let mut frag = udp(A1, 45000, B1, 53);
+    frag[20] = 0x20; // more fragments: no ports
+    refresh_ipv4_checksum(&mut frag);
+    assert_eq!(f.run(FROM_CONTAINER, &frag).0, TC_ACT_SHOT);
+    let ev = f.events();
+    let got: Vec<_> = ev.iter().map(|e| (e.kind, e.hook, e.orig, e.reason, e.ports)).collect();
+    let frag_tuple = Tuple::new(wire_addr(ip(A1)), wire_addr(ip(B1)), 0, 0, proto::UDP);
+    assert_eq!(
+        got,
+        [
+            (flow_event::DROP, hook::FROM_CONTAINER, tuple(A1, 45000, B1, 80, proto::TCP), drop_reason::ISOLATION, 1),
+            (flow_event::DROP, hook::UPLINK_IN, tuple(CLIENT, 5353, A1, 53, proto::UDP), drop_reason::DIRECT_ACCESS, 1),
+            (
+                flow_event::DROP,
+                hook::FROM_CONTAINER,
+                tuple(B1, 1000, CLIENT, 80, proto::TCP),
+                drop_reason::SPOOFED_SOURCE,
+                1
+            ),
+            (flow_event::DROP, hook::FROM_CONTAINER, frag_tuple, drop_reason::ISOLATION, 0),
+        ]
+    );
+    // Where it was dropped: A1's veth (the spoofing sender's), not the address's owner.
+    let a1 = f.veths[&ip(A1)];
+    assert_eq!(ev[2].ifindex, a1);
+    assert!(ev.iter().all(|e| e.xlate == Tuple::default()), "no translation on a drop");
+    // The counters agree, as before.
+    assert_eq!((f.counter("isolation"), f.counter("direct-access"), f.counter("spoofed-source")), (2, 1, 1));
+}
+
+#[test]
+fn a_full_table_writes_a_ct_full_drop_and_no_new_event() {
+    let mut f = Fixture::with_ct_size("ev-full", 2);
+    f.dp().set_port(None, PUB, proto::TCP, ip(A1), BACK).unwrap();
+    f.flow_events(true);
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40001, HOST, PUB)).0, TC_ACT_SHOT);
+    let ev: Vec<_> = f.events().iter().map(|e| (e.kind, e.orig, e.reason)).collect();
+    assert_eq!(
+        ev,
+        [
+            (flow_event::NEW, tuple(CLIENT, 40000, HOST, PUB, proto::TCP), 0),
+            (flow_event::DROP, tuple(CLIENT, 40001, HOST, PUB, proto::TCP), drop_reason::CT_FULL),
+        ]
+    );
+}
+
+#[test]
+fn malformed_packets_write_nothing() {
+    let mut f = Fixture::published("ev-malformed");
+    f.flow_events(true);
+    let full = Ipv4Packet::tcp(CLIENT, 40000, HOST, PUB, b"").build();
+    let mut ihl_short = full.clone();
+    ihl_short[14] = 0x44;
+    let mut ihl_long = full.clone();
+    ihl_long[14] = 0x4f;
+    refresh_ipv4_checksum(&mut ihl_long);
+    let mut frag = udp(CLIENT, 5353, HOST, PUB);
+    frag[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+    refresh_ipv4_checksum(&mut frag);
+    let mut padded = cut_l4(&full, 12);
+    padded.resize(60, 0);
+    let mut not_ip = full.clone();
+    not_ip[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    for pkt in [ihl_short, ihl_long, cut_l4(&full, 4), cut_l4(&full, 17), frag, padded, not_ip] {
+        for prog in [UPLINK_IN, UPLINK_OUT, FROM_CONTAINER] {
+            assert_eq!(f.run(prog, &pkt).0, TC_ACT_OK, "{prog}");
+        }
+    }
+    assert!(f.events().is_empty(), "{:#?}", f.events());
+    assert!(f.flows().is_empty());
 }

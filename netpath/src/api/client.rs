@@ -23,6 +23,37 @@ impl Client {
 
     /// Sends one request; a non-2xx answer becomes an error carrying the daemon's message.
     pub async fn request(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<Bytes> {
+        let resp = self.send(method, path, body).await?;
+        Ok(resp.into_body().collect().await.context("reading the daemon's answer")?.to_bytes())
+    }
+
+    /// GETs a stream of lines (NDJSON) and hands each to `each` as it arrives, until the
+    /// daemon ends the stream (Ok) or `each` returns false.
+    pub async fn get_lines(&self, path: &str, mut each: impl FnMut(&str) -> bool) -> Result<()> {
+        let mut body = self.send(Method::GET, path, None::<&()>).await?.into_body();
+        let mut buf: Vec<u8> = vec![];
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading from the daemon")?;
+            let Some(data) = frame.data_ref() else { continue };
+            buf.extend_from_slice(data);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if !each(String::from_utf8_lossy(&line[..nl]).trim_end()) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one request and returns the answer with its body unread; a non-2xx answer
+    /// becomes an error carrying the daemon's message.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
             anyhow!(
                 "cannot connect to the netpath daemon at {}: {e}. Is `netpath daemon` running? (set --socket or NETPATH_SOCKET)",
@@ -44,10 +75,10 @@ impl Client {
             .body(Full::new(payload))?;
         let resp = sender.send_request(req).await.context("talking to the daemon")?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
         if status.is_success() {
-            return Ok(bytes);
+            return Ok(resp);
         }
+        let bytes = resp.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
         let msg = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|e| e.message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());

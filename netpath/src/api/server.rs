@@ -84,7 +84,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(d.clone().follow_host());
         d.housekeeping().await;
     });
-    let res = axum::serve(listener, router(daemon.clone())).with_graceful_shutdown(shutdown()).await;
+    let d = daemon.clone();
+    let stopping = async move {
+        shutdown().await;
+        // Followers' streams never end on their own: the graceful shutdown would wait for them.
+        d.stop_flow_events();
+    };
+    let res = axum::serve(listener, router(daemon.clone())).with_graceful_shutdown(stopping).await;
     let _ = std::fs::remove_file(&cfg.socket);
     if cfg.shutdown_containers {
         info!("stopping every container (--shutdown-containers)");
@@ -118,6 +124,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/containers/{name}/ports", get(container_ports))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
+        .route("/datapath/flows/events", get(flow_events))
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), crate::daemon::metrics::time_requests))
         .with_state(shared)
 }
@@ -238,4 +245,16 @@ async fn counters(State(d): State<Shared>) -> Result<Json> {
 
 async fn flows(State(d): State<Shared>) -> Result<Json> {
     Ok(axum::Json(d.flows()?))
+}
+
+#[derive(Deserialize)]
+struct FlowEventsQuery {
+    container: Option<String>,
+}
+
+/// Flow events as they happen, one JSON object per line, until the client goes away.
+async fn flow_events(State(d): State<Shared>, Query(q): Query<FlowEventsQuery>) -> Result<Response> {
+    let events = d.follow_flows(q.container.as_deref())?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(events))
+        .into_response())
 }

@@ -1,6 +1,7 @@
 //! The docker-like CLI. Every verb except `daemon` is a client of the daemon's API.
 
 mod container;
+mod flows;
 mod network;
 
 use std::path::PathBuf;
@@ -79,8 +80,20 @@ enum SystemCmd {
     Info,
     /// Datapath counters as JSON: drops by reason, conntrack activity and size.
     Datapath,
-    /// The NAT table as JSON: what each entry matches and rewrites to.
-    Flows,
+    /// The NAT table as JSON (what each entry matches and rewrites to), or with --follow
+    /// flow events as they happen: new flows (as they arrived and as translated), the first
+    /// FIN/RST of each, flows that expired, drops with their reason.
+    Flows {
+        /// Stream events until interrupted (Ctrl-C), one line each.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only events of this container (any of its addresses, on either side of a flow).
+        #[arg(long, requires = "follow")]
+        container: Option<String>,
+        /// One JSON object per line, as the daemon sends them.
+        #[arg(long, requires = "follow")]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -135,11 +148,14 @@ pub fn main() -> ExitCode {
             Ok(0)
         }),
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
+        Cmd::System(SystemCmd::Flows { follow, container, json }) => {
+            run_client(&cli.socket, |c| async move { flows::run(&c, follow, container, json).await })
+        }
         Cmd::System(sc) => run_client(&cli.socket, |c| async move {
             let path = match sc {
                 SystemCmd::Info => "/system/info",
                 SystemCmd::Datapath => "/datapath/counters",
-                SystemCmd::Flows => "/datapath/flows",
+                SystemCmd::Flows { .. } => unreachable!("handled above"),
             };
             println!("{}", serde_json::to_string_pretty(&c.get(path).await?)?);
             Ok(0)

@@ -192,11 +192,11 @@ impl Daemon {
             // SAFETY: valid pointer to a timespec.
             unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
             let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-            let flows = self.flows.clone();
-            match tokio::task::spawn_blocking(move || flows.expire(now)).await {
+            let table = self.ct_table.clone();
+            match tokio::task::spawn_blocking(move || table.expire(now)).await {
+                Ok(Ok(gone)) => self.flows_expired(&gone),
                 Ok(Err(e)) => warn!("expiring flows: {e:#}"),
                 Err(e) => warn!("expiring flows: {e}"),
-                Ok(Ok(_)) => {}
             }
             // Table pressure warnings, pins of links whose interface vanished.
             self.dp().housekeeping();

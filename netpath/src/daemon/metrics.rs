@@ -91,9 +91,16 @@ impl Daemon {
         o.family("netpath_conntrack_capacity", "gauge", "Entries the connection-tracking table holds at most.");
         o.sample("netpath_conntrack_capacity", &[], counters.ct_capacity);
         o.family("netpath_conntrack_events_total", "counter", "Connection-tracking events by kind.");
-        for (k, v) in &counters.conntrack {
+        let lost = netpath_common::ct_stat::NAMES[netpath_common::ct_stat::EVENTS_LOST as usize];
+        for (k, v) in counters.conntrack.iter().filter(|(k, _)| **k != lost) {
             o.sample("netpath_conntrack_events_total", &[("event", k)], v);
         }
+        o.family(
+            "netpath_flow_events_lost_total",
+            "counter",
+            "Flow events the datapath could not hand to the daemon (ring buffer full).",
+        );
+        o.sample("netpath_flow_events_lost_total", &[], counters.conntrack.get(lost).copied().unwrap_or(0));
         o.family("netpath_drops_total", "counter", "Packets the datapath dropped, by reason.");
         for (k, v) in &counters.drops {
             o.sample("netpath_drops_total", &[("reason", k)], v);

@@ -17,6 +17,7 @@
 mod containers;
 pub mod crash;
 mod dns;
+mod flows;
 mod host;
 mod locks;
 pub mod metrics;
@@ -74,14 +75,15 @@ pub struct Daemon {
     host: host::Host,
     dns: crate::dns::Dns,
     /// The conntrack table, scanned without the datapath lock (expiry, flushes, counts).
-    flows: Arc<crate::datapath::FlowTable>,
+    ct_table: Arc<crate::datapath::FlowTable>,
     /// Where `rm` and `disconnect` ask for a container address's flows to be flushed.
-    flusher: tokio::sync::mpsc::UnboundedSender<(std::net::Ipv4Addr, tokio::sync::oneshot::Sender<()>)>,
+    flusher: tokio::sync::mpsc::UnboundedSender<FlushRequest>,
     /// False until the first reconcile is done; changes wait for it, reads do not.
     ready: watch::Sender<bool>,
     /// How long the first reconcile took (ms), once it is done.
     reconcile_ms: std::sync::atomic::AtomicU64,
     api_latency: metrics::ApiLatency,
+    flows: flows::FlowEvents,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -126,17 +128,26 @@ impl Daemon {
             None => None,
         };
         let opts = crate::datapath::LoadOptions { object, ..Default::default() };
-        let datapath = Datapath::load_with(&cfg.bpffs, opts)
+        let mut datapath = Datapath::load_with(&cfg.bpffs, opts)
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
+        // Nobody follows flow events yet (a daemon that died may have left them on). An object
+        // from before flow events (--ebpf-object) runs without them.
+        let events = match datapath.set_flow_events(false).and_then(|_| datapath.flow_events()) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                tracing::warn!("flow events unavailable with this eBPF object: {e:#}");
+                None
+            }
+        };
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
-        let flows = Arc::new(datapath.flow_table()?);
+        let ct_table = Arc::new(datapath.flow_table()?);
         let links = crate::datapath::EndpointLinks::new(&datapath);
         let d = Arc::new(Self {
-            flusher: spawn_flusher(flows.clone()),
+            flusher: spawn_flusher(ct_table.clone()),
             links,
-            flows,
+            ct_table,
             host: host::Host::new(cfg),
             dns,
             cfg: cfg.clone(),
@@ -148,7 +159,11 @@ impl Daemon {
             ready: watch::channel(false).0,
             reconcile_ms: Default::default(),
             api_latency: Default::default(),
+            flows: flows::FlowEvents::new(events.is_some()),
         });
+        if let Some(ring) = events {
+            tokio::spawn(d.clone().read_flow_events(ring));
+        }
         d.attach_sockets(&cfg.state_dir)?;
         d.ensure_builtin_networks()?;
         Ok(d)
@@ -226,10 +241,8 @@ impl Daemon {
 /// The task that flushes removed containers' flows: it takes every request waiting, scans the
 /// conntrack table once for all of them (off the async workers), then answers them all. Twenty
 /// concurrent `rm` cost one scan, not twenty.
-fn spawn_flusher(
-    flows: Arc<crate::datapath::FlowTable>,
-) -> tokio::sync::mpsc::UnboundedSender<(std::net::Ipv4Addr, tokio::sync::oneshot::Sender<()>)> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(std::net::Ipv4Addr, tokio::sync::oneshot::Sender<()>)>();
+fn spawn_flusher(flows: Arc<crate::datapath::FlowTable>) -> tokio::sync::mpsc::UnboundedSender<FlushRequest> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<FlushRequest>();
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
@@ -241,21 +254,36 @@ fn spawn_flusher(
             let f = flows.clone();
             let t = std::time::Instant::now();
             let n = addrs.len();
-            match tokio::task::spawn_blocking(move || f.flush(&addrs)).await {
-                Ok(Ok(gone)) => tracing::debug!(
-                    "flushed {gone} flows of {n} addresses in {:.1} ms",
-                    t.elapsed().as_secs_f64() * 1000.0
-                ),
-                Ok(Err(e)) => tracing::warn!("flushing flows: {e:#}"),
-                Err(e) => tracing::warn!("flushing flows: {e}"),
-            }
+            let gone = match tokio::task::spawn_blocking(move || f.flush(&addrs)).await {
+                Ok(Ok(gone)) => {
+                    tracing::debug!(
+                        "flushed {} flow entries of {n} addresses in {:.1} ms",
+                        gone.len(),
+                        t.elapsed().as_secs_f64() * 1000.0
+                    );
+                    gone
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("flushing flows: {e:#}");
+                    vec![]
+                }
+                Err(e) => {
+                    tracing::warn!("flushing flows: {e}");
+                    vec![]
+                }
+            };
+            let gone = Arc::new(gone);
             for (_, done) in batch {
-                let _ = done.send(());
+                let _ = done.send(gone.clone());
             }
         }
     });
     tx
 }
+
+/// A container address whose flows must go, and where to say they went (with what went).
+type FlushRequest =
+    (std::net::Ipv4Addr, tokio::sync::oneshot::Sender<Arc<Vec<(netpath_common::Tuple, netpath_common::CtEntry)>>>);
 
 /// Time spent per phase of an operation, for the log (`reconcile`, and `run`/`rm` at debug level).
 pub struct Laps(Vec<(&'static str, u128)>, std::time::Instant);
@@ -327,7 +355,7 @@ impl Daemon {
     /// Datapath-wide counters (drops by reason, conntrack).
     pub fn datapath_counters(&self) -> Result<crate::datapath::Counters> {
         let mut c = self.dp().counters()?;
-        c.ct_entries = self.flows.len()?;
+        c.ct_entries = self.ct_table.len()?;
         Ok(c)
     }
 
@@ -335,8 +363,17 @@ impl Daemon {
     /// be handed out again. Flushes asked for at once share one scan of the table.
     pub(crate) async fn flush_flows(&self, ip: std::net::Ipv4Addr) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.flusher.send((ip, tx)).is_ok() {
-            let _ = rx.await;
+        if self.flusher.send((ip, tx)).is_ok()
+            && let Ok(gone) = rx.await
+        {
+            // Followers see them end (each requester reports its own address's flows).
+            let a = crate::datapath::wire_addr(ip);
+            let mine: Vec<_> = gone
+                .iter()
+                .filter(|(k, e)| [k.saddr, k.daddr, e.xlate.saddr, e.xlate.daddr].contains(&a))
+                .copied()
+                .collect();
+            self.flows_expired(&mine);
         }
     }
 

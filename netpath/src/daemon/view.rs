@@ -147,14 +147,8 @@ impl Daemon {
 
 fn tuple_json(t: &netpath_common::Tuple) -> Value {
     let a = |x: u32| std::net::Ipv4Addr::from(x.to_ne_bytes()).to_string();
-    let proto = match t.proto {
-        netpath_common::proto::TCP => "tcp",
-        netpath_common::proto::UDP => "udp",
-        netpath_common::proto::ICMP => "icmp",
-        _ => "other",
-    };
     json!({
-        "Proto": proto,
+        "Proto": super::flows::proto_name(t.proto),
         "Src": format!("{}:{}", a(t.saddr), u16::from_be(t.sport)),
         "Dst": format!("{}:{}", a(t.daddr), u16::from_be(t.dport)),
     })
@@ -162,12 +156,7 @@ fn tuple_json(t: &netpath_common::Tuple) -> Value {
 
 /// One NAT entry: the tuple it matches and the tuple packets leave with.
 pub(super) fn flow_json(k: &netpath_common::Tuple, e: &netpath_common::CtEntry) -> Value {
-    let hook = match e.hook {
-        netpath_common::hook::UPLINK_IN => "uplink-in",
-        netpath_common::hook::UPLINK_OUT => "uplink-out",
-        netpath_common::hook::FROM_CONTAINER => "from-container",
-        _ => "?",
-    };
+    let hook = super::flows::hook_name(e.hook).unwrap_or("?");
     let state = match e.state {
         netpath_common::ct_state::ESTABLISHED => "established",
         netpath_common::ct_state::CLOSING => "closing",

@@ -64,23 +64,22 @@ impl FlowTable {
 
     /// Forgets every flow to or from any of `addrs` (wire order), in one pass: containers
     /// going away, whose replacements must not inherit stale translations (that is what keeps
-    /// UDP clients working across a re-create). Returns how many entries went.
-    pub fn flush(&self, addrs: &HashSet<u32>) -> Result<usize> {
-        let doomed: Vec<Tuple> = self
+    /// UDP clients working across a re-create). Returns the entries that went.
+    pub fn flush(&self, addrs: &HashSet<u32>) -> Result<Vec<(Tuple, CtEntry)>> {
+        let doomed: Vec<(Tuple, CtEntry)> = self
             .entries()?
             .into_iter()
             .filter(|(k, e)| [k.saddr, k.daddr, e.xlate.saddr, e.xlate.daddr].iter().any(|a| addrs.contains(a)))
-            .map(|(k, _)| k)
             .collect();
-        doomed.iter().for_each(|k| self.remove(k));
-        Ok(doomed.len())
+        doomed.iter().for_each(|(k, _)| self.remove(k));
+        Ok(doomed)
     }
 
-    /// Expires idle flows (both entries of a flow go together). Returns how many entries went.
-    pub fn expire(&self, now_ns: u64) -> Result<usize> {
+    /// Expires idle flows (both entries of a flow go together). Returns the entries that went.
+    pub fn expire(&self, now_ns: u64) -> Result<Vec<(Tuple, CtEntry)>> {
         let entries: HashMap<Tuple, CtEntry> = self.entries()?.into_iter().collect();
         let doomed = super::conntrack::expired(&entries, now_ns);
         doomed.iter().for_each(|k| self.remove(k));
-        Ok(doomed.len())
+        Ok(doomed.into_iter().filter_map(|k| Some((k, *entries.get(&k)?))).collect())
     }
 }

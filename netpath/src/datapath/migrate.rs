@@ -137,6 +137,7 @@ fn type_name(t: u32) -> &'static str {
         map_type::PERCPU_ARRAY => "per-CPU array",
         map_type::LRU_HASH => "LRU hash",
         map_type::LPM_TRIE => "LPM trie",
+        map_type::RINGBUF => "ring buffer",
         _ => "map",
     }
 }
@@ -149,6 +150,10 @@ fn describe(i: &MapInfo) -> String {
 fn decide(name: &str, rev: u32, have: &MapInfo, want: &Want) -> How {
     let same_bytes = have.key_size == want.info.key_size && have.value_size == want.info.value_size;
     let same_kind = family(have.map_type) == family(want.info.map_type);
+    if have.map_type == map_type::RINGBUF || want.info.map_type == map_type::RINGBUF {
+        // Nothing to copy (and no keys to walk): events a follower has not read are lost.
+        return How::Replace("a ring buffer carries events in flight, not state".into());
+    }
     if rev > want.rev {
         return How::Replace(format!(
             "pinned by a newer build (layout revision {rev}); this build knows revisions up to {}",
@@ -485,6 +490,24 @@ mod tests {
         assert!(why.contains("newer build"), "{why}");
         let lpm = want("NETWORKS", 1, map_type::LPM_TRIE, 4, 20, 16384);
         assert!(matches!(decide("NETWORKS", 1, &info(map_type::HASH, 4, 20, 16384), &lpm), How::Replace(_)));
+    }
+
+    #[test]
+    fn a_ring_buffer_of_another_size_is_replaced_not_copied() {
+        let ring = want("FLOW_EVENTS", 1, map_type::RINGBUF, 0, 0, 256 * 1024);
+        let How::Replace(why) = decide("FLOW_EVENTS", 1, &info(map_type::RINGBUF, 0, 0, 128 * 1024), &ring) else {
+            panic!("a ring buffer has no entries to copy")
+        };
+        assert!(why.contains("ring buffer"), "{why}");
+    }
+
+    #[test]
+    fn an_array_that_gained_slots_is_copied_at_the_same_revision() {
+        // CONFIG got the flow-events switch, CT_STATS the flow-events-lost counter.
+        let config = want("CONFIG", 1, map_type::ARRAY, 4, 8, 2);
+        assert!(matches!(decide("CONFIG", 1, &info(map_type::ARRAY, 4, 8, 1), &config), How::Copy(Convert::Same)));
+        let stats = want("CT_STATS", 1, map_type::PERCPU_ARRAY, 4, 8, 3);
+        assert!(matches!(decide("CT_STATS", 1, &info(map_type::PERCPU_ARRAY, 4, 8, 2), &stats), How::Copy(_)));
     }
 
     #[test]

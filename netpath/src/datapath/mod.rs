@@ -7,6 +7,7 @@
 //! the new programs atomically (`links.rs`).
 
 mod bpffs;
+mod events;
 mod links;
 mod migrate;
 pub mod pins;
@@ -32,6 +33,7 @@ use netpath_common::{
 use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
+pub use events::FlowEventRing;
 pub use pins::map_pin;
 
 mod conntrack;
@@ -92,6 +94,8 @@ pub struct Counters {
     pub published_ports: usize,
     /// How many entries the conntrack table holds at most.
     pub ct_capacity: u32,
+    /// Whether the programs write flow events now (someone follows them).
+    pub flow_events: bool,
 }
 
 impl Datapath {
@@ -225,6 +229,33 @@ impl Datapath {
             self.links().attach_cgroup(cgroup, name)?;
         }
         Ok(())
+    }
+
+    /// The consumer of the flow-event ring (once: the map moves out of the datapath).
+    pub fn flow_events(&mut self) -> Result<FlowEventRing> {
+        let m = self.ebpf.take_map(map_names::FLOW_EVENTS).with_context(|| {
+            format!("map {} missing from the eBPF object, or taken already", map_names::FLOW_EVENTS)
+        })?;
+        let ring = aya::maps::RingBuf::try_from(m).context("opening the flow-event ring buffer")?;
+        Ok(FlowEventRing::new(ring))
+    }
+
+    /// Makes the programs write flow events (or stop). Off, an event costs them one lookup.
+    pub fn set_flow_events(&mut self, on: bool) -> Result<()> {
+        let mut cfg: Array<_, u64> = self.map(map_names::CONFIG)?;
+        cfg.set(config::FLOW_EVENTS, u64::from(on), 0).context("switching flow events")
+    }
+
+    /// Whether the programs write flow events now.
+    pub fn flow_events_on(&mut self) -> Result<bool> {
+        let cfg: Array<_, u64> = self.map(map_names::CONFIG)?;
+        Ok(cfg.get(&config::FLOW_EVENTS, 0).context("reading the flow-events switch")? != 0)
+    }
+
+    /// Flow events the programs could not write since the maps were made: the ring was full.
+    pub fn flow_events_lost(&mut self) -> Result<u64> {
+        let cts: PerCpuArray<_, u64> = self.map(map_names::CT_STATS)?;
+        Ok(cts.get(&ct_stat::EVENTS_LOST, 0).map(|v| v.iter().sum()).unwrap_or(0))
     }
 
     /// A program, for tests that drive it with `test_run`.
@@ -365,8 +396,8 @@ impl Datapath {
         Ok(FlowTable::new(fd))
     }
 
-    /// Expires idle flows (both entries of a flow go together). Returns how many entries went.
-    pub fn expire_flows(&self, now_ns: u64) -> Result<usize> {
+    /// Expires idle flows (both entries of a flow go together). Returns the entries that went.
+    pub fn expire_flows(&self, now_ns: u64) -> Result<Vec<(Tuple, CtEntry)>> {
         self.flow_table()?.expire(now_ns)
     }
 
@@ -389,6 +420,8 @@ impl Datapath {
         c.endpoints = self.endpoint_keys()?.len();
         c.published_ports = self.port_keys()?.len();
         c.ct_capacity = self.ct_capacity;
+        // An object from before flow events has no switch: off.
+        c.flow_events = self.flow_events_on().unwrap_or(false);
         Ok(c)
     }
 
