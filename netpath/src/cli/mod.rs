@@ -119,6 +119,7 @@ pub fn main() -> ExitCode {
             // Much of the daemon's work is syscalls that wait out RCU grace periods (mounts,
             // link and program changes): more workers than CPUs keep a few such waits from
             // stalling every other request.
+            crate::daemon::limit_arenas();
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads((4 * cpus).max(8))

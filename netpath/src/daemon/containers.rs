@@ -530,10 +530,23 @@ impl Daemon {
 
     // ------------------------------------------------------------------ views
 
+    /// `ps`: a summary per container (what `ps` shows), not the whole `inspect` document:
+    /// listing a thousand containers must stay cheap.
     pub fn list_containers(&self, all: bool) -> Value {
-        let mut cs: Vec<Container> = self.state().containers().filter(|c| c.phase == Phase::Ready).cloned().collect();
+        let (mut cs, names): (Vec<Container>, std::collections::HashMap<String, String>) = {
+            let st = self.state();
+            let cs = st.containers().filter(|c| c.phase == Phase::Ready).cloned().collect();
+            (cs, st.networks().map(|n| (n.id.clone(), n.name.clone())).collect())
+        };
         cs.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-        Value::Array(cs.iter().filter(|c| all || Self::is_running(c)).map(|c| self.container_json(c, false)).collect())
+        Value::Array(
+            cs.iter()
+                .filter_map(|c| {
+                    let running = Self::is_running(c);
+                    (all || running).then(|| self.container_summary(c, running, &names))
+                })
+                .collect(),
+        )
     }
 
     pub fn inspect_container(&self, name: &str) -> Result<Value> {

@@ -202,10 +202,13 @@ impl Daemon {
             self.dp().housekeeping();
             self.collect_exits().await;
             n += 1;
-            if n.is_multiple_of(12)
-                && let Err(e) = self.refresh_host().await
-            {
-                warn!("refreshing host interfaces: {e:#}");
+            // Every minute: what announcements may have missed, and memory freed since.
+            if n.is_multiple_of(12) {
+                if let Err(e) = self.refresh_host().await {
+                    warn!("refreshing host interfaces: {e:#}");
+                }
+                self.links.prune_defunct();
+                super::trim_memory();
             }
         }
     }

@@ -115,6 +115,7 @@ impl Daemon {
     /// Opens the state and loads the datapath. The kernel is brought in line with the state
     /// by [`Daemon::reconcile`], which the caller runs while the API already answers.
     pub async fn start(cfg: &Config) -> anyhow::Result<Shared> {
+        raise_fd_limit();
         let store = Store::open(&cfg.state_dir)?;
         crate::netlink::netns::own_dir_mount(&store.netns_dir())?;
         let (networks, containers) = store.load()?;
@@ -182,6 +183,9 @@ impl Daemon {
         // Programs a former state attached (and this one no longer wants) stop now.
         self.dp().release_unclaimed();
         let ms = t.elapsed().as_millis() as u64;
+        // Reconcile's short-lived threads (one per namespace it entered) leave freed memory
+        // in malloc's per-thread arenas: give it back.
+        trim_memory();
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
         let n = self.state().container_count();
@@ -284,6 +288,36 @@ fn spawn_flusher(flows: Arc<crate::datapath::FlowTable>) -> tokio::sync::mpsc::U
 /// A container address whose flows must go, and where to say they went (with what went).
 type FlushRequest =
     (std::net::Ipv4Addr, tokio::sync::oneshot::Sender<Arc<Vec<(netpath_common::Tuple, netpath_common::CtEntry)>>>);
+
+/// Every container on a user-defined network costs the daemon two descriptors (its DNS
+/// sockets): raise the open-file limit as far as the kernel allows (fs.nr_open), or at least
+/// the soft limit to the hard one, as Docker's unit does with LimitNOFILE.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let max = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = max.unwrap_or(hard).max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() && soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        tracing::debug!("open-file limit {soft}");
+    }
+}
+
+/// glibc gives each new thread an arena of its own (up to 8 per CPU) and keeps what they
+/// free: with a thread per namespace the daemon enters, that is most of its memory. Two
+/// arenas are plenty for a daemon whose threads mostly wait for the kernel.
+pub fn limit_arenas() {
+    // SAFETY: plain libc call, before the daemon's threads allocate much.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
+/// Returns memory malloc holds but no longer uses to the kernel.
+pub(crate) fn trim_memory() {
+    // SAFETY: plain libc call.
+    unsafe { libc::malloc_trim(0) };
+}
 
 /// Time spent per phase of an operation, for the log (`reconcile`, and `run`/`rm` at debug level).
 pub struct Laps(Vec<(&'static str, u128)>, std::time::Instant);

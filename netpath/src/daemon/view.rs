@@ -49,6 +49,39 @@ impl Daemon {
         })
     }
 
+    /// A container as `ps` lists it: the fields of `inspect` it shows, in the same shape.
+    pub(super) fn container_summary(
+        &self,
+        c: &Container,
+        running: bool,
+        network_names: &std::collections::HashMap<String, String>,
+    ) -> Value {
+        let p = c.process.as_ref();
+        let mut networks = Map::new();
+        for e in &c.endpoints {
+            if let Some(n) = network_names.get(&e.network_id) {
+                networks.insert(n.clone(), json!({ "IPAddress": e.ipv4.map(|i| i.to_string()).unwrap_or_default() }));
+            }
+        }
+        json!({
+            "Id": c.id,
+            "Name": c.name,
+            "Created": c.created,
+            "State": { "Status": status(c, running), "Running": running, "ExitCode": self.exit_code(c, running) },
+            "Config": { "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default() },
+            "NetworkSettings": { "Networks": networks },
+        })
+    }
+
+    /// The exit code of a container's process, if it ended: recorded, or written by its
+    /// supervisor since housekeeping last looked.
+    fn exit_code(&self, c: &Container, running: bool) -> Option<i32> {
+        let p = c.process.as_ref()?;
+        p.exit_code.or_else(|| {
+            (p.detached && !running).then(|| super::process::recorded_exit(&self.store.exit_path(&c.id))).flatten()
+        })
+    }
+
     /// A container as `inspect` shows it; `counters` adds the datapath's per-endpoint counters
     /// (`ps` leaves them out: it lists many containers and shows none of them).
     pub(super) fn container_json(&self, c: &Container, counters: bool) -> Value {
@@ -57,11 +90,7 @@ impl Daemon {
             let st = self.state();
             c.endpoints.iter().map(|e| st.network_by_id(&e.network_id).cloned()).collect()
         };
-        let status = match &c.process {
-            None => "created",
-            Some(_) if running => "running",
-            Some(_) => "exited",
-        };
+        let status = status(c, running);
         let mut networks = Map::new();
         let first_net = nets.first().cloned().flatten();
         for (e, n) in c.endpoints.iter().zip(nets) {
@@ -129,10 +158,7 @@ impl Daemon {
                 "Running": running,
                 "Pid": if running { p.and_then(|p| p.pid) } else { None },
                 "Error": p.and_then(|p| p.start_error.clone()).unwrap_or_default(),
-                // A supervisor may have recorded it since housekeeping last looked.
-                "ExitCode": p.and_then(|p| p.exit_code.or_else(|| {
-                    (p.detached && !running).then(|| super::process::recorded_exit(&self.store.exit_path(&c.id))).flatten()
-                })),
+                "ExitCode": self.exit_code(c, running),
             },
             "Config": {
                 "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(),
@@ -142,6 +168,15 @@ impl Daemon {
             "LogPath": self.store.log_path(&c.id).display().to_string(),
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
         })
+    }
+}
+
+/// Docker's status words.
+fn status(c: &Container, running: bool) -> &'static str {
+    match &c.process {
+        None => "created",
+        Some(_) if running => "running",
+        Some(_) => "exited",
     }
 }
 

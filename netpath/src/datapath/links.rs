@@ -95,6 +95,26 @@ pub fn attach_tcx(links: &SharedLinks, ifname: &str, ifindex: u32, prog: &str) -
     Ok(true)
 }
 
+/// Removes the pins of links whose interface went away behind the daemon's back (the kernel
+/// keeps such a link, defunct, for as long as it is pinned). The check reads each link's info
+/// without holding the lock, so attaching is never held up by it. Returns how many went.
+pub fn prune_defunct(links: &SharedLinks) -> usize {
+    let candidates = lock(links).tcx_pins();
+    let defunct: Vec<String> = candidates
+        .into_iter()
+        .filter(|(_, path)| {
+            let info = sys::obj_get(path).and_then(|fd| sys::link_info(fd.as_fd()));
+            matches!(info, Ok(i) if matches!(i.target, LinkTarget::Tcx { ifindex: 0, .. }))
+        })
+        .map(|(n, _)| n)
+        .collect();
+    let mut l = lock(links);
+    for n in &defunct {
+        l.detach(n);
+    }
+    defunct.len()
+}
+
 /// Removes link pins taken out of the table: without detaching first (`detach` false) for an
 /// interface already deleted, whose links the kernel has made defunct, so releasing them
 /// costs nothing; with a detach otherwise.
@@ -257,23 +277,13 @@ impl Links {
             .collect()
     }
 
-    /// Removes the pins of links whose interface went away (the kernel keeps such a link,
-    /// defunct, for as long as it is pinned). Returns how many.
-    pub fn prune_defunct(&mut self) -> usize {
-        let defunct: Vec<String> = self
-            .held
+    /// The tcx links held, by name and pin: what [`prune_defunct`] checks.
+    fn tcx_pins(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.held
             .iter()
             .filter(|(_, h)| matches!(h.target, LinkTarget::Tcx { .. }))
-            .map(|(n, _)| n.clone())
-            .filter(|n| {
-                let info = sys::obj_get(&self.pins.link(n)).and_then(|fd| sys::link_info(fd.as_fd()));
-                matches!(info, Ok(i) if matches!(i.target, LinkTarget::Tcx { ifindex: 0, .. }))
-            })
-            .collect();
-        for n in &defunct {
-            self.detach(n);
-        }
-        defunct.len()
+            .map(|(n, _)| (n.clone(), self.pins.link(n)))
+            .collect()
     }
 
     /// Detaches adopted links nobody claimed: attachments of a former state.

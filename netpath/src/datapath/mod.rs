@@ -432,10 +432,6 @@ impl Datapath {
         if let Err(e) = self.check_pressure() {
             warn!("checking table pressure: {e:#}");
         }
-        let n = self.links().prune_defunct();
-        if n > 0 {
-            info!("removed {n} link pins of interfaces that are gone");
-        }
     }
 
     /// Logs (and returns) one warning per call — the daemon calls it every few seconds — for
@@ -615,6 +611,14 @@ impl EndpointLinks {
     /// Attaches (or claims) the programs on both directions of a container's host veth.
     pub fn attach(&self, host_ifname: &str, ifindex: u32) -> Result<()> {
         attach_pair(&self.0, host_ifname, ifindex, CONTAINER_PROGS)
+    }
+
+    /// Removes the pins of links whose interface was deleted behind the daemon's back.
+    pub fn prune_defunct(&self) {
+        let n = links::prune_defunct(&self.0);
+        if n > 0 {
+            info!("removed {n} link pins of interfaces that are gone");
+        }
     }
 
     /// Drops the links of an endpoint whose veth the caller already deleted (the kernel made
