@@ -90,14 +90,15 @@ fn pins_of_interfaces_gone_or_replaced_are_removed_on_load() {
 }
 
 #[test]
-fn housekeeping_removes_the_pins_of_an_interface_deleted_under_the_daemon() {
+fn pruning_removes_the_pins_of_an_interface_deleted_under_the_daemon() {
     let mut p = PrivateDatapath::new("links-defunct");
     let x1 = add_veth("x1", 1500);
     let x2 = add_veth("x2", 1500);
     p.dp().attach_endpoint("x1", x1).unwrap();
     p.dp().attach_endpoint("x2", x2).unwrap();
     ip("link del x1");
-    p.dp().housekeeping();
+    // The daemon's housekeeping does this once a minute.
+    netpath::datapath::EndpointLinks::new(p.dp()).prune_defunct();
     assert_eq!(link_pins(&p), set(&["x2@from_container", "x2@to_container"]));
     assert_eq!(attached("x2", TcAttachType::Ingress).len(), 1);
 }

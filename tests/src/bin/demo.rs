@@ -28,7 +28,7 @@ fn counters(lab: &Lab, c: &str, net: &str) -> serde_json::Value {
 
 fn main() {
     step("A lab: a \"host\" network namespace running the real netpath daemon");
-    let lab = Lab::new("demo");
+    let mut lab = Lab::new("demo");
     println!("lab dir {}, daemon socket {}", lab.dir.display(), lab.socket.display());
     np(&lab, &["network", "ls"]);
 
@@ -129,6 +129,34 @@ fn main() {
     let rules = must(lab.host("iptables-save", &[]));
     println!("iptables rules in the host namespace: {}", rules.lines().filter(|l| l.starts_with("-A")).count());
 
+    step("Restart the daemon under load: the datapath outlives it, no flow drops");
+    np(&lab, &["run", "-d", "--name", "perf", "--network", "demo-net", "-p", "5201:5201", "--", "iperf3", "-s"]);
+    for _ in 0..100 {
+        if !lab.np(&["exec", "perf", "--", "ss", "-Hltn", "sport = :5201"]).trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let iperf = format!("iperf3 -c {HOST_ETH0_IP} -p 5201 -t 6 -i 1 -b 200M");
+    println!("client namespace$ {iperf} &");
+    let stream = in_ns(&lab.client_ns, "sh", &["-c", &iperf]).stdout(std::process::Stdio::piped()).spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    println!("$ kill -TERM <daemon>; netpath daemon ...   (stop and start while the stream runs)");
+    lab.restart_daemon();
+    np(&lab, &["system", "info"]);
+    let survived = match stream.and_then(|c| c.wait_with_output()) {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            print!("{}", text.lines().filter(|l| l.contains("sec")).collect::<Vec<_>>().join("\n") + "\n");
+            out.status.success() && !text.contains(" 0.00 bits/sec")
+        }
+        Err(e) => {
+            println!("iperf3: {e}");
+            false
+        }
+    };
+    println!("the stream kept going across the restart, no second without traffic: {}", if survived { "yes" } else { "NO" });
+
     step("Direct routing to a container address is dropped (Docker's default gateway mode, nat)");
     let ip = lab.ip_of("whoami", "demo-net");
     let route = format!("ip route add {ip}/32 via {HOST_ETH0_IP}");
@@ -145,11 +173,11 @@ fn main() {
     np(&lab, &["network", "inspect", "demo-net"]);
 
     step("Clean up: containers, network, then the lab itself");
-    np(&lab, &["rm", "-f", "web", "client2", "whoami"]);
+    np(&lab, &["rm", "-f", "web", "client2", "whoami", "perf"]);
     np(&lab, &["network", "rm", "demo-net"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept || got_in || !names_ok {
+    if !moved || !kept || got_in || !names_ok || !survived {
         std::process::exit(1);
     }
 }
