@@ -72,6 +72,9 @@ struct Cli {
     /// Container counts for the scale section (10000 takes a few minutes more).
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     scale_counts: Vec<usize>,
+    /// run/rm cycles of the scale section's churn figure (0: skip it).
+    #[arg(long, default_value_t = 1000)]
+    scale_churn: usize,
     /// Where latest.md and latest.svg go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -199,7 +202,11 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     util::install_stop_handler();
     let exe = std::env::current_exe().context("locating this binary")?;
     if cli.scale == "only" {
-        let (md, svg) = scale::run(&cli.scale_counts, if cli.quick { 3 } else { 10 })?;
+        let (md, svg) = scale::run(
+            &cli.scale_counts,
+            if cli.quick { 3 } else { 10 },
+            if cli.quick { 100 } else { cli.scale_churn },
+        )?;
         println!("{md}");
         std::fs::create_dir_all(&cli.out)?;
         std::fs::write(cli.out.join("scale.md"), &md)?;
@@ -330,7 +337,11 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         }
     }
     if cli.scale == "include" && !interrupted {
-        match scale::run(&cli.scale_counts, if cli.quick { 3 } else { 10 }) {
+        match scale::run(
+            &cli.scale_counts,
+            if cli.quick { 3 } else { 10 },
+            if cli.quick { 100 } else { cli.scale_churn },
+        ) {
             Ok((d, svg)) => {
                 std::fs::create_dir_all(&cli.out)?;
                 std::fs::write(cli.out.join("scale.md"), &d)?;

@@ -348,13 +348,83 @@ fn svg(np: &[Point], nv: &[Point]) -> String {
     s
 }
 
+/// What a daemon holds, for the churn figure.
+#[derive(Debug, Clone, PartialEq)]
+struct Footprint {
+    rss_mib: f64,
+    fds: usize,
+    /// Datapath entries: endpoints, published ports, conntrack.
+    entries: (u64, u64, u64),
+    state_files: usize,
+}
+
+fn footprint(lab: &Lab) -> Result<Footprint> {
+    let pid = lab.daemon_pid().context("daemon not running")?;
+    let dp: serde_json::Value = serde_json::from_str(&np(lab, &["system", "datapath"])?)?;
+    let n = |k: &str| dp[k].as_u64().unwrap_or(0);
+    let count = |d: &str| std::fs::read_dir(lab.state_dir.join(d)).map_or(0, |r| r.count());
+    Ok(Footprint {
+        rss_mib: rss_mib(pid).unwrap_or(0.0),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
+        entries: (n("endpoints"), n("published_ports"), n("ct_entries")),
+        state_files: count("db/containers") + count("containers") + count("netns"),
+    })
+}
+
+/// `cycles` run/rm cycles ({BATCH} at a time) on a daemon with one other container: what is
+/// left afterwards should be what was there before.
+pub fn churn(cycles: usize) -> Result<String> {
+    let lab = Lab::new("bench-churn");
+    np(&lab, &["network", "create", "--subnet", "10.99.0.0/16", "churn"])?;
+    np(&lab, &["run", "-d", "--name", "keep", "--network", "churn", "-p", "8000:80", "--", "sleep", "36000"])?;
+    let cycle = |i: usize| -> Result<Child> {
+        let name = format!("c{i}");
+        let port = format!("{}:80", 20000 + i % BATCH);
+        let script = format!(
+            "{np} run -d --name {name} --network churn -p {port} -- sleep 36000 >/dev/null && {np} rm -f {name} >/dev/null",
+            np = format!("{} --socket {}", netpath_tests::netpath_bin().display(), lab.socket.display())
+        );
+        Ok(std::process::Command::new("sh").args(["-c", &script]).spawn()?)
+    };
+    in_batches(cycle, 0..BATCH)?; // warm up: pools and lazily made things exist
+    let before = footprint(&lab)?;
+    let t = Instant::now();
+    in_batches(cycle, BATCH..BATCH + cycles)?;
+    let took = t.elapsed();
+    let after = footprint(&lab)?;
+    eprintln!("bench: churn {cycles}: before {before:?}, after {after:?}");
+    let same = |a: &Footprint, b: &Footprint| (a.fds, a.entries, a.state_files) == (b.fds, b.entries, b.state_files);
+    Ok(format!(
+        "Churn: {cycles} `run -d -p` + `rm -f` cycles, {BATCH} at a time, beside one running container, in {:.0} s \
+         ({:.1} ms per cycle). Before → after: daemon RSS {:.1} → {:.1} MiB, open descriptors {} → {}, datapath \
+         entries (endpoints, ports, flows) {:?} → {:?}, state and namespace files {} → {}: {}.\n",
+        took.as_secs_f64(),
+        ms(took) / cycles as f64,
+        before.rss_mib,
+        after.rss_mib,
+        before.fds,
+        after.fds,
+        before.entries,
+        after.entries,
+        before.state_files,
+        after.state_files,
+        if same(&before, &after) { "nothing accumulates" } else { "SOMETHING ACCUMULATED" }
+    ))
+}
+
 /// The whole section: both systems, the markdown and the chart.
-pub fn run(counts: &[usize], samples: usize) -> Result<(String, String)> {
+pub fn run(counts: &[usize], samples: usize, churn_cycles: usize) -> Result<(String, String)> {
     let mut counts = counts.to_vec();
     counts.sort();
     counts.dedup();
     let np = netpath(&counts, samples)?;
     let nv = netavark(&counts, samples).map_err(|e| format!("{e:#}"));
-    let (md, svg) = report(&np, nv.as_deref().map_err(|e| e.clone()), samples);
+    let (mut md, svg) = report(&np, nv.as_deref().map_err(|e| e.clone()), samples);
+    if churn_cycles > 0 {
+        match churn(churn_cycles) {
+            Ok(c) => md.push_str(&format!("\n{c}")),
+            Err(e) => md.push_str(&format!("\nChurn: not run: {e:#}\n")),
+        }
+    }
     Ok((md, svg))
 }

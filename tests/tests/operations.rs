@@ -527,3 +527,24 @@ fn run_rm_churn_leaves_descriptors_entries_and_state_where_they_were() {
     assert_eq!(after, before, "(fds, [endpoints, ports, flows], state files, namespace files) after 60 run/rm cycles");
     assert_consistent(&lab);
 }
+
+#[test]
+fn shutdown_containers_stops_processes_and_takes_the_datapath_off() {
+    let mut lab = Lab::without_daemon("shutdown");
+    lab.start_daemon_with(&DaemonOpts { args: vec!["--shutdown-containers".into()], ..Default::default() });
+    lab.np(&["run", "-d", "--name", "s", "-p", "8080:80", "--", "sleep", "600"]);
+    let pid = lab.inspect("s")["State"]["Pid"].as_u64().expect("s runs") as u32;
+    let veth = lab.inspect("s")["NetworkSettings"]["Networks"]["bridge"]["HostInterface"].as_str().unwrap().to_string();
+    lab.stop_daemon();
+    assert!(netpath::daemon::process::start_time(pid).is_none(), "the container's process outlived the daemon");
+    let links: Vec<String> = std::fs::read_dir(lab.bpffs.join("links"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(links.is_empty(), "link pins left: {links:?}");
+    let tc = must(lab.host("bpftool", &["net", "show", "dev", &veth]));
+    assert!(!tc.contains("from_container"), "programs still attached to {veth}:\n{tc}");
+    // The next start brings the containers' networking back; they are reported exited.
+    lab.start_daemon();
+    let ps = lab.np(&["ps", "-a"]);
+    assert!(ps.lines().any(|l| l.contains(" s ") && l.contains("exited")), "{ps}");
+}

@@ -155,7 +155,10 @@ fn main() {
             false
         }
     };
-    println!("the stream kept going across the restart, no second without traffic: {}", if survived { "yes" } else { "NO" });
+    println!(
+        "the stream kept going across the restart, no second without traffic: {}",
+        if survived { "yes" } else { "NO" }
+    );
 
     step("Direct routing to a container address is dropped (Docker's default gateway mode, nat)");
     let ip = lab.ip_of("whoami", "demo-net");
