@@ -16,7 +16,7 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use super::{Connect, ContainerCreate, Disconnect, ErrorBody, NetworkCreate, ProcessReport};
-use crate::daemon::{Config, Daemon, Shared, Started};
+use crate::daemon::{Config, Daemon, Shared};
 use crate::error::{Error, Result};
 
 impl IntoResponse for Error {
@@ -176,24 +176,7 @@ async fn list_containers(State(d): State<Shared>, Query(q): Query<ListQuery>) ->
 
 async fn create_container(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
     let req: ContainerCreate = body(&b)?;
-    let (v, started) = d.create_container(req).await?;
-    if let Some(s) = started {
-        watch(d.clone(), s);
-    }
-    Ok((StatusCode::CREATED, axum::Json(v)))
-}
-
-/// Reaps a detached process and records its exit code.
-fn watch(d: Shared, mut s: Started) {
-    tokio::spawn(async move {
-        let code = match s.child.wait().await {
-            Ok(st) => {
-                st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0))
-            }
-            Err(_) => -1,
-        };
-        d.process_exited(&s.container_id, code).await;
-    });
+    Ok((StatusCode::CREATED, axum::Json(d.create_container(req).await?)))
 }
 
 async fn inspect_container(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {

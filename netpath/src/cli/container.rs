@@ -117,6 +117,7 @@ fn isolation(v: &Value) -> Option<process::Isolation> {
     }
     let path = |k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(PathBuf::from);
     Some(process::Isolation {
+        mount_template: path("MountTemplate"),
         netns_dir: path("NetnsDir"),
         resolv_conf: path("ResolvConfPath")?,
         hosts: path("HostsPath")?,

@@ -65,9 +65,15 @@ enum Cmd {
     #[command(flatten)]
     Container(container::ContainerCmd),
     /// Internal: supervises a detached container process for the daemon.
+    /// Internal: builds the template mount namespace for the daemon.
+    #[command(name = crate::daemon::process::MOUNT_TEMPLATE, hide = true)]
+    MountTemplate { netns_dir: PathBuf },
     #[command(name = crate::daemon::process::SUPERVISE, hide = true)]
     Supervise {
         exit_file: PathBuf,
+        /// Fork, write the supervisor's pid here, and let the first half exit.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -131,8 +137,12 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Cmd::Supervise { exit_file, cmd } => {
-            let code = crate::daemon::process::supervise(&exit_file, &cmd);
+        Cmd::MountTemplate { netns_dir } => match crate::daemon::process::mount_template_child(&netns_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Cmd::Supervise { exit_file, pid_file, cmd } => {
+            let code = crate::daemon::process::supervise(&exit_file, pid_file.as_deref(), &cmd);
             ExitCode::from(u8::try_from(code).unwrap_or(255))
         }
         Cmd::Version => run_client(&cli.socket, |c| async move {

@@ -21,12 +21,6 @@ use crate::state::{self, Container, DriverKind, Endpoint, GatewayMode, Network, 
 /// own bookkeeping. Docker fails at the same point ("exchange full"); we say why up front.
 const MAX_BRIDGE_ENDPOINTS: usize = 1023;
 
-/// A detached process the API layer must watch (it holds the shared handle the watcher needs).
-pub struct Started {
-    pub container_id: String,
-    pub child: tokio::process::Child,
-}
-
 fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Container> {
     st.container(name).ok_or_else(|| not_found!("container {name} not found"))
 }
@@ -121,7 +115,7 @@ impl Daemon {
 
     /// `run` and `attach`: makes (or adopts) the sandbox, wires it to one network, optionally
     /// starts the detached process.
-    pub async fn create_container(&self, req: ContainerCreate) -> Result<(Value, Option<Started>)> {
+    pub async fn create_container(&self, req: ContainerCreate) -> Result<Value> {
         self.wait_ready().await;
         let mut laps = super::Laps::new();
         valid_name("container", &req.name)?;
@@ -207,11 +201,10 @@ impl Daemon {
                 let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
                 let iso = self.isolation(&c); // own /etc files and hostname
                 match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), iso.as_ref(), &log, &exit) {
-                    Ok(child) => {
-                        let pid = child.id().unwrap_or_default();
+                    Ok(pid) => {
                         p.pid = Some(pid);
                         p.start_time = process::start_time(pid);
-                        started = Some(Started { container_id: id.clone(), child });
+                        started = Some(pid);
                     }
                     Err(e) => {
                         // Docker keeps a container whose command failed to start; so do we, exited.
@@ -231,8 +224,8 @@ impl Daemon {
             x.process = proc;
         });
         if let Err(e) = self.persist_container(&id).await {
-            if let Some(s) = &started {
-                self.kill_pid(s.child.id(), None).await;
+            if let Some(pid) = started {
+                self.kill_pid(Some(pid), None).await;
             }
             self.finish_container_removal(&c).await;
             return Err(e);
@@ -243,7 +236,7 @@ impl Daemon {
         laps.lap("view");
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
-        Ok((v, started))
+        Ok(v)
     }
 
     async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {

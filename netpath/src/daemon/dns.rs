@@ -137,6 +137,7 @@ impl Daemon {
         }
         let p = self.dns.etc_paths(&c.id);
         Some(Isolation {
+            mount_template: Some(self.store.mount_template()),
             netns_dir: Some(self.store.netns_dir()),
             resolv_conf: p.resolv_conf,
             hosts: p.hosts,

@@ -40,7 +40,6 @@ use crate::netlink::Netlink;
 use crate::state::store::Op;
 use crate::state::{State, Store};
 
-pub use containers::Started;
 
 /// The default bridge network, as in Docker.
 pub const DEFAULT_BRIDGE: &str = "netpath0";
@@ -118,6 +117,12 @@ impl Daemon {
         raise_fd_limit();
         let store = Store::open(&cfg.state_dir)?;
         crate::netlink::netns::own_dir_mount(&store.netns_dir())?;
+        // Without it (a bind mount the kernel refuses, say where the state dir propagates to an
+        // older mount namespace) container processes copy the host's mounts instead: slower
+        // with many containers, the same otherwise.
+        if let Err(e) = process::make_mount_template(&store.mount_template(), &store.netns_dir()) {
+            tracing::warn!("no template mount namespace, container starts copy the host's: {e:#}");
+        }
         let (networks, containers) = store.load()?;
         let state = State::from_objects(networks, containers);
         let nl = Netlink::current()?;

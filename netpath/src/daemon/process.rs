@@ -19,8 +19,13 @@ pub fn open_netns(path: &Path) -> Result<OwnedFd> {
 /// `ip netns exec` uses /etc/netns/NAME/) and their own UTS hostname.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Isolation {
+    /// A mount namespace without any namespace-file mounts (see [`make_mount_template`]):
+    /// the container's own is a copy of it, not of the host's, whose thousands of
+    /// namespace mounts would make every start cost as much as there are containers.
+    pub mount_template: Option<PathBuf>,
     /// The daemon's directory of namespace files (a mount of its own): unmounted in the
     /// container's mount namespace so it keeps no other container's namespace alive.
+    /// Only needed without a template.
     pub netns_dir: Option<PathBuf>,
     pub resolv_conf: PathBuf,
     pub hosts: PathBuf,
@@ -30,6 +35,8 @@ pub struct Isolation {
 
 /// [`Isolation`] ready for the child: C strings made before fork (no allocation after it).
 struct IsolationPlan {
+    /// The template mount namespace, opened before fork.
+    template: Option<OwnedFd>,
     /// (source, target) bind mounts.
     binds: Vec<(CString, CString)>,
     /// The namespace-file directory: the child's copies of those mounts would keep other
@@ -53,8 +60,14 @@ impl IsolationPlan {
                 binds.push((c(src)?, c(Path::new(dst))?));
             }
         }
-        let netns_dir = iso.netns_dir.as_deref().map(c).transpose()?;
-        Ok(Self { binds, netns_dir, hostname: iso.hostname.as_bytes().to_vec() })
+        let template = match &iso.mount_template {
+            Some(t) if crate::netlink::netns::is_mounted(t) => {
+                Some(File::open(t).with_context(|| format!("opening {}", t.display()))?.into())
+            }
+            _ => None,
+        };
+        let netns_dir = if template.is_some() { None } else { iso.netns_dir.as_deref().map(c).transpose()? };
+        Ok(Self { template, binds, netns_dir, hostname: iso.hostname.as_bytes().to_vec() })
     }
 
     /// Runs in the child between fork and exec: only async-signal-safe syscalls.
@@ -62,6 +75,11 @@ impl IsolationPlan {
         let err = std::io::Error::last_os_error;
         // SAFETY: plain syscalls on NUL-terminated strings that outlive them.
         unsafe {
+            if let Some(t) = &self.template
+                && libc::setns(t.as_raw_fd(), libc::CLONE_NEWNS) != 0
+            {
+                return Err(err());
+            }
             if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS) != 0 {
                 return Err(err());
             }
@@ -132,13 +150,15 @@ pub fn spawn_detached(
     iso: Option<&Isolation>,
     log: &Path,
     exit_file: &Path,
-) -> Result<tokio::process::Child> {
+) -> Result<u32> {
     let Some(prog) = argv.first() else { bail!("no command given") };
     // The supervisor would report this only after the fact; say it now, as Docker does.
     if !is_executable(prog) {
         bail!("exec: {prog:?}: executable file not found in $PATH");
     }
     let _ = std::fs::remove_file(exit_file);
+    let pid_file = exit_file.with_extension("pid");
+    let _ = std::fs::remove_file(&pid_file);
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -146,15 +166,92 @@ pub fn spawn_detached(
         .with_context(|| format!("opening log {}", log.display()))?;
     // /proc/self/exe: the running daemon's image, even if its file was replaced since.
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg(SUPERVISE).arg(exit_file).arg("--").args(argv).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    cmd.arg(SUPERVISE)
+        .arg(exit_file)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("--")
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
     let fd = netns.map(open_netns).transpose()?;
     enter_in_child(&mut cmd, fd, iso, true)?;
-    let child =
-        tokio::process::Command::from(cmd).kill_on_drop(false).spawn().with_context(|| format!("starting {prog:?}"))?;
-    Ok(child)
+    // The supervisor forks and its first half exits at once: the daemon holds no handle (and
+    // no descriptor) per container, and no zombie is left to reap; exits are learnt from the
+    // file the supervisor writes, as after a daemon restart.
+    let st = cmd.status().with_context(|| format!("starting {prog:?}"))?;
+    let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
+    let _ = std::fs::remove_file(&pid_file);
+    match (st.success(), pid) {
+        (true, Some(pid)) => Ok(pid),
+        _ => bail!("starting {prog:?}: the supervisor did not start ({st})"),
+    }
 }
 
-/// The hidden subcommand that supervises a detached process: `netpath __supervise EXIT_FILE -- CMD...`.
+/// The hidden subcommand that builds the template mount namespace: `netpath __mount-template`.
+pub const MOUNT_TEMPLATE: &str = "__mount-template";
+
+/// In a fresh process: leaves the host's mount namespace for a copy of it, rids the copy of
+/// the daemon's namespace directory `netns_dir` (a mount that would keep receiving new
+/// containers' namespaces) and of every other namespace-file mount, says "ready" on stdout
+/// and waits for stdin to close, so the caller can pin the namespace.
+pub fn mount_template_child(netns_dir: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+    // Slave: host mounts still show through (where the host's are shared); nothing goes back.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .context("making / a slave mount")?;
+    let mut nsfs: Vec<PathBuf> =
+        crate::netlink::netns::mounts().into_iter().filter(|(_, t)| t == "nsfs").map(|(m, _)| m).collect();
+    nsfs.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in nsfs {
+        let _ = umount2(&m, MntFlags::MNT_DETACH);
+    }
+    umount2(netns_dir, MntFlags::MNT_DETACH).with_context(|| format!("unmounting {}", netns_dir.display()))?;
+    use std::io::{Read, Write};
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read_to_end(&mut vec![]);
+    Ok(())
+}
+
+/// Makes (or finds) the template mount namespace pinned at `at`: what container processes'
+/// mount namespaces are copied from (see [`Isolation::mount_template`]).
+pub fn make_mount_template(at: &Path, netns_dir: &Path) -> Result<()> {
+    if crate::netlink::netns::is_mounted(at) {
+        return Ok(());
+    }
+    let mut child = std::process::Command::new("/proc/self/exe")
+        .arg(MOUNT_TEMPLATE)
+        .arg(netns_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the mount-namespace template helper")?;
+    let res = (|| -> Result<()> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("helper stdout")?).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("the mount-namespace template helper failed");
+        }
+        File::create(at).with_context(|| format!("creating {}", at.display()))?;
+        let src = format!("/proc/{}/ns/mnt", child.id());
+        let pinned =
+            nix::mount::mount(Some(src.as_str()), at, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>);
+        if pinned.is_err() {
+            let _ = std::fs::remove_file(at);
+        }
+        pinned.with_context(|| format!("pinning the template mount namespace at {}", at.display()))
+    })();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    res
+}
+
+/// The hidden subcommand that supervises a detached process:
+/// `netpath __supervise EXIT_FILE [--pid-file PATH] -- CMD...`.
 pub const SUPERVISE: &str = "__supervise";
 
 /// Signals `stop` sends to the whole process group: the supervisor must outlive the command
@@ -163,9 +260,29 @@ const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHU
 
 /// Runs `argv` (already in the container's namespace and session), waits for it and writes its
 /// exit code (128+N for signal N, as a shell reports it) to `exit_file`; returns that code.
-pub fn supervise(exit_file: &Path, argv: &[String]) -> i32 {
+pub fn supervise(exit_file: &Path, pid_file: Option<&Path>, argv: &[String]) -> i32 {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let Some((prog, args)) = argv.split_first() else { return 127 };
+    if let Some(pf) = pid_file {
+        // SAFETY: no thread exists yet in this process.
+        match unsafe { libc::fork() } {
+            -1 => {
+                eprintln!("netpath: fork: {}", std::io::Error::last_os_error());
+                return 127;
+            }
+            0 => {
+                // The supervisor proper: reparented once the first half exits, and leader of a
+                // session (and process group) of its own, so `stop` signals it and its command.
+                // SAFETY: plain syscall.
+                unsafe { libc::setsid() };
+            }
+            child => {
+                let tmp = pf.with_extension("pid.tmp");
+                let ok = std::fs::write(&tmp, child.to_string()).and_then(|()| std::fs::rename(&tmp, pf)).is_ok();
+                return if ok { 0 } else { 127 };
+            }
+        }
+    }
     // SAFETY: setting dispositions to SIG_IGN before any thread exists.
     unsafe { STOP_SIGNALS.iter().for_each(|&s| _ = libc::signal(s, libc::SIG_IGN)) };
     let mut cmd = std::process::Command::new(prog);

@@ -146,6 +146,7 @@ impl Daemon {
             // Where the daemon mounts container namespaces (processes started in a container
             // unmount it in their own mount namespace).
             "NetnsDir": self.store.netns_dir(),
+            "MountTemplate": self.store.mount_template(),
             "HostsPath": etc.hosts,
             "HostnamePath": etc.hostname,
             "HostConfig": {

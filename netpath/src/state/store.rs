@@ -50,6 +50,10 @@ impl Store {
     pub fn netns_dir(&self) -> PathBuf {
         self.dir.join("netns")
     }
+    /// The pinned template of container processes' mount namespaces.
+    pub fn mount_template(&self) -> PathBuf {
+        self.dir.join("mnt-template")
+    }
     pub fn netns_path(&self, container_id: &str) -> PathBuf {
         self.netns_dir().join(&container_id[..12])
     }
