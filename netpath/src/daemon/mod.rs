@@ -40,7 +40,6 @@ use crate::netlink::Netlink;
 use crate::state::store::Op;
 use crate::state::{State, Store};
 
-
 /// The default bridge network, as in Docker.
 pub const DEFAULT_BRIDGE: &str = "netpath0";
 const DEFAULT_SUBNET: &str = "172.17.0.0/16";
