@@ -21,9 +21,8 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     stats::account(ctx, Direction::FromContainer);
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
     let src = policy::source(&p);
-    // SAFETY: the skb pointer is valid for the program run.
-    if policy::spoofed(src.as_ref(), unsafe { (*ctx.skb.skb).ifindex }) {
-        return drop(ctx, &p, HOOK, drop_reason::SPOOFED_SOURCE);
+    if policy::spoofed(src.as_ref(), p.ifindex) {
+        return drop(&p, HOOK, drop_reason::SPOOFED_SOURCE);
     }
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
     let known = if p.translatable { conntrack::lookup_any(&p) } else { None };
@@ -35,8 +34,8 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         _ => {
             match policy::reach(&p, src.as_ref()) {
                 Reach::Free => {}
-                Reach::Isolated => return drop(ctx, &p, HOOK, drop_reason::ISOLATION),
-                Reach::Routed => return routed(ctx, &p),
+                Reach::Isolated => return drop(&p, HOOK, drop_reason::ISOLATION),
+                Reach::Routed => return routed(&p),
             }
             if !p.translatable {
                 return TC_ACT_OK as i32;
@@ -44,12 +43,12 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             match hairpin(&p) {
                 Ok(Some(x)) => x,
                 Ok(None) => return TC_ACT_OK as i32,
-                Err(reason) => return drop(ctx, &p, HOOK, reason),
+                Err(reason) => return drop(&p, HOOK, reason),
             }
         }
     };
     if nat::rewrite(ctx, &p, &xlate).is_err() {
-        return drop(ctx, &p, HOOK, drop_reason::REWRITE_FAILED);
+        return drop(&p, HOOK, drop_reason::REWRITE_FAILED);
     }
     nat::deliver(ctx, &p, xlate.daddr)
 }
@@ -95,11 +94,11 @@ fn hairpin(p: &Packet) -> Result<Option<Tuple>, u32> {
 /// A new flow to a published port of a container on a `routed` network, by its address:
 /// tracked as is so that the replies, from a network isolated from the sender's, pass.
 #[inline(always)]
-fn routed(ctx: &TcContext, p: &Packet) -> i32 {
+fn routed(p: &Packet) -> i32 {
     if p.translatable
         && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, HOOK, HOOK)
     {
-        return drop(ctx, p, HOOK, reason);
+        return drop(p, HOOK, reason);
     }
     TC_ACT_OK as i32
 }

@@ -3,7 +3,6 @@
 //! CONFIG[FLOW_EVENTS] (someone follows); otherwise each call costs one array lookup.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use aya_ebpf::programs::TcContext;
 use netpath_common::{CtEntry, FlowEvent, Tuple, config, ct_stat, ct_state, flow_event};
 
 use crate::maps::{CONFIG, CT, CT_STATS, FLOW_EVENTS, count};
@@ -115,10 +114,8 @@ pub fn closing(key: &Tuple, e: &CtEntry) {
 
 /// `p` is dropped at `hook` for `reason` (netpath_common::drop_reason).
 #[inline(always)]
-pub fn dropped(ctx: &TcContext, p: &Packet, hook: u8, reason: u32) {
+pub fn dropped(p: &Packet, hook: u8, reason: u32) {
     if enabled() {
-        // SAFETY: the skb pointer is valid for the program run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        emit_drop(hook, &p.tuple, u8::from(p.translatable), reason, ifindex);
+        emit_drop(hook, &p.tuple, u8::from(p.translatable), reason, p.ifindex);
     }
 }

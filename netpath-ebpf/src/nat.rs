@@ -61,9 +61,9 @@ pub fn deliver(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
         return TC_ACT_OK as i32;
     };
     if set_macs(ctx, &ep).is_err() {
-        return drop(ctx, p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
+        return drop(p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
     }
-    redirect(ctx, p, hook::FROM_CONTAINER, ep.ifindex)
+    redirect(p, hook::FROM_CONTAINER, ep.ifindex)
 }
 
 /// skb->pkt_type of a frame addressed to this host's MAC.
@@ -93,9 +93,9 @@ pub fn forward_to_endpoint(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
         return TC_ACT_OK as i32;
     }
     if hop(ctx, ttl).is_err() || set_macs(ctx, &ep).is_err() {
-        return drop(ctx, p, hook::UPLINK_IN, drop_reason::REWRITE_FAILED);
+        return drop(p, hook::UPLINK_IN, drop_reason::REWRITE_FAILED);
     }
-    redirect(ctx, p, hook::UPLINK_IN, ep.ifindex)
+    redirect(p, hook::UPLINK_IN, ep.ifindex)
 }
 
 /// Sends a container's packet of a flow translated at an uplink (`to`: its translation)
@@ -124,8 +124,7 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
     fib.dport = to.dport;
     fib.__bindgen_anon_3.ipv4_src = to.saddr;
     fib.__bindgen_anon_4.ipv4_dst = to.daddr;
-    // SAFETY: the skb pointer is valid for the program run.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.ifindex = p.ifindex;
     // SAFETY: helper on the program's own skb with a stack struct of the size given. The
     // lookup also checks the route's MTU (GSO-aware).
     let rc = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, fib, core::mem::size_of::<FibParams>() as i32, 0) };
@@ -138,9 +137,9 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
         || ctx.store(0, &fib.dmac, 0).is_err()
         || ctx.store(6, &fib.smac, 0).is_err()
     {
-        return drop(ctx, p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
+        return drop(p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
     }
-    redirect(ctx, p, hook::FROM_CONTAINER, fib.ifindex)
+    redirect(p, hook::FROM_CONTAINER, fib.ifindex)
 }
 
 const AF_INET: u8 = 2;
@@ -171,11 +170,11 @@ fn hop(ctx: &mut TcContext, word: [u8; 2]) -> Result<(), ()> {
 
 /// Redirects `p` (being handled at `hook`) to interface `ifindex`.
 #[inline(always)]
-fn redirect(ctx: &TcContext, p: &Packet, hook: u8, ifindex: u32) -> i32 {
+fn redirect(p: &Packet, hook: u8, ifindex: u32) -> i32 {
     // SAFETY: helper call with plain arguments.
     if unsafe { bpf_redirect(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
         TC_ACT_REDIRECT as i32
     } else {
-        drop(ctx, p, hook, drop_reason::REWRITE_FAILED)
+        drop(p, hook, drop_reason::REWRITE_FAILED)
     }
 }

@@ -32,6 +32,10 @@ pub struct Packet {
     pub csum_off: usize,
     /// An ICMP error (unreachable, time exceeded, parameter problem) quoting another packet.
     pub icmp_error: bool,
+    /// The interface it is on (skb->ifindex), read once here: given several reads of a
+    /// context field, LLVM may compute its address once and load through that later, and the
+    /// verifier refuses a load through a moved context pointer.
+    pub ifindex: u32,
 }
 
 /// Offsets of IPv4 fields from the start of the frame.
@@ -69,6 +73,8 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         tcp_flags: 0,
         csum_off: 0,
         icmp_error: false,
+        // SAFETY: the skb pointer is valid for the program run.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
     };
     // More-fragments set or a non-zero offset: ports are not in every piece.
     if frags & 0x3fff != 0 || end > ctx.len() as usize || end < l4 + l4_min_len(ip.proto) {

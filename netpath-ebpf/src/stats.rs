@@ -37,8 +37,8 @@ pub fn account(ctx: &TcContext, dir: Direction) {
 /// Every drop goes through here: counted by reason, reported to flow followers with the
 /// packet's tuple and the hook (`netpath_common::hook`) that dropped it, then TC_ACT_SHOT.
 #[inline(always)]
-pub fn drop(ctx: &TcContext, p: &Packet, hook: u8, reason: u32) -> i32 {
+pub fn drop(p: &Packet, hook: u8, reason: u32) -> i32 {
     crate::maps::count(&crate::maps::DROPS, reason);
-    crate::events::dropped(ctx, p, hook, reason);
+    crate::events::dropped(p, hook, reason);
     aya_ebpf::bindings::TC_ACT_SHOT as i32
 }

@@ -31,7 +31,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     }
     if !p.translatable {
         return match policy::direct_access(&p) {
-            Direct::Denied => drop(ctx, &p, IN, drop_reason::DIRECT_ACCESS),
+            Direct::Denied => drop(&p, IN, drop_reason::DIRECT_ACCESS),
             _ => TC_ACT_OK as i32,
         };
     }
@@ -44,18 +44,18 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
                 // recognised at egress and keep their address (not masqueraded as a new flow).
                 None => match policy::direct_access(&p) {
                     Direct::Open => p.tuple,
-                    Direct::Denied => return drop(ctx, &p, IN, drop_reason::DIRECT_ACCESS),
+                    Direct::Denied => return drop(&p, IN, drop_reason::DIRECT_ACCESS),
                     Direct::NotContainer => return TC_ACT_OK as i32,
                 },
             };
             if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
-                return drop(ctx, &p, IN, reason);
+                return drop(&p, IN, reason);
             }
             x
         }
     };
     if nat::rewrite(ctx, &p, &xlate).is_err() {
-        return drop(ctx, &p, IN, drop_reason::REWRITE_FAILED);
+        return drop(&p, IN, drop_reason::REWRITE_FAILED);
     }
     nat::forward_to_endpoint(ctx, &p, xlate.daddr)
 }
@@ -73,10 +73,10 @@ pub fn egress(ctx: &mut TcContext) -> i32 {
     }
     let xlate = match conntrack::lookup(&p, OUT) {
         Some(x) => x,
-        None => match masquerade(ctx, &p) {
+        None => match masquerade(&p) {
             Ok(Some(x)) => x,
             Ok(None) => return TC_ACT_OK as i32,
-            Err(reason) => return drop(ctx, &p, OUT, reason),
+            Err(reason) => return drop(&p, OUT, reason),
         },
     };
     finish(ctx, &p, &xlate)
@@ -86,14 +86,14 @@ pub fn egress(ctx: &mut TcContext) -> i32 {
 fn icmp_error(ctx: &mut TcContext, p: &Packet, hook: u8, inbound: bool) -> i32 {
     match icmp::translate(ctx, p, hook, inbound) {
         Ok(_) => TC_ACT_OK as i32,
-        Err(()) => drop(ctx, p, hook, drop_reason::REWRITE_FAILED),
+        Err(()) => drop(p, hook, drop_reason::REWRITE_FAILED),
     }
 }
 
 #[inline(always)]
 fn finish(ctx: &mut TcContext, p: &Packet, xlate: &Tuple) -> i32 {
     if nat::rewrite(ctx, p, xlate).is_err() {
-        return drop(ctx, p, OUT, drop_reason::REWRITE_FAILED);
+        return drop(p, OUT, drop_reason::REWRITE_FAILED);
     }
     TC_ACT_OK as i32
 }
@@ -102,16 +102,14 @@ fn finish(ctx: &mut TcContext, p: &Packet, xlate: &Tuple) -> i32 {
 /// network it leaves with the uplink's address; from a network closed to the outside
 /// (`routed`) it keeps its address and is tracked so that its replies are let in.
 #[inline(always)]
-fn masquerade(ctx: &TcContext, p: &Packet) -> Result<Option<Tuple>, u32> {
+fn masquerade(p: &Packet) -> Result<Option<Tuple>, u32> {
     let Some(src) = NETWORKS.get(Key::new(32, p.saddr)) else { return Ok(None) };
     if NETWORKS.get(Key::new(32, p.daddr)).is_some() {
         return Ok(None);
     }
     let x = if src.flags & net_flags::MASQUERADE != 0 {
-        // SAFETY: the skb pointer is valid for the program run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         // SAFETY: plain lookup, value copied.
-        let Some(addr) = (unsafe { UPLINKS.get(&ifindex) }).copied() else { return Ok(None) };
+        let Some(addr) = (unsafe { UPLINKS.get(&p.ifindex) }).copied() else { return Ok(None) };
         conntrack::snat_tuple(&p.tuple, addr).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?
     } else if src.flags & net_flags::DIRECT_ANY == 0 {
         // Closed to direct access: its replies are let back in only as a known flow.
