@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -29,6 +29,51 @@ pub struct LinkSummary {
     /// IFLA_IFALIAS: [`OWNER_ALIAS`] on links netpath made.
     pub alias: Option<String>,
     pub mac: Option<Vec<u8>>,
+}
+
+/// What the kernel counted on a link (its IFLA_STATS64), from the link's own side: `rx` is what
+/// it received, `tx` what it sent. Forwarded and eBPF-redirected packets are counted like any
+/// other (a redirect to a veth goes through its transmit path).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl LinkStats {
+    /// The same traffic from the other end of a veth pair (a container's side, for the stats
+    /// of its host-side veth): what one end sends, the other receives.
+    pub fn peer_view(&self) -> LinkStats {
+        LinkStats {
+            rx_packets: self.tx_packets,
+            rx_bytes: self.tx_bytes,
+            tx_packets: self.rx_packets,
+            tx_bytes: self.rx_bytes,
+        }
+    }
+}
+
+/// The counters of a link message (None if it carries no IFLA_STATS64, which every kernel
+/// since 2.6.35 sends).
+fn link_stats(m: &LinkMessage) -> Option<LinkStats> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Stats64(s) => Some(LinkStats {
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+        }),
+        _ => None,
+    })
+}
+
+fn link_name(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
 }
 
 /// The alias netpath gives every link it creates, so it can tell its own links (and only
@@ -339,6 +384,30 @@ impl Netlink {
         Ok(names)
     }
 
+    /// The kernel's counters of link `index` (one RTM_GETLINK); None if there is no such link.
+    pub async fn stats_of(&self, index: u32) -> Result<Option<LinkStats>> {
+        let mut links = self.handle().link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(m)) => Ok(link_stats(&m)),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading the counters of link {index}")),
+        }
+    }
+
+    /// The kernel's counters of every link of this namespace, by name, in one dump.
+    pub async fn stats_by_name(&self) -> Result<std::collections::HashMap<String, LinkStats>> {
+        let mut out = std::collections::HashMap::new();
+        let _turn = self.dumping.lock().await;
+        let mut s = self.dump_handle().link().get().execute();
+        while let Some(m) = s.try_next().await.context("dumping links")? {
+            if let (Some(name), Some(stats)) = (link_name(&m), link_stats(&m)) {
+                out.insert(name.to_string(), stats);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every link of this namespace, in one dump.
     pub async fn links(&self) -> Result<Vec<LinkSummary>> {
         use rtnetlink::packet_route::link::{InfoKind, LinkFlags, LinkInfo};
@@ -405,5 +474,63 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_core::Parseable;
+
+    use super::*;
+
+    /// A netlink attribute: length, type, payload, padding to 4 bytes.
+    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut b = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.extend_from_slice(payload);
+        b.resize(b.len().next_multiple_of(4), 0);
+        b
+    }
+
+    /// An RTM_NEWLINK body as the kernel sends it for a veth: ifinfomsg, IFLA_IFNAME, the
+    /// IFLA_PAD that aligns the 64-bit counters, then IFLA_STATS64 with `fields` u64s (24 from
+    /// kernels before 6.9, 25 since).
+    fn newlink(index: i32, name: &str, stats: [u64; 4], fields: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 16]; // family, pad, type, index, flags, change
+        b[4..8].copy_from_slice(&index.to_ne_bytes());
+        b.extend(nla(3, format!("{name}\0").as_bytes())); // IFLA_IFNAME
+        b.extend(nla(42, &[])); // IFLA_PAD
+        // struct rtnl_link_stats64 begins rx_packets, tx_packets, rx_bytes, tx_bytes.
+        let [rx_p, rx_b, tx_p, tx_b] = stats;
+        let mut st: Vec<u8> = [rx_p, tx_p, rx_b, tx_b].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        st.resize(fields * 8, 0xff); // errors and drops: not ours to report
+        b.extend(nla(23, &st)); // IFLA_STATS64
+        b
+    }
+
+    #[test]
+    fn the_counters_of_a_link_message_are_read_from_ifla_stats64() {
+        for fields in [24, 25] {
+            let m = LinkMessage::parse(&newlink(7, "veth0123abcd", [10, 1000, 20, 3000], fields)[..]).unwrap();
+            assert_eq!(m.header.index, 7);
+            assert_eq!(link_name(&m), Some("veth0123abcd"));
+            let s = link_stats(&m).expect("IFLA_STATS64");
+            assert_eq!(
+                s,
+                LinkStats { rx_packets: 10, rx_bytes: 1000, tx_packets: 20, tx_bytes: 3000 },
+                "{fields} fields"
+            );
+            // The container at the other end of the veth received what the host side sent.
+            let c = s.peer_view();
+            assert_eq!((c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes), (20, 3000, 10, 1000));
+        }
+    }
+
+    #[test]
+    fn a_link_message_without_ifla_stats64_has_no_counters() {
+        let mut b = vec![0u8; 16];
+        b.extend(nla(3, b"lo\0"));
+        let m = LinkMessage::parse(&b[..]).unwrap();
+        assert_eq!(link_stats(&m), None);
     }
 }
