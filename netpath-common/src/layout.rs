@@ -48,7 +48,6 @@ use map_type::*;
 /// here (the daemon refuses to load an object with an unlisted one): a new map starts at
 /// revision 1.
 pub const MAPS: &[MapLayout] = &[
-    map(n::ENDPOINT_STATS, 1, PERCPU_HASH, 4, 32, MAX_ENDPOINTS, 0),
     map(n::ENDPOINTS, 1, HASH, 4, 20, MAX_ENDPOINTS, 0),
     map(n::NETWORKS, 1, LPM_TRIE, 8, 12, MAX_NETWORKS, NO_PREALLOC),
     map(n::HOST_ADDRS, 1, HASH, 4, 4, MAX_HOST_ADDRS, 0),
@@ -71,7 +70,6 @@ pub const MAPS: &[MapLayout] = &[
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
 pub const PREVIOUS: &[MapLayout] = &[
-    map(n::ENDPOINT_STATS, 0, PERCPU_HASH, 4, 32, MAX_ENDPOINTS, 0),
     map(n::ENDPOINTS, 0, HASH, 4, 20, MAX_ENDPOINTS, 0),
     map(n::NETWORKS, 0, LPM_TRIE, 8, 12, MAX_NETWORKS, NO_PREALLOC),
     map(n::HOST_ADDRS, 0, HASH, 4, 4, MAX_HOST_ADDRS, 0),
@@ -83,6 +81,18 @@ pub const PREVIOUS: &[MapLayout] = &[
     map(n::CT_STATS, 0, PERCPU_ARRAY, 4, 8, 2, 0),
     map(n::CONFIG, 0, ARRAY, 4, 8, 1, 0),
     map(n::SOCK_REVNAT, 0, LRU_HASH, 16, 8, 65_536, 0),
+];
+
+/// Maps earlier builds pinned that this build no longer has. A daemon finding a pin of one, at
+/// any revision (under maps/ or an unversioned one), removes it and says so in its log: no
+/// program reads it any more, so there is nothing to migrate. A name once here is never
+/// reused for another map.
+pub const RETIRED: &[&str] = &[
+    // Per-endpoint packet and byte counters (revisions 0 and 1: a per-CPU hash, host veth
+    // ifindex → 4 × u64), counted by a program on each direction of every container's veth.
+    // The kernel counts the same traffic on the veth itself (IFLA_STATS64, read over
+    // rtnetlink), which spares every container its second program link.
+    "ENDPOINT_STATS",
 ];
 
 /// The current layout of map `name`.
@@ -111,7 +121,6 @@ mod tests {
     fn every_key_and_value_type_has_the_size_its_layout_revision_says() {
         // A failure here means a shared type changed size: add a revision to MAPS (the old
         // one goes to PREVIOUS) and a converter in netpath/src/datapath/migrate.rs.
-        assert_eq!(sizes(n::ENDPOINT_STATS), (size_of::<u32>(), size_of::<EndpointStats>()));
         assert_eq!(sizes(n::ENDPOINTS), (size_of::<u32>(), size_of::<EndpointInfo>()));
         // LPM keys: a u32 prefix length, then the u32 address.
         assert_eq!(sizes(n::NETWORKS), (4 + size_of::<u32>(), size_of::<NetworkInfo>()));
@@ -126,6 +135,13 @@ mod tests {
         assert_eq!(sizes(n::SOCK_REVNAT), (size_of::<SockRevKey>(), size_of::<SockRevValue>()));
         // A ring buffer has no keys or values; its records are FlowEvents (56 B, asserted in lib.rs).
         assert_eq!(sizes(n::FLOW_EVENTS), (0, 0));
+    }
+
+    #[test]
+    fn a_retired_map_has_no_layout_left() {
+        for r in RETIRED {
+            assert!(MAPS.iter().chain(PREVIOUS.iter()).all(|m| m.name != *r), "{r} is retired but catalogued");
+        }
     }
 
     #[test]

@@ -26,7 +26,6 @@ pub const MAX_HOST_ADDRS: u32 = 1024;
 
 /// Names of the maps as they appear in the object file and under the daemon's bpffs pin dir.
 pub mod map_names {
-    pub const ENDPOINT_STATS: &str = "ENDPOINT_STATS";
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const NETWORKS: &str = "NETWORKS";
     pub const HOST_ADDRS: &str = "HOST_ADDRS";
@@ -56,8 +55,6 @@ pub mod config {
 pub mod prog_names {
     /// TC ingress on the host side of a container's veth: packets the container sent.
     pub const FROM_CONTAINER: &str = "from_container";
-    /// TC egress on the host side of a container's veth: packets delivered to the container.
-    pub const TO_CONTAINER: &str = "to_container";
     /// TC ingress on an uplink: published ports (DNAT), replies to masqueraded flows.
     pub const UPLINK_IN: &str = "uplink_in";
     /// TC egress on an uplink: masquerade (SNAT), replies of published-port flows.
@@ -289,28 +286,7 @@ pub mod net_flags {
     pub const DIRECT_PUBLISHED: u32 = 4;
 }
 
-/// Per-endpoint traffic counters, from the container's point of view (like `docker stats`):
-/// `rx` is what the container received, `tx` what it sent. Kept per CPU; the daemon sums them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EndpointStats {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-}
-
-impl EndpointStats {
-    pub fn add(&mut self, other: &EndpointStats) {
-        self.rx_packets += other.rx_packets;
-        self.rx_bytes += other.rx_bytes;
-        self.tx_packets += other.tx_packets;
-        self.tx_bytes += other.tx_bytes;
-    }
-}
-
 const _: () = {
-    assert!(core::mem::size_of::<EndpointStats>() == 32);
     assert!(core::mem::size_of::<Tuple>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<Backend>() == 8);
@@ -327,7 +303,6 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), plain integers, explicit padding (sizes asserted above).
-    unsafe impl aya::Pod for super::EndpointStats {}
     unsafe impl aya::Pod for super::Tuple {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::Backend {}

@@ -1,4 +1,6 @@
-//! The paths of packets crossing a container's veth (host side).
+//! The paths of packets a container sends, at the TC ingress of its veth's host side. Nothing
+//! runs on the way in: the kernel's own veth statistics count both directions (the daemon
+//! reads them over rtnetlink), so a container costs one program link, not two.
 
 use aya_ebpf::bindings::TC_ACT_OK;
 use aya_ebpf::maps::lpm_trie::Key;
@@ -8,17 +10,16 @@ use netpath_common::{Backend, PortKey, Tuple, drop_reason, hook};
 use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
-use crate::stats::{self, Direction, drop};
+use crate::stats::drop;
 use crate::{conntrack, nat};
 
 /// The hook these paths act at (conntrack entries, drops).
 const HOOK: u8 = hook::FROM_CONTAINER;
 
-/// Sent by a container: account → source check → known flow (hairpin, or out through an
-/// uplink), or isolation then hairpin to a published port → rewrite → deliver.
+/// Sent by a container: source check → known flow (hairpin, or out through an uplink), or
+/// isolation then hairpin to a published port → rewrite → deliver.
 #[inline(always)]
 pub fn from_container(ctx: &mut TcContext) -> i32 {
-    stats::account(ctx, Direction::FromContainer);
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
     let src = policy::source(&p);
     if policy::spoofed(src.as_ref(), p.ifindex) {
@@ -51,13 +52,6 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         return drop(&p, HOOK, drop_reason::REWRITE_FAILED);
     }
     nat::deliver(ctx, &p, xlate.daddr)
-}
-
-/// Delivered to a container: account only.
-#[inline(always)]
-pub fn to_container(ctx: &TcContext) -> i32 {
-    stats::account(ctx, Direction::ToContainer);
-    TC_ACT_OK as i32
 }
 
 /// The published port `p` targets, if it is addressed to the host: first a port published on

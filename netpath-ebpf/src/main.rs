@@ -24,12 +24,6 @@ pub fn from_container(mut ctx: TcContext) -> i32 {
     container::from_container(&mut ctx)
 }
 
-/// TC egress on the host side of a container's veth: traffic delivered to the container.
-#[classifier]
-pub fn to_container(ctx: TcContext) -> i32 {
-    container::to_container(&ctx)
-}
-
 /// TC ingress on an uplink.
 #[classifier]
 pub fn uplink_in(mut ctx: TcContext) -> i32 {

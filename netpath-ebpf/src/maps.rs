@@ -4,11 +4,10 @@
 //! daemon restart. Addresses and ports in keys and values are in network byte order.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, EndpointStats, FLOW_EVENTS_RING_BYTES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
-    MAX_PORTMAPS, MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES, SockRevKey, SockRevValue, Tuple, config,
-    drop_reason,
+    Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
+    MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES, SockRevKey, SockRevValue, Tuple, config, drop_reason,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -22,11 +21,6 @@ pub const CT_STATS_SLOTS: u32 = netpath_common::ct_stat::MAX;
 /// One slot more: the variant's programs count the packets they see there.
 #[cfg(feature = "upgrade-test")]
 pub const CT_STATS_SLOTS: u32 = netpath_common::ct_stat::MAX + 1;
-
-/// Key: host-side veth ifindex. Daemon creates a zeroed entry when it wires an endpoint and
-/// deletes it on teardown; the datapath increments it; the daemon sums it for `netpath inspect`.
-#[map(name = "ENDPOINT_STATS")]
-pub static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> = PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
 
 /// Key: container address. Daemon writes on wire/unwire; datapath reads to redirect hairpin
 /// traffic to the container's veth and to learn a sender's network.

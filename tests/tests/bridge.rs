@@ -18,12 +18,50 @@ fn two_containers_on_a_user_bridge_talk_both_ways_and_counters_move() {
     assert_eq!(echo(&lab, "b", &ip_a, "ping-from-b"), "ping-from-b");
 
     let c = &lab.inspect("a")["NetworkSettings"]["Networks"]["appnet"]["Counters"];
-    for k in ["RxPackets", "TxPackets", "RxBytes", "TxBytes"] {
+    for k in COUNTERS {
         assert!(c[k].as_u64().unwrap() > 0, "{k} did not move: {c}");
     }
+    // The counters are the container's view: what its own eth0 counts, read from the host.
+    let (before, seen, after) = (own_counters(&lab, "a"), counters(&lab, "a"), own_counters(&lab, "a"));
+    for (i, k) in COUNTERS.iter().enumerate() {
+        assert!(before[i] <= seen[i] && seen[i] <= after[i], "{k}: {seen:?} is not eth0's {before:?}..{after:?}");
+    }
+    // Each direction moves with the traffic going that way: a sends 200 kB of UDP to b, where
+    // nothing listens (b answers with a few ICMP errors at most; unconnected, the sender
+    // ignores them).
+    const SENT: u64 = 200_000;
+    let (a0, b0) = (counters(&lab, "a"), counters(&lab, "b"));
+    let cmd = format!("head -c {SENT} /dev/zero | socat -u - UDP-SENDTO:{ip_b}:9999");
+    lab.np(&["exec", "a", "--", "sh", "-c", &cmd]);
+    let (a1, b1) = (counters(&lab, "a"), counters(&lab, "b"));
+    let moved = |x: [u64; 4], y: [u64; 4]| -> [u64; 4] { std::array::from_fn(|i| y[i] - x[i]) };
+    let [a_rxp, a_rxb, a_txp, a_txb] = moved(a0, a1);
+    let [b_rxp, b_rxb, b_txp, b_txb] = moved(b0, b1);
+    let frames = SENT / 1500; // at least: IP fragments of the 8 kB datagrams, on a 1500 MTU
+    assert!(a_txb >= SENT && a_txp >= frames, "a sent {a_txp} packets, {a_txb} B");
+    assert!(b_rxb >= SENT && b_rxp >= frames, "b received {b_rxp} packets, {b_rxb} B");
+    assert!(a_rxb < SENT / 4 && b_txb < SENT / 4, "the other way: a received {a_rxb} B, b sent {b_txb} B");
+    assert!(a_rxp < frames && b_txp < frames, "the other way: a received {a_rxp}, b sent {b_txp} packets");
     let mac = lab.inspect("a")["NetworkSettings"]["Networks"]["appnet"]["MacAddress"].as_str().unwrap().to_string();
     let o: Vec<u8> = ip_a.split('.').map(|x| x.parse().unwrap()).collect();
     assert_eq!(mac, format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]));
+}
+
+const COUNTERS: [&str; 4] = ["RxPackets", "RxBytes", "TxPackets", "TxBytes"];
+
+/// `inspect`'s counters of `container` on appnet, in [`COUNTERS`]' order.
+fn counters(lab: &Lab, container: &str) -> [u64; 4] {
+    let c = &lab.inspect(container)["NetworkSettings"]["Networks"]["appnet"]["Counters"];
+    COUNTERS.map(|k| c[k].as_u64().unwrap_or_else(|| panic!("{container}: no {k}: {c}")))
+}
+
+/// The counters of the container's eth0 as it sees them itself (`ip -s link` inside it).
+fn own_counters(lab: &Lab, container: &str) -> [u64; 4] {
+    let out = lab.np(&["exec", container, "--", "ip", "-j", "-s", "link", "show", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let s = &v[0]["stats64"];
+    let n = |dir: &str, k: &str| s[dir][k].as_u64().unwrap_or_else(|| panic!("no {dir}.{k}: {out}"));
+    [n("rx", "packets"), n("rx", "bytes"), n("tx", "packets"), n("tx", "bytes")]
 }
 
 #[test]

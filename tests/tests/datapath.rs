@@ -1,46 +1,36 @@
-//! `test_run` tests of the eBPF programs on hand-built packets: verdicts, bytes left
-//! untouched, counters. Each test runs in its own network namespace (entered by the test's
-//! thread) with the maps pinned on a private bpffs, so nothing touches the machine.
+//! `test_run` tests of the container program on hand-built packets: ordinary and malformed
+//! traffic passes untouched. Each test runs in its own network namespace (entered by the
+//! test's thread) with the maps pinned on a private bpffs, so nothing touches the machine.
+//! (Per-endpoint traffic counters are the kernel's veth statistics: `bridge.rs` checks them
+//! with real traffic.)
 
-use netpath_common::prog_names::{FROM_CONTAINER, TO_CONTAINER};
+use netpath_common::prog_names::FROM_CONTAINER;
 use netpath_tests::packet::Ipv4Packet;
-use netpath_tests::testrun::{LO, PrivateDatapath as Fixture, TC_ACT_OK};
+use netpath_tests::testrun::{PrivateDatapath as Fixture, TC_ACT_OK};
+
+/// No drop counted, no flow tracked: the program let the packets by without acting on them.
+fn left_alone(f: &mut Fixture) {
+    let c = f.dp().counters().unwrap();
+    assert!(c.drops.values().all(|n| *n == 0), "{:?}", c.drops);
+    assert!(f.dp().flows().unwrap().is_empty(), "{:?}", f.dp().flows());
+}
 
 #[test]
-fn counts_both_directions_and_leaves_packets_untouched() {
-    let mut f = Fixture::new("count");
-    f.dp().track_endpoint(LO).unwrap();
+fn traffic_between_containers_passes_untouched() {
+    let mut f = Fixture::new("pass");
     let udp = Ipv4Packet::udp("172.17.0.2", 4000, "172.17.0.3", 53, b"hello").build();
     let tcp = Ipv4Packet::tcp("172.17.0.2", 4001, "172.17.0.3", 80, b"").build();
-
     for pkt in [&udp, &tcp] {
         let (verdict, out) = f.run(FROM_CONTAINER, pkt);
         assert_eq!(verdict, TC_ACT_OK);
-        assert_eq!(&out, pkt, "accounting must not rewrite");
+        assert_eq!(&out, pkt, "nothing to rewrite");
     }
-    let (verdict, out) = f.run(TO_CONTAINER, &udp);
-    assert_eq!((verdict, &out), (TC_ACT_OK, &udp));
-
-    let s = f.dp().endpoint_stats(LO).unwrap();
-    assert_eq!(s.tx_packets, 2);
-    assert_eq!(s.tx_bytes, (udp.len() + tcp.len()) as u64);
-    assert_eq!(s.rx_packets, 1);
-    assert_eq!(s.rx_bytes, udp.len() as u64);
+    left_alone(&mut f);
 }
 
 #[test]
-fn untracked_interfaces_pass_and_get_no_entry() {
-    let mut f = Fixture::new("untracked");
-    let udp = Ipv4Packet::udp("10.0.0.1", 1, "10.0.0.2", 2, b"x").build();
-    let (verdict, out) = f.run(FROM_CONTAINER, &udp);
-    assert_eq!((verdict, out), (TC_ACT_OK, udp));
-    assert!(f.dp().stats_keys().unwrap().is_empty(), "the datapath must not create entries");
-}
-
-#[test]
-fn malformed_packets_pass_unchanged_and_are_counted() {
+fn malformed_packets_pass_unchanged() {
     let mut f = Fixture::new("malformed");
-    f.dp().track_endpoint(LO).unwrap();
     let good = Ipv4Packet::udp("10.0.0.1", 1, "10.0.0.2", 2, b"payload").build();
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x43; // IHL 3 (< 5)
@@ -57,25 +47,10 @@ fn malformed_packets_pass_unchanged_and_are_counted() {
     options.extend_from_slice(&good[34..]);
     let mut runt = good[..14].to_vec(); // Ethernet header only, experimental ethertype
     runt[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-    let cases = [bad_ihl, fragment, ihl_past_end, l4_truncated, options, runt];
-    let mut bytes = 0;
-    for pkt in &cases {
-        let (verdict, out) = f.run(FROM_CONTAINER, pkt);
+    for pkt in [bad_ihl, fragment, ihl_past_end, l4_truncated, options, runt] {
+        let (verdict, out) = f.run(FROM_CONTAINER, &pkt);
         assert_eq!(verdict, TC_ACT_OK);
-        assert_eq!(&out, pkt);
-        bytes += pkt.len() as u64;
+        assert_eq!(out, pkt);
     }
-    let s = f.dp().endpoint_stats(LO).unwrap();
-    assert_eq!((s.tx_packets, s.tx_bytes), (cases.len() as u64, bytes));
-}
-
-#[test]
-fn detach_forgets_counters() {
-    let mut f = Fixture::new("detach");
-    f.dp().track_endpoint(LO).unwrap();
-    f.run(TO_CONTAINER, &Ipv4Packet::udp("10.0.0.1", 1, "10.0.0.2", 2, b"").build());
-    assert_eq!(f.dp().endpoint_stats(LO).unwrap().rx_packets, 1);
-    f.dp().detach_endpoint(LO).unwrap();
-    assert!(f.dp().stats_keys().unwrap().is_empty());
-    assert_eq!(f.dp().endpoint_stats(LO).unwrap().rx_packets, 0);
+    left_alone(&mut f);
 }

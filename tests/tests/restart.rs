@@ -49,7 +49,8 @@ fn restart_keeps_networks_containers_addresses_and_traffic() {
     let routes = lab.np(&["exec", "cli", "--", "ip", "-4", "route"]);
     assert!(routes.contains("default via 10.93.0.254 dev eth0"), "{routes}");
 
-    // Counters are pinned: they survive the restart...
+    // Counters are the kernel's, kept by the veths, which outlive the daemon: they survive
+    // the restart...
     let tx = counter(&lab, "srv", "rnet", "TxPackets");
     let rx = counter(&lab, "srv", "rnet", "RxPackets");
     assert!(tx >= tx_before_restart && rx >= rx_before_restart, "counters reset by restart: {tx}/{rx}");

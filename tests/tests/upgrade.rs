@@ -206,9 +206,11 @@ fn stopping_the_daemon_leaves_the_programs_attached() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    for want in [format!("{veth}@from_container"), format!("{veth}@to_container"), "eth0@uplink_in".into()] {
+    for want in [format!("{veth}@from_container"), "eth0@uplink_in".into(), "eth0@uplink_out".into()] {
         assert!(links.contains(&want), "{want} not pinned: {links:?}");
     }
+    // One link per container: what it receives passes no program (the kernel counts it).
+    assert_eq!(links.iter().filter(|l| l.starts_with(&format!("{veth}@"))).count(), 1, "{links:?}");
     lab.start_daemon();
     assert_eq!(whoami_from_client(&lab, 8080), CLIENT_IP);
     // Removing the container removes its link pins; the uplink's stay.
@@ -276,6 +278,12 @@ fn pins_of_the_landed_layout_are_migrated_or_replaced_with_a_reason() {
             a.set(slot, aya::maps::PerCpuValues::try_from(per_cpu).unwrap(), 0).unwrap();
         }
     }
+    // ENDPOINT_STATS, the per-endpoint counters builds before kernel veth counters kept:
+    // retired, so its pins (unversioned, and versioned by a later build) are removed.
+    let stats = legacy_map(&lab.bpffs, "ENDPOINT_STATS", map_type::PERCPU_HASH, 4, 32, 16384);
+    std::fs::create_dir_all(lab.bpffs.join("maps")).unwrap();
+    stats.pin(lab.bpffs.join("maps/ENDPOINT_STATS@v1")).unwrap();
+    drop(stats);
     // An ENDPOINTS pin of a layout no build had (24-byte values): cannot be read, is replaced.
     {
         let m = legacy_map(&lab.bpffs, "ENDPOINTS", map_type::HASH, 4, 24, 16384);
@@ -304,9 +312,11 @@ fn pins_of_the_landed_layout_are_migrated_or_replaced_with_a_reason() {
         "the replacement is logged with its reason:\n{log}"
     );
     assert!(log.contains("map CT: migrated"), "{log}");
-    for name in ["CT", "DROPS", "CT_STATS", "ENDPOINTS"] {
+    for name in ["CT", "DROPS", "CT_STATS", "ENDPOINTS", "ENDPOINT_STATS"] {
         assert!(!lab.bpffs.join(name).exists(), "the unversioned {name} pin is gone");
     }
+    assert!(!lab.bpffs.join("maps/ENDPOINT_STATS@v1").exists(), "the versioned ENDPOINT_STATS pin is gone");
+    assert!(log.contains("ENDPOINT_STATS: map ENDPOINT_STATS was retired"), "the removal is logged:\n{log}");
     // The migrated datapath works: a published port answers.
     common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     assert_eq!(whoami_from_client(&lab, 8080), CLIENT_IP);

@@ -180,7 +180,7 @@ async fn create_container(State(d): State<Shared>, b: Bytes) -> Result<(StatusCo
 }
 
 async fn inspect_container(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
-    Ok(axum::Json(d.inspect_container(&name)?))
+    Ok(axum::Json(d.inspect_container(&name).await?))
 }
 
 #[derive(Deserialize)]

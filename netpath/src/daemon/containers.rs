@@ -232,7 +232,7 @@ impl Daemon {
         }
         laps.lap("persist");
         let c = self.current(&id, &c.name)?;
-        let v = self.container_json(&c, true);
+        let v = self.container_json(&c, &self.endpoint_counters(&c).await);
         laps.lap("view");
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
@@ -272,9 +272,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// The datapath side of a wired endpoint: programs on its host veth, its map entry.
+    /// The datapath side of a wired endpoint: the program on its host veth, its map entry.
     pub(super) fn attach_endpoint(&self, net: &Network, ep: &Endpoint, host_if: &str, idx: u32) -> anyhow::Result<()> {
-        self.dp().track_endpoint(idx)?;
         // Without the datapath's lock: the kernel makes a new link wait for a grace period.
         self.links.attach(host_if, idx)?;
         if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
@@ -284,8 +283,8 @@ impl Daemon {
     }
 
     /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth
-    /// goes first: its programs go with it, which spares each of them a detach (an RCU grace
-    /// period under the RTNL lock).
+    /// goes first: its program goes with it, which spares it a detach (an RCU grace period
+    /// under the RTNL lock).
     async fn unwire(&self, ep: &Endpoint) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
         let idx = match ep.host_ifname.as_deref() {
@@ -309,10 +308,9 @@ impl Daemon {
         laps.lap("link");
         if let Some(idx) = idx {
             if removed.is_ok() {
-                self.dp().forget_endpoint_stats(idx)?;
                 self.links.forget(idx);
             } else {
-                self.dp().detach_endpoint(idx)?;
+                self.dp().detach_endpoint(idx);
             }
         }
         laps.lap("pins");
@@ -542,9 +540,9 @@ impl Daemon {
         )
     }
 
-    pub fn inspect_container(&self, name: &str) -> Result<Value> {
+    pub async fn inspect_container(&self, name: &str) -> Result<Value> {
         let c = lookup(&self.state(), name)?.clone();
-        Ok(self.container_json(&c, true))
+        Ok(self.container_json(&c, &self.endpoint_counters(&c).await))
     }
 
     pub fn logs(&self, name: &str) -> Result<Vec<u8>> {
@@ -620,7 +618,7 @@ impl Daemon {
         // A container that had no address yet now has one for its published ports.
         self.publish_ports(&c, c.primary_ipv4())?;
         self.dns_refresh(&c); // resolvable on the new network
-        Ok(self.container_json(&c, true))
+        Ok(self.container_json(&c, &self.endpoint_counters(&c).await))
     }
 
     pub async fn disconnect(&self, network: &str, container: &str) -> Result<()> {

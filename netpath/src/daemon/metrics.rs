@@ -1,6 +1,7 @@
 //! Prometheus metrics (`netpath daemon --metrics-addr ADDR:PORT`, off by default): table use,
 //! drops by reason, per-container traffic, API request latency. Rendered on each scrape from
-//! the maps and the state, so nothing is counted twice and an idle daemon does no work.
+//! the maps, the state and the kernel's link counters (one link dump for every container), so
+//! nothing is counted twice and an idle daemon does no work.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -82,7 +83,7 @@ impl Out {
 
 impl Daemon {
     /// The metrics in the Prometheus text format (version 0.0.4).
-    pub fn render_metrics(&self) -> anyhow::Result<String> {
+    pub async fn render_metrics(&self) -> anyhow::Result<String> {
         let mut o = Out(String::new());
         let counters = self.datapath_counters()?;
 
@@ -119,15 +120,15 @@ impl Daemon {
         o.family("netpath_networks", "gauge", "Networks, the built-in ones included.");
         o.sample("netpath_networks", &[], networks);
 
-        // Per endpoint: a container on two networks has two series of each.
+        // Per endpoint, from the container's side (its host veth's counters, reversed): a
+        // container on two networks has two series of each.
+        let links = self.nl.stats_by_name().await?;
         let mut rows = vec![];
         for c in &containers {
             for e in &c.endpoints {
-                let Some(h) = e.host_ifname.as_deref() else { continue };
-                let Ok(idx) = nix::net::if_::if_nametoindex(h) else { continue };
+                let Some(s) = e.host_ifname.as_deref().and_then(|h| links.get(h)) else { continue };
                 let net = self.state().network_by_id(&e.network_id).map(|n| n.name.clone()).unwrap_or_default();
-                let s = self.dp().endpoint_stats(idx)?;
-                rows.push((c.name.clone(), net, s));
+                rows.push((c.name.clone(), net, s.peer_view()));
             }
         }
         for (name, field, help) in [
@@ -167,7 +168,7 @@ pub async fn serve(d: Arc<Daemon>, addr: SocketAddr) -> anyhow::Result<()> {
         .route(
             "/metrics",
             axum::routing::get(|State(d): State<Shared>| async move {
-                match d.render_metrics() {
+                match d.render_metrics().await {
                     Ok(body) => ([("content-type", "text/plain; version=0.0.4")], body).into_response(),
                     Err(e) => {
                         warn!("rendering metrics: {e:#}");

@@ -80,7 +80,7 @@ pub(super) async fn run(d: &Arc<Daemon>) {
     }
     phases.lap("ports");
     remove_orphans(d, &links).await;
-    withdraw_stale_entries(d).await;
+    withdraw_stale_entries(d);
     phases.lap("cleanup");
     info!("reconcile phases (ms): {phases}");
 }
@@ -202,7 +202,7 @@ async fn remove_orphans(d: &Daemon, links: &[LinkSummary]) {
         if let Err(e) = d.nl.delete_link(&l.name).await {
             warn!("orphaned link {}: {e:#}", l.name);
         }
-        let _ = d.dp().detach_endpoint(l.index);
+        d.dp().detach_endpoint(l.index);
     }
     for e in std::fs::read_dir(d.store.netns_dir()).into_iter().flatten().flatten() {
         let path = e.path();
@@ -217,8 +217,8 @@ async fn remove_orphans(d: &Daemon, links: &[LinkSummary]) {
 }
 
 /// Map entries no record explains: published ports and container ports of containers that
-/// are gone, endpoints and counters of interfaces that are gone.
-async fn withdraw_stale_entries(d: &Daemon) {
+/// are gone, endpoints of addresses no container has.
+fn withdraw_stale_entries(d: &Daemon) {
     let (ports, open, endpoints) = {
         let st = d.state();
         let ports: HashSet<_> =
@@ -232,7 +232,6 @@ async fn withdraw_stale_entries(d: &Daemon) {
             st.containers().flat_map(|c| c.endpoints.iter().filter_map(|e| e.ipv4)).collect();
         (ports, open, endpoints)
     };
-    let live: HashSet<u32> = d.nl.links().await.unwrap_or_default().iter().map(|l| l.index).collect();
     let mut dp = d.dp();
     for (host, port, proto) in dp.port_keys().unwrap_or_default() {
         if !ports.contains(&(host, port, proto)) {
@@ -248,11 +247,6 @@ async fn withdraw_stale_entries(d: &Daemon) {
     for ip in dp.endpoint_keys().unwrap_or_default() {
         if !endpoints.contains(&ip) {
             let _ = dp.remove_endpoint(ip);
-        }
-    }
-    for k in dp.stats_keys().unwrap_or_default() {
-        if !live.contains(&k) {
-            let _ = dp.detach_endpoint(k);
         }
     }
 }

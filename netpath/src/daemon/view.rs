@@ -1,9 +1,12 @@
 //! Docker-shaped JSON views of networks and containers (`inspect`, `ls`, `ps`).
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value, json};
 
 use super::Daemon;
 use crate::ipam::format_mac;
+use crate::netlink::LinkStats;
 use crate::state::{Container, Network, Sandbox, State};
 
 impl Daemon {
@@ -82,9 +85,28 @@ impl Daemon {
         })
     }
 
-    /// A container as `inspect` shows it; `counters` adds the datapath's per-endpoint counters
-    /// (`ps` leaves them out: it lists many containers and shows none of them).
-    pub(super) fn container_json(&self, c: &Container, counters: bool) -> Value {
+    /// The kernel's counters of each endpoint's host-side veth, by endpoint id: one RTM_GETLINK
+    /// each (`inspect` shows them; `ps` does not ask: it lists many containers).
+    pub(super) async fn endpoint_counters(&self, c: &Container) -> HashMap<String, LinkStats> {
+        let mut out = HashMap::new();
+        for e in &c.endpoints {
+            let Some(idx) = e.host_ifname.as_deref().and_then(|h| nix::net::if_::if_nametoindex(h).ok()) else {
+                continue;
+            };
+            match self.nl.stats_of(idx).await {
+                Ok(Some(s)) => {
+                    out.insert(e.id.clone(), s);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("container {}: {e:#}", c.name),
+            }
+        }
+        out
+    }
+
+    /// A container as `inspect` shows it, with the endpoints' `counters` (see
+    /// [`Self::endpoint_counters`]; an endpoint without any shows none).
+    pub(super) fn container_json(&self, c: &Container, counters: &HashMap<String, LinkStats>) -> Value {
         let running = Self::is_running(c);
         let nets: Vec<Option<Network>> = {
             let st = self.state();
@@ -97,13 +119,7 @@ impl Daemon {
             let Some(n) = n else {
                 continue;
             };
-            let counters = e
-                .host_ifname
-                .as_deref()
-                .filter(|_| counters)
-                .and_then(|h| nix::net::if_::if_nametoindex(h).ok())
-                .and_then(|idx| self.dp().endpoint_stats(idx).ok())
-                .map(|s| json!({ "RxPackets": s.rx_packets, "RxBytes": s.rx_bytes, "TxPackets": s.tx_packets, "TxBytes": s.tx_bytes }));
+            let counters = counters.get(&e.id).map(counters_json);
             networks.insert(
                 n.name.clone(),
                 json!({
@@ -170,6 +186,13 @@ impl Daemon {
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
         })
     }
+}
+
+/// An endpoint's counters from the container's side (like `docker stats`): `Rx` is what the
+/// container received, which its host-side veth (`host`) sent, and the other way round.
+pub(super) fn counters_json(host: &LinkStats) -> Value {
+    let c = host.peer_view();
+    json!({ "RxPackets": c.rx_packets, "RxBytes": c.rx_bytes, "TxPackets": c.tx_packets, "TxBytes": c.tx_bytes })
 }
 
 /// Docker's status words.

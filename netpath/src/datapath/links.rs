@@ -20,12 +20,14 @@ use tracing::{info, warn};
 use super::pins::Pins;
 use super::sys::{self, AttachTo, LinkTarget};
 
-/// The attach type of each program we attach (tcx direction, or cgroup hook).
+/// The attach type of each program we attach (tcx direction, or cgroup hook). A link pin of
+/// any other program (`to_container` of builds that counted traffic in eBPF, say) is
+/// detached when a daemon adopts the pins.
 fn attach_type(prog: &str) -> Option<u32> {
     use bpf_attach_type::*;
     let t = match prog {
         prog_names::FROM_CONTAINER | prog_names::UPLINK_IN => BPF_TCX_INGRESS,
-        prog_names::TO_CONTAINER | prog_names::UPLINK_OUT => BPF_TCX_EGRESS,
+        prog_names::UPLINK_OUT => BPF_TCX_EGRESS,
         prog_names::SOCK_CONNECT4 => BPF_CGROUP_INET4_CONNECT,
         prog_names::SOCK_SENDMSG4 => BPF_CGROUP_UDP4_SENDMSG,
         prog_names::SOCK_RECVMSG4 => BPF_CGROUP_UDP4_RECVMSG,
@@ -127,6 +129,31 @@ pub fn drop_pins(paths: &[std::path::PathBuf], detach: bool) {
     }
 }
 
+/// Detaches the links of programs this build does not have (`to_container`, which builds that
+/// counted traffic in eBPF put on every container veth) and removes their pins, on a thread of
+/// its own: each detach waits out an RCU grace period under the RTNL lock, so on a host with
+/// a thousand containers doing it on the load path would hold the daemon's start up for
+/// seconds. The links run until then, as they did while no daemon ran.
+fn detach_in_background(pins: &Pins, names: Vec<String>) {
+    if names.is_empty() {
+        return;
+    }
+    let mut progs: Vec<&str> = names.iter().filter_map(|n| Some(Pins::parse_link_name(n)?.1)).collect();
+    progs.sort();
+    progs.dedup();
+    info!(
+        "detaching {} links of programs this build does not have ({}) in the background",
+        names.len(),
+        progs.join(", ")
+    );
+    let paths: Vec<std::path::PathBuf> = names.iter().map(|n| pins.link(n)).collect();
+    std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        drop_pins(&paths, true);
+        info!("detached {} links of programs this build does not have in {:.1?}", paths.len(), t.elapsed());
+    });
+}
+
 /// The cgroup id of a cgroup2 directory (its inode number).
 fn cgroup_id(dir: &Path) -> Result<u64> {
     Ok(std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?.ino())
@@ -154,29 +181,34 @@ impl Links {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
+        let mut retired = vec![];
         for name in names {
-            match self.adopt_one(&name) {
+            match self.adopt_one(&name, &mut retired) {
                 Ok(true) => adopted += 1,
                 Ok(false) => {}
                 Err(e) => {
                     warn!("link {name}: {e:#}; detaching it");
-                    self.remove_pin(&name);
+                    self.detach(&name);
                 }
             }
         }
+        detach_in_background(&self.pins, retired);
         Ok(adopted)
     }
 
-    fn adopt_one(&mut self, name: &str) -> Result<bool> {
+    /// Adopts one pin (true), or removes it; the pins of programs this build does not have go
+    /// to `retired`.
+    fn adopt_one(&mut self, name: &str, retired: &mut Vec<String>) -> Result<bool> {
         let path = self.pins.link(name);
+        // Removing the pin alone would leave the link attached for as long as anything else
+        // holds it: these are detached.
         let Some((target, prog)) = Pins::parse_link_name(name) else {
-            info!("removing unknown pin {}", path.display());
-            self.remove_pin(name);
+            info!("detaching and removing unknown pin {}", path.display());
+            self.detach(name);
             return Ok(false);
         };
         let Some(want_type) = attach_type(prog) else {
-            info!("link {name}: no program {prog} in this build; detaching it");
-            self.remove_pin(name);
+            retired.push(name.to_string());
             return Ok(false);
         };
         let fd = sys::obj_get(&path).with_context(|| format!("opening {}", path.display()))?;

@@ -86,7 +86,7 @@ fn converter(name: &str, from: u32, to: u32) -> Option<Convert> {
 
 /// Maps whose values are u64 counters the datapath increments: the second copy adds what the
 /// old programs counted in between instead of overwriting what the new ones counted.
-const COUNTERS: [&str; 3] = [map_names::DROPS, map_names::CT_STATS, map_names::ENDPOINT_STATS];
+const COUNTERS: [&str; 2] = [map_names::DROPS, map_names::CT_STATS];
 
 enum How {
     Copy(Convert),
@@ -246,14 +246,33 @@ pub fn plan(pins: &Pins, wants: &[Want]) -> Result<Vec<MapPlan>> {
     Ok(plans)
 }
 
-/// Pins under maps/ that belong to no map of the object (a map a later build dropped).
+/// Removes the pins of maps the object does not have: any pin under maps/ of another name (a
+/// map this build retired, see `layout::RETIRED`, or one a newer build added), and the
+/// unversioned pins (revision 0) of catalogued or retired maps it does not have. Other files
+/// at the top of the pin dir are not netpath's to judge and stay.
 pub fn sweep_unknown(pins: &Pins, wants: &[Want]) {
+    let why = |map: &str| {
+        if layout::RETIRED.contains(&map) {
+            format!("map {map} was retired (this build has no map of that name)")
+        } else {
+            format!("no map of this build is called {map}")
+        }
+    };
+    let wanted = |map: &str| wants.iter().any(|w| w.name == map);
     for e in std::fs::read_dir(pins.maps_dir()).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let map = name.split("@v").next().unwrap_or_default();
-        if !wants.iter().any(|w| w.name == map) {
-            info!("removing pin {name}: no map of this build is called {map}");
+        if !wanted(map) {
+            info!("removing pin {name}: {}", why(map));
             let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let known = layout::PREVIOUS.iter().map(|l| l.name).chain(layout::RETIRED.iter().copied());
+    for map in known.filter(|m| !wanted(m)) {
+        let path = pins.map(map, 0);
+        if path.is_file() {
+            info!("removing pin {}: {}", path.display(), why(map));
+            let _ = std::fs::remove_file(&path);
         }
     }
 }
@@ -508,6 +527,25 @@ mod tests {
         assert!(matches!(decide("CONFIG", 1, &info(map_type::ARRAY, 4, 8, 1), &config), How::Copy(Convert::Same)));
         let stats = want("CT_STATS", 1, map_type::PERCPU_ARRAY, 4, 8, 3);
         assert!(matches!(decide("CT_STATS", 1, &info(map_type::PERCPU_ARRAY, 4, 8, 2), &stats), How::Copy(_)));
+    }
+
+    #[test]
+    fn pins_of_a_retired_map_are_swept_and_other_files_stay() {
+        // A plain directory stands in for the bpffs: the sweep only lists and removes files.
+        let root = std::env::temp_dir().join(format!("netpath-sweep-{}", std::process::id()));
+        let pins = Pins::new(&root);
+        pins.make_dirs().unwrap();
+        let touch = |p: PathBuf| std::fs::write(p, b"").unwrap();
+        touch(pins.map("ENDPOINT_STATS", 1));
+        touch(pins.map("ENDPOINT_STATS", 0));
+        touch(pins.map("CT", 1));
+        touch(pins.map("CT", 0)); // the landed build's CT: the plan migrates it
+        touch(root.join("not-netpaths"));
+        sweep_unknown(&pins, &[want("CT", 1, map_type::HASH, 16, 32, 131_072)]);
+        assert!(!pins.map("ENDPOINT_STATS", 1).exists() && !pins.map("ENDPOINT_STATS", 0).exists());
+        assert!(pins.map("CT", 1).exists() && pins.map("CT", 0).exists());
+        assert!(root.join("not-netpaths").exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -22,13 +22,12 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, EndpointStats, NetworkInfo, PortKey, Tuple, config, ct_stat, drop_reason,
-    map_names, prog_names,
+    Backend, CtEntry, EndpointInfo, NetworkInfo, PortKey, Tuple, config, ct_stat, drop_reason, map_names, prog_names,
 };
 use tracing::{info, warn};
 
@@ -69,7 +68,9 @@ pub struct LoadOptions {
     pub max_entries: Vec<(String, u32)>,
 }
 
-const CONTAINER_PROGS: [&str; 2] = [prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER];
+/// The one program on a container's veth (ingress of its host side). What is delivered to the
+/// container passes no program: the kernel's veth statistics count it.
+const CONTAINER_PROG: &str = prog_names::FROM_CONTAINER;
 const UPLINK_PROGS: [&str; 2] = [prog_names::UPLINK_IN, prog_names::UPLINK_OUT];
 
 pub struct Datapath {
@@ -166,9 +167,7 @@ impl Datapath {
             loader.map_max_entries(name, *n);
         }
         let mut ebpf = loader.load(object).context("loading the eBPF object (is the kernel's BPF support enabled?)")?;
-        for name in
-            [prog_names::FROM_CONTAINER, prog_names::TO_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT]
-        {
+        for name in [prog_names::FROM_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
@@ -261,10 +260,6 @@ impl Datapath {
     /// A program, for tests that drive it with `test_run`.
     pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         Ok(self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?)
-    }
-
-    fn stats_map(&mut self) -> Result<PerCpuHashMap<&mut MapData, u32, EndpointStats>> {
-        self.map(map_names::ENDPOINT_STATS)
     }
 
     /// A typed handle on one of the maps of the catalogue.
@@ -481,25 +476,17 @@ impl Datapath {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Attaches an ingress/egress program pair to an interface; on failure nothing this call
-    /// made stays attached.
-    fn attach_pair(&mut self, ifname: &str, ifindex: u32, progs: [&str; 2]) -> Result<()> {
-        attach_pair(&self.links, ifname, ifindex, progs)
-    }
-
-    /// Starts accounting for an endpoint: a counter entry (kept if it survived a restart) and
-    /// the programs on both directions of its host-side veth (adopted if they still are).
-    /// Idempotent.
+    /// Attaches the container program to an endpoint's host-side veth (adopts it if it still
+    /// is). Idempotent.
     pub fn attach_endpoint(&mut self, host_ifname: &str, ifindex: u32) -> Result<()> {
-        self.track_endpoint(ifindex)?;
-        self.attach_pair(host_ifname, ifindex, CONTAINER_PROGS)
+        links::attach_tcx(&self.links, host_ifname, ifindex, CONTAINER_PROG).map(drop)
     }
 
     /// Attaches the NAT programs to an uplink and records the address masqueraded traffic
     /// leaves with. Idempotent; a new address replaces the old one.
     pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<()> {
         self.set_uplink_addr(ifindex, addr)?;
-        self.attach_pair(ifname, ifindex, UPLINK_PROGS)
+        attach_pair(&self.links, ifname, ifindex, UPLINK_PROGS)
     }
 
     /// Detaches the NAT programs from an uplink and forgets its address.
@@ -520,55 +507,11 @@ impl Datapath {
         Ok(m.keys().filter_map(|r| r.ok()).map(|k| Ipv4Addr::from(k.to_ne_bytes())).collect())
     }
 
-    /// Gives an interface a counter entry, keeping one that survived a restart. The datapath
-    /// counts only interfaces that have one.
-    pub fn track_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        let mut stats = self.stats_map()?;
-        if stats.get(&ifindex, 0).is_err() {
-            let n = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-            let zero = PerCpuValues::try_from(vec![EndpointStats::default(); n])?;
-            stats.insert(ifindex, zero, 0).context("adding endpoint counters")?;
-        }
-        Ok(())
-    }
-
-    /// Stops accounting for an endpoint and forgets its counters. The veth may already be gone
+    /// Detaches the container program from an endpoint's veth. The veth may already be gone
     /// (the kernel drops tcx links with their device), so detach errors are not failures.
-    pub fn detach_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        let pins = self.links().take_ifindex(ifindex, &CONTAINER_PROGS);
+    pub fn detach_endpoint(&mut self, ifindex: u32) {
+        let pins = self.links().take_ifindex(ifindex, &[CONTAINER_PROG]);
         links::drop_pins(&pins, true);
-        let mut stats = self.stats_map()?;
-        if stats.get(&ifindex, 0).is_ok() {
-            stats.remove(&ifindex).context("removing endpoint counters")?;
-        }
-        Ok(())
-    }
-
-    /// Forgets an endpoint's counters (its links are the caller's: see [`EndpointLinks`]).
-    pub fn forget_endpoint_stats(&mut self, ifindex: u32) -> Result<()> {
-        let mut stats = self.stats_map()?;
-        if stats.get(&ifindex, 0).is_ok() {
-            stats.remove(&ifindex).context("removing endpoint counters")?;
-        }
-        Ok(())
-    }
-
-    /// The endpoint's counters summed over CPUs; zero if it has none.
-    pub fn endpoint_stats(&mut self, ifindex: u32) -> Result<EndpointStats> {
-        let stats = self.stats_map()?;
-        let mut total = EndpointStats::default();
-        if let Ok(per_cpu) = stats.get(&ifindex, 0) {
-            for s in per_cpu.iter() {
-                total.add(s);
-            }
-        }
-        Ok(total)
-    }
-
-    /// Every ifindex with a counter entry (to find entries left by endpoints that went away
-    /// while the daemon was down).
-    pub fn stats_keys(&mut self) -> Result<Vec<u32>> {
-        Ok(self.stats_map()?.keys().filter_map(|k| k.ok()).collect())
     }
 }
 
@@ -585,7 +528,8 @@ fn retry_interrupted(mut load: impl FnMut() -> Result<(), ProgramError>) -> Resu
     load()
 }
 
-/// Attaches an ingress/egress program pair; on failure nothing this call made stays attached.
+/// Attaches an ingress/egress program pair (an uplink's); on failure nothing this call made
+/// stays attached.
 fn attach_pair(l: &links::SharedLinks, ifname: &str, ifindex: u32, [ingress, egress]: [&str; 2]) -> Result<()> {
     let made = links::attach_tcx(l, ifname, ifindex, ingress)?;
     if let Err(e) = links::attach_tcx(l, ifname, ifindex, egress) {
@@ -608,9 +552,9 @@ impl EndpointLinks {
         Self(dp.shared_links())
     }
 
-    /// Attaches (or claims) the programs on both directions of a container's host veth.
+    /// Attaches (or claims) the container program on a container's host veth.
     pub fn attach(&self, host_ifname: &str, ifindex: u32) -> Result<()> {
-        attach_pair(&self.0, host_ifname, ifindex, CONTAINER_PROGS)
+        links::attach_tcx(&self.0, host_ifname, ifindex, CONTAINER_PROG).map(drop)
     }
 
     /// Removes the pins of links whose interface was deleted behind the daemon's back.
@@ -624,7 +568,7 @@ impl EndpointLinks {
     /// Drops the links of an endpoint whose veth the caller already deleted (the kernel made
     /// them defunct with it): no detach, so no grace period to wait for.
     pub fn forget(&self, ifindex: u32) {
-        let pins = self.0.lock().unwrap_or_else(|e| e.into_inner()).take_ifindex(ifindex, &CONTAINER_PROGS);
+        let pins = self.0.lock().unwrap_or_else(|e| e.into_inner()).take_ifindex(ifindex, &[CONTAINER_PROG]);
         links::drop_pins(&pins, false);
     }
 }
