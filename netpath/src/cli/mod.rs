@@ -129,6 +129,9 @@ pub fn main() -> ExitCode {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads((4 * cpus).max(8))
+                // Blocking threads (state fsyncs, flushes) come in bursts, e.g. during a
+                // reconcile: let idle ones go soon, with the stacks and arena memory they hold.
+                .thread_keep_alive(std::time::Duration::from_secs(1))
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
