@@ -140,6 +140,10 @@ fn default_bridge_resolves_no_names_but_external_ones() {
     let resolv = lab.np(&["exec", "b2", "--", "cat", "/etc/resolv.conf"]);
     assert!(resolv.contains(&format!("nameserver {CLIENT_IP}")), "a copy of the host's servers:\n{resolv}");
     assert!(!resolv.contains("127.0.0.11"), "{resolv}");
+    // Nothing asks 127.0.0.11 there, so the daemon holds no socket in it (descriptors are
+    // what caps the number of containers a daemon can serve).
+    let socks = lab.np(&["exec", "b2", "--", "ss", "-Hlnu"]);
+    assert!(!socks.contains("127.0.0.11"), "no embedded server on the default bridge:\n{socks}");
     assert!(getent(&lab, "b2", "b1").is_empty(), "no names on the default bridge");
     assert_eq!(getent(&lab, "b2", EXT_NAME), [EXT_IP], "external names through the host's upstream");
 }

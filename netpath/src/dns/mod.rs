@@ -139,10 +139,14 @@ impl Dns {
         i.refresh_host();
         let host = i.host.read().unwrap().1.clone();
         let (id, netns) = (c.id.clone(), c.netns.clone());
+        // Only a container whose resolv.conf names 127.0.0.11 gets sockets there: one on the
+        // default bridge with reachable upstreams asks them itself (as Docker's do), and
+        // holds none of the daemon's descriptors.
+        let serve = files::uses_embedded(&c, &host);
         let files = self.write_files(&c, &host);
         i.table.write().unwrap().upsert(c);
         let mut ls = i.listeners.lock().unwrap();
-        match netns {
+        match netns.filter(|_| serve) {
             Some(ns) => {
                 let same = ls.get(&id).is_some_and(|l| l.netns_inode == crate::netlink::netns::inode(&ns));
                 if !same {
