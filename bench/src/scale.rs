@@ -75,6 +75,27 @@ fn in_batches(mut spawn: impl FnMut(usize) -> Result<Child>, range: std::ops::Ra
     Ok(())
 }
 
+/// Each container is two processes (its supervisor and its command, as Docker's are a shim
+/// and the command): with the kernel's default `pid_max` of 32,768 (systemd raises it to
+/// 4,194,304) 10,000 containers leave too few ids for everything else. Says so up front rather
+/// than failing at the 9,900th container.
+fn check_pid_room(containers: usize) -> Result<()> {
+    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")?.trim().parse()?;
+    let in_use = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/task")).ok().map(|t| t.count()))
+        .sum::<usize>();
+    // Headroom for threads of the daemon, the CLI calls in flight and whatever else runs.
+    let need = 2 * containers + in_use + 8_000;
+    if need > pid_max {
+        bail!(
+            "{containers} containers need about {need} process ids and kernel.pid_max is {pid_max}: \
+             raise it (sysctl -w kernel.pid_max=4194304, systemd's default) or ask for fewer"
+        );
+    }
+    Ok(())
+}
+
 /// User-defined networks of the population; containers past them go to the default bridge.
 const USER_NETWORKS: usize = 9;
 
@@ -90,12 +111,13 @@ fn net_of(i: usize) -> String {
 
 /// netpath at each count in `counts` (ascending), one lab growing through them.
 pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
+    let max = counts.iter().copied().max().unwrap_or(0);
+    check_pid_room(max)?;
     let mut lab = Lab::new("bench-scale");
     // A host with a resolver: default-bridge containers get a copy of its resolv.conf, as
     // Docker's do, rather than the embedded server (forward-only) for want of one. Nothing
     // answers there: the bench makes no lookups.
     lab.set_upstreams(&[netpath_tests::CLIENT_IP]);
-    let max = counts.iter().copied().max().unwrap_or(0);
     for k in 0..max.div_ceil(PER_NETWORK).min(USER_NETWORKS) {
         np(&lab, &["network", "create", "--subnet", &format!("10.{}.0.0/16", 100 + k), &format!("scale{k}")])?;
     }
