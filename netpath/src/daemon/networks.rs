@@ -80,7 +80,7 @@ fn parse_options(kind: DriverKind, options: &BTreeMap<String, String>) -> Result
     for (k, v) in options {
         if !supported.contains(&k.as_str()) {
             return Err(bad_request!(
-                "unsupported option {k:?} for a {} network (supported: {})",
+                "unsupported network option {k:?} for a {} network (supported: {})",
                 kind.as_str(),
                 supported.join(", ")
             ));
