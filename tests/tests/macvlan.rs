@@ -133,6 +133,18 @@ fn macvlan_containers_live_on_the_physical_network() {
     assert_eq!(getent(&lab, "m1", "m2"), ["192.0.2.131"]);
     assert_eq!(getent(&lab, "m2", "m1.mv"), ["192.0.2.128"]);
 
+    // A bridge container connected to it gets a macvlan eth1 there; disconnect takes it away.
+    lab.np(&["network", "create", "--subnet", "10.33.0.0/24", "br"]);
+    lab.np(&["run", "-d", "--name", "b", "--network", "br", "--", "sleep", "600"]);
+    lab.np(&["network", "connect", "--ip", "192.0.2.140", "mv", "b"]);
+    assert_eq!(container_addrs(&lab, "b", "eth1"), ["192.0.2.140/24"]);
+    assert!(lab.np(&["exec", "b", "--", "ip", "-d", "link", "show", "eth1"]).contains("macvlan"));
+    assert_eq!(echo(&lab, "b", "192.0.2.128", "over-eth1"), "over-eth1");
+    lab.np(&["network", "disconnect", "mv", "b"]);
+    assert_eq!(container_links(&lab, "b"), ["lo", "eth0"]);
+    lab.np(&["rm", "-f", "b"]);
+    lab.np(&["network", "rm", "br"]);
+
     // -p means nothing here: accepted, with Docker's warning.
     let out = lab.try_np(&["run", "-d", "--name", "p", "--network", "mv", "-p", "8080:80", "--", "sleep", "600"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -566,3 +566,58 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(kind: DriverKind, kv: &[(&str, &str)]) -> Result<Options> {
+        parse_options(kind, &kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn vlan_parents_split_into_lower_link_and_id() {
+        assert_eq!(split_vlan("eth0.10").unwrap(), Some(("eth0".into(), 10)));
+        assert_eq!(split_vlan("bond0.1.4094").unwrap(), Some(("bond0.1".into(), 4094)));
+        assert_eq!(split_vlan("eth0").unwrap(), None);
+        assert_eq!(split_vlan("my.link").unwrap(), None, "a dotted name that is not IFACE.VID");
+        for bad in ["eth0.0", "eth0.4095", "eth0.99999"] {
+            let e = split_vlan(bad).unwrap_err().to_string();
+            assert!(e.contains("outside 1-4094"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn options_parse_with_dockers_defaults_and_names() {
+        let o = opts(DriverKind::Bridge, &[]).unwrap();
+        assert!(o.icc && o.masquerade && o.mtu.is_none() && o.gateway_mode == GatewayMode::Nat);
+        let o = opts(DriverKind::Bridge, &[(ICC_OPT, "false"), (MASQUERADE_OPT, "0"), (MTU_OPT, "9000")]).unwrap();
+        assert!(!o.icc && !o.masquerade);
+        assert_eq!(o.mtu, Some(9000));
+        let o = opts(DriverKind::Macvlan, &[(PARENT_OPT, "eth0.20"), (MODE_OPT, "vepa")]).unwrap();
+        assert_eq!(
+            (o.parent.as_deref(), o.vlan, o.mode),
+            (Some("eth0.20"), Some(("eth0".into(), 20)), MacvlanMode::Vepa)
+        );
+        // Each driver takes its own options only.
+        assert!(opts(DriverKind::Bridge, &[(PARENT_OPT, "eth0")]).is_err());
+        assert!(opts(DriverKind::Macvlan, &[(PARENT_OPT, "eth0"), (MTU_OPT, "1400")]).is_err());
+        assert!(opts(DriverKind::Macvlan, &[(MODE_OPT, "bridge")]).is_err(), "no parent");
+        let e = opts(DriverKind::Macvlan, &[(PARENT_OPT, "eth0"), (MODE_OPT, "passthru"), (HOST_ACCESS_OPT, "true")]);
+        assert!(e.unwrap_err().to_string().contains("needs macvlan_mode bridge"));
+    }
+
+    #[test]
+    fn datapath_flags_follow_the_options() {
+        let mut n = state::tests::network("n", "10.1.0.0/24");
+        n.gateway_mode = GatewayMode::Nat;
+        assert_eq!(datapath_flags(&n), net_flags::MASQUERADE);
+        n.opts.masquerade = false;
+        assert_eq!(datapath_flags(&n), 0);
+        n.opts.icc = false;
+        assert_eq!(datapath_flags(&n), net_flags::NO_ICC);
+        n.gateway_mode = GatewayMode::NatUnprotected;
+        n.opts.internal = true;
+        assert_eq!(datapath_flags(&n), net_flags::INTERNAL | net_flags::NO_ICC, "internal: no way out or in");
+    }
+}
