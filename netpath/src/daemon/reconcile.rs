@@ -194,6 +194,7 @@ async fn remove_orphans(d: &Daemon, links: &[LinkSummary]) {
     let (own_links, own_netns): (HashSet<String>, HashSet<std::path::PathBuf>) = {
         let st = d.state();
         let mut l: HashSet<String> = st.networks().flat_map(|n| n.own_links()).collect();
+        l.extend(st.networks().filter_map(|n| n.vlan_link().map(String::from)));
         l.extend(st.containers().flat_map(|c| c.endpoints.iter().filter_map(|e| e.host_ifname.clone())));
         let n = st
             .containers()

@@ -237,17 +237,18 @@ impl Network {
     pub fn short_id(&self) -> &str {
         &self.id[..12]
     }
-    /// Host links this network may have made: its bridge, its macvlan shim, its VLAN parent
-    /// (deleted only if it carries netpath's alias, see `Netlink::delete_own_link`).
+    /// Host links this network made: its bridge, its macvlan shim.
     pub fn own_links(&self) -> Vec<String> {
         let mut v: Vec<String> = self.bridge.iter().cloned().collect();
         if let Some(mv) = &self.opts.macvlan {
             v.extend(mv.host_shim.as_ref().map(|(n, _)| n.clone()));
-            if mv.vlan.is_some() {
-                v.push(mv.parent.clone());
-            }
         }
         v
+    }
+    /// Its VLAN parent (`eth0.10`), which netpath made only if it carries netpath's alias
+    /// (see `Netlink::delete_own_link`); one the user made stays the user's (an uplink, say).
+    pub fn vlan_link(&self) -> Option<&str> {
+        self.opts.macvlan.as_ref().filter(|m| m.vlan.is_some()).map(|m| m.parent.as_str())
     }
 }
 
