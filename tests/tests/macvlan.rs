@@ -323,3 +323,51 @@ fn kernel_has_vlan() -> bool {
         .iter()
         .any(|f| std::fs::read_to_string(format!("/lib/modules/{release}/{f}")).is_ok_and(|s| s.contains("/8021q.ko")))
 }
+
+#[test]
+fn a_passthru_network_gives_its_parent_to_one_container() {
+    let MacvlanLab { lab, .. } = macvlan_lab("mvpass");
+    must(lab.host("ip", &["link", "add", "eth8", "type", "veth", "peer", "name", "eth8p"]));
+    must(lab.host("ip", &["link", "set", "eth8", "up"]));
+    // `ip`, not /sys: sysfs shows the namespace it was mounted in.
+    let mac = |ns: &Path, dev: &str| {
+        let out = must(in_ns(ns, "ip", &["-o", "link", "show", dev]));
+        out.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).unwrap_or_default().to_string()
+    };
+    let parent_mac = mac(&lab.host_ns, "eth8");
+    lab.np(&[
+        "network",
+        "create",
+        "-d",
+        "macvlan",
+        "--subnet",
+        "10.44.0.0/24",
+        "-o",
+        "parent=eth8",
+        "-o",
+        "macvlan_mode=passthru",
+        "pt",
+    ]);
+    lab.np(&["run", "-d", "--name", "only", "--network", "pt", "--", "sleep", "600"]);
+    let link = lab.np(&["exec", "only", "--", "ip", "-d", "link", "show", "eth0"]);
+    assert!(link.contains("macvlan mode passthru"), "{link}");
+    assert_eq!(mac(&lab.host_ns, "eth8"), parent_mac, "the parent keeps its MAC");
+    let err = lab.np_fails(&["run", "-d", "--name", "second", "--network", "pt", "--", "sleep", "600"]);
+    assert!(err.contains("takes one container only"), "{err}");
+    let err = lab.np_fails(&[
+        "network",
+        "create",
+        "-d",
+        "macvlan",
+        "--subnet",
+        "10.45.0.0/24",
+        "-o",
+        "parent=eth8",
+        "-o",
+        "macvlan_mode=passthru",
+        "pt2",
+    ]);
+    assert!(err.contains("parent eth8 is used by macvlan network pt"), "{err}");
+    lab.np(&["rm", "-f", "only"]);
+    lab.np(&["network", "rm", "pt"]);
+}

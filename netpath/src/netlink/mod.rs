@@ -306,7 +306,11 @@ impl Netlink {
         mac: [u8; 6],
     ) -> Result<()> {
         let ns = std::fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
-        let msg = LinkMacVlan::new(name, parent, macvlan_mode(mode)).address(mac.to_vec()).setns_by_fd(ns.as_raw_fd());
+        let mut msg = LinkMacVlan::new(name, parent, macvlan_mode(mode)).setns_by_fd(ns.as_raw_fd());
+        // A passthru macvlan is the parent's one MAC: giving it another would change the parent's.
+        if mode != crate::state::MacvlanMode::Passthru {
+            msg = msg.address(mac.to_vec());
+        }
         self.handle()
             .link()
             .add(msg.build())
