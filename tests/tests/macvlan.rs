@@ -203,10 +203,13 @@ fn host_access_lets_host_processes_reach_the_containers() {
         lab.np_fails(&["run", "-d", "--name", "s", "--network", "mvh", "--ip", "192.0.2.191", "--", "sleep", "1"]);
     assert!(err.contains("reserved (the host's macvlan shim)"), "{err}");
 
-    // It survives a daemon restart as it is, and goes with the network.
+    // A daemon restart finds it as it left it, or makes it again where it went missing.
     lab.stop_daemon();
+    must(lab.host("ip", &["link", "del", &shim]));
+    assert!(unreachable_from(&lab.host_ns, &m1, ECHO_PORT));
     lab.start_daemon_with(&DaemonOpts { all_uplinks: true, ..Default::default() });
     assert_eq!(echo_from_ns(&lab.host_ns, &m1, "after-restart"), "after-restart");
+    assert!(lab.links(&lab.host_ns).contains(&shim), "the shim was made again");
     lab.np(&["rm", "-f", "m1"]);
     lab.np(&["network", "rm", "mvh"]);
     assert_eq!(lab.links(&lab.host_ns), host_links, "the shim is gone");
