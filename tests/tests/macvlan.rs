@@ -237,7 +237,10 @@ fn macvlan_parents_modes_and_vlans_are_checked_before_anything_is_made() {
     fails(&["-o", "parent=eth1", "-o", "macvlan_mode=turbo"], "invalid macvlan_mode \"turbo\"");
     fails(&["-o", "parent=eth1.0"], "VLAN id 0 is outside 1-4094");
     fails(&["-o", "parent=eth1.4095"], "VLAN id 4095 is outside 1-4094");
-    fails(&["-o", "parent=eth1", "-o", "com.docker.network.driver.mtu=1400"], "unsupported option");
+    fails(
+        &["-o", "parent=eth1", "-o", "com.docker.network.driver.mtu=1400"],
+        "unsupported network option \"com.docker.network.driver.mtu\" for a macvlan network",
+    );
     fails(&["-o", "parent=eth1", "--internal"], "--internal is supported on bridge networks only");
     fails(
         &["-o", "parent=eth1", "-o", "macvlan_mode=private", "-o", "netpath.macvlan.host_access=true"],
