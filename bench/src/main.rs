@@ -44,7 +44,8 @@ struct Cli {
     /// Seconds each load figure runs. Default 3 (1 with --quick).
     #[arg(long)]
     secs: Option<u32>,
-    /// Variants to run (comma-separated): direct, netpath-direct, iptables, netavark, cni, netpath.
+    /// Variants to run (comma-separated): direct, netpath-direct, netpath-macvlan, iptables,
+    /// netavark, cni, netpath.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Figures to run (comma-separated): tcp1, tcp4, udp, latency, conn, attach, restart.
@@ -240,7 +241,7 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     // Setup: one lab per row. Failures and missing features become rows without figures.
     let mut rows = Vec::new();
     let mut setup_notes = Vec::new();
-    if plan.configs.iter().any(|c| matches!(c.kind, Kind::Netpath | Kind::NetpathDirect))
+    if plan.configs.iter().any(|c| matches!(c.kind, Kind::Netpath | Kind::NetpathDirect | Kind::NetpathMacvlan))
         && let Some(w) = variants::stale_binary_warning()
     {
         eprintln!("bench: warning: {w}");

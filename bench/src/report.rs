@@ -188,6 +188,7 @@ fn color(k: Kind) -> &'static str {
     match k {
         Kind::Direct => "#7f7f7f",
         Kind::NetpathDirect => "#2ca02c",
+        Kind::NetpathMacvlan => "#17becf",
         Kind::Iptables => "#d62728",
         Kind::Netavark => "#9467bd",
         Kind::Cni => "#ff7f0e",

@@ -56,7 +56,7 @@ pub const MAPS: &[MapLayout] = &[
     map(n::PUBLISHED, 1, HASH, 8, 1, MAX_PORTMAPS, 0),
     // rev 1: a preallocated hash instead of rev 0's LRU (same entries).
     map(n::CT, 1, HASH, 16, 32, CT_MAX_ENTRIES, 0),
-    // rev 1: the ct-full slot was added.
+    // rev 1: the ct-full slot was added (and since, at the same revision, `internal`).
     map(n::DROPS, 1, PERCPU_ARRAY, 4, 8, drop_reason::MAX, 0),
     // Arrays that gained a slot keep their revision: the slots they had keep their meaning,
     // and a migration copies them (CT_STATS: flow-events-lost; CONFIG: flow events on/off).

@@ -92,7 +92,10 @@ pub mod drop_reason {
     pub const SPOOFED_SOURCE: u32 = 5;
     /// A new flow found the conntrack table full (established flows keep their entries).
     pub const CT_FULL: u32 = 6;
-    pub const MAX: u32 = 7;
+    /// From a container of an `--internal` network to anything outside that network, or from
+    /// outside to one of its containers: internal networks have no way out and none in.
+    pub const INTERNAL: u32 = 7;
+    pub const MAX: u32 = 8;
     pub const NAMES: [&str; MAX as usize] = [
         "isolation",
         "nat-ports-exhausted",
@@ -101,6 +104,7 @@ pub mod drop_reason {
         "direct-access",
         "spoofed-source",
         "ct-full",
+        "internal",
     ];
 }
 
@@ -284,6 +288,13 @@ pub mod net_flags {
     pub const DIRECT_ANY: u32 = 2;
     /// Outside hosts routing to the subnet reach published container ports (and ICMP).
     pub const DIRECT_PUBLISHED: u32 = 4;
+    /// `--internal`: containers reach their own network only (and nothing reaches them from
+    /// outside it). Bits an older build does not know are ignored by its programs, and an
+    /// entry written before them has none: the NETWORKS layout keeps its revision.
+    pub const INTERNAL: u32 = 8;
+    /// `enable_icc=false`: containers of the network cannot reach each other (only its gateway
+    /// and published ports through host addresses).
+    pub const NO_ICC: u32 = 16;
 }
 
 const _: () = {

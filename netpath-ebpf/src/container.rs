@@ -17,7 +17,7 @@ use crate::{conntrack, nat};
 const HOOK: u8 = hook::FROM_CONTAINER;
 
 /// Sent by a container: source check → known flow (hairpin, or out through an uplink), or
-/// isolation then hairpin to a published port → rewrite → deliver.
+/// internal networks' confinement, isolation then hairpin to a published port → rewrite → deliver.
 #[inline(always)]
 pub fn from_container(ctx: &mut TcContext) -> i32 {
     let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
@@ -33,6 +33,9 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         // and go straight out, or leave it to the stack and the uplink's program.
         Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
         _ => {
+            if policy::leaves_internal(&p, src.as_ref()) {
+                return drop(&p, HOOK, drop_reason::INTERNAL);
+            }
             match policy::reach(&p, src.as_ref()) {
                 Reach::Free => {}
                 Reach::Isolated => return drop(&p, HOOK, drop_reason::ISOLATION),

@@ -44,6 +44,8 @@ pub fn reach(p: &Packet, src: Option<&EndpointInfo>) -> Reach {
         return Reach::Free; // the host's own address on that network
     }
     match src {
+        // `enable_icc=false`: not even its own network's containers (the gateway is above).
+        Some(src) if src.net_id == dst.net_id && dst.flags & net_flags::NO_ICC != 0 => Reach::Isolated,
         Some(src) if src.net_id == dst.net_id => Reach::Free,
         _ if dst.flags & net_flags::DIRECT_PUBLISHED != 0 && opens_published(p) => Reach::Routed,
         // Another network, or a source netpath did not assign (spoofed): no way in.
@@ -63,6 +65,18 @@ fn opens_published(p: &Packet) -> bool {
     p.translatable && unsafe { PUBLISHED.get(&key) }.is_some()
 }
 
+/// True when a container of an `--internal` network (`src`, see [`source`]) sends `p` anywhere
+/// outside its own network: to the outside, the host's other addresses, other networks.
+#[inline(always)]
+pub fn leaves_internal(p: &Packet, src: Option<&EndpointInfo>) -> bool {
+    let Some(src) = src else { return false };
+    let Some(own) = NETWORKS.get(Key::new(32, p.saddr)) else { return false };
+    if own.flags & net_flags::INTERNAL == 0 {
+        return false;
+    }
+    !NETWORKS.get(Key::new(32, p.daddr)).is_some_and(|dst| dst.net_id == src.net_id)
+}
+
 /// What a packet arriving from outside, of no known flow and for no published host port, may do.
 pub enum Direct {
     /// Not addressed to a container network (or to the host's own address on one).
@@ -72,6 +86,8 @@ pub enum Direct {
     Open,
     /// Routed to a container its network keeps closed (`nat`, Docker's default).
     Denied,
+    /// Routed to a container of an `--internal` network: nothing gets in.
+    Internal,
 }
 
 #[inline(always)]
@@ -79,6 +95,9 @@ pub fn direct_access(p: &Packet) -> Direct {
     let Some(net) = NETWORKS.get(Key::new(32, p.daddr)) else { return Direct::NotContainer };
     if net.gateway == p.daddr {
         return Direct::NotContainer; // the host's own address on that network
+    }
+    if net.flags & net_flags::INTERNAL != 0 {
+        return Direct::Internal;
     }
     if net.flags & net_flags::DIRECT_ANY != 0 {
         return Direct::Open;

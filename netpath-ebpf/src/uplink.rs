@@ -32,6 +32,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     if !p.translatable {
         return match policy::direct_access(&p) {
             Direct::Denied => drop(&p, IN, drop_reason::DIRECT_ACCESS),
+            Direct::Internal => drop(&p, IN, drop_reason::INTERNAL),
             _ => TC_ACT_OK as i32,
         };
     }
@@ -45,6 +46,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
                 None => match policy::direct_access(&p) {
                     Direct::Open => p.tuple,
                     Direct::Denied => return drop(&p, IN, drop_reason::DIRECT_ACCESS),
+                    Direct::Internal => return drop(&p, IN, drop_reason::INTERNAL),
                     Direct::NotContainer => return TC_ACT_OK as i32,
                 },
             };

@@ -24,12 +24,28 @@ pub fn parse_subnet(s: &str) -> Result<Ipv4Net> {
     if net.trunc() != net {
         return Err(bad_request!("invalid subnet {s}: host bits are set, did you mean {}?", net.trunc()));
     }
+    if let Some((range, what)) = reserved_range(net) {
+        return Err(bad_request!("subnet {s} overlaps {range}, the {what} range: containers cannot use it"));
+    }
     if net.prefix_len() > 30 {
         return Err(bad_request!(
             "subnet {s} is too small: a network needs at least a /30 (gateway plus one container)"
         ));
     }
     Ok(net)
+}
+
+/// Ranges no network may use: unicast routing and ARP do not work there (RFC 6890).
+const RESERVED: [(&str, &str); 4] = [
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved (class E) and broadcast"),
+];
+
+/// The reserved range `net` overlaps, if any, with its name.
+pub fn reserved_range(net: Ipv4Net) -> Option<(Ipv4Net, &'static str)> {
+    RESERVED.iter().map(|(r, what)| (r.parse::<Ipv4Net>().unwrap(), *what)).find(|(r, _)| overlaps(*r, net))
 }
 
 /// Builds a pool from user input, checking that the gateway and range sit inside the subnet.
@@ -71,6 +87,23 @@ fn is_host_addr(net: Ipv4Net, ip: Ipv4Addr) -> bool {
 /// Allocates an address: the requested one if it is free and valid, else the lowest free one in
 /// the pool's range. `used` holds the addresses already given out on this network.
 pub fn allocate(pool: &Pool, used: &BTreeSet<Ipv4Addr>, requested: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    allocate_except(pool, used, &[], requested)
+}
+
+/// [`allocate`], never handing out `reserved` (aux addresses, the host's own addresses on a
+/// macvlan network's subnet), each with what holds it for the message.
+pub fn allocate_except(
+    pool: &Pool,
+    used: &BTreeSet<Ipv4Addr>,
+    reserved: &[(Ipv4Addr, String)],
+    requested: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
+    if let Some(ip) = requested
+        && let Some((_, who)) = reserved.iter().find(|(r, _)| *r == ip)
+    {
+        return Err(conflict!("address {ip} is reserved ({who})"));
+    }
+    let is_reserved = |ip: &Ipv4Addr| reserved.iter().any(|(r, _)| r == ip);
     if let Some(ip) = requested {
         if !is_host_addr(pool.subnet, ip) {
             return Err(bad_request!("address {ip} is not a usable address of subnet {}", pool.subnet));
@@ -87,7 +120,7 @@ pub fn allocate(pool: &Pool, used: &BTreeSet<Ipv4Addr>, requested: Option<Ipv4Ad
     let end = u32::from(pool.range.broadcast());
     (start..=end)
         .map(Ipv4Addr::from)
-        .find(|ip| is_host_addr(pool.subnet, *ip) && *ip != pool.gateway && !used.contains(ip))
+        .find(|ip| is_host_addr(pool.subnet, *ip) && *ip != pool.gateway && !used.contains(ip) && !is_reserved(ip))
         .ok_or_else(|| Error::Conflict(format!("no free address left in {}", pool.range)))
 }
 
@@ -187,6 +220,39 @@ mod tests {
         assert!(matches!(allocate(&p, &used, Some(ip("10.9.0.1"))), Err(Error::Conflict(_))));
         assert!(matches!(allocate(&p, &used, Some(ip("10.9.0.5"))), Err(Error::Conflict(_))));
         assert_eq!(allocate(&p, &used, Some(ip("10.9.0.6"))).unwrap(), ip("10.9.0.6"));
+    }
+
+    #[test]
+    fn reserved_ranges_are_refused_by_name() {
+        for (s, what) in [
+            ("224.0.0.0/24", "multicast"),
+            ("239.1.0.0/16", "multicast"),
+            ("0.0.0.0/8", "this network"),
+            ("127.0.0.0/16", "loopback"),
+            ("240.0.0.0/24", "class E"),
+            ("255.255.255.0/24", "broadcast"),
+            ("192.0.0.0/2", "multicast"),
+        ] {
+            let e = parse_subnet(s).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains(s), "{s}: {e}");
+        }
+        assert!(parse_subnet("223.255.255.0/24").is_ok());
+        assert!(parse_subnet("1.0.0.0/8").is_ok());
+    }
+
+    #[test]
+    fn reserved_addresses_are_never_handed_out() {
+        let p = pool(net("10.9.0.0/29"), None, None).unwrap();
+        let reserved = vec![(ip("10.9.0.2"), "aux address router".to_string()), (ip("10.9.0.4"), "host".into())];
+        let mut used = BTreeSet::new();
+        let mut got = vec![];
+        while let Ok(a) = allocate_except(&p, &used, &reserved, None) {
+            used.insert(a);
+            got.push(a.octets()[3]);
+        }
+        assert_eq!(got, vec![3, 5, 6]);
+        let e = allocate_except(&p, &BTreeSet::new(), &reserved, Some(ip("10.9.0.2"))).unwrap_err();
+        assert!(matches!(&e, Error::Conflict(m) if m.contains("reserved (aux address router)")), "{e}");
     }
 
     #[test]

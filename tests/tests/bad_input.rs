@@ -95,7 +95,69 @@ fn bad_subnets_and_gateways_are_refused() {
         "not inside subnet 10.50.0.0/24",
     );
     rejected(&lab, &["network", "create", "--gateway", "10.50.0.1", "n"], "need --subnet");
-    rejected(&lab, &["network", "create", "-d", "macvlan", "n"], "unknown driver \"macvlan\"");
+    rejected(&lab, &["network", "create", "-d", "overlay", "n"], "unknown driver \"overlay\"");
+    rejected(&lab, &["network", "create", "-d", "macvlan", "n"], "a macvlan network needs -o parent=IFACE");
+    rejected(
+        &lab,
+        &["network", "create", "-d", "macvlan", "-o", "parent=eth0", "n"],
+        "a macvlan network needs --subnet",
+    );
+    rejected(
+        &lab,
+        &["network", "create", "-d", "macvlan", "--subnet", "10.50.0.0/24", "-o", "parent=eth0.4095", "n"],
+        "VLAN id 4095 is outside 1-4094",
+    );
+    rejected(
+        &lab,
+        &[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "--subnet",
+            "10.50.0.0/24",
+            "-o",
+            "parent=eth0",
+            "-o",
+            "macvlan_mode=x",
+            "n",
+        ],
+        "invalid macvlan_mode \"x\": use bridge, private, vepa or passthru",
+    );
+    // Reserved ranges: multicast, "this network", class E, loopback; named, before the kernel.
+    for (subnet, what) in [
+        ("224.0.0.0/24", "the multicast range"),
+        ("239.255.0.0/16", "the multicast range"),
+        ("0.0.0.0/8", "\"this network\" range"),
+        ("240.0.0.0/24", "class E"),
+        ("127.0.0.0/16", "the loopback range"),
+    ] {
+        rejected(&lab, &["network", "create", "--subnet", subnet, "n"], what);
+        rejected(&lab, &["network", "create", "--subnet", "10.50.0.0/24", "--ip-range", subnet, "n"], what);
+    }
+    // Options: their values, and options of another driver.
+    for (opt, expected) in [
+        ("com.docker.network.bridge.enable_icc=maybe", "invalid com.docker.network.bridge.enable_icc \"maybe\""),
+        ("com.docker.network.bridge.enable_ip_masquerade=2", "use true or false"),
+        ("com.docker.network.driver.mtu=64", "an MTU from 68 to 65535"),
+        ("com.docker.network.driver.mtu=big", "an MTU from 68 to 65535"),
+        ("com.docker.network.bridge.name=this-name-is-too-long", "an interface name of 1 to 15 characters"),
+        ("com.docker.network.bridge.name=eth0", "a link named eth0 exists already"),
+        ("parent=eth0", "unsupported network option \"parent\" for a bridge network"),
+    ] {
+        rejected(&lab, &["network", "create", "-o", opt, "n"], expected);
+    }
+    rejected(
+        &lab,
+        &["network", "create", "--subnet", "10.50.0.0/24", "--aux-address", "a=10.51.0.1", "n"],
+        "--aux-address a=10.51.0.1 is not inside subnet 10.50.0.0/24",
+    );
+    rejected(
+        &lab,
+        &["network", "create", "--subnet", "10.50.0.0/24", "--aux-address", "gw=10.50.0.1", "n"],
+        "is the gateway",
+    );
+    rejected(&lab, &["network", "create", "--aux-address", "a=10.50.0.9", "n"], "need --subnet");
     rejected(&lab, &["network", "create", "-d", "host", "n"], "only one instance of the host network");
     rejected(
         &lab,
@@ -124,10 +186,11 @@ fn overlapping_subnets_and_duplicate_names_are_refused() {
         "overlaps with the host's address 198.51.100.1/24",
     );
     rejected(&lab, &["network", "create", "--subnet", "198.51.100.128/25", "n2"], "overlaps with the host's address");
+    // Loopback is refused as a reserved range before any host address is looked at.
     rejected(
         &lab,
         &["network", "create", "--subnet", "127.0.0.0/16", "n2"],
-        "overlaps with the host's address 127.0.0.1/8",
+        "overlaps 127.0.0.0/8, the loopback range",
     );
     rejected(&lab, &["network", "create", "--subnet", "10.61.0.0/16", "n1"], "network with name n1 already exists");
     rejected(&lab, &["network", "create", "n1"], "already exists");

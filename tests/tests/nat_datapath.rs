@@ -867,6 +867,103 @@ fn a_container_sending_with_another_containers_address_is_dropped_and_counted() 
     assert_eq!(verdict, TC_ACT_OK);
 }
 
+// ---- from_container, uplink_in: internal networks and enable_icc=false ----
+
+impl Fixture {
+    /// Network A with other flags (`--internal`, `enable_icc=false`, ...).
+    fn set_a_flags(&mut self, flags: u32) {
+        self.dp().set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), flags).unwrap();
+    }
+}
+
+#[test]
+fn an_internal_network_keeps_its_own_traffic_and_drops_the_rest_as_internal() {
+    let mut f = Fixture::published("internal");
+    f.set_a_flags(net_flags::INTERNAL);
+    // Within the network, and to its gateway (the host's address on it): as usual.
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A1, 45000, A2, 80));
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A1, 45000, GW_A, 53));
+    f.assert_passes_untouched(FROM_CONTAINER, &icmp_echo(A1, A2, ICMP_ECHO_REQUEST, 3, 1, b"in"));
+    // Out of it: the outside, the host's other addresses and published ports, other networks
+    // (even their gateways), untranslatable packets too.
+    let mut frag = udp(A1, 45000, CLIENT, 53);
+    frag[20] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut frag);
+    for pkt in [
+        tcp(A1, 45000, CLIENT, 443),
+        udp(A2, 45000, CLIENT, 53),
+        icmp_echo(A1, CLIENT, ICMP_ECHO_REQUEST, 3, 2, b"out"),
+        tcp(A1, 45000, HOST, PUB),
+        tcp(A1, 45000, B1, 80),
+        tcp(A1, 45000, GW_B, 80),
+        frag,
+    ] {
+        assert_eq!(f.run(FROM_CONTAINER, &pkt).0, TC_ACT_SHOT, "{:?}", ipv4_addrs(&pkt));
+    }
+    assert_eq!(f.counter("internal"), 7);
+    assert_eq!(f.counter("isolation"), 0, "counted as internal, not isolation");
+    assert!(f.flows().is_empty(), "nothing tracked, nothing masqueraded: {:#?}", f.flows());
+    // Nothing gets in from outside either, whatever a neighbour routes to it.
+    for pkt in [tcp(CLIENT, 40000, A1, 80), icmp_echo(CLIENT, A1, ICMP_ECHO_REQUEST, 4, 1, b"in")] {
+        assert_eq!(f.run(UPLINK_IN, &pkt).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("internal"), 9);
+    // Other networks are untouched.
+    let (verdict, _) = f.run(UPLINK_OUT, &tcp(B1, 45000, CLIENT, 443));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert!(!f.flows().is_empty(), "B still masquerades");
+}
+
+#[test]
+fn internal_drops_are_flow_events_with_their_reason() {
+    let mut f = Fixture::new("internal-events");
+    f.set_a_flags(net_flags::INTERNAL);
+    f.flow_events(true);
+    f.events();
+    f.run(FROM_CONTAINER, &tcp(A1, 45000, CLIENT, 443));
+    let ev = f.events();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!((ev[0].kind, ev[0].reason), (flow_event::DROP, drop_reason::INTERNAL));
+    assert_eq!(ev[0].orig, tuple(A1, 45000, CLIENT, 443, proto::TCP));
+}
+
+#[test]
+fn without_icc_containers_of_a_network_reach_its_gateway_and_published_ports_only() {
+    let mut f = Fixture::published("no-icc");
+    f.set_a_flags(net_flags::MASQUERADE | net_flags::NO_ICC);
+    // A2 → A1 directly: dropped, counted as isolation (Docker's icc=false is isolation too).
+    for pkt in [tcp(A2, 45000, A1, BACK), icmp_echo(A2, A1, ICMP_ECHO_REQUEST, 5, 1, b"x")] {
+        assert_eq!(f.run(FROM_CONTAINER, &pkt).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("isolation"), 2);
+    // Its gateway and the outside: as usual.
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A2, 45000, GW_A, 22));
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A2, 45000, CLIENT, 443));
+    // A1's published port through a host address: hairpinned to A1, and A1's reply too.
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A2, 45001, HOST, PUB));
+    assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &to_mac(A1_MAC, tcp(A2, 45001, A1, BACK))));
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A1, BACK, A2, 45001));
+    assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &to_mac(A2_MAC, tcp(HOST, PUB, A2, 45001))));
+    // Through the gateway's address too (it is a host address).
+    let (verdict, _) = f.run(FROM_CONTAINER, &tcp(A2, 45002, GW_A, PUB));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(f.counter("isolation"), 2);
+}
+
+#[test]
+fn a_network_without_masquerade_keeps_its_addresses_going_out() {
+    let mut f = Fixture::new("no-masq");
+    f.set_a_flags(0); // gateway mode nat, enable_ip_masquerade=false
+    let out_pkt = tcp(A1, 45000, CLIENT, 443);
+    let (verdict, out) = f.run(UPLINK_OUT, &out_pkt);
+    assert_eq!((verdict, out), (TC_ACT_OK, out_pkt), "not masqueraded");
+    // Tracked as is, so the reply is a known flow; anything else routed to A stays out.
+    let reply = tcp(CLIENT, 443, A1, 45000);
+    assert_eq!(f.run(UPLINK_IN, &reply).0, TC_ACT_OK);
+    assert_eq!(f.run(UPLINK_IN, &tcp(CLIENT, 40000, A1, 80)).0, TC_ACT_SHOT);
+    assert_eq!(f.counter("direct-access"), 1);
+}
+
 // ---- from_container: hairpin ----
 
 #[test]

@@ -100,11 +100,21 @@ pub enum Kind {
     Netpath,
     /// The netpath daemon, container reached by its address (routing, no NAT).
     NetpathDirect,
+    /// The netpath daemon, container on a macvlan network of the host's eth0: on the client's
+    /// own subnet, reached at its address with no bridge, veth, routing or NAT on the way.
+    NetpathMacvlan,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] =
-        [Kind::Direct, Kind::NetpathDirect, Kind::Iptables, Kind::Netavark, Kind::Cni, Kind::Netpath];
+    pub const ALL: [Kind; 7] = [
+        Kind::Direct,
+        Kind::NetpathDirect,
+        Kind::NetpathMacvlan,
+        Kind::Iptables,
+        Kind::Netavark,
+        Kind::Cni,
+        Kind::Netpath,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -114,6 +124,7 @@ impl Kind {
             Kind::Cni => "cni",
             Kind::Netpath => "netpath",
             Kind::NetpathDirect => "netpath-direct",
+            Kind::NetpathMacvlan => "netpath-macvlan",
         }
     }
 
@@ -259,7 +270,8 @@ pub fn setup(cfg: Config, ctx: &Ctx) -> Result<Box<dyn Variant>> {
             Kind::Iptables => Box::new(plain::Plain::setup(label, publish, ctx)?),
             Kind::Netavark => Box::new(netavark::Netavark::setup(label, publish.expect("publishes"), ctx)?),
             Kind::Cni => Box::new(cni::Cni::setup(label, publish.expect("publishes"), ctx)?),
-            Kind::Netpath | Kind::NetpathDirect => Box::new(netpath::Netpath::setup(label, publish, ctx)?),
+            Kind::Netpath | Kind::NetpathDirect => Box::new(netpath::Netpath::setup(label, publish, false, ctx)?),
+            Kind::NetpathMacvlan => Box::new(netpath::Netpath::setup(label, None, true, ctx)?),
         })
     }));
     match r {
@@ -408,6 +420,7 @@ mod tests {
         assert_eq!(Config { kind: Kind::Netavark, ports: 1 }.to_string(), "netavark @1");
         assert_eq!(Config { kind: Kind::Direct, ports: 1 }.to_string(), "direct");
         assert_eq!(Kind::parse("netpath-direct").unwrap(), Kind::NetpathDirect);
+        assert_eq!(Kind::parse("netpath-macvlan").unwrap(), Kind::NetpathMacvlan);
         assert!(Kind::parse("docker").is_err());
     }
 }

@@ -2,6 +2,8 @@
 //! container made by `netpath run -d`. With a [`Publish`] the container is published with
 //! `-p` (filler ports as one range) and the client goes to 198.51.100.1; without, the client
 //! routes to the container's address on a `nat-unprotected` network (tracked, not translated).
+//! `macvlan`: the container is on a macvlan network of the host's eth0, on the client's own
+//! subnet: the client reaches it at its address, frames going straight from eth0 to it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,24 +21,37 @@ use crate::util::{check, output};
 const NETWORK: &str = "benchnet";
 const SERVER: &str = "srv";
 const NP_TIMEOUT: Duration = Duration::from_secs(120);
+/// The lab's eth0 link (host 198.51.100.1, client .2) and the part macvlan containers get.
+const MACVLAN_SUBNET: &str = "198.51.100.0/24";
+const MACVLAN_RANGE: &str = "198.51.100.128/25";
 
 pub struct Netpath {
     label: String,
     publish: Option<Publish>,
+    macvlan: bool,
     ctr_ip: std::net::Ipv4Addr,
     running: bool,
     lab: Lab,
 }
 
 impl Netpath {
-    pub fn setup(label: String, publish: Option<Publish>, ctx: &Ctx) -> Result<Netpath> {
+    pub fn setup(label: String, publish: Option<Publish>, macvlan: bool, ctx: &Ctx) -> Result<Netpath> {
         binary()?;
-        let lab = Lab::new(if publish.is_some() { "bench-netpath" } else { "bench-netpath-direct" });
+        let tag = match (&publish, macvlan) {
+            (Some(_), _) => "bench-netpath",
+            (None, false) => "bench-netpath-direct",
+            (None, true) => "bench-netpath-macvlan",
+        };
+        let lab = Lab::new(tag);
         forwarding(&lab.host_ns)?;
         // Routed rows reach the container by its address: the network must let them in
         // (Docker's default gateway mode, `nat`, only opens published host ports).
         let mut create = vec!["network", "create", "--subnet", SUBNET];
-        if publish.is_none() {
+        if macvlan {
+            // The client's own subnet, the upper half handed out (the lab's eth0 link).
+            create = vec!["network", "create", "-d", "macvlan", "--subnet", MACVLAN_SUBNET];
+            create.extend(["--ip-range", MACVLAN_RANGE, "--gateway", netpath_tests::CLIENT_IP, "-o", "parent=eth0"]);
+        } else if publish.is_none() {
             create.extend(["-o", "com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected"]);
         }
         create.push(NETWORK);
@@ -57,13 +72,13 @@ impl Netpath {
             }
             bail!("netpath run failed ({}): {}", out.status, crate::util::tail(&err));
         }
-        let mut v = Netpath { label, publish, ctr_ip: std::net::Ipv4Addr::UNSPECIFIED, running: true, lab };
+        let mut v = Netpath { label, publish, macvlan, ctr_ip: std::net::Ipv4Addr::UNSPECIFIED, running: true, lab };
         let inspect: serde_json::Value = serde_json::from_str(&np(&v.lab, &["inspect", SERVER])?)?;
         v.ctr_ip = inspect[0]["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
             .as_str()
             .context("no address in `netpath inspect srv`")?
             .parse()?;
-        if v.publish.is_none() {
+        if v.publish.is_none() && !v.macvlan {
             route_client_to_subnet(&v.lab)?;
         }
         let lab = &v.lab;
@@ -152,7 +167,8 @@ impl Variant for Netpath {
         &self.lab.client_ns
     }
 
-    /// netpath-direct: `netpath attach` of a namespace made elsewhere (what a runtime calls).
+    /// netpath-direct, netpath-macvlan: `netpath attach` of a namespace made elsewhere (what
+    /// a runtime calls).
     /// netpath: `netpath run -d -p` of a `sleep` (attach has no `-p`), so it includes
     /// starting the process.
     fn attach_once(&mut self, n: usize) -> Result<Duration> {

@@ -19,6 +19,15 @@ pub struct NetworkCreate {
     /// Driver options, as `docker network create -o KEY=VALUE`.
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
+    /// `--internal`: no traffic leaves the network or enters it from outside.
+    #[serde(default)]
+    pub internal: bool,
+    /// `--label K=V`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `--aux-address NAME=IP`: addresses IPAM must not hand out.
+    #[serde(default)]
+    pub aux_addresses: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -113,6 +113,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/system/info", get(system_info))
         .route("/version", get(version))
         .route("/networks", get(list_networks).post(create_network))
+        .route("/networks/prune", post(prune_networks))
         .route("/networks/{name}", get(inspect_network).delete(remove_network))
         .route("/networks/{name}/connect", post(connect))
         .route("/networks/{name}/disconnect", post(disconnect))
@@ -142,6 +143,10 @@ async fn list_networks(State(d): State<Shared>) -> Json {
 async fn create_network(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
     let req: NetworkCreate = body(&b)?;
     Ok((StatusCode::CREATED, axum::Json(d.create_network(req).await?)))
+}
+
+async fn prune_networks(State(d): State<Shared>) -> Result<Json> {
+    Ok(axum::Json(d.prune_networks().await?))
 }
 
 async fn inspect_network(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {

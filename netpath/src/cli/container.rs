@@ -177,6 +177,9 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
                 ..Default::default()
             };
             let v = c.post("/containers", &req).await?;
+            for w in v["Warnings"].as_array().into_iter().flatten() {
+                eprintln!("WARNING: {}", s(w));
+            }
             if detach {
                 if v["State"]["Error"].as_str().is_some_and(|e| !e.is_empty()) {
                     bail!("container {name} created but its command failed to start: see `netpath logs {name}`");

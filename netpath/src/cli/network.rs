@@ -23,11 +23,31 @@ pub enum NetworkCmd {
         /// Allocate container addresses from this sub-range.
         #[arg(long)]
         ip_range: Option<String>,
-        /// Driver option KEY=VALUE (repeatable), e.g.
-        /// com.docker.network.bridge.gateway_mode_ipv4=nat|nat-unprotected|routed.
+        /// Driver option KEY=VALUE (repeatable). bridge:
+        /// com.docker.network.bridge.gateway_mode_ipv4=nat|nat-unprotected|routed,
+        /// com.docker.network.bridge.enable_icc=true|false,
+        /// com.docker.network.bridge.enable_ip_masquerade=true|false,
+        /// com.docker.network.driver.mtu=N, com.docker.network.bridge.name=NAME.
+        /// macvlan: parent=IFACE[.VID], macvlan_mode=bridge|private|vepa|passthru,
+        /// netpath.macvlan.host_access=true (the host reaches the containers).
         #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_opt)]
         opt: Vec<(String, String)>,
+        /// No traffic leaves the network or enters it from outside (bridge).
+        #[arg(long)]
+        internal: bool,
+        /// Metadata KEY=VALUE shown by inspect (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// An address of the subnet IPAM must not hand out, NAME=IP (repeatable).
+        #[arg(long = "aux-address", value_name = "NAME=IP", value_parser = parse_opt)]
+        aux_addresses: Vec<(String, String)>,
         name: String,
+    },
+    /// Remove every user-defined network no container uses.
+    Prune {
+        /// Do not ask for confirmation (netpath never asks: accepted for Docker's scripts).
+        #[arg(short, long)]
+        force: bool,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -68,17 +88,40 @@ fn parse_opt(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Docker takes `--label K` as K with an empty value.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() { Err(format!("{s:?} is not KEY=VALUE")) } else { Ok((k.to_string(), v.to_string())) }
+}
+
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
 
 pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
     match cmd {
-        NetworkCmd::Create { driver, subnet, gateway, ip_range, opt, name } => {
-            let options = opt.into_iter().collect();
-            let req = NetworkCreate { name, driver: Some(driver), subnet, gateway, ip_range, options };
+        NetworkCmd::Create { driver, subnet, gateway, ip_range, opt, internal, labels, aux_addresses, name } => {
+            let req = NetworkCreate {
+                name,
+                driver: Some(driver),
+                subnet,
+                gateway,
+                ip_range,
+                options: opt.into_iter().collect(),
+                internal,
+                labels: labels.into_iter().collect(),
+                aux_addresses: aux_addresses.into_iter().collect(),
+            };
             let v = c.post("/networks", &req).await?;
             println!("{}", s(&v["Id"]));
+        }
+        NetworkCmd::Prune { force: _ } => {
+            let v = c.post("/networks/prune", &serde_json::json!({})).await?;
+            let gone = v["NetworksDeleted"].as_array().cloned().unwrap_or_default();
+            if !gone.is_empty() {
+                println!("Deleted Networks:");
+                gone.iter().for_each(|n| println!("{}", s(n)));
+            }
         }
         NetworkCmd::Ls { quiet } => {
             let v = c.get("/networks").await?;

@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 use crate::ipam;
 use crate::netlink::netns;
 use crate::ports;
-use crate::state::{self, Container, DriverKind, Endpoint, GatewayMode, Network, Phase, Process, Sandbox, State};
+use crate::state::{
+    self, Container, DriverKind, Endpoint, GatewayMode, MacvlanMode, Network, Phase, Process, Sandbox, State,
+};
 
 /// Linux bridges take at most 1,024 ports (BR_MAX_PORTS); one stays free for the kernel's
 /// own bookkeeping. Docker fails at the same point ("exchange full"); we say why up front.
@@ -27,7 +29,15 @@ fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Container> {
 
 /// Plans a new endpoint on `net`: address, MAC, interface names. Pure: nothing is changed
 /// until the caller records and wires it.
-fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option<&str>) -> Result<Endpoint> {
+/// `host_addrs`: the host's own addresses, which a macvlan network (on the host's subnet) must
+/// never hand out.
+fn plan_endpoint(
+    st: &State,
+    net: &Network,
+    taken_ifnames: &[String],
+    ip: Option<&str>,
+    host_addrs: &[std::net::Ipv4Addr],
+) -> Result<Endpoint> {
     let requested = ip.map(|s| parse_ip("address", s)).transpose()?;
     let Some(pool) = net.pool() else {
         if requested.is_some() {
@@ -50,7 +60,18 @@ fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option
             net.name
         ));
     }
-    let ip = ipam::allocate(&pool, st.used_addresses(&net.id), requested).map_err(|e| match e {
+    if let Some(mv) = &net.opts.macvlan
+        && mv.mode == MacvlanMode::Passthru
+        && st.member_count(&net.id) > 0
+    {
+        return Err(conflict!(
+            "network {} is a passthru macvlan network: its parent {} takes one container only",
+            net.name,
+            mv.parent
+        ));
+    }
+    let reserved = reserved_addresses(net, host_addrs);
+    let ip = ipam::allocate_except(&pool, st.used_addresses(&net.id), &reserved, requested).map_err(|e| match e {
         Error::BadRequest(m) => Error::BadRequest(format!("network {}: {m}", net.name)),
         Error::Conflict(m) => Error::Conflict(format!("network {}: {m}", net.name)),
         e => e,
@@ -58,7 +79,8 @@ fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option
     let ifname = (0..).map(|i| format!("eth{i}")).find(|n| !taken_ifnames.contains(n)).expect("unbounded");
     let id = state::new_id();
     Ok(Endpoint {
-        host_ifname: Some(format!("veth{}", &id[..8])),
+        // A macvlan endpoint has no host side.
+        host_ifname: (net.driver == DriverKind::Bridge).then(|| format!("veth{}", &id[..8])),
         id,
         network_id: net.id.clone(),
         ifname,
@@ -69,8 +91,28 @@ fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option
     })
 }
 
-/// Resolves `-p`/`-P`/`--expose` into bindings that clash with no other container's.
-fn plan_ports(st: &State, req: &ContainerCreate, net: &Network) -> Result<Vec<ports::Binding>> {
+/// Addresses of `net`'s subnet IPAM must not hand out, with who holds each: aux addresses, the
+/// host shim's, and (macvlan: the subnet is the host's) the host's own.
+fn reserved_addresses(net: &Network, host_addrs: &[std::net::Ipv4Addr]) -> Vec<(std::net::Ipv4Addr, String)> {
+    let mut r: Vec<_> = net.opts.aux_addresses.iter().map(|(n, ip)| (*ip, format!("aux address {n}"))).collect();
+    if let Some(mv) = &net.opts.macvlan {
+        if let Some((_, ip)) = mv.host_shim {
+            r.push((ip, "the host's macvlan shim".into()));
+        }
+        r.extend(host_addrs.iter().map(|ip| (*ip, "an address of the host".into())));
+    }
+    r
+}
+
+/// Resolves `-p`/`-P`/`--expose` into bindings that clash with no other container's. On a
+/// macvlan network there is nothing to publish (containers are on the physical network):
+/// accepted and ignored with a warning, as Docker does.
+fn plan_ports(
+    st: &State,
+    req: &ContainerCreate,
+    net: &Network,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<ports::Binding>> {
     let mut reqs = req.publish.iter().map(|s| ports::parse_publish(s)).collect::<Result<Vec<_>>>()?;
     let exposed = req.expose.iter().map(|s| ports::parse_expose(s)).collect::<Result<Vec<_>>>()?;
     if req.publish_all {
@@ -79,8 +121,18 @@ fn plan_ports(st: &State, req: &ContainerCreate, net: &Network) -> Result<Vec<po
     if reqs.is_empty() {
         return Ok(vec![]);
     }
+    if net.driver == DriverKind::Macvlan {
+        warnings.push(format!(
+            "published ports are discarded on macvlan network {}: its containers are reached at their own addresses",
+            net.name
+        ));
+        return Ok(vec![]);
+    }
     if net.driver != DriverKind::Bridge {
         return Err(bad_request!("ports cannot be published on the {} network: use a bridge network", net.name));
+    }
+    if net.opts.internal {
+        return Err(bad_request!("ports cannot be published on internal network {}: nothing reaches it", net.name));
     }
     ports::resolve(&reqs, &st.bindings_except(""))
 }
@@ -111,6 +163,16 @@ impl Daemon {
         self.state().container_by_id(id).cloned().ok_or_else(|| not_found!("container {name} not found"))
     }
 
+    /// The host's addresses, when `network` is a macvlan network (its subnet is the host's,
+    /// whose addresses IPAM must skip); nothing to ask the kernel for otherwise.
+    async fn host_addrs_for(&self, network: &str) -> Result<Vec<std::net::Ipv4Addr>> {
+        let macvlan = self.state().network(network).is_some_and(|n| n.driver == DriverKind::Macvlan);
+        if !macvlan {
+            return Ok(vec![]);
+        }
+        Ok(self.nl.addresses_v4(None).await?.into_iter().map(|(ip, _)| ip).collect())
+    }
+
     // ------------------------------------------------------------------ create
 
     /// `run` and `attach`: makes (or adopts) the sandbox, wires it to one network, optionally
@@ -127,6 +189,8 @@ impl Daemon {
         {
             return Err(bad_request!("{p} is not a network namespace"));
         }
+        let host_addrs = self.host_addrs_for(req.network.as_deref().unwrap_or("bridge")).await?;
+        let mut warnings = vec![];
         let id = state::new_id();
         // Nobody else knows this id yet: the lock is free, and taking it before the container
         // is visible makes every other request on it wait until it is built.
@@ -141,8 +205,8 @@ impl Daemon {
                 return Err(bad_request!("--network host cannot be used with --netns"));
             }
             let dns_opts = dns::check_options(&req, &net)?; // --alias, --dns, --dns-search, --hostname
-            let ports = plan_ports(&st, &req, &net)?;
-            let mut ep = plan_endpoint(&st, &net, &[], req.ip.as_deref())?;
+            let ports = plan_ports(&st, &req, &net, &mut warnings)?;
+            let mut ep = plan_endpoint(&st, &net, &[], req.ip.as_deref(), &host_addrs)?;
             ep.aliases = dns_opts.aliases;
             let sandbox = match (&req.netns, net.driver) {
                 (_, DriverKind::Host) => Sandbox::Host,
@@ -232,7 +296,10 @@ impl Daemon {
         }
         laps.lap("persist");
         let c = self.current(&id, &c.name)?;
-        let v = self.container_json(&c, &self.endpoint_counters(&c).await);
+        let mut v = self.container_json(&c, &self.endpoint_counters(&c).await);
+        if !warnings.is_empty() {
+            v["Warnings"] = serde_json::json!(warnings);
+        }
         laps.lap("view");
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
@@ -285,7 +352,7 @@ impl Daemon {
     /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth
     /// goes first: its program goes with it, which spares it a detach (an RCU grace period
     /// under the RTNL lock).
-    async fn unwire(&self, ep: &Endpoint) -> anyhow::Result<()> {
+    async fn unwire(&self, sandbox: &Sandbox, ep: &Endpoint) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
         let idx = match ep.host_ifname.as_deref() {
             Some(name) => self.nl.link_index(name).await?,
@@ -298,7 +365,7 @@ impl Daemon {
         laps.lap("maps");
         let net = self.state().network_by_id(&ep.network_id).cloned();
         let removed = match net {
-            Some(net) => driver(net.driver).remove_endpoint(&self.nl, &net, ep).await,
+            Some(net) => driver(net.driver).remove_endpoint(&self.nl, &net, sandbox, ep).await,
             // Its network went first (a crash between the two): only a veth can be left.
             None => match &ep.host_ifname {
                 Some(h) => self.nl.delete_link(h).await,
@@ -324,7 +391,7 @@ impl Daemon {
     async fn teardown(&self, c: &Container, sweep: bool) -> Vec<String> {
         let mut errs = vec![];
         for ep in &c.endpoints {
-            if let Err(e) = self.unwire(ep).await {
+            if let Err(e) = self.unwire(&c.sandbox, ep).await {
                 errs.push(format!("endpoint {}: {e:#}", ep.ifname));
             }
         }
@@ -564,12 +631,13 @@ impl Daemon {
     pub async fn connect(&self, network: &str, req: Connect) -> Result<Value> {
         self.wait_ready().await;
         let id = self.container_id(&req.container)?;
+        let host_addrs = self.host_addrs_for(network).await?;
         let _lock = self.locks.lock(&id).await;
         let (c, ep) = {
             let mut st = self.state();
             let c = st.container_by_id(&id).ok_or_else(|| not_found!("container {} not found", req.container))?;
             let net = usable(&st, network)?;
-            if net.driver != DriverKind::Bridge {
+            if !matches!(net.driver, DriverKind::Bridge | DriverKind::Macvlan) {
                 return Err(bad_request!("container cannot be connected to the {} network", net.name));
             }
             for e in &c.endpoints {
@@ -586,7 +654,7 @@ impl Daemon {
             }
             let aliases = dns::check_aliases(&req.aliases, net)?;
             let taken: Vec<String> = c.endpoints.iter().map(|e| e.ifname.clone()).collect();
-            let mut ep = plan_endpoint(&st, net, &taken, req.ip.as_deref())?;
+            let mut ep = plan_endpoint(&st, net, &taken, req.ip.as_deref(), &host_addrs)?;
             ep.aliases = aliases;
             ep.phase = Phase::Creating;
             let c = c.clone();
@@ -602,7 +670,7 @@ impl Daemon {
         }
         crash::point("connect:reserved");
         if let Err(e) = self.wire(&c, &ep, c.endpoints.is_empty()).await {
-            let _ = self.unwire(&ep).await;
+            let _ = self.unwire(&c.sandbox, &ep).await;
             undo(self);
             let _ = self.persist_container(&id).await;
             return Err(e.into());
@@ -610,7 +678,7 @@ impl Daemon {
         crash::point("connect:wired");
         self.state().update_container(&id, |x| x.endpoints.iter_mut().for_each(|e| e.phase = Phase::Ready));
         if let Err(e) = self.persist_container(&id).await {
-            let _ = self.unwire(&ep).await;
+            let _ = self.unwire(&c.sandbox, &ep).await;
             undo(self);
             return Err(e);
         }
@@ -650,7 +718,7 @@ impl Daemon {
     /// Unwires an endpoint marked `Removing` and drops it from the record; published ports
     /// follow the primary address, which may change. Also used by reconcile.
     pub(super) async fn finish_disconnect(&self, c: &Container, ep: &Endpoint) -> Result<()> {
-        self.unwire(ep).await?;
+        self.unwire(&c.sandbox, ep).await?;
         crash::point("disconnect:unwired");
         self.withdraw_published(c);
         self.state().update_container(&c.id, |x| x.endpoints.retain(|e| e.id != ep.id));

@@ -35,9 +35,10 @@ impl Host {
     }
 }
 
-/// Names of the interfaces netpath made: bridges and the host ends of endpoints.
+/// Names of the interfaces netpath made: bridges, macvlan shims, the host ends of endpoints.
+/// (VLAN links it made carry its alias, which keeps them from being uplinks too.)
 fn own_links(st: &State) -> HashSet<String> {
-    let mut own: HashSet<String> = st.networks().filter_map(|n| n.bridge.clone()).collect();
+    let mut own: HashSet<String> = st.networks().flat_map(|n| n.own_links()).collect();
     own.extend(st.containers().flat_map(|c| c.endpoints.iter().filter_map(|e| e.host_ifname.clone())));
     own
 }

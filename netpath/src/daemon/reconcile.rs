@@ -129,6 +129,14 @@ async fn finish_interrupted(d: &Arc<Daemon>) {
 /// True when the network's bridge exists, is up, holds its gateway address and has the MAC
 /// derived from it (bridges made by older versions picked their own).
 fn network_intact(net: &Network, links: &HashMap<&str, &LinkSummary>, addrs: &[(u32, Ipv4Addr, u8)]) -> bool {
+    if let Some(mv) = &net.opts.macvlan {
+        // Its VLAN parent and host shim (the parent itself is the host's business).
+        let vlan_ok = mv.vlan.is_none() || links.contains_key(mv.parent.as_str());
+        let shim_ok = mv.host_shim.as_ref().is_none_or(|(name, ip)| {
+            links.get(name.as_str()).is_some_and(|l| l.up && addrs.iter().any(|(i, a, _)| *i == l.index && a == ip))
+        });
+        return vlan_ok && shim_ok;
+    }
     let (Some(bridge), Some(ipam)) = (net.bridge.as_deref(), net.ipam) else { return true };
     net.driver != DriverKind::Bridge
         || links.get(bridge).is_some_and(|l| {
@@ -185,7 +193,8 @@ async fn rewire(d: &Daemon, c: &Container) -> anyhow::Result<()> {
 async fn remove_orphans(d: &Daemon, links: &[LinkSummary]) {
     let (own_links, own_netns): (HashSet<String>, HashSet<std::path::PathBuf>) = {
         let st = d.state();
-        let mut l: HashSet<String> = st.networks().filter_map(|n| n.bridge.clone()).collect();
+        let mut l: HashSet<String> = st.networks().flat_map(|n| n.own_links()).collect();
+        l.extend(st.networks().filter_map(|n| n.vlan_link().map(String::from)));
         l.extend(st.containers().flat_map(|c| c.endpoints.iter().filter_map(|e| e.host_ifname.clone())));
         let n = st
             .containers()

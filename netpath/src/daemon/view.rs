@@ -32,6 +32,11 @@ impl Daemon {
                 if let Some(r) = i.ip_range {
                     c["IPRange"] = json!(r.to_string());
                 }
+                if !n.opts.aux_addresses.is_empty() {
+                    let aux: Map<String, Value> =
+                        n.opts.aux_addresses.iter().map(|(k, v)| (k.clone(), json!(v.to_string()))).collect();
+                    c["AuxiliaryAddresses"] = Value::Object(aux);
+                }
                 c
             })
             .collect();
@@ -39,6 +44,21 @@ impl Daemon {
         if let Some(b) = &n.bridge {
             options.insert("com.docker.network.bridge.name".into(), json!(b));
             options.insert(crate::state::GATEWAY_MODE_OPT.into(), json!(n.gateway_mode.as_str()));
+            options.insert("com.docker.network.bridge.enable_icc".into(), json!(n.opts.icc.to_string()));
+            options
+                .insert("com.docker.network.bridge.enable_ip_masquerade".into(), json!(n.opts.masquerade.to_string()));
+            if let Some(mtu) = n.opts.mtu {
+                options.insert("com.docker.network.driver.mtu".into(), json!(mtu.to_string()));
+            }
+        }
+        if let Some(mv) = &n.opts.macvlan {
+            options.insert("parent".into(), json!(mv.parent));
+            options.insert("macvlan_mode".into(), json!(mv.mode.as_str()));
+            if let Some((shim, ip)) = &mv.host_shim {
+                options.insert("netpath.macvlan.host_access".into(), json!("true"));
+                options.insert("netpath.macvlan.host_interface".into(), json!(shim));
+                options.insert("netpath.macvlan.host_address".into(), json!(ip.to_string()));
+            }
         }
         json!({
             "Name": n.name,
@@ -47,8 +67,10 @@ impl Daemon {
             "Scope": "local",
             "Driver": n.driver.as_str(),
             "IPAM": { "Driver": "default", "Config": config },
+            "Internal": n.opts.internal,
             "Containers": containers,
             "Options": options,
+            "Labels": n.opts.labels,
         })
     }
 

@@ -18,7 +18,7 @@ fn bridge_name(net: &Network) -> Result<&str> {
 impl Driver for Bridge {
     async fn ensure_network(&self, nl: &Netlink, net: &Network) -> Result<()> {
         let ipam = net.ipam.context("bridge network without IPAM config")?;
-        nl.ensure_bridge(bridge_name(net)?, ipam.gateway, ipam.subnet.prefix_len()).await?;
+        nl.ensure_bridge(bridge_name(net)?, ipam.gateway, ipam.subnet.prefix_len(), net.opts.mtu).await?;
         Ok(())
     }
 
@@ -52,7 +52,7 @@ impl Driver for Bridge {
         laps.lap("check");
         if nl.link_index(host).await?.is_none() {
             let master = nl.require_link(bridge_name(net)?).await?;
-            nl.create_veth(host, master, path, &ep.ifname, mac).await?;
+            nl.create_veth(host, master, path, &ep.ifname, mac, net.opts.mtu).await?;
         }
         laps.lap("veth");
         let idx = inner.require_link(&ep.ifname).await?;
@@ -67,7 +67,7 @@ impl Driver for Bridge {
         Ok(Some(idx))
     }
 
-    async fn remove_endpoint(&self, nl: &Netlink, _: &Network, ep: &Endpoint) -> Result<()> {
+    async fn remove_endpoint(&self, nl: &Netlink, _: &Network, _: &Sandbox, ep: &Endpoint) -> Result<()> {
         // Deleting one end of a veth deletes the other, inside the container, too.
         match ep.host_ifname.as_deref() {
             Some(host) => nl.delete_link(host).await,

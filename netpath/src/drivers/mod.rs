@@ -3,6 +3,7 @@
 //! calls create state on request and repair it when the daemon reconciles after a restart.
 
 mod bridge;
+mod macvlan;
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -26,13 +27,14 @@ pub trait Driver: Send + Sync {
         ep: &Endpoint,
         primary: bool,
     ) -> Result<Option<u32>>;
-    /// Unwires `ep`; a half-gone endpoint is fine.
-    async fn remove_endpoint(&self, nl: &Netlink, net: &Network, ep: &Endpoint) -> Result<()>;
+    /// Unwires `ep` from `sandbox`; a half-gone endpoint is fine.
+    async fn remove_endpoint(&self, nl: &Netlink, net: &Network, sandbox: &Sandbox, ep: &Endpoint) -> Result<()>;
 }
 
 pub fn driver(kind: DriverKind) -> &'static dyn Driver {
     match kind {
         DriverKind::Bridge => &bridge::Bridge,
+        DriverKind::Macvlan => &macvlan::Macvlan,
         DriverKind::Host | DriverKind::None => &Unwired,
     }
 }
@@ -59,7 +61,7 @@ impl Driver for Unwired {
     ) -> Result<Option<u32>> {
         Ok(None)
     }
-    async fn remove_endpoint(&self, _: &Netlink, _: &Network, _: &Endpoint) -> Result<()> {
+    async fn remove_endpoint(&self, _: &Netlink, _: &Network, _: &Sandbox, _: &Endpoint) -> Result<()> {
         Ok(())
     }
 }

@@ -11,9 +11,12 @@ use anyhow::{Context, Result, anyhow};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::MacVlanMode;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan, RouteMessageBuilder,
+};
 
 /// One interface as a link dump shows it.
 #[derive(Debug, Clone)]
@@ -208,23 +211,31 @@ impl Netlink {
     /// Its MAC is set (derived from the gateway, like containers' MACs): a bridge left to pick
     /// its own takes the lowest of its ports' MACs and changes it as containers come and go,
     /// leaving containers with a stale gateway MAC.
-    pub async fn ensure_bridge(&self, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<u32> {
+    pub async fn ensure_bridge(&self, name: &str, gateway: Ipv4Addr, prefix: u8, mtu: Option<u32>) -> Result<u32> {
         let mac = crate::ipam::mac_for(gateway).to_vec();
         let idx = match self.link_index(name).await? {
             // A bridge from before netpath fixed bridge MACs (setting it again is a no-op).
             Some(i) => {
+                let mut set = LinkUnspec::new_with_index(i).address(mac).alias(OWNER_ALIAS);
+                if let Some(mtu) = mtu {
+                    set = set.mtu(mtu);
+                }
                 self.handle()
                     .link()
-                    .set(LinkUnspec::new_with_index(i).address(mac).alias(OWNER_ALIAS).build())
+                    .set(set.build())
                     .execute()
                     .await
                     .with_context(|| format!("setting the MAC of bridge {name}"))?;
                 i
             }
             None => {
+                let mut add = LinkBridge::new(name).address(mac);
+                if let Some(mtu) = mtu {
+                    add = add.mtu(mtu);
+                }
                 self.handle()
                     .link()
-                    .add(LinkBridge::new(name).address(mac).build())
+                    .add(add.build())
                     .execute()
                     .await
                     .with_context(|| format!("creating bridge {name}"))?;
@@ -252,18 +263,27 @@ impl Netlink {
 
     /// Creates a veth pair whose host end `host` is enslaved to bridge `master` and up, and whose
     /// other end is born inside the namespace at `netns` as `peer` with MAC `mac`, in one request.
-    pub async fn create_veth(&self, host: &str, master: u32, netns: &Path, peer: &str, mac: [u8; 6]) -> Result<()> {
+    /// `mtu`: both ends' (the kernel's default, 1500, when None).
+    pub async fn create_veth(
+        &self,
+        host: &str,
+        master: u32,
+        netns: &Path,
+        peer: &str,
+        mac: [u8; 6],
+        mtu: Option<u32>,
+    ) -> Result<()> {
         let ns = std::fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
-        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
             .address(mac.to_vec())
-            .setns_by_fd(ns.as_raw_fd())
-            .build();
-        let msg = LinkVeth::new(host, peer)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
-            .controller(master)
-            .up()
-            .build();
+            .setns_by_fd(ns.as_raw_fd());
+        let mut msg = LinkVeth::new(host, peer);
+        if let Some(mtu) = mtu {
+            peer_msg = peer_msg.mtu(mtu);
+            msg = msg.mtu(mtu);
+        }
+        let msg = msg.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build()))).controller(master).up().build();
         self.handle()
             .link()
             .add(msg)
@@ -273,6 +293,109 @@ impl Netlink {
         // The kernel applies an alias only to existing links: a second request.
         let idx = self.require_link(host).await?;
         self.set_alias(idx).await
+    }
+
+    /// Creates a macvlan sub-interface of `parent` (an ifindex of this namespace) born inside
+    /// the namespace at `netns` as `name` with MAC `mac`, in one request.
+    pub async fn create_macvlan_in(
+        &self,
+        parent: u32,
+        mode: crate::state::MacvlanMode,
+        netns: &Path,
+        name: &str,
+        mac: [u8; 6],
+    ) -> Result<()> {
+        let ns = std::fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+        let mut msg = LinkMacVlan::new(name, parent, macvlan_mode(mode)).setns_by_fd(ns.as_raw_fd());
+        // A passthru macvlan is the parent's one MAC: giving it another would change the parent's.
+        if mode != crate::state::MacvlanMode::Passthru {
+            msg = msg.address(mac.to_vec());
+        }
+        self.handle()
+            .link()
+            .add(msg.build())
+            .execute()
+            .await
+            .with_context(|| format!("creating macvlan {name} on link {parent} in {}", netns.display()))
+    }
+
+    /// Creates a macvlan sub-interface `name` of `parent` in this namespace, marked as
+    /// netpath's, up (the host's shim to its own macvlan containers). Idempotent.
+    pub async fn ensure_macvlan(&self, parent: u32, mode: crate::state::MacvlanMode, name: &str) -> Result<u32> {
+        if let Some(i) = self.link_index(name).await? {
+            self.set_up(i).await?;
+            return Ok(i);
+        }
+        self.handle()
+            .link()
+            .add(LinkMacVlan::new(name, parent, macvlan_mode(mode)).build())
+            .execute()
+            .await
+            .with_context(|| format!("creating macvlan {name} on link {parent}"))?;
+        let i = self.require_link(name).await?;
+        self.set_alias(i).await?;
+        self.set_up(i).await?;
+        Ok(i)
+    }
+
+    /// Creates the 802.1q link `name` (VLAN `vid` of `lower`), marked as netpath's, up.
+    /// A kernel without VLAN support answers EOPNOTSUPP ("unknown device type"): said so.
+    pub async fn create_vlan(&self, name: &str, lower: u32, vid: u16) -> Result<u32> {
+        match self.handle().link().add(vlan_message(name, lower, vid)).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => {
+                anyhow::bail!("the kernel lacks VLAN (802.1q) support: cannot create {name}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating VLAN {vid} link {name} on link {lower}")),
+        }
+        let i = self.require_link(name).await?;
+        self.set_alias(i).await?;
+        self.set_up(i).await?;
+        Ok(i)
+    }
+
+    /// A link's index, whether it is up, and its alias (None if there is no such link).
+    pub async fn link_state(&self, name: &str) -> Result<Option<(u32, bool, Option<String>)>> {
+        use rtnetlink::packet_route::link::LinkFlags;
+        let mut links = self.handle().link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(m)) => {
+                let alias = m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfAlias(a) => Some(a.clone()),
+                    _ => None,
+                });
+                Ok(Some((m.header.index, m.header.flags.contains(LinkFlags::Up), alias)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
+    /// Deletes link `name` if it exists and carries netpath's alias: never one netpath did
+    /// not make. True if it was deleted.
+    pub async fn delete_own_link(&self, name: &str) -> Result<bool> {
+        match self.link_state(name).await? {
+            Some((_, _, Some(a))) if a == OWNER_ALIAS => {
+                self.delete_link(name).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Routes `dest` straight out of link `oif` (scope link) unless such a route exists.
+    pub async fn ensure_link_route(&self, dest: Ipv4Net, oif: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest.network(), dest.prefix_len())
+            .output_interface(oif)
+            .scope(rtnetlink::packet_route::route::RouteScope::Link)
+            .build();
+        match self.handle().route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("adding a route to {dest} via link {oif}")),
+        }
     }
 
     /// Marks a link as netpath's (see [`OWNER_ALIAS`]).
@@ -477,6 +600,22 @@ impl Netlink {
     }
 }
 
+fn macvlan_mode(m: crate::state::MacvlanMode) -> MacVlanMode {
+    use crate::state::MacvlanMode as M;
+    match m {
+        M::Bridge => MacVlanMode::Bridge,
+        M::Private => MacVlanMode::Private,
+        M::Vepa => MacVlanMode::Vepa,
+        M::Passthru => MacVlanMode::Passthrough,
+    }
+}
+
+/// The RTM_NEWLINK message that makes VLAN `vid` of link `lower` as `name` (`ip link add link
+/// LOWER name NAME type vlan id VID`), up.
+pub fn vlan_message(name: &str, lower: u32, vid: u16) -> LinkMessage {
+    LinkVlan::new(name, lower, vid).up().build()
+}
+
 #[cfg(test)]
 mod tests {
     use rtnetlink::packet_core::Parseable;
@@ -524,6 +663,27 @@ mod tests {
             let c = s.peer_view();
             assert_eq!((c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes), (20, 3000, 10, 1000));
         }
+    }
+
+    #[test]
+    fn the_vlan_request_names_the_lower_link_the_kind_and_the_id() {
+        use rtnetlink::packet_core::Emitable;
+        use rtnetlink::packet_route::link::{InfoKind, InfoVlan, LinkFlags, LinkInfo};
+        let m = vlan_message("eth0.10", 7, 10);
+        assert!(m.header.flags.contains(LinkFlags::Up));
+        assert!(m.attributes.contains(&LinkAttribute::IfName("eth0.10".into())), "{m:?}");
+        assert!(m.attributes.contains(&LinkAttribute::Link(7)), "{m:?}");
+        let info = m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => Some(i.clone()),
+            _ => None,
+        });
+        let info = info.expect("IFLA_LINKINFO");
+        assert!(info.contains(&LinkInfo::Kind(InfoKind::Vlan)), "{info:?}");
+        assert!(info.contains(&LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(10)]))), "{info:?}");
+        // And it survives the wire: what the kernel would parse back.
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.emit(&mut buf);
+        assert_eq!(LinkMessage::parse(&buf[..]).unwrap(), m);
     }
 
     #[test]

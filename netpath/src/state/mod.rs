@@ -28,12 +28,14 @@ pub enum DriverKind {
     Bridge,
     Host,
     None,
+    Macvlan,
 }
 
 impl DriverKind {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "bridge" => Some(Self::Bridge),
+            "macvlan" => Some(Self::Macvlan),
             "host" => Some(Self::Host),
             "none" | "null" => Some(Self::None),
             _ => None,
@@ -44,6 +46,7 @@ impl DriverKind {
             Self::Bridge => "bridge",
             Self::Host => "host",
             Self::None => "none",
+            Self::Macvlan => "macvlan",
         }
     }
 }
@@ -107,7 +110,7 @@ pub struct Network {
     pub id: String,
     pub name: String,
     pub driver: DriverKind,
-    /// Bridge networks only.
+    /// Bridge and macvlan networks.
     pub ipam: Option<IpamConfig>,
     /// The Linux bridge of a bridge network.
     pub bridge: Option<String>,
@@ -122,6 +125,102 @@ pub struct Network {
     pub gateway_mode: GatewayMode,
     #[serde(default)]
     pub phase: Phase,
+    /// Everything `network create` options add (records from before them get the defaults).
+    #[serde(default)]
+    pub opts: NetOpts,
+}
+
+/// A network's options beyond its driver and addresses, with Docker's defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetOpts {
+    /// `--internal`: no way out of the network and none in (bridge only).
+    #[serde(default)]
+    pub internal: bool,
+    /// `com.docker.network.bridge.enable_icc`: containers of the network reach each other.
+    #[serde(default = "yes")]
+    pub icc: bool,
+    /// `com.docker.network.bridge.enable_ip_masquerade`: outbound traffic leaves with the
+    /// uplink's address (in gateway modes that masquerade).
+    #[serde(default = "yes")]
+    pub masquerade: bool,
+    /// `com.docker.network.driver.mtu`: the bridge's and its containers' MTU.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// `--label K=V`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `--aux-address NAME=IP`: addresses IPAM never hands out (used by others on the subnet).
+    #[serde(default)]
+    pub aux_addresses: BTreeMap<String, Ipv4Addr>,
+    /// The macvlan driver's settings.
+    #[serde(default)]
+    pub macvlan: Option<Macvlan>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetOpts {
+    fn default() -> Self {
+        NetOpts {
+            internal: false,
+            icc: true,
+            masquerade: true,
+            mtu: None,
+            labels: BTreeMap::new(),
+            aux_addresses: BTreeMap::new(),
+            macvlan: None,
+        }
+    }
+}
+
+/// The kernel's macvlan modes (`-o macvlan_mode=`), Docker's default `bridge`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MacvlanMode {
+    #[default]
+    Bridge,
+    Private,
+    Vepa,
+    Passthru,
+}
+
+impl MacvlanMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bridge" => Some(Self::Bridge),
+            "private" => Some(Self::Private),
+            "vepa" => Some(Self::Vepa),
+            "passthru" => Some(Self::Passthru),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bridge => "bridge",
+            Self::Private => "private",
+            Self::Vepa => "vepa",
+            Self::Passthru => "passthru",
+        }
+    }
+}
+
+/// Where a macvlan network's containers hang: sub-interfaces of `parent`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Macvlan {
+    /// The parent interface as given: `eth0`, or `eth0.10` for VLAN 10 of eth0.
+    pub parent: String,
+    pub mode: MacvlanMode,
+    /// For `IFACE.VID` parents: the lower interface and the VLAN id. The VLAN link is made
+    /// when absent (marked as netpath's) and removed with the last network on it, if netpath
+    /// made it.
+    #[serde(default)]
+    pub vlan: Option<(String, u16)>,
+    /// `netpath.macvlan.host_access`: the host's own macvlan on the parent (name, address),
+    /// with a route to the network's range, so host processes reach the containers.
+    #[serde(default)]
+    pub host_shim: Option<(String, Ipv4Addr)>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -137,6 +236,19 @@ impl Network {
     }
     pub fn short_id(&self) -> &str {
         &self.id[..12]
+    }
+    /// Host links this network made: its bridge, its macvlan shim.
+    pub fn own_links(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.bridge.iter().cloned().collect();
+        if let Some(mv) = &self.opts.macvlan {
+            v.extend(mv.host_shim.as_ref().map(|(n, _)| n.clone()));
+        }
+        v
+    }
+    /// Its VLAN parent (`eth0.10`), which netpath made only if it carries netpath's alias
+    /// (see `Netlink::delete_own_link`); one the user made stays the user's (an uplink, say).
+    pub fn vlan_link(&self) -> Option<&str> {
+        self.opts.macvlan.as_ref().filter(|m| m.vlan.is_some()).map(|m| m.parent.as_str())
     }
 }
 
@@ -432,6 +544,8 @@ pub(crate) mod tests {
         let n: Network = serde_json::from_str(old).unwrap();
         assert_eq!(n.gateway_mode, GatewayMode::Nat);
         assert_eq!(n.phase, Phase::Ready, "records from before phases are complete");
+        assert_eq!(n.opts, NetOpts::default(), "records from before options have Docker's defaults");
+        assert!(n.opts.icc && n.opts.masquerade && !n.opts.internal);
     }
 
     pub(crate) fn network(name: &str, subnet: &str) -> Network {
@@ -447,6 +561,7 @@ pub(crate) mod tests {
             index: 1,
             gateway_mode: GatewayMode::Routed,
             phase: Phase::Ready,
+            opts: NetOpts::default(),
         }
     }
 

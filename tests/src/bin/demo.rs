@@ -172,15 +172,69 @@ fn main() {
     let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
     println!("drops counted as direct-access: {}", counters["drops"]["direct-access"]);
 
+    step("A macvlan network on the host's eth0: containers on the client's own subnet, no NAT");
+    np(
+        &lab,
+        &[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "--subnet",
+            "198.51.100.0/24",
+            "--ip-range",
+            "198.51.100.128/25",
+            "--gateway",
+            CLIENT_IP,
+            "-o",
+            "parent=eth0",
+            "demo-mv",
+        ],
+    );
+    np(
+        &lab,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "mv-web",
+            "--network",
+            "demo-mv",
+            "--",
+            "socat",
+            "TCP-LISTEN:80,fork",
+            "SYSTEM:echo hello from macvlan",
+        ],
+    );
+    let mv_ip = lab.ip_of("mv-web", "demo-mv");
+    std::thread::sleep(Duration::from_millis(300));
+    let get = format!("socat -t 5 - TCP:{mv_ip}:80,connect-timeout=5 </dev/null");
+    println!("client namespace$ {get}");
+    let mv_out =
+        in_ns(&lab.client_ns, "sh", &["-c", &get]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let mv_ok = mv_out.as_deref().is_ok_and(|o| o.contains("hello from macvlan"));
+    print!("{}", mv_out.unwrap_or_default());
+    println!("(the host itself cannot reach it: -o netpath.macvlan.host_access=true adds it a way)");
+
+    step("An internal network: its containers talk to each other, nothing leaves");
+    np(&lab, &["network", "create", "--internal", "demo-int"]);
+    np(&lab, &["run", "-d", "--name", "int1", "--network", "demo-int", "--", "sleep", "600"]);
+    let ping = ["exec", "int1", "--", "ping", "-c", "1", "-W", "1", CLIENT_IP];
+    println!("$ netpath {}", ping.join(" "));
+    let left = lab.try_np(&ping).status.success();
+    println!("reached the outside: {}", if left { "YES" } else { "no (dropped in eBPF)" });
+    let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
+    println!("drops counted as internal: {}", counters["drops"]["internal"]);
+
     step("Inspect the network");
     np(&lab, &["network", "inspect", "demo-net"]);
 
     step("Clean up: containers, network, then the lab itself");
-    np(&lab, &["rm", "-f", "web", "client2", "whoami", "perf"]);
-    np(&lab, &["network", "rm", "demo-net"]);
+    np(&lab, &["rm", "-f", "web", "client2", "whoami", "perf", "mv-web", "int1"]);
+    np(&lab, &["network", "rm", "demo-net", "demo-mv", "demo-int"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept || got_in || !names_ok || !survived {
+    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left {
         std::process::exit(1);
     }
 }
