@@ -122,6 +122,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/containers/{name}/process", post(report_process))
         .route("/containers/{name}/logs", get(logs))
         .route("/containers/{name}/ports", get(container_ports))
+        .route("/attachments", get(inspect_attachment).post(attach).delete(detach))
+        .route("/attachments/gc", post(attach_gc))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -240,4 +242,25 @@ async fn flow_events(State(d): State<Shared>, Query(q): Query<FlowEventsQuery>) 
     let events = d.follow_flows(q.container.as_deref())?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(events))
         .into_response())
+}
+
+async fn attach(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
+    let req: super::attach::Attach = body(&b)?;
+    let a = d.attach(req).await?;
+    Ok((StatusCode::CREATED, axum::Json(serde_json::to_value(a).map_err(|e| Error::Internal(e.into()))?)))
+}
+
+async fn inspect_attachment(State(d): State<Shared>, Query(k): Query<super::attach::AttachKey>) -> Result<Json> {
+    Ok(axum::Json(serde_json::to_value(d.attachment(&k)?).map_err(|e| Error::Internal(e.into()))?))
+}
+
+async fn detach(State(d): State<Shared>, Query(k): Query<super::attach::AttachKey>) -> Result<StatusCode> {
+    d.detach(&k).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn attach_gc(State(d): State<Shared>, b: Bytes) -> Result<Json> {
+    let req: super::attach::AttachGc = body(&b)?;
+    let gone = d.attach_gc(req).await?;
+    Ok(axum::Json(serde_json::json!({ "removed": gone })))
 }

@@ -69,6 +69,16 @@ fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option
     })
 }
 
+/// A Linux interface name: 1-15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn valid_ifname(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() < 16
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok { Ok(()) } else { Err(bad_request!("invalid interface name {s:?}: 1-15 characters, no '/', ':' or spaces")) }
+}
+
 /// Resolves `-p`/`-P`/`--expose` into bindings that clash with no other container's.
 fn plan_ports(st: &State, req: &ContainerCreate, net: &Network) -> Result<Vec<ports::Binding>> {
     let mut reqs = req.publish.iter().map(|s| ports::parse_publish(s)).collect::<Result<Vec<_>>>()?;
@@ -127,6 +137,12 @@ impl Daemon {
         {
             return Err(bad_request!("{p} is not a network namespace"));
         }
+        if let Some(i) = &req.ifname {
+            valid_ifname(i)?;
+            if req.netns.is_none() {
+                return Err(bad_request!("an interface name can only be chosen in an attached namespace"));
+            }
+        }
         let id = state::new_id();
         // Nobody else knows this id yet: the lock is free, and taking it before the container
         // is visible makes every other request on it wait until it is built.
@@ -144,6 +160,9 @@ impl Daemon {
             let ports = plan_ports(&st, &req, &net)?;
             let mut ep = plan_endpoint(&st, &net, &[], req.ip.as_deref())?;
             ep.aliases = dns_opts.aliases;
+            if let Some(ifname) = &req.ifname {
+                ep.ifname = ifname.clone();
+            }
             let sandbox = match (&req.netns, net.driver) {
                 (_, DriverKind::Host) => Sandbox::Host,
                 (Some(p), _) => Sandbox::Netns { path: PathBuf::from(p), owned: false },
@@ -161,6 +180,7 @@ impl Daemon {
                 hostname: dns_opts.hostname,
                 dns: dns_opts.dns,
                 dns_search: dns_opts.dns_search,
+                labels: req.labels.clone(),
             };
             st.put_container(c.clone());
             c

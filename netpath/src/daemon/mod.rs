@@ -14,6 +14,7 @@
 //! changed for it and `Removing` before it is torn down, so after a crash [`reconcile`]
 //! knows what to undo or finish (see `state`).
 
+mod attachments;
 mod containers;
 pub mod crash;
 mod dns;

@@ -181,6 +181,7 @@ impl Daemon {
                 "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(),
                 "Detached": p.is_some_and(|p| p.detached),
                 "Hostname": c.hostname(),
+                "Labels": c.labels,
             },
             "LogPath": self.store.log_path(&c.id).display().to_string(),
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
