@@ -9,6 +9,7 @@ pub mod cni;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod docker;
 pub mod drivers;
 pub mod ipam;
 pub mod netlink;

@@ -71,6 +71,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&cfg.socket);
         return Err(e);
     }
+    if let Some(p) = &cfg.docker_plugin_socket
+        && let Err(e) = crate::docker::serve(daemon.clone(), p).await
+    {
+        let _ = std::fs::remove_file(&cfg.socket);
+        return Err(e);
+    }
     info!(
         "netpath daemon listening on {} (state {}, pins {})",
         cfg.socket.display(),
@@ -92,6 +98,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let res = axum::serve(listener, router(daemon.clone())).with_graceful_shutdown(stopping).await;
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(p) = &cfg.docker_plugin_socket {
+        let _ = std::fs::remove_file(p);
+    }
     if cfg.shutdown_containers {
         info!("stopping every container (--shutdown-containers)");
         daemon.shutdown_containers().await;

@@ -27,7 +27,7 @@ fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Container> {
 
 /// Plans a new endpoint on `net`: address, MAC, interface names. Pure: nothing is changed
 /// until the caller records and wires it.
-fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option<&str>) -> Result<Endpoint> {
+pub(super) fn plan_endpoint(st: &State, net: &Network, taken_ifnames: &[String], ip: Option<&str>) -> Result<Endpoint> {
     let requested = ip.map(|s| parse_ip("address", s)).transpose()?;
     let Some(pool) = net.pool() else {
         if requested.is_some() {
@@ -117,7 +117,7 @@ impl Daemon {
     }
 
     /// The container `id` as it is now, once its lock is held (it may have gone meanwhile).
-    fn current(&self, id: &str, name: &str) -> Result<Container> {
+    pub(super) fn current(&self, id: &str, name: &str) -> Result<Container> {
         self.state().container_by_id(id).cloned().ok_or_else(|| not_found!("container {name} not found"))
     }
 
@@ -406,7 +406,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn withdraw_ports(&self, c: &Container) {
+    pub(super) fn withdraw_ports(&self, c: &Container) {
         let mut dp = self.dp();
         for b in &c.ports {
             let _ = dp.remove_port(b.host_ip, b.host_port, b.proto.number());

@@ -18,6 +18,7 @@ mod attachments;
 mod containers;
 pub mod crash;
 mod dns;
+pub mod docker;
 mod flows;
 mod host;
 mod locks;
@@ -60,6 +61,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Load this eBPF object instead of the embedded one (development, upgrade tests).
     pub ebpf_object: Option<PathBuf>,
+    /// Where to serve Docker's network and IPAM plugin API (off when None).
+    pub docker_plugin_socket: Option<PathBuf>,
 }
 
 pub struct Daemon {
