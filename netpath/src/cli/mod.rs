@@ -211,6 +211,29 @@ where
     }
 }
 
+/// `--format`: `json` (or Docker's `{{json .}}`) prints one compact JSON object per line for
+/// scripts; `table` (the default) the columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Table,
+    Json,
+}
+
+pub(crate) fn parse_format(s: &str) -> Result<Format, String> {
+    match s.trim() {
+        "table" => Ok(Format::Table),
+        "json" | "{{json .}}" => Ok(Format::Json),
+        _ => Err(format!("unsupported format {s:?}: use json, '{{{{json .}}}}' or table")),
+    }
+}
+
+/// Prints each object on a line of its own (`--format json`).
+fn json_lines(items: &[serde_json::Value]) {
+    for v in items {
+        println!("{v}");
+    }
+}
+
 /// Prints rows as left-aligned columns, like docker's tables.
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();

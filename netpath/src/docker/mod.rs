@@ -78,6 +78,7 @@ impl Plugin {
 type Plug = Arc<Plugin>;
 
 /// A plugin answer: JSON in dockerd's media type; failures as `{"Err": "..."}`.
+#[derive(Debug)]
 struct Answer(StatusCode, Value);
 
 impl IntoResponse for Answer {
