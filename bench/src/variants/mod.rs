@@ -58,6 +58,10 @@ pub trait Variant {
     fn host_ns(&self) -> Option<&Path> {
         None
     }
+    /// True for rows that only time wiring (their datapath is another row's).
+    fn attach_only(&self) -> bool {
+        false
+    }
     /// Stops the variant's daemon and starts it again (see [`Variant::host_ns`]).
     fn restart(&mut self) -> Result<()> {
         bail!("{} has no daemon to restart", self.label())
@@ -100,11 +104,14 @@ pub enum Kind {
     Netpath,
     /// The netpath daemon, container reached by its address (routing, no NAT).
     NetpathDirect,
+    /// The netpath daemon wiring through its CNI plugin (`netpath-cni ADD` with a port
+    /// mapping): attach figure only, the datapath is `netpath`'s.
+    NetpathCni,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] =
-        [Kind::Direct, Kind::NetpathDirect, Kind::Iptables, Kind::Netavark, Kind::Cni, Kind::Netpath];
+    pub const ALL: [Kind; 7] =
+        [Kind::Direct, Kind::NetpathDirect, Kind::Iptables, Kind::Netavark, Kind::Cni, Kind::Netpath, Kind::NetpathCni];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -114,6 +121,7 @@ impl Kind {
             Kind::Cni => "cni",
             Kind::Netpath => "netpath",
             Kind::NetpathDirect => "netpath-direct",
+            Kind::NetpathCni => "netpath-cni",
         }
     }
 
@@ -128,7 +136,7 @@ impl Kind {
 
     /// Whether the client reaches the server through published ports (DNAT).
     pub fn publishes(self) -> bool {
-        matches!(self, Kind::Iptables | Kind::Netavark | Kind::Cni | Kind::Netpath)
+        matches!(self, Kind::Iptables | Kind::Netavark | Kind::Cni | Kind::Netpath | Kind::NetpathCni)
     }
 }
 
@@ -259,7 +267,8 @@ pub fn setup(cfg: Config, ctx: &Ctx) -> Result<Box<dyn Variant>> {
             Kind::Iptables => Box::new(plain::Plain::setup(label, publish, ctx)?),
             Kind::Netavark => Box::new(netavark::Netavark::setup(label, publish.expect("publishes"), ctx)?),
             Kind::Cni => Box::new(cni::Cni::setup(label, publish.expect("publishes"), ctx)?),
-            Kind::Netpath | Kind::NetpathDirect => Box::new(netpath::Netpath::setup(label, publish, ctx)?),
+            Kind::Netpath | Kind::NetpathDirect => Box::new(netpath::Netpath::setup(label, publish, false, ctx)?),
+            Kind::NetpathCni => Box::new(netpath::Netpath::setup(label, publish, true, ctx)?),
         })
     }));
     match r {
