@@ -137,7 +137,7 @@ fn add_check_del_in_every_version_and_traffic_flows_between_attachments() {
         assert_result_shape(&ra, version, "eth0", &a);
         assert_result_shape(&rb, version, "net1", &b);
         let ip_b = rb["ips"][0]["address"].as_str().unwrap().to_string();
-        assert_eq!(addr_of(&b, "net1"), [ip_b.clone()], "the result says what the namespace has");
+        assert_eq!(addr_of(&b, "net1"), [ip_b.as_str()], "the result says what the namespace has");
         assert_eq!(lab.links(&b), ["lo", "net1"]);
         let ip_b = ip_b.split('/').next().unwrap();
         assert!(ping(&a, ip_b), "{version}: a reaches b");
@@ -241,7 +241,7 @@ fn published_ports_several_interfaces_gc_and_a_vanished_namespace() {
     assert_eq!(addr_of(&web, "eth1"), [r2["ips"][0]["address"].as_str().unwrap()]);
 
     // A server in the runtime's namespace, reached from outside through the published port.
-    let _srv = in_ns(&web, "socat", &["TCP-LISTEN:8,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"])
+    let mut srv = in_ns(&web, "socat", &["TCP-LISTEN:8,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -269,7 +269,8 @@ fn published_ports_several_interfaces_gc_and_a_vanished_namespace() {
 
     // The runtime deletes the namespace before DEL (a crashed pod): DEL still cleans up.
     netpath::netlink::netns::remove(&web).unwrap();
-    drop(_srv);
+    let _ = srv.kill();
+    let _ = srv.wait();
     ok("DEL", "web", Some(&web), "eth0", &net1);
     ok("DEL", "web", None, "eth1", &net2);
     assert_eq!(container_count(&lab), 0, "no attachment record left");

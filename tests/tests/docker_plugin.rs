@@ -152,7 +152,7 @@ fn dockerd_creates_joins_publishes_leaves_and_deletes() {
     let (web, cli) = (&eps[0], &eps[1]);
     let web_ip = web.2.split('/').next().unwrap();
     assert!(in_ns(&cli.0, "ping", &["-c", "1", "-W", "2", web_ip]).stdout(Stdio::null()).status().unwrap().success());
-    let _srv = in_ns(&web.0, "socat", &["TCP-LISTEN:8,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"])
+    let mut srv = in_ns(&web.0, "socat", &["TCP-LISTEN:8,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -193,6 +193,8 @@ fn dockerd_creates_joins_publishes_leaves_and_deletes() {
         let _ = park.wait();
     }
     assert!(!tcp(HOST_ETH0_IP).status.success(), "the published port closed");
+    let _ = srv.kill();
+    let _ = srv.wait();
     ok(&sock, "NetworkDriver.DeleteNetwork", json!({"NetworkID": nid}));
     ok(&sock, "IpamDriver.ReleaseAddress", json!({"PoolID": pool_id, "Address": gw}));
     ok(&sock, "IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
