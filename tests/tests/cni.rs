@@ -353,3 +353,79 @@ fn chained_with_the_reference_tuning_plugin() {
     }
     assert_eq!(lab.links(&ns), ["lo"]);
 }
+
+#[test]
+fn the_specs_example_conflist_with_netpath_as_its_interface_plugin() {
+    let lab = Lab::new("cni-spec");
+    let ns = lab.add_ns("db");
+    // SPEC.md's example ("dbnet"), netpath-cni in the bridge plugin's place: its bridge and
+    // ipam keys mean nothing to netpath and are ignored, as plugins ignore keys they do not
+    // know; portmap is left out (netpath publishes ports itself, without iptables).
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": "dbnet",
+        "plugins": [
+            {
+                "type": "netpath-cni",
+                "socket": lab.socket,
+                "subnet": "10.1.0.0/16",
+                "gateway": "10.1.0.1",
+                "bridge": "cni0",
+                "keyA": ["some more", "plugin specific", "configuration"],
+                "ipam": { "type": "host-local", "subnet": "10.1.0.0/16", "gateway": "10.1.0.1" },
+                "dns": { "nameservers": ["10.1.0.1"] }
+            },
+            { "type": "tuning", "sysctl": { "net.core.somaxconn": "500" } }
+        ]
+    });
+    let mut prev: Option<Value> = None;
+    for p in conflist["plugins"].as_array().unwrap() {
+        let mut c = p.clone();
+        c["cniVersion"] = conflist["cniVersion"].clone();
+        c["name"] = conflist["name"].clone();
+        if let Some(prev) = &prev {
+            c["prevResult"] = prev.clone();
+        }
+        let bin = if p["type"] == "netpath-cni" { cni_bin() } else { Path::new(REFERENCE_PLUGINS).join("tuning") };
+        let r = exec_plugin(&bin, "ADD", "db1", Some(&ns), "eth0", &c);
+        assert!(r.ok, "{}: {}", p["type"], r.out);
+        prev = Some(r.out);
+    }
+    let r = prev.unwrap();
+    assert_result_shape(&r, "1.0.0", "eth0", &ns);
+    assert_eq!(r["ips"][0]["gateway"], "10.1.0.1");
+    assert!(r["ips"][0]["address"].as_str().unwrap().starts_with("10.1."));
+    assert_eq!(must(in_ns(&ns, "cat", &["/proc/sys/net/core/somaxconn"])).trim(), "500");
+    let conf = with(&conflist["plugins"][0], json!({ "cniVersion": "1.0.0", "name": "dbnet" }));
+    ok("DEL", "db1", Some(&ns), "eth0", &conf);
+    assert_eq!(lab.links(&ns), ["lo"]);
+}
+
+#[test]
+fn parallel_first_adds_share_the_network_they_all_create() {
+    let lab = Lab::new("cni-parallel");
+    let conf = conf(&lab, "1.1.0", "burst", "10.91.0.0/24");
+    let nss: Vec<std::path::PathBuf> = (0..8).map(|i| lab.add_ns(&format!("p{i}"))).collect();
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = nss
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let conf = &conf;
+                s.spawn(move || ok("ADD", &format!("pod{i}"), Some(ns), "eth0", conf))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips: Vec<&str> = results.iter().map(|r| r["ips"][0]["address"].as_str().unwrap()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 8, "eight distinct addresses: {ips:?}");
+    assert_eq!(container_count(&lab), 8);
+    let ip0 = results[0]["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap();
+    assert!(ping(&nss[7], ip0), "pod7 reaches pod0");
+    for (i, ns) in nss.iter().enumerate() {
+        ok("DEL", &format!("pod{i}"), Some(ns), "eth0", &conf);
+    }
+    assert_eq!(container_count(&lab), 0);
+}
