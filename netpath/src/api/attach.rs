@@ -10,9 +10,10 @@ pub const LABEL_NETWORK: &str = "io.netpath.attach.network";
 pub const LABEL_CONTAINER_ID: &str = "io.netpath.attach.container-id";
 pub const LABEL_IFNAME: &str = "io.netpath.attach.ifname";
 
-/// The key a runtime names an attachment by.
+/// The key a runtime names an attachment by. No `deny_unknown_fields` here or where it is
+/// flattened (serde cannot combine them): a newer daemon's extra answer fields must not
+/// break an older plugin.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AttachKey {
     pub network: String,
     pub container_id: String,
@@ -55,7 +56,6 @@ pub struct PortMapping {
 
 /// POST /attachments.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Attach {
     #[serde(flatten)]
     pub key: AttachKey,

@@ -65,3 +65,11 @@ fn env_is_checked_before_anything_is_asked() {
     let env = Env { args: Some("IgnoreUnknown=1;IP=10.1.2.3".into()), ..Default::default() };
     assert_eq!(env.requested_ip().as_deref(), Some("10.1.2.3"));
 }
+
+#[test]
+fn a_newer_daemons_extra_answer_fields_do_not_break_the_plugin() {
+    let mut v = serde_json::to_value(attachment()).unwrap();
+    v["something_new"] = json!(1);
+    let a: Attachment = serde_json::from_value(v).unwrap();
+    assert_eq!(a.key.ifname, "eth0");
+}
