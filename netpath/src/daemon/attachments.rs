@@ -109,8 +109,7 @@ impl Daemon {
             labels,
             ..Default::default()
         };
-        self.create_container(create).await?;
-        let c = self.state().container(&name).cloned().ok_or_else(|| not_found!("attachment {name} vanished"))?;
+        let c = self.create_container_record(create).await?;
         self.attachment_view(&c)
     }
 

@@ -126,6 +126,13 @@ impl Daemon {
     /// `run` and `attach`: makes (or adopts) the sandbox, wires it to one network, optionally
     /// starts the detached process.
     pub async fn create_container(&self, req: ContainerCreate) -> Result<Value> {
+        let c = self.create_container_record(req).await?;
+        Ok(self.container_json(&c, &self.endpoint_counters(&c).await))
+    }
+
+    /// [`Self::create_container`] without the `inspect` view (its counters cost netlink
+    /// round trips a runtime's attach does not need).
+    pub(super) async fn create_container_record(&self, req: ContainerCreate) -> Result<Container> {
         self.wait_ready().await;
         let mut laps = super::Laps::new();
         valid_name("container", &req.name)?;
@@ -252,11 +259,9 @@ impl Daemon {
         }
         laps.lap("persist");
         let c = self.current(&id, &c.name)?;
-        let v = self.container_json(&c, &self.endpoint_counters(&c).await);
-        laps.lap("view");
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
-        Ok(v)
+        Ok(c)
     }
 
     async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {
