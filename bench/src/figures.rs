@@ -149,6 +149,9 @@ pub fn measure(
     attach_samples: usize,
     attach_counter: &mut usize,
 ) -> Result<Vec<(Metric, f64)>> {
+    if v.attach_only() && fig != Figure::Attach {
+        return Ok(vec![]);
+    }
     Ok(match fig {
         Figure::Tcp1 => vec![(Metric::Tcp1, tcp_throughput(v, 1, d)?)],
         Figure::Tcp4 => vec![(Metric::Tcp4, tcp_throughput(v, 4, d)?)],

@@ -45,7 +45,7 @@ struct Cli {
     #[arg(long)]
     secs: Option<u32>,
     /// Variants to run (comma-separated): direct, netpath-direct, netpath-macvlan, iptables,
-    /// netavark, cni, netpath.
+    /// netavark, cni, netpath, netpath-cni (attach figure only).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Figures to run (comma-separated): tcp1, tcp4, udp, latency, conn, attach, restart.
@@ -241,7 +241,10 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     // Setup: one lab per row. Failures and missing features become rows without figures.
     let mut rows = Vec::new();
     let mut setup_notes = Vec::new();
-    if plan.configs.iter().any(|c| matches!(c.kind, Kind::Netpath | Kind::NetpathDirect | Kind::NetpathMacvlan))
+    if plan
+        .configs
+        .iter()
+        .any(|c| matches!(c.kind, Kind::Netpath | Kind::NetpathDirect | Kind::NetpathMacvlan | Kind::NetpathCni))
         && let Some(w) = variants::stale_binary_warning()
     {
         eprintln!("bench: warning: {w}");
@@ -421,7 +424,8 @@ fn method_notes() -> Vec<String> {
          connections: 2 client threads connect, read one byte, close with RST (no TIME_WAIT), against \
          an accept-write-close server; attach: wiring one more container (with one published port where \
          the variant publishes) on the same host: ip commands (+ iptables-restore) for direct/iptables, \
-         netavark setup, CNI ADD bridge+portmap, netpath attach (netpath-direct) or netpath run -d -p; \
+         netavark setup, CNI ADD bridge+portmap, netpath attach (netpath-direct), netpath run -d -p, or \
+         netpath-cni ADD with one portMapping (netpath-cni, attach only); \
          restart (rows with a daemon): one iperf3 -c stream (0.1 s intervals) while the daemon is stopped \
          (SIGTERM) and started again; the longest run of intervals that moved no byte, and the TCP resets \
          the host namespace sent (plus one if the stream died)."

@@ -5,9 +5,11 @@
 pub mod error;
 pub mod api;
 pub mod cli;
+pub mod cni;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod docker;
 pub mod drivers;
 pub mod ipam;
 pub mod netlink;

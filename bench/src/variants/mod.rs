@@ -58,6 +58,10 @@ pub trait Variant {
     fn host_ns(&self) -> Option<&Path> {
         None
     }
+    /// True for rows that only time wiring (their datapath is another row's).
+    fn attach_only(&self) -> bool {
+        false
+    }
     /// Stops the variant's daemon and starts it again (see [`Variant::host_ns`]).
     fn restart(&mut self) -> Result<()> {
         bail!("{} has no daemon to restart", self.label())
@@ -103,10 +107,13 @@ pub enum Kind {
     /// The netpath daemon, container on a macvlan network of the host's eth0: on the client's
     /// own subnet, reached at its address with no bridge, veth, routing or NAT on the way.
     NetpathMacvlan,
+    /// The netpath daemon wiring through its CNI plugin (`netpath-cni ADD` with a port
+    /// mapping): attach figure only, the datapath is `netpath`'s.
+    NetpathCni,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::NetpathDirect,
         Kind::NetpathMacvlan,
@@ -114,6 +121,7 @@ impl Kind {
         Kind::Netavark,
         Kind::Cni,
         Kind::Netpath,
+        Kind::NetpathCni,
     ];
 
     pub fn name(self) -> &'static str {
@@ -125,6 +133,7 @@ impl Kind {
             Kind::Netpath => "netpath",
             Kind::NetpathDirect => "netpath-direct",
             Kind::NetpathMacvlan => "netpath-macvlan",
+            Kind::NetpathCni => "netpath-cni",
         }
     }
 
@@ -139,7 +148,7 @@ impl Kind {
 
     /// Whether the client reaches the server through published ports (DNAT).
     pub fn publishes(self) -> bool {
-        matches!(self, Kind::Iptables | Kind::Netavark | Kind::Cni | Kind::Netpath)
+        matches!(self, Kind::Iptables | Kind::Netavark | Kind::Cni | Kind::Netpath | Kind::NetpathCni)
     }
 }
 
@@ -270,8 +279,11 @@ pub fn setup(cfg: Config, ctx: &Ctx) -> Result<Box<dyn Variant>> {
             Kind::Iptables => Box::new(plain::Plain::setup(label, publish, ctx)?),
             Kind::Netavark => Box::new(netavark::Netavark::setup(label, publish.expect("publishes"), ctx)?),
             Kind::Cni => Box::new(cni::Cni::setup(label, publish.expect("publishes"), ctx)?),
-            Kind::Netpath | Kind::NetpathDirect => Box::new(netpath::Netpath::setup(label, publish, false, ctx)?),
-            Kind::NetpathMacvlan => Box::new(netpath::Netpath::setup(label, None, true, ctx)?),
+            Kind::Netpath | Kind::NetpathDirect => {
+                Box::new(netpath::Netpath::setup(label, publish, false, false, ctx)?)
+            }
+            Kind::NetpathMacvlan => Box::new(netpath::Netpath::setup(label, None, true, false, ctx)?),
+            Kind::NetpathCni => Box::new(netpath::Netpath::setup(label, publish, false, true, ctx)?),
         })
     }));
     match r {

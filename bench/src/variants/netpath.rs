@@ -4,6 +4,7 @@
 //! routes to the container's address on a `nat-unprotected` network (tracked, not translated).
 //! `macvlan`: the container is on a macvlan network of the host's eth0, on the client's own
 //! subnet: the client reaches it at its address, frames going straight from eth0 to it.
+//! `netpath-cni` is `netpath` whose attach figure wires through the CNI plugin, as a runtime.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,12 +32,17 @@ pub struct Netpath {
     macvlan: bool,
     ctr_ip: std::net::Ipv4Addr,
     running: bool,
+    /// Attach through `netpath-cni ADD` (the `netpath-cni` row).
+    cni: bool,
     lab: Lab,
 }
 
 impl Netpath {
-    pub fn setup(label: String, publish: Option<Publish>, macvlan: bool, ctx: &Ctx) -> Result<Netpath> {
-        binary()?;
+    pub fn setup(label: String, publish: Option<Publish>, macvlan: bool, cni: bool, ctx: &Ctx) -> Result<Netpath> {
+        let bin = binary()?;
+        if cni && !bin.with_file_name("netpath-cni").is_file() {
+            bail!("no netpath-cni next to {}: run `cargo build --release -p netpath`", bin.display());
+        }
         let tag = match (&publish, macvlan) {
             (Some(_), _) => "bench-netpath",
             (None, false) => "bench-netpath-direct",
@@ -72,7 +78,8 @@ impl Netpath {
             }
             bail!("netpath run failed ({}): {}", out.status, crate::util::tail(&err));
         }
-        let mut v = Netpath { label, publish, macvlan, ctr_ip: std::net::Ipv4Addr::UNSPECIFIED, running: true, lab };
+        let mut v =
+            Netpath { label, publish, macvlan, ctr_ip: std::net::Ipv4Addr::UNSPECIFIED, running: true, cni, lab };
         let inspect: serde_json::Value = serde_json::from_str(&np(&v.lab, &["inspect", SERVER])?)?;
         v.ctr_ip = inspect[0]["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
             .as_str()
@@ -170,9 +177,13 @@ impl Variant for Netpath {
     /// netpath-direct, netpath-macvlan: `netpath attach` of a namespace made elsewhere (what
     /// a runtime calls).
     /// netpath: `netpath run -d -p` of a `sleep` (attach has no `-p`), so it includes
-    /// starting the process.
+    /// starting the process. netpath-cni: the plugin run as a runtime runs it, ADD with one
+    /// port mapping (timed), then DEL.
     fn attach_once(&mut self, n: usize) -> Result<Duration> {
         let name = format!("att{n}");
+        if self.cni {
+            return self.cni_attach_once(n);
+        }
         let t = Instant::now();
         if self.publish.is_some() {
             let p = format!("{}:{CONN_PORT}/tcp", attach_port(n));
@@ -185,6 +196,10 @@ impl Variant for Netpath {
         let took = t.elapsed();
         np(&self.lab, &["rm", "-f", &name])?;
         Ok(took)
+    }
+
+    fn attach_only(&self) -> bool {
+        self.cni
     }
 
     fn host_ns(&self) -> Option<&Path> {
@@ -204,6 +219,41 @@ impl Variant for Netpath {
             np(&self.lab, &["network", "rm", NETWORK])?;
         }
         Ok(())
+    }
+}
+
+impl Netpath {
+    fn cni_attach_once(&mut self, n: usize) -> Result<Duration> {
+        let id = format!("att{n}");
+        let ns = self.lab.add_ns(&id);
+        let conf = serde_json::json!({
+            "cniVersion": "1.1.0", "name": NETWORK, "type": "netpath-cni", "socket": self.lab.socket,
+            "runtimeConfig": { "portMappings": [{ "hostPort": attach_port(n), "containerPort": CONN_PORT, "protocol": "tcp" }] },
+        });
+        let run = |cmd: &str| -> Result<()> {
+            let mut c = std::process::Command::new(binary()?.with_file_name("netpath-cni"));
+            c.env("CNI_COMMAND", cmd)
+                .env("CNI_CONTAINERID", &id)
+                .env("CNI_NETNS", &ns)
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", "/usr/lib/cni")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let mut child = c.spawn().context("running netpath-cni")?;
+            use std::io::Write;
+            child.stdin.take().context("stdin")?.write_all(conf.to_string().as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("netpath-cni {cmd} failed: {}", String::from_utf8_lossy(&out.stdout));
+            }
+            Ok(())
+        };
+        let t = Instant::now();
+        run("ADD")?;
+        let took = t.elapsed();
+        run("DEL")?;
+        Ok(took)
     }
 }
 

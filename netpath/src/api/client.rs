@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
@@ -11,6 +11,34 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::ErrorBody;
+
+/// The daemon answered with an error status (callers that care, like the CNI plugin,
+/// downcast to it; everyone else sees the message).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// No daemon listens on the socket.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 pub struct Client {
     socket: PathBuf,
@@ -55,10 +83,10 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
-            anyhow!(
+            anyhow::Error::new(Unreachable(format!(
                 "cannot connect to the netpath daemon at {}: {e}. Is `netpath daemon` running? (set --socket or NETPATH_SOCKET)",
                 self.socket.display()
-            )
+            )))
         })?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("talking to the daemon")?;
@@ -82,7 +110,7 @@ impl Client {
         let msg = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|e| e.message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        Err(anyhow!("{msg}"))
+        Err(ApiError { status: status.as_u16(), message: msg }.into())
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {

@@ -1,6 +1,7 @@
 //! The daemon's HTTP/JSON API on a unix socket (like Docker's), with a typed client.
 //! Request bodies are defined here once and used by both sides.
 
+pub mod attach;
 pub mod client;
 pub mod server;
 
@@ -63,6 +64,11 @@ pub struct ContainerCreate {
     /// `--hostname` (default: the short ID).
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The interface's name inside the namespace (default eth0); with `netns` only.
+    #[serde(default)]
+    pub ifname: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -71,6 +71,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&cfg.socket);
         return Err(e);
     }
+    if let Some(p) = &cfg.docker_plugin_socket
+        && let Err(e) = crate::docker::serve(daemon.clone(), p).await
+    {
+        let _ = std::fs::remove_file(&cfg.socket);
+        return Err(e);
+    }
     info!(
         "netpath daemon listening on {} (state {}, pins {})",
         cfg.socket.display(),
@@ -92,6 +98,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let res = axum::serve(listener, router(daemon.clone())).with_graceful_shutdown(stopping).await;
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(p) = &cfg.docker_plugin_socket {
+        let _ = std::fs::remove_file(p);
+    }
     if cfg.shutdown_containers {
         info!("stopping every container (--shutdown-containers)");
         daemon.shutdown_containers().await;
@@ -123,6 +132,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/containers/{name}/process", post(report_process))
         .route("/containers/{name}/logs", get(logs))
         .route("/containers/{name}/ports", get(container_ports))
+        .route("/attachments", get(inspect_attachment).post(attach).delete(detach))
+        .route("/attachments/gc", post(attach_gc))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -245,4 +256,25 @@ async fn flow_events(State(d): State<Shared>, Query(q): Query<FlowEventsQuery>) 
     let events = d.follow_flows(q.container.as_deref())?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(events))
         .into_response())
+}
+
+async fn attach(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
+    let req: super::attach::Attach = body(&b)?;
+    let a = d.attach(req).await?;
+    Ok((StatusCode::CREATED, axum::Json(serde_json::to_value(a).map_err(|e| Error::Internal(e.into()))?)))
+}
+
+async fn inspect_attachment(State(d): State<Shared>, Query(k): Query<super::attach::AttachKey>) -> Result<Json> {
+    Ok(axum::Json(serde_json::to_value(d.attachment(&k)?).map_err(|e| Error::Internal(e.into()))?))
+}
+
+async fn detach(State(d): State<Shared>, Query(k): Query<super::attach::AttachKey>) -> Result<StatusCode> {
+    d.detach(&k).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn attach_gc(State(d): State<Shared>, b: Bytes) -> Result<Json> {
+    let req: super::attach::AttachGc = body(&b)?;
+    let gone = d.attach_gc(req).await?;
+    Ok(axum::Json(serde_json::json!({ "removed": gone })))
 }

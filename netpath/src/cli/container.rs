@@ -65,9 +65,15 @@ pub enum ContainerCmd {
     Ps {
         #[arg(short, long)]
         all: bool,
+        /// `json`: one JSON object per container and line.
+        #[arg(long, value_parser = super::parse_format, default_value = "table")]
+        format: super::Format,
     },
     /// Show one or more containers as JSON (addresses, interfaces, datapath counters).
     Inspect {
+        /// `json`: one compact JSON object per line instead of an indented array.
+        #[arg(long, value_parser = super::parse_format, default_value = "table")]
+        format: super::Format,
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -211,8 +217,12 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
             let v = c.get(&format!("/containers/{}", seg(&name))).await?;
             Ok(exit_byte(run_in(&v, &cmd, |_| {})?))
         }
-        ContainerCmd::Ps { all } => {
+        ContainerCmd::Ps { all, format } => {
             let v = c.get(&format!("/containers?all={all}")).await?;
+            if format == super::Format::Json {
+                super::json_lines(v.as_array().map(Vec::as_slice).unwrap_or_default());
+                return Ok(0);
+            }
             let rows = v
                 .as_array()
                 .cloned()
@@ -241,12 +251,15 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
             table(&["CONTAINER ID", "NAME", "STATUS", "NETWORKS", "IP ADDRESS", "COMMAND"], rows);
             Ok(0)
         }
-        ContainerCmd::Inspect { names } => {
+        ContainerCmd::Inspect { names, format } => {
             let mut out = vec![];
             for n in names {
                 out.push(c.get(&format!("/containers/{}", seg(&n))).await?);
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            match format {
+                super::Format::Json => super::json_lines(&out),
+                super::Format::Table => println!("{}", serde_json::to_string_pretty(&out)?),
+            }
             Ok(0)
         }
         ContainerCmd::Rm { force, names } => {

@@ -53,6 +53,10 @@ enum Cmd {
         /// Load this eBPF object instead of the embedded one (development and upgrade tests).
         #[arg(long, hide = true)]
         ebpf_object: Option<PathBuf>,
+        /// Serve Docker's remote network and IPAM driver API (`docker network create -d
+        /// netpath`) on this socket; without PATH, where dockerd looks for plugins.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = crate::docker::DEFAULT_SOCKET)]
+        docker_plugin_socket: Option<PathBuf>,
     },
     /// Versions: this CLI, its embedded eBPF object and, if one answers, the daemon's.
     Version,
@@ -105,7 +109,16 @@ enum SystemCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Daemon { state_dir, bpffs, uplinks, shutdown_containers, resolv_conf, metrics_addr, ebpf_object } => {
+        Cmd::Daemon {
+            state_dir,
+            bpffs,
+            uplinks,
+            shutdown_containers,
+            resolv_conf,
+            metrics_addr,
+            ebpf_object,
+            docker_plugin_socket,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
@@ -121,6 +134,7 @@ pub fn main() -> ExitCode {
                 resolv_conf,
                 metrics_addr,
                 ebpf_object,
+                docker_plugin_socket,
             };
             // Much of the daemon's work is syscalls that wait out RCU grace periods (mounts,
             // link and program changes): more workers than CPUs keep a few such waits from
@@ -194,6 +208,29 @@ where
     match rt.block_on(f(Client::new(socket))) {
         Ok(code) => ExitCode::from(code),
         Err(e) => fail(e),
+    }
+}
+
+/// `--format`: `json` (or Docker's `{{json .}}`) prints one compact JSON object per line for
+/// scripts; `table` (the default) the columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Table,
+    Json,
+}
+
+pub(crate) fn parse_format(s: &str) -> Result<Format, String> {
+    match s.trim() {
+        "table" => Ok(Format::Table),
+        "json" | "{{json .}}" => Ok(Format::Json),
+        _ => Err(format!("unsupported format {s:?}: use json, '{{{{json .}}}}' or table")),
+    }
+}
+
+/// Prints each object on a line of its own (`--format json`).
+fn json_lines(items: &[serde_json::Value]) {
+    for v in items {
+        println!("{v}");
     }
 }
 

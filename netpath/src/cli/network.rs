@@ -55,9 +55,15 @@ pub enum NetworkCmd {
         /// Only print names.
         #[arg(short, long)]
         quiet: bool,
+        /// `json`: one JSON object per network and line.
+        #[arg(long, value_parser = super::parse_format, default_value = "table")]
+        format: super::Format,
     },
     /// Show one or more networks as JSON.
     Inspect {
+        /// `json`: one compact JSON object per line instead of an indented array.
+        #[arg(long, value_parser = super::parse_format, default_value = "table")]
+        format: super::Format,
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -123,11 +129,15 @@ pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
                 gone.iter().for_each(|n| println!("{}", s(n)));
             }
         }
-        NetworkCmd::Ls { quiet } => {
+        NetworkCmd::Ls { quiet, format } => {
             let v = c.get("/networks").await?;
             let nets = v.as_array().cloned().unwrap_or_default();
             if quiet {
                 nets.iter().for_each(|n| println!("{}", s(&n["Name"])));
+                return Ok(0);
+            }
+            if format == super::Format::Json {
+                super::json_lines(&nets);
                 return Ok(0);
             }
             let rows = nets
@@ -143,12 +153,15 @@ pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
                 .collect();
             table(&["NETWORK ID", "NAME", "DRIVER", "SUBNET"], rows);
         }
-        NetworkCmd::Inspect { names } => {
+        NetworkCmd::Inspect { names, format } => {
             let mut out = vec![];
             for n in names {
                 out.push(c.get(&format!("/networks/{}", seg(&n))).await?);
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            match format {
+                super::Format::Json => super::json_lines(&out),
+                super::Format::Table => println!("{}", serde_json::to_string_pretty(&out)?),
+            }
         }
         NetworkCmd::Rm { names } => {
             let mut failed = false;

@@ -31,7 +31,7 @@ fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Container> {
 /// until the caller records and wires it.
 /// `host_addrs`: the host's own addresses, which a macvlan network (on the host's subnet) must
 /// never hand out.
-fn plan_endpoint(
+pub(super) fn plan_endpoint(
     st: &State,
     net: &Network,
     taken_ifnames: &[String],
@@ -104,6 +104,16 @@ fn reserved_addresses(net: &Network, host_addrs: &[std::net::Ipv4Addr]) -> Vec<(
     r
 }
 
+/// A Linux interface name: 1-15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn valid_ifname(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() < 16
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok { Ok(()) } else { Err(bad_request!("invalid interface name {s:?}: 1-15 characters, no '/', ':' or spaces")) }
+}
+
 /// Resolves `-p`/`-P`/`--expose` into bindings that clash with no other container's. On a
 /// macvlan network there is nothing to publish (containers are on the physical network):
 /// accepted and ignored with a warning, as Docker does.
@@ -159,7 +169,7 @@ impl Daemon {
     }
 
     /// The container `id` as it is now, once its lock is held (it may have gone meanwhile).
-    fn current(&self, id: &str, name: &str) -> Result<Container> {
+    pub(super) fn current(&self, id: &str, name: &str) -> Result<Container> {
         self.state().container_by_id(id).cloned().ok_or_else(|| not_found!("container {name} not found"))
     }
 
@@ -178,6 +188,18 @@ impl Daemon {
     /// `run` and `attach`: makes (or adopts) the sandbox, wires it to one network, optionally
     /// starts the detached process.
     pub async fn create_container(&self, req: ContainerCreate) -> Result<Value> {
+        let (c, warnings) = self.create_container_record(req).await?;
+        let mut v = self.container_json(&c, &self.endpoint_counters(&c).await);
+        if !warnings.is_empty() {
+            v["Warnings"] = serde_json::json!(warnings);
+        }
+        Ok(v)
+    }
+
+    /// [`Self::create_container`] without the `inspect` view (its counters cost netlink
+    /// round trips a runtime's attach does not need).
+    /// Also returns the warnings for the user (options accepted but ignored).
+    pub(super) async fn create_container_record(&self, req: ContainerCreate) -> Result<(Container, Vec<String>)> {
         self.wait_ready().await;
         let mut laps = super::Laps::new();
         valid_name("container", &req.name)?;
@@ -188,6 +210,12 @@ impl Daemon {
             && !netns::is_mounted(std::path::Path::new(p))
         {
             return Err(bad_request!("{p} is not a network namespace"));
+        }
+        if let Some(i) = &req.ifname {
+            valid_ifname(i)?;
+            if req.netns.is_none() {
+                return Err(bad_request!("an interface name can only be chosen in an attached namespace"));
+            }
         }
         let host_addrs = self.host_addrs_for(req.network.as_deref().unwrap_or("bridge")).await?;
         let mut warnings = vec![];
@@ -208,6 +236,9 @@ impl Daemon {
             let ports = plan_ports(&st, &req, &net, &mut warnings)?;
             let mut ep = plan_endpoint(&st, &net, &[], req.ip.as_deref(), &host_addrs)?;
             ep.aliases = dns_opts.aliases;
+            if let Some(ifname) = &req.ifname {
+                ep.ifname = ifname.clone();
+            }
             let sandbox = match (&req.netns, net.driver) {
                 (_, DriverKind::Host) => Sandbox::Host,
                 (Some(p), _) => Sandbox::Netns { path: PathBuf::from(p), owned: false },
@@ -225,6 +256,7 @@ impl Daemon {
                 hostname: dns_opts.hostname,
                 dns: dns_opts.dns,
                 dns_search: dns_opts.dns_search,
+                labels: req.labels.clone(),
             };
             st.put_container(c.clone());
             c
@@ -296,14 +328,9 @@ impl Daemon {
         }
         laps.lap("persist");
         let c = self.current(&id, &c.name)?;
-        let mut v = self.container_json(&c, &self.endpoint_counters(&c).await);
-        if !warnings.is_empty() {
-            v["Warnings"] = serde_json::json!(warnings);
-        }
-        laps.lap("view");
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
-        Ok(v)
+        Ok((c, warnings))
     }
 
     async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {
@@ -453,7 +480,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn withdraw_ports(&self, c: &Container) {
+    pub(super) fn withdraw_ports(&self, c: &Container) {
         let mut dp = self.dp();
         for b in &c.ports {
             let _ = dp.remove_port(b.host_ip, b.host_port, b.proto.number());

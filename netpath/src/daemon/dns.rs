@@ -92,9 +92,11 @@ impl Daemon {
             .collect();
         let on_none =
             c.endpoints.iter().any(|e| st.network_by_id(&e.network_id).is_some_and(|n| n.driver == DriverKind::None));
+        // dockerd serves 127.0.0.11 in its own sandboxes.
+        let docker = c.labels.contains_key(super::docker::LABEL_DOCKER_ENDPOINT);
         let netns = match &c.sandbox {
             // `none` means no network at all: no resolver either.
-            Sandbox::Netns { path, .. } if !on_none => Some(path.clone()),
+            Sandbox::Netns { path, .. } if !on_none && !docker => Some(path.clone()),
             _ => None,
         };
         ContainerView {

@@ -14,9 +14,11 @@
 //! changed for it and `Removing` before it is torn down, so after a crash [`reconcile`]
 //! knows what to undo or finish (see `state`).
 
+mod attachments;
 mod containers;
 pub mod crash;
 mod dns;
+pub mod docker;
 mod flows;
 mod host;
 mod locks;
@@ -59,6 +61,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Load this eBPF object instead of the embedded one (development, upgrade tests).
     pub ebpf_object: Option<PathBuf>,
+    /// Where to serve Docker's network and IPAM plugin API (off when None).
+    pub docker_plugin_socket: Option<PathBuf>,
 }
 
 pub struct Daemon {

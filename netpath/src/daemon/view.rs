@@ -63,7 +63,7 @@ impl Daemon {
         json!({
             "Name": n.name,
             "Id": n.id,
-            "Created": n.created,
+            "Created": rfc3339(n.created),
             "Scope": "local",
             "Driver": n.driver.as_str(),
             "IPAM": { "Driver": "default", "Config": config },
@@ -91,7 +91,7 @@ impl Daemon {
         json!({
             "Id": c.id,
             "Name": c.name,
-            "Created": c.created,
+            "Created": rfc3339(c.created),
             "State": { "Status": status(c, running), "Running": running, "ExitCode": self.exit_code(c, running) },
             "Config": { "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default() },
             "NetworkSettings": { "Networks": networks },
@@ -179,7 +179,7 @@ impl Daemon {
         json!({
             "Id": c.id,
             "Name": c.name,
-            "Created": c.created,
+            "Created": rfc3339(c.created),
             "ResolvConfPath": etc.resolv_conf,
             // Where the daemon mounts container namespaces (processes started in a container
             // unmount it in their own mount namespace).
@@ -203,6 +203,7 @@ impl Daemon {
                 "Cmd": p.map(|p| p.cmd.clone()).unwrap_or_default(),
                 "Detached": p.is_some_and(|p| p.detached),
                 "Hostname": c.hostname(),
+                "Labels": c.labels,
             },
             "LogPath": self.store.log_path(&c.id).display().to_string(),
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
@@ -244,4 +245,30 @@ pub(super) fn flow_json(k: &netpath_common::Tuple, e: &netpath_common::CtEntry) 
         _ => "new",
     };
     json!({ "Match": tuple_json(k), "Rewrite": tuple_json(&e.xlate), "Hook": hook, "Reply": e.is_reply == 1, "State": state })
+}
+
+/// Seconds since the epoch as Docker prints times: RFC 3339 in UTC, `2026-11-25T22:31:41Z`.
+pub(crate) fn rfc3339(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_732_301), "2026-11-26T22:31:41Z");
+    }
 }

@@ -318,6 +318,9 @@ pub struct Container {
     /// `--dns-search`: search domains instead of the host's.
     #[serde(default)]
     pub dns_search: Vec<String>,
+    /// Docker's labels; attachments made for a runtime (CNI) carry their key here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Container {
@@ -596,6 +599,7 @@ pub(crate) mod tests {
             hostname: None,
             dns: vec![],
             dns_search: vec![],
+            labels: Default::default(),
         }
     }
 
