@@ -149,6 +149,24 @@ fn default_bridge_resolves_no_names_but_external_ones() {
 }
 
 #[test]
+fn internal_networks_resolve_names_but_forward_nothing() {
+    let (lab, _up) = lab_with_upstream("dns-internal");
+    lab.np(&["network", "create", "--internal", "--subnet", "10.91.0.0/24", "inner"]);
+    lab.np(&["network", "create", "--subnet", "10.92.0.0/24", "outer"]);
+    sleeper(&lab, "i1", &["--network", "inner"]);
+    sleeper(&lab, "i2", &["--network", "inner"]);
+    sleeper(&lab, "both", &["--network", "inner"]);
+    lab.np(&["network", "connect", "outer", "both"]);
+    assert_eq!(getent(&lab, "i2", "i1").len(), 1, "names resolve on an internal network");
+    // No way out, so no forwarding either (as Docker 26+): a fast SERVFAIL, not a timeout.
+    let t = Instant::now();
+    assert_eq!(status(&dig(&lab, "i2", &[EXT_NAME])), "SERVFAIL");
+    assert!(t.elapsed() < Duration::from_secs(3), "refused at once, took {:?}", t.elapsed());
+    // A container with a way out (a second, ordinary network) still gets forwarding.
+    assert_eq!(dig_short(&lab, "both", &[EXT_NAME]), [EXT_IP]);
+}
+
+#[test]
 fn forwarding_relays_nxdomain_servfail_and_big_answers() {
     let (lab, _up) = lab_with_upstream("dns-forward");
     // A second upstream with another answer, and an address where no resolver listens.

@@ -87,6 +87,7 @@ impl Daemon {
                     resolves: resolves(net),
                     ipv4: e.ipv4,
                     aliases: e.aliases.clone(),
+                    internal: net.opts.internal,
                 })
             })
             .collect();

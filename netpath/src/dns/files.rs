@@ -136,6 +136,7 @@ mod tests {
                     resolves: *resolves,
                     ipv4: Some(format!("10.0.{i}.2").parse().unwrap()),
                     aliases: vec!["www".into()],
+                    internal: false,
                 })
                 .collect(),
             dns: vec![],

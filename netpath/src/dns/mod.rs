@@ -61,6 +61,8 @@ pub struct EndpointView {
     pub ipv4: Option<Ipv4Addr>,
     /// Network-scoped aliases (`--alias`).
     pub aliases: Vec<String>,
+    /// An `--internal` network: no way out, so no forwarding for it either.
+    pub internal: bool,
 }
 
 impl ContainerView {
@@ -213,7 +215,17 @@ impl Inner {
 
     /// Where `id`'s forwarded queries go: its `--dns` servers, else the host's.
     fn upstreams(&self, id: &str) -> Vec<IpAddr> {
-        let own = self.table.read().unwrap().get(id).map(|c| c.dns.clone()).unwrap_or_default();
+        let table = self.table.read().unwrap();
+        // A container only on internal networks has no way out: its queries for other names
+        // are not forwarded either (Docker 26 and later), and get SERVFAIL.
+        if let Some(c) = table.get(id)
+            && !c.endpoints.is_empty()
+            && c.endpoints.iter().all(|e| e.internal)
+        {
+            return vec![];
+        }
+        let own = table.get(id).map(|c| c.dns.clone()).unwrap_or_default();
+        drop(table);
         if own.is_empty() { self.host.read().unwrap().1.nameservers.clone() } else { own }
     }
 

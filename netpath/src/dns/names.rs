@@ -173,6 +173,7 @@ mod tests {
             resolves: net != "bridge",
             ipv4: Some(ip.parse().unwrap()),
             aliases: aliases.iter().map(|s| s.to_string()).collect(),
+            internal: false,
         }
     }
 
