@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod dns;
 pub mod drivers;
 pub mod ipam;
+pub mod maglev;
 pub mod netlink;
 pub mod ports;
 pub mod state;
