@@ -7,7 +7,8 @@
 
 use crate::{
     CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
-    MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason, map_names as n,
+    MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason,
+    map_names as n,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).

@@ -26,13 +26,11 @@ fn inspect_service(lab: &Lab, name: &str) -> serde_json::Value {
 fn vip(lab: &Lab, name: &str, network: &str) -> String {
     let v = inspect_service(lab, name);
     let vips = v["Endpoint"]["VirtualIPs"].as_array().cloned().unwrap_or_default();
-    let addr = vips
-        .iter()
-        .find(|x| x["Network"] == network)
-        .unwrap_or_else(|| panic!("no VIP on {network}: {v}"))["Addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let addr =
+        vips.iter().find(|x| x["Network"] == network).unwrap_or_else(|| panic!("no VIP on {network}: {v}"))["Addr"]
+            .as_str()
+            .unwrap()
+            .to_string();
     addr.split('/').next().unwrap().to_string()
 }
 
@@ -55,9 +53,16 @@ fn wait_tasks(lab: &Lab, name: &str, n: usize) -> Vec<String> {
 }
 
 /// Opens `count` connections from `client` to ip:80 and counts the answers by task address.
+/// Each from its own source port, counting up from a base that differs per call: the kernel
+/// would otherwise reuse a few ports over and over, and a port whose closed flow conntrack
+/// still holds (10 s) goes where that flow went, which is not a new connection's choice.
 fn spread(lab: &Lab, client: &str, ip: &str, count: usize) -> HashMap<String, usize> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(20000);
+    let base = NEXT.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+    assert!(base + count < 40000, "source ports run into the fixed ones");
     let script = format!(
-        "for i in $(seq {count}); do socat -u -T 5 TCP:{ip}:{PORT},connect-timeout=5 - || echo failed; done"
+        "for p in $(seq {base} {}); do socat -u -T 5 TCP:{ip}:{PORT},connect-timeout=5,sourceport=$p,reuseaddr - || echo failed; done",
+        base + count - 1
     );
     let out = lab.np(&["exec", client, "--", "sh", "-c", &script]);
     let mut m = HashMap::new();
@@ -114,6 +119,257 @@ fn six_hundred_connections_spread_over_three_replicas_and_scale_keeps_the_spread
     lab.np(&["service", "rm", "web"]);
     assert!(lab.np(&["ps", "-a"]).lines().all(|l| !l.contains("web.")));
     assert!(lab.np(&["service", "ls"]).lines().count() == 1);
-    let out = lab.try_np(&["exec", "client", "--", "socat", "-u", "-T", "2", &format!("TCP:{vip}:{PORT},connect-timeout=2"), "-"]);
+    let out = lab.try_np(&[
+        "exec",
+        "client",
+        "--",
+        "socat",
+        "-u",
+        "-T",
+        "2",
+        &format!("TCP:{vip}:{PORT},connect-timeout=2"),
+        "-",
+    ]);
     assert!(!out.status.success(), "the VIP still answers after rm");
+}
+
+/// Starts `n` detached whoami containers named `{prefix}{i}` on `network`.
+fn backends(lab: &Lab, prefix: &str, n: usize, network: &str) -> Vec<String> {
+    let names: Vec<String> = (1..=n).map(|i| format!("{prefix}{i}")).collect();
+    for b in &names {
+        let mut args = vec!["run", "-d", "--name", b.as_str(), "--network", network, "--"];
+        args.extend(whoami_cmd());
+        lab.np(&args);
+    }
+    for b in &names {
+        wait_listening(lab, b, PORT);
+    }
+    names
+}
+
+/// One connection per source port in `ports` from `client` to ip:80: the answering address
+/// for each port (or "failed").
+fn by_source_port(lab: &Lab, client: &str, ip: &str, ports: std::ops::Range<u16>) -> Vec<String> {
+    let script = format!(
+        "for p in $(seq {} {}); do socat -u -T 5 TCP:{ip}:{PORT},connect-timeout=5,sourceport=$p,reuseaddr - || echo failed; done",
+        ports.start,
+        ports.end - 1
+    );
+    lab.np(&["exec", client, "--", "sh", "-c", &script]).lines().map(|l| l.trim().to_string()).collect()
+}
+
+/// Waits (bounded) until conntrack holds no flow to `ip`: closed flows linger 10 s, and a
+/// flow the table still holds would keep its old backend.
+fn wait_flows_gone(lab: &Lab, ip: &str) {
+    for _ in 0..300 {
+        if !lab.np(&["system", "flows"]).contains(&format!("\"{ip}:")) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("flows to {ip} stayed: {}", lab.np(&["system", "flows"]));
+}
+
+#[test]
+fn removing_one_of_ten_backends_moves_few_clients_and_it_gets_no_new_connection() {
+    let lab = Lab::new("svcremap");
+    lab.np(&["network", "create", "app"]);
+    let names = backends(&lab, "b", 10, "app");
+    let mut args = vec!["service", "create", "--name", "web", "--network", "app"];
+    for b in &names {
+        args.extend(["--backend", b.as_str()]);
+    }
+    lab.np(&args);
+    lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+    let vip = vip(&lab, "web", "app");
+    const CLIENTS: std::ops::Range<u16> = 40000..40300;
+    let before = by_source_port(&lab, "client", &vip, CLIENTS);
+    assert!(before.iter().all(|a| a != "failed"), "{before:?}");
+    let gone_ip = lab.ip_of("b4", "app");
+    assert!(before.contains(&gone_ip));
+    wait_flows_gone(&lab, &vip);
+
+    lab.np(&["rm", "-f", "b4"]);
+    let after = by_source_port(&lab, "client", &vip, CLIENTS);
+    assert!(after.iter().all(|a| a != "failed" && *a != gone_ip), "a connection failed or reached b4: {after:?}");
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let had = before.iter().filter(|b| **b == gone_ip).count();
+    assert!(moved * 100 <= CLIENTS.len() * 15, "{moved} of {} clients moved (b4 had {had})", CLIENTS.len());
+    // Only b4's clients needed to move; Maglev moves few others.
+    assert!(moved >= had, "{moved} < {had}");
+    let ps = lab.np(&["service", "ps", "web"]);
+    assert!(ps.lines().any(|l| l.starts_with("b4") && l.contains("pending")), "{ps}");
+}
+
+#[test]
+fn client_ip_affinity_pins_a_client_and_names_resolve_in_the_service_networks_only() {
+    let lab = Lab::new("svcaff");
+    lab.np(&["network", "create", "app"]);
+    lab.np(&["network", "create", "other"]);
+    let mut args = vec![
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "app",
+        "--replicas",
+        "3",
+        "--affinity",
+        "client-ip",
+        "--",
+    ];
+    args.extend(whoami_cmd());
+    lab.np(&args);
+    let tasks = wait_tasks(&lab, "web", 3);
+    lab.np(&["run", "-d", "--name", "c1", "--network", "app", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "far", "--network", "other", "--", "sleep", "600"]);
+    let vip = vip(&lab, "web", "app");
+    let m = spread(&lab, "c1", &vip, 60);
+    assert_eq!(m.len(), 1, "one client, one backend: {m:?}");
+    assert!(task_addrs(&lab, &tasks, "app").contains(m.keys().next().unwrap()), "{m:?}");
+
+    // DNS: the name is the VIP, tasks.NAME the tasks; not on other networks.
+    let hosts = lab.np(&["exec", "c1", "--", "getent", "hosts", "web"]);
+    assert!(hosts.starts_with(&format!("{vip} ")), "{hosts}");
+    let all = lab.np(&["exec", "c1", "--", "getent", "ahostsv4", "tasks.web"]);
+    for a in task_addrs(&lab, &tasks, "app") {
+        assert!(all.contains(&a), "tasks.web lacks {a}: {all}");
+    }
+    assert!(!lab.try_np(&["exec", "far", "--", "getent", "hosts", "web"]).status.success());
+    // Isolation holds for VIPs as for containers.
+    let out = lab.try_np(&[
+        "exec",
+        "far",
+        "--",
+        "socat",
+        "-u",
+        "-T",
+        "2",
+        &format!("TCP:{vip}:{PORT},connect-timeout=2"),
+        "-",
+    ]);
+    assert!(!out.status.success(), "another network reached the VIP");
+}
+
+#[test]
+fn network_add_and_rm_move_the_service() {
+    let lab = Lab::new("svcnet");
+    lab.np(&["network", "create", "front"]);
+    lab.np(&["network", "create", "back"]);
+    let mut args = vec!["service", "create", "--name", "api", "--network", "back", "--replicas", "2", "--"];
+    args.extend(whoami_cmd());
+    lab.np(&args);
+    wait_tasks(&lab, "api", 2);
+    lab.np(&["run", "-d", "--name", "fc", "--network", "front", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "bc", "--network", "back", "--", "sleep", "600"]);
+    assert!(!lab.try_np(&["exec", "fc", "--", "getent", "hosts", "api"]).status.success());
+
+    lab.np(&["service", "update", "--network-add", "front", "api"]);
+    let front_vip = vip(&lab, "api", "front");
+    // The tasks join the new network (asynchronously): wait for both to answer there.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let m = spread(&lab, "fc", "api", 20);
+        seen.extend(m.keys().filter(|k| k.as_str() != "failed").cloned());
+        if seen.len() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let tasks = ["api.1".to_string(), "api.2".to_string()];
+    assert_eq!(seen, task_addrs(&lab, &tasks, "front").into_iter().collect(), "through {front_vip}");
+
+    let back_vip = vip(&lab, "api", "back");
+    lab.np(&["service", "update", "--network-rm", "back", "api"]);
+    let out = lab.try_np(&[
+        "exec",
+        "bc",
+        "--",
+        "socat",
+        "-u",
+        "-T",
+        "2",
+        &format!("TCP:{back_vip}:{PORT},connect-timeout=2"),
+        "-",
+    ]);
+    assert!(!out.status.success(), "the old VIP still answers");
+    assert!(!lab.try_np(&["exec", "bc", "--", "getent", "hosts", "api"]).status.success());
+    let m = spread(&lab, "fc", &front_vip, 20);
+    assert_eq!(m.values().sum::<usize>(), 20);
+    assert!(!m.contains_key("failed"), "{m:?}");
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let lab = Lab::new("svcbad");
+    lab.np(&["network", "create", "app"]);
+    lab.np(&["run", "-d", "--name", "pub", "--network", "app", "-p", "8080:80", "--", "sleep", "600"]);
+    lab.np(&["service", "create", "--name", "one", "--network", "app", "--publish", "published=9090,target=80"]);
+    let before_ls = lab.np(&["service", "ls"]);
+    let before_ps = lab.np(&["ps", "-a"]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--name", "x", "--network", "nope"], "network nope not found"),
+        (&["--name", "x", "--network", "app", "--backend", "ghost"], "container ghost not found"),
+        (&["--name", "x", "--network", "app", "-p", "8080:80"], "already published by a container"),
+        (
+            &["--name", "x", "--network", "app", "--publish", "published=9090,target=81"],
+            "already published by service one",
+        ),
+        (&["--name", "x", "--network", "app", "--replicas", "-1", "--", "sleep", "1"], "invalid replicas -1"),
+        (&["--name", "x", "--network", "app", "--replicas", "2"], "replicas need a command"),
+        (&["--name", "one", "--network", "app"], "already in use"),
+        (&["--name", "x", "--network", "app", "--publish", "published=1,target=zz"], "invalid publish spec"),
+        (&["--name", "x", "--network", "app", "--affinity", "sticky"], "invalid affinity"),
+        (&["--name", "x", "--network", "host"], "services need a bridge network"),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["service", "create"];
+        a.extend_from_slice(args);
+        let err = lab.np_fails(&a);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(lab.np_fails(&["service", "scale", "one=-3"]).contains("invalid replicas -3"));
+    assert!(lab.np_fails(&["service", "update", "--network-add", "nope", "one"]).contains("network nope not found"));
+    assert!(lab.np_fails(&["service", "update", "--network-rm", "app", "one"]).contains("no network"));
+    assert!(lab.np_fails(&["service", "update", "--rm-backend", "pub", "one"]).contains("not a backend"));
+    assert!(lab.np_fails(&["service", "rm", "nope"]).contains("service nope not found"));
+    assert_eq!(lab.np(&["service", "ls"]), before_ls);
+    assert_eq!(lab.np(&["ps", "-a"]), before_ps);
+}
+
+#[test]
+fn a_task_that_exits_is_restarted_and_a_restarted_daemon_keeps_the_service() {
+    let mut lab = Lab::new("svcrestart");
+    lab.np(&["network", "create", "app"]);
+    let mut args = vec!["service", "create", "--name", "web", "--network", "app", "--replicas", "2", "--"];
+    args.extend(whoami_cmd());
+    lab.np(&args);
+    wait_tasks(&lab, "web", 2);
+    lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+    let vip = vip(&lab, "web", "app");
+
+    // Kill one task's command (the child of its supervisor, whose pid inspect shows): it
+    // exits, leaves the table and comes back as a new task.
+    let pid = lab.inspect("web.1")["State"]["Pid"].as_u64().expect("pid");
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let child = children.split_whitespace().next().unwrap_or_else(|| panic!("no child of supervisor {pid}"));
+    let _ = std::process::Command::new("kill").args(["-9", child]).status();
+    let mut restarted = false;
+    for _ in 0..100 {
+        let p = lab.inspect("web.1")["State"]["Pid"].as_u64();
+        if p.is_some_and(|p| p != pid) && lab.inspect("web.1")["State"]["Running"] == true {
+            restarted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(restarted, "web.1 was not restarted: {}", lab.np(&["service", "ps", "web"]));
+    let tasks = wait_tasks(&lab, "web", 2);
+    assert_even(&spread(&lab, "client", &vip, 200), &task_addrs(&lab, &tasks, "app"), 200);
+
+    lab.restart_daemon();
+    assert_eq!(self::vip(&lab, "web", "app"), vip);
+    let tasks = wait_tasks(&lab, "web", 2);
+    assert_even(&spread(&lab, "client", &vip, 200), &task_addrs(&lab, &tasks, "app"), 200);
 }

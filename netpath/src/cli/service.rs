@@ -111,7 +111,13 @@ pub async fn run(c: &Client, cmd: ServiceCmd) -> Result<u8> {
                 .into_iter()
                 .flatten()
                 .map(|x| {
-                    vec![s(&x["ID"]).chars().take(12).collect(), s(&x["Name"]), s(&x["Mode"]), s(&x["Replicas"]), ports(&x["Ports"])]
+                    vec![
+                        s(&x["ID"]).chars().take(12).collect(),
+                        s(&x["Name"]),
+                        s(&x["Mode"]),
+                        s(&x["Replicas"]),
+                        ports(&x["Ports"]),
+                    ]
                 })
                 .collect();
             table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], rows);

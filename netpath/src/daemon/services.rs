@@ -50,7 +50,8 @@ fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Service> {
 
 /// Parses `--publish published=P,target=T[,protocol=udp][,mode=ingress]` or `-p P:T[/udp]`.
 pub fn parse_port(spec: &str) -> Result<ServicePort> {
-    let bad = || bad_request!("invalid publish spec {spec:?}: use published=P,target=T[,protocol=tcp|udp] or P:T[/udp]");
+    let bad =
+        || bad_request!("invalid publish spec {spec:?}: use published=P,target=T[,protocol=tcp|udp] or P:T[/udp]");
     let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
     if spec.contains('=') {
         let (mut published, mut target, mut proto) = (None, None, Proto::Tcp);
@@ -152,9 +153,10 @@ impl Daemon {
             if st.bindings_except("").iter().any(|b| b.clashes(&mine)) {
                 return Err(conflict!("port {pp}/{} is already published by a container", p.proto.as_str()));
             }
-            let other = st.services().filter(|o| o.id != s.id).find(|o| {
-                o.ports.iter().any(|q| q.published == Some(pp) && q.proto == p.proto)
-            });
+            let other = st
+                .services()
+                .filter(|o| o.id != s.id)
+                .find(|o| o.ports.iter().any(|q| q.published == Some(pp) && q.proto == p.proto));
             if let Some(o) = other {
                 return Err(conflict!("port {pp}/{} is already published by service {}", p.proto.as_str(), o.name));
             }
@@ -166,7 +168,11 @@ impl Daemon {
         // would be taken for a task (and removed when it is not wanted).
         let creating = st.service_by_id(&s.id).is_none();
         if let Some(c) = st.containers().find(|c| creating && s.is_replica_name(&c.name)) {
-            return Err(conflict!("container name {} is already in use: {}.<n> names are the service's tasks", c.name, s.name));
+            return Err(conflict!(
+                "container name {} is already in use: {}.<n> names are the service's tasks",
+                c.name,
+                s.name
+            ));
         }
         Ok(())
     }
@@ -204,7 +210,9 @@ impl Daemon {
             let vips = if endpoint_mode == "vip" { plan_vips(&st, &nets, &[])? } else { vec![] };
             // dnsrr has no VIP, but the service still lists its networks (slot unused).
             let vips = if vips.is_empty() {
-                nets.iter().map(|n| ServiceVip { network_id: n.id.clone(), vip: Ipv4Addr::UNSPECIFIED, slot: u32::MAX }).collect()
+                nets.iter()
+                    .map(|n| ServiceVip { network_id: n.id.clone(), vip: Ipv4Addr::UNSPECIFIED, slot: u32::MAX })
+                    .collect()
             } else {
                 vips
             };
@@ -245,7 +253,10 @@ impl Daemon {
             let mut s = old.clone();
             if replicas.is_some() {
                 if old.replicas.is_none() {
-                    return Err(bad_request!("service {} has no replicas to scale: it was created without a command", s.name));
+                    return Err(bad_request!(
+                        "service {} has no replicas to scale: it was created without a command",
+                        s.name
+                    ));
                 }
                 s.replicas = replicas;
             }
@@ -269,12 +280,15 @@ impl Daemon {
             if nets.is_empty() {
                 return Err(bad_request!("service {} would be on no network: remove it instead", s.name));
             }
-            let keep: Vec<ServiceVip> = s.vips.iter().filter(|v| nets.iter().any(|n| n.id == v.network_id)).cloned().collect();
+            let keep: Vec<ServiceVip> =
+                s.vips.iter().filter(|v| nets.iter().any(|n| n.id == v.network_id)).cloned().collect();
             s.vips = if s.endpoint_mode == "vip" {
                 // Its old VIPs are its own to keep: plan with them reserved.
                 plan_vips(&st, &nets, &keep)?
             } else {
-                nets.iter().map(|n| ServiceVip { network_id: n.id.clone(), vip: Ipv4Addr::UNSPECIFIED, slot: u32::MAX }).collect()
+                nets.iter()
+                    .map(|n| ServiceVip { network_id: n.id.clone(), vip: Ipv4Addr::UNSPECIFIED, slot: u32::MAX })
+                    .collect()
             };
             for b in &req.rm_backend {
                 if !s.backends.contains(b) {
@@ -313,7 +327,9 @@ impl Daemon {
         self.persist_service(&id).await?;
         self.sync_services().await;
         if self.state().service_by_id(&id).is_some() {
-            return Err(Error::Internal(anyhow::anyhow!("service {name}: removal did not finish, see the daemon's log")));
+            return Err(Error::Internal(anyhow::anyhow!(
+                "service {name}: removal did not finish, see the daemon's log"
+            )));
         }
         Ok(())
     }
@@ -357,6 +373,10 @@ impl Daemon {
             for r in s.replica_names() {
                 let existing = containers.iter().find(|c| c.name == r);
                 let exited = existing.is_some_and(|c| c.phase == Phase::Ready && !Self::is_running(c));
+                if let Some(c) = existing.filter(|c| c.phase == Phase::Ready && !exited) {
+                    self.follow_networks(s, c).await; // --network-add / --network-rm
+                    continue;
+                }
                 if existing.is_some() && !exited {
                     continue;
                 }
@@ -436,6 +456,7 @@ impl Daemon {
                 }
             }
         }
+        self.dns.set_services(self.service_names(&services));
         let mut gone_backends: BTreeSet<Ipv4Addr> = BTreeSet::new();
         // VIP addresses on their bridges: the host answers ARP for them (and refuses what no
         // backend takes).
@@ -548,6 +569,48 @@ impl Daemon {
         prog.restarts.retain(|_, t| t.elapsed() < RESTART_BACKOFF * 10);
     }
 
+    /// Connects a running replica to the service's networks it is not on, and disconnects it
+    /// from networks the service left.
+    async fn follow_networks(self: &Arc<Self>, s: &Service, c: &state::Container) {
+        let names: HashMap<String, String> = self.state().networks().map(|n| (n.id.clone(), n.name.clone())).collect();
+        for v in s.vips.iter().filter(|v| !c.endpoints.iter().any(|e| e.network_id == v.network_id)) {
+            let Some(net) = names.get(&v.network_id) else { continue };
+            let req = crate::api::Connect { container: c.name.clone(), ip: None, aliases: vec![] };
+            if let Err(e) = self.connect(net, req).await {
+                warn!("service {}: connecting task {} to {net}: {e}", s.name, c.name);
+            }
+        }
+        for e in c.endpoints.iter().filter(|e| !s.vips.iter().any(|v| v.network_id == e.network_id)) {
+            let Some(net) = names.get(&e.network_id) else { continue };
+            if let Err(err) = self.disconnect(net, &c.name).await {
+                warn!("service {}: disconnecting task {} from {net}: {err}", s.name, c.name);
+            }
+        }
+    }
+
+    /// What the embedded DNS answers for services, per network: `NAME` (the VIP, or with
+    /// dnsrr the running tasks' addresses) and `tasks.NAME` (the running tasks' addresses).
+    fn service_names(&self, services: &[Service]) -> crate::dns::ServiceNames {
+        let st = self.state();
+        let mut out = crate::dns::ServiceNames::new();
+        for s in services.iter().filter(|s| s.phase == Phase::Ready) {
+            let tasks = Self::task_names(s);
+            for v in &s.vips {
+                let addrs: Vec<Ipv4Addr> = tasks
+                    .iter()
+                    .filter_map(|t| st.container(t).filter(|c| c.name == *t && Self::healthy(c)))
+                    .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == v.network_id)?.ipv4)
+                    .collect();
+                let names = out.entry(v.network_id.clone()).or_default();
+                let name = s.name.to_ascii_lowercase();
+                let own = if s.endpoint_mode == "vip" { vec![v.vip] } else { addrs.clone() };
+                names.insert(name.clone(), own);
+                names.insert(format!("tasks.{name}"), addrs);
+            }
+        }
+        out
+    }
+
     /// Flushes the flows of a backend that left a service, unless it is a backend elsewhere.
     async fn flush_backend(&self, ip: Ipv4Addr) {
         self.flush_flows(ip).await;
@@ -566,7 +629,8 @@ impl Daemon {
 
     pub fn list_services(&self) -> Value {
         let st = self.state();
-        let mut v: Vec<Value> = st.services().filter(|s| s.phase == Phase::Ready).map(|s| self.service_summary(&st, s)).collect();
+        let mut v: Vec<Value> =
+            st.services().filter(|s| s.phase == Phase::Ready).map(|s| self.service_summary(&st, s)).collect();
         v.sort_by(|a, b| a["Name"].as_str().cmp(&b["Name"].as_str()));
         Value::Array(v)
     }

@@ -377,9 +377,16 @@ impl Datapath {
     }
 
     /// Points (VIP, port or 0 for every port, protocol) at the Maglev table in `slot`.
-    pub fn set_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, info: netpath_common::ServiceInfo) -> Result<()> {
+    pub fn set_service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        info: netpath_common::ServiceInfo,
+    ) -> Result<()> {
         let mut m: BpfHashMap<_, PortKey, netpath_common::ServiceInfo> = self.map(map_names::SERVICES)?;
-        m.insert(port_key(Some(vip), port, proto), info, 0).context("adding a service entry (is the service table full?)")
+        m.insert(port_key(Some(vip), port, proto), info, 0)
+            .context("adding a service entry (is the service table full?)")
     }
 
     pub fn remove_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8) -> Result<()> {
