@@ -41,8 +41,8 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             if !p.translatable {
                 return TC_ACT_OK as i32;
             }
-            // A service VIP first: it is an address of the host, as a published port's is.
-            match lb::balance(&p, HOOK) {
+            // A service first (a VIP, or a service port published on a host address).
+            match lb::balance(&p, lb::Scope::Local, HOOK, HOOK) {
                 Some(Ok(x)) => x,
                 Some(Err(reason)) => return drop(&p, HOOK, reason),
                 None => match hairpin(&p) {
