@@ -373,3 +373,109 @@ fn a_task_that_exits_is_restarted_and_a_restarted_daemon_keeps_the_service() {
     let tasks = wait_tasks(&lab, "web", 2);
     assert_even(&spread(&lab, "client", &vip, 200), &task_addrs(&lab, &tasks, "app"), 200);
 }
+
+#[test]
+fn published_service_ports_reach_the_tasks_from_outside_and_from_host_processes() {
+    use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, in_ns, must};
+    let lab = Lab::new("svcpub");
+    lab.np(&["network", "create", "app"]);
+    let mut args = vec![
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "app",
+        "--replicas",
+        "2",
+        "--publish",
+        "published=8080,target=80",
+        "--",
+    ];
+    // Answers with the address it was reached at and the client's address as it sees it.
+    args.extend(["socat", "TCP-LISTEN:80,fork,reuseaddr", "SYSTEM:echo $SOCAT_SOCKADDR $SOCAT_PEERADDR"]);
+    lab.np(&args);
+    let tasks = wait_tasks(&lab, "web", 2);
+    let addrs = task_addrs(&lab, &tasks, "app");
+    let ls = lab.np(&["service", "ls"]);
+    assert!(ls.contains("*:8080->80/tcp"), "{ls}");
+
+    // From outside, through the uplink: both tasks, the client's real address kept.
+    let script = format!(
+        "for p in $(seq 30000 30039); do socat -u -T 5 TCP:{HOST_ETH0_IP}:8080,connect-timeout=5,sourceport=$p,reuseaddr -; done"
+    );
+    let out = must(in_ns(&lab.client_ns, "sh", &["-c", &script]));
+    let mut seen = std::collections::BTreeSet::new();
+    for l in out.lines() {
+        let (task, peer) = l.split_once(' ').unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(peer, CLIENT_IP, "{out}");
+        seen.insert(task.to_string());
+    }
+    assert_eq!(seen, addrs.iter().cloned().collect(), "{out}");
+
+    // From a host process, by loopback and by the VIP: the socket programs point it at a task.
+    for target in ["127.0.0.1:8080".to_string(), format!("{}:80", vip(&lab, "web", "app"))] {
+        let out =
+            must(in_ns(&lab.host_ns, "socat", &["-u", "-T", "5", &format!("TCP:{target},connect-timeout=5"), "-"]));
+        let task = out.split_whitespace().next().unwrap_or_default().to_string();
+        assert!(addrs.contains(&task), "{target}: {out}");
+    }
+
+    // A second service cannot take the port; a container cannot either.
+    let err = lab.np_fails(&["service", "create", "--name", "x", "--network", "app", "-p", "8080:80"]);
+    assert!(err.contains("already published by service web"), "{err}");
+    let err = lab.np_fails(&["run", "-d", "--name", "y", "--network", "app", "-p", "8080:80", "--", "sleep", "1"]);
+    assert!(err.contains("8080"), "{err}");
+}
+
+#[test]
+fn udp_services_answer_from_the_vip_and_the_published_port() {
+    use netpath_tests::{HOST_ETH0_IP, in_ns, must};
+    let lab = Lab::new("svcudp");
+    lab.np(&["network", "create", "app"]);
+    lab.np(&[
+        "service",
+        "create",
+        "--name",
+        "dns",
+        "--network",
+        "app",
+        "--replicas",
+        "2",
+        "-p",
+        "5353:5300/udp",
+        "--",
+        // Not port 53: the embedded DNS server holds 127.0.0.11:53 in every container.
+        // UDP-RECVFROM sets no SOCAT_SOCKADDR: the task's (only) address instead.
+        "socat",
+        "UDP-RECVFROM:5300,fork",
+        "SYSTEM:hostname -I",
+    ]);
+    let tasks = wait_tasks_udp(&lab, "dns", 2);
+    let addrs = task_addrs(&lab, &tasks, "app");
+    lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+    let vip = vip(&lab, "dns", "app");
+    let script = format!("for p in $(seq 31000 31019); do echo q | socat -T 2 - UDP:{vip}:5300,sourceport=$p; done");
+    let out = lab.np(&["exec", "client", "--", "sh", "-c", &script]);
+    let seen: std::collections::BTreeSet<String> = out.lines().map(|l| l.trim().to_string()).collect();
+    assert_eq!(seen, addrs.iter().cloned().collect(), "answers come from the tasks, through {vip}: {out}");
+    // From outside, through the published port.
+    let out = must(in_ns(&lab.client_ns, "sh", &["-c", &format!("echo q | socat -T 2 - UDP:{HOST_ETH0_IP}:5353")]));
+    assert!(addrs.contains(&out.trim().to_string()), "{out}");
+}
+
+/// [`wait_tasks`] for UDP servers: running tasks with a bound UDP port 5300.
+fn wait_tasks_udp(lab: &Lab, name: &str, n: usize) -> Vec<String> {
+    for _ in 0..200 {
+        let v = inspect_service(lab, name);
+        let tasks = v["Tasks"].as_array().cloned().unwrap_or_default();
+        let running: Vec<String> =
+            tasks.iter().filter(|t| t["State"] == "running").map(|t| t["Name"].as_str().unwrap().to_string()).collect();
+        let bound = |t: &String| !lab.np(&["exec", t, "--", "ss", "-Hlun", "sport = :5300"]).trim().is_empty();
+        if tasks.len() == n && running.len() == n && running.iter().all(bound) {
+            return running;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("service {name} did not get {n} bound tasks: {}", inspect_service(lab, name));
+}

@@ -150,7 +150,7 @@ impl Daemon {
             }
             let Some(pp) = p.published else { continue };
             let mine = crate::ports::Binding { host_ip: None, host_port: pp, container_port: p.target, proto: p.proto };
-            if st.bindings_except("").iter().any(|b| b.clashes(&mine)) {
+            if st.container_bindings().iter().any(|b| b.clashes(&mine)) {
                 return Err(conflict!("port {pp}/{} is already published by a container", p.proto.as_str()));
             }
             let other = st

@@ -494,9 +494,20 @@ impl State {
             .filter_map(|id| self.containers.get(id))
             .flat_map(move |c| c.endpoints.iter().filter(move |e| e.network_id == network_id).map(move |e| (c, e)))
     }
-    /// Every container's published ports except `except`'s.
+    /// Every container's published ports except `except`'s, and every service's.
     pub fn bindings_except(&self, except: &str) -> Vec<crate::ports::Binding> {
-        self.bindings.iter().filter(|(_, c)| c != except).map(|(b, _)| *b).collect()
+        let services = self.services.values().flat_map(|s| {
+            s.ports.iter().filter_map(|p| {
+                let host_port = p.published?;
+                Some(crate::ports::Binding { host_ip: None, host_port, container_port: p.target, proto: p.proto })
+            })
+        });
+        self.bindings.iter().filter(|(_, c)| c != except).map(|(b, _)| *b).chain(services).collect()
+    }
+
+    /// Only containers' published ports (a service checks other services by name).
+    pub fn container_bindings(&self) -> Vec<crate::ports::Binding> {
+        self.bindings.iter().map(|(b, _)| *b).collect()
     }
 }
 
