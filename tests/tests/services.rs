@@ -479,3 +479,53 @@ fn wait_tasks_udp(lab: &Lab, name: &str, n: usize) -> Vec<String> {
     }
     panic!("service {name} did not get {n} bound tasks: {}", inspect_service(lab, name));
 }
+
+#[test]
+fn a_task_failing_its_tcp_health_check_gets_no_connection_until_it_passes() {
+    let lab = Lab::new("svchealth");
+    lab.np(&["network", "create", "app"]);
+    let good = backends(&lab, "good", 1, "app");
+    lab.np(&["run", "-d", "--name", "late", "--network", "app", "--", "sleep", "600"]);
+    lab.np(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "app",
+        "--backend",
+        "good1",
+        "--backend",
+        "late",
+        "--health-cmd-tcp",
+        "80",
+    ]);
+    lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+    let wait_state = |task: &str, state: &str| {
+        for _ in 0..100 {
+            let ps = lab.np(&["service", "ps", "web"]);
+            if ps.lines().any(|l| l.starts_with(task) && l.contains(state)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{task} never {state}: {}", lab.np(&["service", "ps", "web"]));
+    };
+    wait_state("late", "unhealthy");
+    let vip = vip(&lab, "web", "app");
+    let m = spread(&lab, "client", &vip, 40);
+    assert_eq!(m.get(&lab.ip_of(&good[0], "app")), Some(&40), "only the healthy task: {m:?}");
+
+    // It starts listening: within a second it is a backend again.
+    lab.np(&[
+        "exec",
+        "late",
+        "--",
+        "sh",
+        "-c",
+        "setsid -f socat TCP-LISTEN:80,fork,reuseaddr 'SYSTEM:echo $SOCAT_SOCKADDR' </dev/null >/dev/null 2>&1",
+    ]);
+    wait_state("late", "running");
+    let m = spread(&lab, "client", &vip, 100);
+    assert_even(&m, &[lab.ip_of("good1", "app"), lab.ip_of("late", "app")], 100);
+}

@@ -38,6 +38,8 @@ pub struct ServiceCreate {
     pub publish: Vec<String>,
     pub endpoint_mode: Option<String>,
     pub affinity: Option<String>,
+    /// A task is healthy while it accepts TCP connections on this port.
+    pub health_tcp: Option<u16>,
 }
 
 /// `service update` and `service scale`.

@@ -35,6 +35,10 @@ pub enum ServiceCmd {
         /// none (default) or client-ip: a client always reaches the same task.
         #[arg(long)]
         affinity: Option<String>,
+        /// A task takes connections only while it accepts TCP connections on PORT (checked
+        /// every 300 ms; one that stops leaves the tables within a second).
+        #[arg(long, value_name = "PORT")]
+        health_cmd_tcp: Option<u16>,
         /// The tasks' command and its arguments (after `--`).
         #[arg(last = true)]
         cmd: Vec<String>,
@@ -98,9 +102,30 @@ fn ports(v: &Value) -> String {
 
 pub async fn run(c: &Client, cmd: ServiceCmd) -> Result<u8> {
     match cmd {
-        ServiceCmd::Create { name, networks, replicas, backends, mut publish, ports, endpoint_mode, affinity, cmd } => {
+        ServiceCmd::Create {
+            name,
+            networks,
+            replicas,
+            backends,
+            mut publish,
+            ports,
+            endpoint_mode,
+            affinity,
+            health_cmd_tcp,
+            cmd,
+        } => {
             publish.extend(ports);
-            let req = ServiceCreate { name, networks, replicas, cmd, backends, publish, endpoint_mode, affinity };
+            let req = ServiceCreate {
+                name,
+                networks,
+                replicas,
+                cmd,
+                backends,
+                publish,
+                endpoint_mode,
+                affinity,
+                health_tcp: health_cmd_tcp,
+            };
             let v = c.post("/services", &req).await?;
             println!("{}", s(&v["ID"]));
         }

@@ -87,6 +87,8 @@ pub struct Daemon {
     services: services::ServicesState,
     /// Wakes the services' sync (a task container is going).
     services_kick: tokio::sync::Notify,
+    /// Task containers failing their service's TCP health check.
+    svc_unhealthy: Mutex<std::collections::HashSet<String>>,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -175,8 +177,10 @@ impl Daemon {
             flows: flows::FlowEvents::new(events.is_some()),
             services: Default::default(),
             services_kick: Default::default(),
+            svc_unhealthy: Default::default(),
         });
         tokio::spawn(d.clone().watch_services());
+        tokio::spawn(d.clone().watch_health());
         if let Some(ring) = events {
             tokio::spawn(d.clone().read_flow_events(ring));
         }

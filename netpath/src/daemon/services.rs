@@ -192,6 +192,9 @@ impl Daemon {
             return Err(bad_request!("invalid affinity {affinity:?}: use none or client-ip"));
         }
         let replicas = replicas(req.replicas)?;
+        if req.health_tcp == Some(0) {
+            return Err(bad_request!("invalid --health-cmd-tcp 0: give the port the tasks serve"));
+        }
         let ports = req.publish.iter().map(|p| parse_port(p)).collect::<Result<Vec<_>>>()?;
         let id = state::new_id();
         {
@@ -226,6 +229,7 @@ impl Daemon {
                 ports,
                 endpoint_mode,
                 affinity,
+                health_tcp: req.health_tcp.filter(|p| *p != 0),
                 created: state::now(),
                 phase: Phase::Ready,
             };
@@ -341,9 +345,52 @@ impl Daemon {
         t
     }
 
-    /// A task container that may take new connections: built, and its process (if any) running.
-    fn healthy(c: &state::Container) -> bool {
-        c.phase == Phase::Ready && (c.process.is_none() || Self::is_running(c))
+    /// A task container that may take new connections: built, its process (if any) running,
+    /// and not failing its service's health check.
+    fn healthy(&self, c: &state::Container) -> bool {
+        c.phase == Phase::Ready
+            && (c.process.is_none() || Self::is_running(c))
+            && !self.svc_unhealthy.lock().unwrap().contains(&c.id)
+    }
+
+    /// `--health-cmd-tcp`: connects to every task's port every 300 ms (from the host, through
+    /// its bridge); a task that does not accept within 300 ms is out of the tables until it does.
+    pub async fn watch_health(self: Arc<Self>) {
+        self.wait_ready().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let probes: Vec<(String, std::net::SocketAddr)> = {
+                let st = self.state();
+                st.services()
+                    .filter(|s| s.phase == Phase::Ready)
+                    .filter_map(|s| Some((s, s.health_tcp?)))
+                    .flat_map(|(s, port)| {
+                        Self::task_names(s)
+                            .into_iter()
+                            .filter_map(|t| st.container(&t).filter(|c| c.name == t).cloned())
+                            .filter_map(move |c| Some((c.id.clone(), (c.primary_ipv4()?, port).into())))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            };
+            let checks = probes.into_iter().map(|(id, addr)| async move {
+                let ok = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                (id, ok)
+            });
+            let results = futures::future::join_all(checks).await;
+            let failing: HashSet<String> = results.into_iter().filter(|(_, ok)| !ok).map(|(id, _)| id).collect();
+            let changed = {
+                let mut u = self.svc_unhealthy.lock().unwrap();
+                let changed = *u != failing;
+                *u = failing;
+                changed
+            };
+            if changed {
+                self.services_kick.notify_one();
+            }
+        }
     }
 
     /// Makes the kernel and the replicas match the services: starts missing replicas,
@@ -433,7 +480,7 @@ impl Daemon {
                     let mut b: Vec<Ipv4Addr> = tasks
                         .iter()
                         .filter_map(|t| st.container(t).filter(|c| c.name == *t))
-                        .filter(|c| Self::healthy(c))
+                        .filter(|c| self.healthy(c))
                         .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == v.network_id)?.ipv4)
                         .collect();
                     b.sort();
@@ -598,7 +645,7 @@ impl Daemon {
             for v in &s.vips {
                 let addrs: Vec<Ipv4Addr> = tasks
                     .iter()
-                    .filter_map(|t| st.container(t).filter(|c| c.name == *t && Self::healthy(c)))
+                    .filter_map(|t| st.container(t).filter(|c| c.name == *t && self.healthy(c)))
                     .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == v.network_id)?.ipv4)
                     .collect();
                 let names = out.entry(v.network_id.clone()).or_default();
@@ -638,7 +685,7 @@ impl Daemon {
     fn service_summary(&self, st: &State, s: &Service) -> Value {
         let running = Self::task_names(s)
             .iter()
-            .filter(|t| st.container(t).is_some_and(|c| c.name == **t && Self::healthy(c)))
+            .filter(|t| st.container(t).is_some_and(|c| c.name == **t && self.healthy(c)))
             .count();
         json!({
             "ID": s.id,
@@ -679,9 +726,10 @@ impl Daemon {
                 "Backends": s.backends,
                 "EndpointSpec": { "Mode": s.endpoint_mode, "Ports": s.ports.iter().map(port_json).collect::<Vec<_>>() },
                 "Affinity": s.affinity,
+                "HealthCheck": s.health_tcp.map(|p| json!({ "TCPPort": p })),
             },
             "Endpoint": { "VirtualIPs": vips, "Ports": s.ports.iter().map(port_json).collect::<Vec<_>>() },
-            "Tasks": tasks_json(&st, s),
+            "Tasks": tasks_json(self, &st, s),
         }))
     }
 
@@ -689,7 +737,7 @@ impl Daemon {
     pub fn service_tasks(&self, name: &str) -> Result<Value> {
         let st = self.state();
         let s = lookup(&st, name)?;
-        Ok(tasks_json(&st, s))
+        Ok(tasks_json(self, &st, s))
     }
 }
 
@@ -697,7 +745,7 @@ fn port_json(p: &ServicePort) -> Value {
     json!({ "Protocol": p.proto.as_str(), "TargetPort": p.target, "PublishedPort": p.published, "PublishMode": "ingress" })
 }
 
-fn tasks_json(st: &State, s: &Service) -> Value {
+fn tasks_json(d: &Daemon, st: &State, s: &Service) -> Value {
     Value::Array(
         Daemon::task_names(s)
             .iter()
@@ -706,7 +754,8 @@ fn tasks_json(st: &State, s: &Service) -> Value {
                 let state = match c {
                     None => "pending",
                     Some(c) if c.phase != Phase::Ready => "starting",
-                    Some(c) if Daemon::healthy(c) => "running",
+                    Some(c) if d.svc_unhealthy.lock().unwrap().contains(&c.id) => "unhealthy",
+                    Some(c) if d.healthy(c) => "running",
                     Some(_) => "exited",
                 };
                 let addrs: Vec<Value> = c

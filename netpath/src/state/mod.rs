@@ -266,6 +266,9 @@ pub struct Service {
     pub endpoint_mode: String,
     /// `none` or `client-ip`.
     pub affinity: String,
+    /// `--health-cmd-tcp PORT`: a task is a backend only while it accepts connections there.
+    #[serde(default)]
+    pub health_tcp: Option<u16>,
     pub created: u64,
     pub phase: Phase,
 }
