@@ -407,10 +407,8 @@ impl Daemon {
             let owner = services.iter().find(|s| s.is_replica_name(&c.name));
             let Some(s) = owner else { continue };
             let wanted = s.phase == Phase::Ready && s.replica_names().contains(&c.name);
-            if !wanted {
-                if let Err(e) = self.remove_container(&c.name, true).await {
-                    warn!("service {}: removing task {}: {e}", s.name, c.name);
-                }
+            if !wanted && let Err(e) = self.remove_container(&c.name, true).await {
+                warn!("service {}: removing task {}: {e}", s.name, c.name);
             }
         }
         for s in services.iter().filter(|s| s.phase == Phase::Ready) {
@@ -779,4 +777,49 @@ fn tasks_json(d: &Daemon, st: &State, s: &Service) -> Value {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs_in_both_forms() {
+        let p = parse_port("published=8080,target=80").unwrap();
+        assert_eq!((p.published, p.target, p.proto), (Some(8080), 80, Proto::Tcp));
+        let p = parse_port("published=53,target=5300,protocol=udp,mode=ingress").unwrap();
+        assert_eq!((p.published, p.target, p.proto), (Some(53), 5300, Proto::Udp));
+        let p = parse_port("9090:90/udp").unwrap();
+        assert_eq!((p.published, p.target, p.proto), (Some(9090), 90, Proto::Udp));
+        assert_eq!(parse_port("80").unwrap().published, None);
+        for bad in
+            ["published=1", "target=0", "x=1,target=2", "8080:80/sctp", "a:b", "published=8080,target=80,mode=host"]
+        {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replica_names_are_name_dot_number() {
+        let s = Service {
+            id: "x".into(),
+            name: "web".into(),
+            vips: vec![],
+            replicas: Some(2),
+            cmd: vec![],
+            backends: vec![],
+            ports: vec![],
+            endpoint_mode: "vip".into(),
+            affinity: "none".into(),
+            health_tcp: None,
+            created: 0,
+            phase: Phase::Ready,
+        };
+        assert_eq!(s.replica_names(), ["web.1", "web.2"]);
+        assert!(s.is_replica_name("web.7"));
+        for other in ["web", "web.", "web.x", "webs.1", "web.1a", "api.1"] {
+            assert!(!s.is_replica_name(other), "{other}");
+        }
+        assert!(replicas(Some(-1)).is_err() && replicas(Some(3)).unwrap() == Some(3));
+    }
 }
