@@ -72,6 +72,8 @@ fn spread(lab: &Lab, client: &str, ip: &str, count: usize) -> HashMap<String, us
     m
 }
 
+/// Each backend got its share ±20%. A statistical check: callers give each backend ≥ 200
+/// connections, so that ±20% is at least 3σ of the binomial spread.
 fn assert_even(m: &HashMap<String, usize>, backends: &[String], count: usize) {
     let share = count / backends.len();
     assert_eq!(m.values().sum::<usize>(), count, "{m:?}");
@@ -108,7 +110,8 @@ fn six_hundred_connections_spread_over_three_replicas_and_scale_keeps_the_spread
 
     lab.np(&["service", "scale", "web=5"]);
     let tasks = wait_tasks(&lab, "web", 5);
-    assert_even(&spread(&lab, "client", &vip, 500), &task_addrs(&lab, &tasks, "app"), 500);
+    // 200 per task: ±20% is then 3σ of the binomial spread, as with 600 over 3.
+    assert_even(&spread(&lab, "client", &vip, 1000), &task_addrs(&lab, &tasks, "app"), 1000);
     lab.np(&["service", "update", "--replicas", "2", "web"]);
     let tasks = wait_tasks(&lab, "web", 2);
     assert_eq!(tasks, ["web.1", "web.2"]);
@@ -366,12 +369,12 @@ fn a_task_that_exits_is_restarted_and_a_restarted_daemon_keeps_the_service() {
     }
     assert!(restarted, "web.1 was not restarted: {}", lab.np(&["service", "ps", "web"]));
     let tasks = wait_tasks(&lab, "web", 2);
-    assert_even(&spread(&lab, "client", &vip, 200), &task_addrs(&lab, &tasks, "app"), 200);
+    assert_even(&spread(&lab, "client", &vip, 400), &task_addrs(&lab, &tasks, "app"), 400);
 
     lab.restart_daemon();
     assert_eq!(self::vip(&lab, "web", "app"), vip);
     let tasks = wait_tasks(&lab, "web", 2);
-    assert_even(&spread(&lab, "client", &vip, 200), &task_addrs(&lab, &tasks, "app"), 200);
+    assert_even(&spread(&lab, "client", &vip, 400), &task_addrs(&lab, &tasks, "app"), 400);
 }
 
 #[test]
@@ -526,6 +529,53 @@ fn a_task_failing_its_tcp_health_check_gets_no_connection_until_it_passes() {
         "setsid -f socat TCP-LISTEN:80,fork,reuseaddr 'SYSTEM:echo $SOCAT_SOCKADDR' </dev/null >/dev/null 2>&1",
     ]);
     wait_state("late", "running");
-    let m = spread(&lab, "client", &vip, 100);
-    assert_even(&m, &[lab.ip_of("good1", "app"), lab.ip_of("late", "app")], 100);
+    let m = spread(&lab, "client", &vip, 400);
+    assert_even(&m, &[lab.ip_of("good1", "app"), lab.ip_of("late", "app")], 400);
+}
+
+#[test]
+fn a_daemon_killed_in_service_create_or_rm_finishes_it_when_it_starts_again() {
+    use netpath_tests::DaemonOpts;
+    for point in ["service-create:persisted", "service-rm:marked"] {
+        let mut lab = Lab::new(&format!("svccrash-{}", point.split(':').next().unwrap()));
+        lab.np(&["network", "create", "app"]);
+        lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+        let mut create = vec!["service", "create", "--name", "web", "--network", "app", "--replicas", "2", "--"];
+        create.extend(whoami_cmd());
+        if point.starts_with("service-rm") {
+            lab.np(&create);
+            wait_tasks(&lab, "web", 2);
+        }
+        lab.stop_daemon();
+        lab.start_daemon_with(&DaemonOpts {
+            env: vec![("NETPATH_CRASH_AT".into(), point.into())],
+            ..Default::default()
+        });
+        let req: Vec<&str> =
+            if point.starts_with("service-rm") { vec!["service", "rm", "web"] } else { create.clone() };
+        assert!(!lab.try_np(&req).status.success(), "{point}: the daemon was to die");
+        assert!(lab.wait_daemon_died(), "{point}: no crash:\n{}", lab.daemon_log());
+        lab.start_daemon();
+        if point.starts_with("service-create") {
+            // Committed: the next daemon builds it.
+            let tasks = wait_tasks(&lab, "web", 2);
+            let vip = vip(&lab, "web", "app");
+            assert_even(&spread(&lab, "client", &vip, 400), &task_addrs(&lab, &tasks, "app"), 400);
+        } else {
+            let mut gone = false;
+            for _ in 0..100 {
+                let ps = lab.np(&["ps", "-a"]);
+                let record = lab.try_np(&["service", "inspect", "web"]).status.success();
+                if !record && lab.np(&["service", "ls"]).lines().count() == 1 && !ps.contains("web.") {
+                    gone = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            assert!(gone, "{point}: service or tasks left: {}", lab.np(&["ps", "-a"]));
+            // Its VIP is free again, and its name.
+            lab.np(&create);
+            wait_tasks(&lab, "web", 2);
+        }
+    }
 }

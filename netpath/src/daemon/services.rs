@@ -240,6 +240,9 @@ impl Daemon {
             self.state().remove_service(&id);
             return Err(e);
         }
+        // The commit point: from here the record says what to build, and any sync (this
+        // one, or the next daemon's) builds it.
+        super::crash::point("service-create:persisted");
         info!("service {} created", req.name);
         self.sync_services().await;
         self.inspect_service(&req.name)
@@ -329,6 +332,7 @@ impl Daemon {
         };
         // Written first: a daemon that dies now finishes the removal when it starts again.
         self.persist_service(&id).await?;
+        super::crash::point("service-rm:marked");
         self.sync_services().await;
         if self.state().service_by_id(&id).is_some() {
             return Err(Error::Internal(anyhow::anyhow!(
@@ -399,16 +403,37 @@ impl Daemon {
     pub async fn sync_services(self: &Arc<Self>) {
         let mut prog = self.services.lock().await;
         // 1. Replicas: removed services and scaled-down ones first, then missing or exited ones.
-        let (services, containers): (Vec<Service>, Vec<state::Container>) = {
+        // Only task containers are looked at (by name), never a copy of every container: this
+        // runs every 200 ms.
+        type Replicas = HashMap<String, state::Container>;
+        let (services, unwanted, replicas): (Vec<Service>, Vec<(String, String)>, Replicas) = {
             let st = self.state();
-            (st.services().cloned().collect(), st.containers().cloned().collect())
+            let services: Vec<Service> = st.services().cloned().collect();
+            if services.is_empty() && prog.swept && prog.entries.is_empty() && prog.vips.is_empty() {
+                return; // nothing to run, nothing programmed
+            }
+            let by_name: HashMap<&str, &Service> = services.iter().map(|s| (s.name.as_str(), s)).collect();
+            let unwanted = st
+                .containers()
+                .filter_map(|c| {
+                    let (prefix, n) = c.name.rsplit_once('.')?;
+                    let s = by_name.get(prefix)?;
+                    let n: u32 = n.parse().ok().filter(|_| s.is_replica_name(&c.name))?;
+                    let wanted = s.phase == Phase::Ready && n >= 1 && n <= s.replicas.unwrap_or(0);
+                    (!wanted).then(|| (s.name.clone(), c.name.clone()))
+                })
+                .collect();
+            let replicas = services
+                .iter()
+                .filter(|s| s.phase == Phase::Ready)
+                .flat_map(|s| s.replica_names())
+                .filter_map(|r| st.container(&r).filter(|c| c.name == r).cloned().map(|c| (r, c)))
+                .collect();
+            (services, unwanted, replicas)
         };
-        for c in &containers {
-            let owner = services.iter().find(|s| s.is_replica_name(&c.name));
-            let Some(s) = owner else { continue };
-            let wanted = s.phase == Phase::Ready && s.replica_names().contains(&c.name);
-            if !wanted && let Err(e) = self.remove_container(&c.name, true).await {
-                warn!("service {}: removing task {}: {e}", s.name, c.name);
+        for (svc, name) in &unwanted {
+            if let Err(e) = self.remove_container(name, true).await {
+                warn!("service {svc}: removing task {name}: {e}");
             }
         }
         for s in services.iter().filter(|s| s.phase == Phase::Ready) {
@@ -416,7 +441,7 @@ impl Daemon {
             let net_name = self.state().network_by_id(&first.network_id).map(|n| n.name.clone());
             let Some(net_name) = net_name else { continue };
             for r in s.replica_names() {
-                let existing = containers.iter().find(|c| c.name == r);
+                let existing = replicas.get(&r);
                 let exited = existing.is_some_and(|c| c.phase == Phase::Ready && !Self::is_running(c));
                 if let Some(c) = existing.filter(|c| c.phase == Phase::Ready && !exited) {
                     self.follow_networks(s, c).await; // --network-add / --network-rm
