@@ -325,6 +325,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["--name", "x", "--network", "app", "--publish", "published=1,target=zz"], "invalid publish spec"),
         (&["--name", "x", "--network", "app", "--affinity", "sticky"], "invalid affinity"),
         (&["--name", "x", "--network", "host"], "services need a bridge network"),
+        (
+            &["--name", "x", "--network", "app", "--endpoint-mode", "dnsrr", "-p", "7070:70"],
+            "dnsrr service cannot publish",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["service", "create"];
@@ -577,5 +581,47 @@ fn a_daemon_killed_in_service_create_or_rm_finishes_it_when_it_starts_again() {
             lab.np(&create);
             wait_tasks(&lab, "web", 2);
         }
+    }
+}
+
+#[test]
+fn a_dnsrr_service_has_no_vip_and_its_name_answers_the_tasks() {
+    let lab = Lab::new("svcdnsrr");
+    lab.np(&["network", "create", "app"]);
+    let mut args = vec![
+        "service",
+        "create",
+        "--name",
+        "rr",
+        "--network",
+        "app",
+        "--endpoint-mode",
+        "dnsrr",
+        "--replicas",
+        "2",
+        "--",
+    ];
+    args.extend(whoami_cmd());
+    lab.np(&args);
+    let tasks = wait_tasks(&lab, "rr", 2);
+    let v = inspect_service(&lab, "rr");
+    assert_eq!(v["Endpoint"]["VirtualIPs"], serde_json::json!([]), "{v}");
+    lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+    let all = lab.np(&["exec", "client", "--", "getent", "ahostsv4", "rr"]);
+    for a in task_addrs(&lab, &tasks, "app") {
+        assert!(all.contains(&a), "rr lacks {a}: {all}");
+        // Each answers on its own address.
+        let got = lab.np(&[
+            "exec",
+            "client",
+            "--",
+            "socat",
+            "-u",
+            "-T",
+            "5",
+            &format!("TCP:{a}:{PORT},connect-timeout=5"),
+            "-",
+        ]);
+        assert_eq!(got.trim(), a);
     }
 }

@@ -161,6 +161,10 @@ impl Daemon {
                 return Err(conflict!("port {pp}/{} is already published by service {}", p.proto.as_str(), o.name));
             }
         }
+        if s.endpoint_mode == "dnsrr" && s.ports.iter().any(|p| p.published.is_some()) {
+            // As Docker: ingress publishing needs a VIP to balance on.
+            return Err(bad_request!("a dnsrr service cannot publish ports (it has no VIP to balance on)"));
+        }
         if s.replicas.unwrap_or(0) > 0 && s.cmd.is_empty() {
             return Err(bad_request!("replicas need a command: service create ... --replicas N -- CMD ARGS"));
         }

@@ -350,7 +350,7 @@ impl State {
     /// Adds or replaces a service, keeping its VIPs reserved.
     pub fn put_service(&mut self, s: Service) {
         self.remove_service(&s.id);
-        for v in &s.vips {
+        for v in s.vips.iter().filter(|v| !v.vip.is_unspecified()) {
             self.used.entry(v.network_id.clone()).or_default().insert(v.vip);
         }
         self.services.insert(s.id.clone(), s);
