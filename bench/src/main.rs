@@ -10,6 +10,7 @@ mod figures;
 mod report;
 mod scale;
 mod serve;
+mod services;
 mod stats;
 mod util;
 mod variants;
@@ -70,6 +71,13 @@ struct Cli {
     /// netavark): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     scale: String,
+    /// The services section (new conn/s through a VIP with 3 backends, netpath vs
+    /// kube-proxy-style iptables): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    services: String,
+    /// Service counts for the services section.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
+    service_counts: Vec<u32>,
     /// Container counts for the scale section (10000 takes a few minutes more).
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     scale_counts: Vec<usize>,
@@ -215,6 +223,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         eprintln!("bench: wrote {}/scale.md and scale.svg", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
+    if cli.services == "only" {
+        let md = services::run(&exe, &cli.service_counts, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("services.md"), &md)?;
+        eprintln!("bench: wrote {}/services.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.dns == "only" {
         let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
@@ -338,6 +354,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}"));
             }
             Err(e) => md.push_str(&format!("\n## DNS\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.services == "include" && !interrupted {
+        match services::run(&exe, &cli.service_counts, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("services.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## Services\n\nnot run: {e:#}\n")),
         }
     }
     if cli.scale == "include" && !interrupted {

@@ -6,8 +6,9 @@
 //! an edited one.
 
 use crate::{
-    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS, MAX_UPLINKS,
-    SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason, map_names as n,
+    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
+    MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason,
+    map_names as n,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
@@ -66,6 +67,10 @@ pub const MAPS: &[MapLayout] = &[
     // Records are netpath_common::FlowEvent. A ring holds events in flight, not state: one of
     // another size is replaced, never copied.
     map(n::FLOW_EVENTS, 1, RINGBUF, 0, 0, FLOW_EVENTS_RING_BYTES, 0),
+    // Services: (VIP, port, protocol) → ServiceInfo, and every VIP's Maglev table of backend
+    // addresses, MAGLEV_M entries per slot.
+    map(n::SERVICES, 1, HASH, 8, 12, MAX_SERVICE_PORTS, 0),
+    map(n::MAGLEV, 1, ARRAY, 4, 4, MAX_SERVICE_SLOTS * MAGLEV_M, 0),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -135,6 +140,14 @@ mod tests {
         assert_eq!(sizes(n::SOCK_REVNAT), (size_of::<SockRevKey>(), size_of::<SockRevValue>()));
         // A ring buffer has no keys or values; its records are FlowEvents (56 B, asserted in lib.rs).
         assert_eq!(sizes(n::FLOW_EVENTS), (0, 0));
+        assert_eq!(sizes(n::SERVICES), (size_of::<PortKey>(), size_of::<ServiceInfo>()));
+        assert_eq!(sizes(n::MAGLEV), (size_of::<u32>(), size_of::<u32>()));
+    }
+
+    #[test]
+    fn maglev_tables_have_a_prime_size() {
+        assert!((2..MAGLEV_M).take_while(|d| d * d <= MAGLEV_M).all(|d| !MAGLEV_M.is_multiple_of(d)));
+        assert_eq!(current(n::MAGLEV).unwrap().max_entries, MAX_SERVICE_SLOTS * MAGLEV_M);
     }
 
     #[test]

@@ -23,6 +23,15 @@ pub const MAX_PORTMAPS: u32 = 65_536;
 pub const MAX_NETWORKS: u32 = 1024;
 /// Addresses of the host (uplinks and bridge gateways).
 pub const MAX_HOST_ADDRS: u32 = 1024;
+/// Service VIPs (one per service and network) one daemon can hold: each owns a slot of
+/// [`MAGLEV_M`] entries in the `MAGLEV` array.
+pub const MAX_SERVICE_SLOTS: u32 = 16_384;
+/// Service entries (VIP, port, protocol).
+pub const MAX_SERVICE_PORTS: u32 = 65_536;
+/// Entries of one service's Maglev lookup table: a prime (Maglev's permutations need it)
+/// well above the backends a service has (≥ 10× for 25 backends keeps each within ~4% of
+/// its share), and small enough that 16,384 tables of u32 fit in 16 MiB.
+pub const MAGLEV_M: u32 = 251;
 
 /// Names of the maps as they appear in the object file and under the daemon's bpffs pin dir.
 pub mod map_names {
@@ -38,6 +47,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const MAGLEV: &str = "MAGLEV";
 }
 
 /// Slots of the `CONFIG` array.
@@ -238,6 +249,26 @@ pub struct PortKey {
     pub _pad: u8,
 }
 
+/// A service on one VIP. Key: [`PortKey`] (VIP, port, protocol; port 0: every port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Its Maglev table: entries `slot * MAGLEV_M ..` of `MAGLEV`.
+    pub slot: u32,
+    /// The backends' port (network byte order); 0 keeps the port the client asked for.
+    pub target_port: u16,
+    /// How many backends the table spreads over; 0: none (the host refuses the connection).
+    pub backends: u16,
+    /// `svc_flags::*`.
+    pub flags: u32,
+}
+
+/// Flags of a [`ServiceInfo`].
+pub mod svc_flags {
+    /// Pick the backend by the client's address alone (`--affinity client-ip`).
+    pub const AFFINITY_CLIENT_IP: u32 = 1;
+}
+
 /// A container address. Key: the address (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -307,6 +338,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 56);
+    assert!(core::mem::size_of::<ServiceInfo>() == 12);
     // The ring buffer hands out 8-byte aligned records.
     assert!(core::mem::align_of::<FlowEvent>() <= 8);
 };
@@ -323,4 +355,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::ServiceInfo {}
 }

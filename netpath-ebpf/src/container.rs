@@ -11,7 +11,7 @@ use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
 use crate::stats::drop;
-use crate::{conntrack, nat};
+use crate::{conntrack, lb, nat};
 
 /// The hook these paths act at (conntrack entries, drops).
 const HOOK: u8 = hook::FROM_CONTAINER;
@@ -44,10 +44,15 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             if !p.translatable {
                 return TC_ACT_OK as i32;
             }
-            match hairpin(&p) {
-                Ok(Some(x)) => x,
-                Ok(None) => return TC_ACT_OK as i32,
-                Err(reason) => return drop(&p, HOOK, reason),
+            // A service first (a VIP, or a service port published on a host address).
+            match lb::balance(&p, lb::Scope::Local, HOOK, HOOK) {
+                Some(Ok(x)) => x,
+                Some(Err(reason)) => return drop(&p, HOOK, reason),
+                None => match hairpin(&p) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return TC_ACT_OK as i32,
+                    Err(reason) => return drop(&p, HOOK, reason),
+                },
             }
         }
     };

@@ -7,6 +7,7 @@ mod conntrack;
 mod container;
 mod events;
 mod icmp;
+mod lb;
 mod maps;
 mod nat;
 mod parse;

@@ -6,8 +6,9 @@
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
-    MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES, SockRevKey, SockRevValue, Tuple, config, drop_reason,
+    Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
+    MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES,
+    ServiceInfo, SockRevKey, SockRevValue, Tuple, config, drop_reason,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -90,3 +91,15 @@ pub fn count(map: &PerCpuArray<u64>, idx: u32) {
         unsafe { *c += 1 };
     }
 }
+
+/// Services: (VIP, port or 0 for every port, protocol) → the VIP's Maglev slot, backend port,
+/// backend count and flags. Daemon writes as services and their backends change; datapath
+/// reads when a container opens a new flow to a VIP.
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<PortKey, ServiceInfo> = HashMap::pinned(MAX_SERVICE_PORTS, 0);
+
+/// Maglev lookup tables, MAGLEV_M backend addresses per VIP slot (index slot * MAGLEV_M + hash
+/// % MAGLEV_M). Daemon writes (a whole slot before its SERVICES entries point at it); datapath
+/// reads to pick a new flow's backend.
+#[map(name = "MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(MAX_SERVICE_SLOTS * MAGLEV_M, 0);

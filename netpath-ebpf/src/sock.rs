@@ -7,8 +7,9 @@
 use aya_ebpf::bindings::{BPF_ANY, bpf_sock_addr};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::programs::SockAddrContext;
-use netpath_common::{Backend, PortKey, SockRevKey, SockRevValue, config};
+use netpath_common::{Backend, PortKey, SockRevKey, SockRevValue, config, svc_flags};
 
+use crate::lb;
 use crate::maps::{CONFIG, HOST_ADDRS, PORTMAP, SOCK_REVNAT};
 
 const ALLOW: i32 = 1;
@@ -29,23 +30,47 @@ impl CtxPtr for SockAddrContext {
     }
 }
 
-/// The published port a destination names, if it is a host address (or loopback).
+/// The published port a destination names, if it is a host address (or loopback), or the
+/// backend of the service it names.
 #[inline(always)]
-fn lookup(sa: &bpf_sock_addr) -> Option<Backend> {
+fn lookup(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<Backend> {
     let addr = sa.user_ip4;
     let loopback = addr.to_ne_bytes()[0] == 127;
     // SAFETY: plain lookups, values copied.
     unsafe {
-        if !loopback && HOST_ADDRS.get(&addr).is_none() {
-            return None;
+        if loopback || HOST_ADDRS.get(&addr).is_some() {
+            let mut key = PortKey { addr, port: sa.user_port as u16, proto: sa.protocol as u8, _pad: 0 };
+            if let Some(b) = PORTMAP.get(&key) {
+                return Some(*b);
+            }
+            key.addr = 0;
+            if let Some(b) = PORTMAP.get(&key) {
+                return Some(*b);
+            }
         }
-        let mut key = PortKey { addr, port: sa.user_port as u16, proto: sa.protocol as u8, _pad: 0 };
-        if let Some(b) = PORTMAP.get(&key) {
-            return Some(*b);
-        }
-        key.addr = 0;
-        PORTMAP.get(&key).copied()
     }
+    // A VIP need not be a known host address yet (the host's addresses are learnt lazily).
+    service(ctx, sa, addr, loopback)
+}
+
+/// A service VIP or published service port: a backend from its Maglev table, by the socket's
+/// cookie (a connected socket or an unconnected UDP socket's datagrams all reach one task),
+/// or with client-ip affinity the same for every host process.
+#[inline(always)]
+fn service(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: u32, loopback: bool) -> Option<Backend> {
+    let port = sa.user_port as u16;
+    let svc = lb::lookup(addr, port, sa.protocol as u8, lb::Scope::Local, loopback)?;
+    let hash = if svc.flags & svc_flags::AFFINITY_CLIENT_IP != 0 {
+        0
+    } else {
+        // SAFETY: helper on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_mut()) };
+        (cookie ^ (cookie >> 32)) as u32
+    };
+    let t = netpath_common::Tuple::new(hash, 0, 0, 0, 0);
+    let backend = lb::pick(&svc, lb::flow_hash(&t, svc_flags::AFFINITY_CLIENT_IP))?;
+    let port = if svc.target_port != 0 { svc.target_port } else { port };
+    Some(Backend { addr: backend, port, _pad: 0 })
 }
 
 /// connect() and sendmsg(): point the socket at the container, remembering what it asked for.
@@ -56,7 +81,7 @@ pub fn redirect(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: the context pointer is valid for the program run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(b) = lookup(sa) else { return ALLOW };
+    let Some(b) = lookup(ctx, sa) else { return ALLOW };
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_mut()) };
     let key = SockRevKey { cookie, addr: b.addr, port: b.port, _pad: 0 };

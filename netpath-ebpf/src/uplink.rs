@@ -10,13 +10,14 @@ use crate::maps::{NETWORKS, UPLINKS};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Direct};
 use crate::stats::drop;
-use crate::{conntrack, icmp, nat};
+use crate::{conntrack, icmp, lb, nat};
 
 const IN: u8 = hook::UPLINK_IN;
 const OUT: u8 = hook::UPLINK_OUT;
 
 /// Arriving from outside: a known flow (replies to masqueraded traffic, later packets of a
-/// published-port flow), a new connection to a published port (DNAT), or a new flow routed to
+/// published-port flow), a new connection to a published service port (Maglev) or
+/// published container port (DNAT), or a new flow routed to
 /// a container address (tracked as is where the network's gateway mode opens it, dropped where
 /// it does not). Packets for a local container then go straight to its veth (or through the
 /// stack when it must see them); the client's address is kept.
@@ -38,23 +39,27 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     }
     let xlate = match conntrack::lookup(&p, IN) {
         Some(x) => x,
-        None => {
-            let x = match published(&p) {
-                Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
-                // Tracked as is, like Linux conntrack does, so the container's replies are
-                // recognised at egress and keep their address (not masqueraded as a new flow).
-                None => match policy::direct_access(&p) {
-                    Direct::Open => p.tuple,
-                    Direct::Denied => return drop(&p, IN, drop_reason::DIRECT_ACCESS),
-                    Direct::Internal => return drop(&p, IN, drop_reason::INTERNAL),
-                    Direct::NotContainer => return TC_ACT_OK as i32,
-                },
-            };
-            if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
-                return drop(&p, IN, reason);
+        None => match lb::balance(&p, lb::Scope::Published, IN, OUT) {
+            Some(Ok(x)) => x,
+            Some(Err(reason)) => return drop(&p, IN, reason),
+            None => {
+                let x = match published(&p) {
+                    Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
+                    // Tracked as is, like Linux conntrack does, so the container's replies are
+                    // recognised at egress and keep their address (not masqueraded as a new flow).
+                    None => match policy::direct_access(&p) {
+                        Direct::Open => p.tuple,
+                        Direct::Denied => return drop(&p, IN, drop_reason::DIRECT_ACCESS),
+                        Direct::Internal => return drop(&p, IN, drop_reason::INTERNAL),
+                        Direct::NotContainer => return TC_ACT_OK as i32,
+                    },
+                };
+                if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
+                    return drop(&p, IN, reason);
+                }
+                x
             }
-            x
-        }
+        },
     };
     if nat::rewrite(ctx, &p, &xlate).is_err() {
         return drop(&p, IN, drop_reason::REWRITE_FAILED);

@@ -12,6 +12,7 @@ pub mod dns;
 pub mod docker;
 pub mod drivers;
 pub mod ipam;
+pub mod maglev;
 pub mod netlink;
 pub mod ports;
 pub mod state;

@@ -17,7 +17,9 @@ use std::net::Ipv4Addr;
 
 use netpath::datapath::{Datapath, FlowEventRing, LoadOptions, wire_addr, wire_port};
 use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT};
-use netpath_common::{CtEntry, FlowEvent, Tuple, ct_state, drop_reason, flow_event, hook, net_flags, proto};
+use netpath_common::{
+    CtEntry, FlowEvent, MAGLEV_M, ServiceInfo, Tuple, ct_state, drop_reason, flow_event, hook, net_flags, proto,
+};
 use netpath_tests::packet::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
     ipv4_addrs, ipv4_header_ok, l4_checksum_ok, l4_ports, refresh_ipv4_checksum, with_ip_options,
@@ -1021,6 +1023,165 @@ fn self_hairpin_comes_from_the_network_gateway() {
 fn container_traffic_to_an_unpublished_host_port_passes_unchanged() {
     let mut f = Fixture::published("hairpin-none");
     f.assert_passes_untouched(FROM_CONTAINER, &tcp(A2, 45000, HOST, PUB + 1));
+}
+
+// ---- from_container and uplink_in: services (VIP → Maglev backend) ----
+
+/// A service VIP on network A.
+const VIP: &str = "172.18.0.100";
+const VIP_SLOT: u32 = 7;
+
+impl Fixture {
+    /// Points VIP (every port, TCP and UDP) at a Maglev table over `backends` with `flags`,
+    /// and HOST:`PUB_SVC`/tcp (every host address) at the same table, to port BACK.
+    fn service(&mut self, backends: &[&str], flags: u32) {
+        let addrs: Vec<Ipv4Addr> = backends.iter().map(|b| ip(b)).collect();
+        let table = if addrs.is_empty() {
+            vec![Ipv4Addr::UNSPECIFIED; MAGLEV_M as usize]
+        } else {
+            netpath::maglev::table(&addrs, MAGLEV_M as usize)
+        };
+        self.dp().set_maglev(VIP_SLOT, &table).unwrap();
+        let info = ServiceInfo { slot: VIP_SLOT, target_port: 0, backends: addrs.len() as u16, flags };
+        for p in [proto::TCP, proto::UDP] {
+            self.dp().set_service(ip(VIP), 0, p, info).unwrap();
+        }
+        let published = ServiceInfo { target_port: wire_port(BACK), ..info };
+        self.dp().set_service(Ipv4Addr::UNSPECIFIED, PUB_SVC, proto::TCP, published).unwrap();
+    }
+}
+
+/// A service port published on every host address.
+const PUB_SVC: u16 = 9090;
+
+#[test]
+fn a_new_flow_to_a_vip_is_dnated_to_its_backend_and_redirected() {
+    let mut f = Fixture::new("svc-vip");
+    f.service(&[A1], 0);
+    let (verdict, out) = f.run(FROM_CONTAINER, &tcp(A2, 45000, VIP, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A1_MAC, tcp(A2, 45000, A1, 80)), "destination → A1:80, A1's MAC, the client's source kept");
+    assert_checksums(&out);
+    let fwd = f.flow(tuple(A2, 45000, VIP, 80, proto::TCP));
+    assert_eq!((fwd.xlate, fwd.hook), (tuple(A2, 45000, A1, 80, proto::TCP), hook::FROM_CONTAINER));
+    let rev = f.flow(tuple(A1, 80, A2, 45000, proto::TCP));
+    assert_eq!((rev.xlate, rev.hook, rev.is_reply), (tuple(VIP, 80, A2, 45000, proto::TCP), hook::FROM_CONTAINER, 1));
+}
+
+#[test]
+fn a_backends_reply_comes_from_the_vip() {
+    let mut f = Fixture::new("svc-reply");
+    f.service(&[A1], 0);
+    f.run(FROM_CONTAINER, &udp(A2, 45000, VIP, 53));
+    let (verdict, out) = f.run(FROM_CONTAINER, &udp(A1, 53, A2, 45000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A2_MAC, udp(VIP, 53, A2, 45000)));
+    assert_checksums(&out);
+}
+
+#[test]
+fn flows_spread_over_backends_and_stay_on_theirs_when_the_table_changes() {
+    let mut f = Fixture::new("svc-spread");
+    f.service(&[A1, A2], 0);
+    let mut seen: HashMap<Ipv4Addr, usize> = HashMap::new();
+    for sport in 40000..40200 {
+        let (verdict, out) = f.run_from(B1, &tcp(B1, sport, VIP, 80));
+        // B1 is on another network than the VIP: isolated.
+        assert_eq!(verdict, TC_ACT_SHOT, "{sport}");
+        assert_eq!(out.len(), tcp(B1, sport, VIP, 80).len());
+    }
+    assert_eq!(f.counter("isolation"), 200);
+    // From the gateway's namespace-less sources nothing runs; from A2 (a container of A):
+    // spread over A1 and A2 itself (which comes back from the gateway).
+    for sport in 40000..40200 {
+        let (verdict, out) = f.run_from(A2, &tcp(A2, sport, VIP, 80));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        *seen.entry(ipv4_addrs(&out).1).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.values().all(|n| *n >= 70), "{seen:?}");
+    // Conntrack keeps a flow on its backend when the table changes under it.
+    let first = f.flow(tuple(A2, 40000, VIP, 80, proto::TCP)).xlate.daddr;
+    let other = if first == wire_addr(ip(A1)) { A2 } else { A1 };
+    f.service(&[other], 0);
+    let (_, out) = f.run_from(A2, &tcp(A2, 40000, VIP, 80));
+    assert_eq!(wire_addr(ipv4_addrs(&out).1), first, "an established flow keeps its backend");
+    let (_, out) = f.run_from(A2, &tcp(A2, 50000, VIP, 80));
+    assert_eq!(ipv4_addrs(&out).1, ip(other), "a new flow takes the new table");
+}
+
+#[test]
+fn client_ip_affinity_sends_every_flow_of_a_client_to_one_backend() {
+    let mut f = Fixture::new("svc-affinity");
+    f.service(&[A1, A2, "172.18.0.4", "172.18.0.5"], netpath_common::svc_flags::AFFINITY_CLIENT_IP);
+    let mut seen = std::collections::HashSet::new();
+    for sport in 40000..40050 {
+        let (_, out) = f.run_from(A2, &tcp(A2, sport, VIP, 80));
+        seen.insert(ipv4_addrs(&out).1);
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+#[test]
+fn a_task_reaching_its_own_service_comes_from_the_gateway() {
+    let mut f = Fixture::new("svc-self");
+    f.service(&[A1], 0);
+    let (verdict, out) = f.run_from(A1, &tcp(A1, 45000, VIP, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A1_MAC, tcp(GW_A, 45000, A1, 80)));
+    assert_checksums(&out);
+    let (verdict, out) = f.run_from(A1, &tcp(A1, 80, GW_A, 45000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(A1_MAC, tcp(VIP, 80, A1, 45000)));
+}
+
+#[test]
+fn a_service_without_backends_leaves_the_packet_to_the_host_which_refuses_it() {
+    let mut f = Fixture::new("svc-empty");
+    f.service(&[], 0);
+    f.assert_passes_untouched(FROM_CONTAINER, &tcp(A2, 45000, VIP, 80));
+    f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 45000, HOST, PUB_SVC));
+}
+
+#[test]
+fn malformed_packets_to_a_vip_pass_untranslated() {
+    let mut f = Fixture::new("svc-malformed");
+    f.service(&[A1], 0);
+    let mut short = tcp(A2, 45000, VIP, 80);
+    short.truncate(14 + 20 + 10); // half a TCP header
+    let mut frag = udp(A2, 45000, VIP, 53);
+    frag[20] = 0x20; // more fragments: no ports to balance on
+    refresh_ipv4_checksum(&mut frag);
+    let mut bad_ihl = tcp(A2, 45000, VIP, 80);
+    bad_ihl[14] = 0x44; // header length 16 bytes
+    for pkt in [short, frag, bad_ihl] {
+        f.assert_passes_untouched(FROM_CONTAINER, &pkt);
+    }
+    // ICMP to a VIP is the host's to answer (ping works, as with swarm's VIPs).
+    f.assert_passes_untouched(FROM_CONTAINER, &icmp_echo(A2, VIP, ICMP_ECHO_REQUEST, 7, 1, b"ping"));
+}
+
+#[test]
+fn a_published_service_port_is_balanced_from_outside_and_replies_come_from_the_host() {
+    let mut f = Fixture::new("svc-published");
+    f.service(&[A1], 0);
+    let (verdict, out) = f.run(UPLINK_IN, &tcp(CLIENT, 45000, HOST, PUB_SVC));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(CLIENT, 45000, A1, BACK), "to A1:80, the client's address kept");
+    assert_checksums(&out);
+    let rev = f.flow(tuple(A1, BACK, CLIENT, 45000, proto::TCP));
+    assert_eq!((rev.xlate, rev.hook), (tuple(HOST, PUB_SVC, CLIENT, 45000, proto::TCP), hook::UPLINK_OUT));
+    let (verdict, out) = f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 45000));
+    assert_eq!((verdict, &out), (TC_ACT_OK, &tcp(HOST, PUB_SVC, CLIENT, 45000)));
+    assert_checksums(&out);
+    // From outside, the VIP itself is a container-network address: not a service.
+    let before = f.flows().len();
+    let (verdict, _) = f.run(UPLINK_IN, &tcp(CLIENT, 45001, VIP, 80));
+    assert_eq!(verdict, TC_ACT_SHOT, "direct access to network A is closed");
+    assert_eq!(f.flows().len(), before);
+    // A container reaching the published port through a host address: balanced too.
+    let (verdict, out) = f.run_from(A2, &tcp(A2, 45002, GW_A, PUB_SVC));
+    assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &to_mac(A1_MAC, tcp(A2, 45002, A1, BACK))));
 }
 
 // ---- malformed and odd packets toward a published port ----

@@ -31,6 +31,42 @@ pub struct NetworkCreate {
     pub aux_addresses: std::collections::BTreeMap<String, String>,
 }
 
+/// `service create`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCreate {
+    pub name: String,
+    pub networks: Vec<String>,
+    /// Signed so that a negative count gets a clear error rather than a parse failure.
+    pub replicas: Option<i64>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub backends: Vec<String>,
+    /// `published=P,target=T[,protocol=udp]` or `P:T[/udp]`.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    pub endpoint_mode: Option<String>,
+    pub affinity: Option<String>,
+    /// A task is healthy while it accepts TCP connections on this port.
+    pub health_tcp: Option<u16>,
+}
+
+/// `service update` and `service scale`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceUpdate {
+    pub replicas: Option<i64>,
+    #[serde(default)]
+    pub network_add: Vec<String>,
+    #[serde(default)]
+    pub network_rm: Vec<String>,
+    #[serde(default)]
+    pub add_backend: Vec<String>,
+    #[serde(default)]
+    pub rm_backend: Vec<String>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerCreate {

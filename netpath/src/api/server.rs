@@ -134,6 +134,9 @@ pub fn router(shared: Shared) -> Router {
         .route("/containers/{name}/ports", get(container_ports))
         .route("/attachments", get(inspect_attachment).post(attach).delete(detach))
         .route("/attachments/gc", post(attach_gc))
+        .route("/services", get(list_services).post(create_service))
+        .route("/services/{name}", get(inspect_service).delete(remove_service).post(update_service))
+        .route("/services/{name}/tasks", get(service_tasks))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -145,6 +148,33 @@ pub fn router(shared: Shared) -> Router {
 async fn version(State(d): State<Shared>) -> Json {
     let object = d.datapath_object_id();
     axum::Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "ebpf_object": object }))
+}
+
+async fn list_services(State(d): State<Shared>) -> Json {
+    axum::Json(d.list_services())
+}
+
+async fn create_service(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
+    let req: crate::api::ServiceCreate = body(&b)?;
+    Ok((StatusCode::CREATED, axum::Json(d.create_service(req).await?)))
+}
+
+async fn inspect_service(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
+    Ok(axum::Json(d.inspect_service(&name)?))
+}
+
+async fn update_service(State(d): State<Shared>, UrlPath(name): UrlPath<String>, b: Bytes) -> Result<Json> {
+    let req: crate::api::ServiceUpdate = body(&b)?;
+    Ok(axum::Json(d.update_service(&name, req).await?))
+}
+
+async fn remove_service(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
+    d.remove_service(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn service_tasks(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
+    Ok(axum::Json(d.service_tasks(&name)?))
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {

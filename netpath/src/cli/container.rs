@@ -25,8 +25,11 @@ pub enum ContainerCmd {
         #[arg(long)]
         name: String,
         /// bridge (default), host, none or a user-defined network.
-        #[arg(long, default_value = "bridge")]
-        network: String,
+        #[arg(long)]
+        network: Option<String>,
+        /// Join this service as one of its backends (on its first network unless --network).
+        #[arg(long)]
+        service: Option<String>,
         /// Static IPv4 address on that network.
         #[arg(long)]
         ip: Option<String>,
@@ -166,7 +169,16 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
             dns_search,
             hostname,
             cmd,
+            service,
         } => {
+            let network = match (&network, &service) {
+                (Some(n), _) => n.clone(),
+                (None, Some(svc)) => {
+                    let v = c.get(&format!("/services/{}", seg(svc))).await?;
+                    s(&v["Spec"]["TaskTemplate"]["Networks"][0]["Name"])
+                }
+                (None, None) => "bridge".to_string(),
+            };
             let req = ContainerCreate {
                 name: name.clone(),
                 network: Some(network),
@@ -185,6 +197,13 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
             let v = c.post("/containers", &req).await?;
             for w in v["Warnings"].as_array().into_iter().flatten() {
                 eprintln!("WARNING: {}", s(w));
+            }
+            if let Some(svc) = &service {
+                let join = crate::api::ServiceUpdate { add_backend: vec![name.clone()], ..Default::default() };
+                if let Err(e) = c.post(&format!("/services/{}", seg(svc)), &join).await {
+                    let _ = c.delete(&format!("/containers/{}?force=true", seg(&name))).await;
+                    return Err(e.context(format!("joining service {svc}")));
+                }
             }
             if detach {
                 if v["State"]["Error"].as_str().is_some_and(|e| !e.is_empty()) {

@@ -3,6 +3,7 @@
 mod container;
 mod flows;
 mod network;
+mod service;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,9 @@ enum Cmd {
     /// Manage networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Manage services (a VIP per network, load-balanced over tasks in eBPF).
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
     /// Datapath diagnostics.
     #[command(subcommand)]
     System(SystemCmd),
@@ -176,6 +180,7 @@ pub fn main() -> ExitCode {
             Ok(0)
         }),
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
+        Cmd::Service(sc) => run_client(&cli.socket, |c| async move { service::run(&c, sc).await }),
         Cmd::System(SystemCmd::Flows { follow, container, json }) => {
             run_client(&cli.socket, |c| async move { flows::run(&c, follow, container, json).await })
         }

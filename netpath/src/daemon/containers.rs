@@ -511,6 +511,7 @@ impl Daemon {
         }
         let mut laps = super::Laps::new();
         self.state().update_container(&id, |x| x.phase = Phase::Removing);
+        self.services_kick.notify_one(); // out of its services' tables before it goes
         self.persist_container(&id).await?;
         laps.lap("persist");
         crash::point("rm:marked");
@@ -558,6 +559,7 @@ impl Daemon {
         let _lock = self.locks.lock(&id).await;
         let c = self.current(&id, name)?;
         self.kill(&c).await;
+        self.services_kick.notify_one();
         Ok(())
     }
 
@@ -591,6 +593,7 @@ impl Daemon {
         let changed = self
             .state()
             .update_container(container_id, |c| c.process.as_mut().map(|p| p.exit_code = Some(code)).is_some());
+        self.services_kick.notify_one();
         if changed == Some(true)
             && let Err(e) = self.persist_container(container_id).await
         {

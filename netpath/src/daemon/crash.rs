@@ -22,6 +22,8 @@ pub const POINTS: &[&str] = &[
     "connect:wired",
     "disconnect:marked",
     "disconnect:unwired",
+    "service-create:persisted",
+    "service-rm:marked",
 ];
 
 fn armed() -> Option<&'static str> {

@@ -78,7 +78,11 @@ impl Daemon {
         let _one = self.host.refresh.lock().await;
         let links = self.nl.links().await?;
         let addrs = self.nl.addresses_by_link().await?;
-        let own = own_links(&self.state());
+        let (own, vips) = {
+            let st = self.state();
+            let vips: HashSet<Ipv4Addr> = st.services().flat_map(|s| s.vips.iter().map(|v| v.vip)).collect();
+            (own_links(&st), vips)
+        };
         let mut first_addr: HashMap<u32, Ipv4Addr> = HashMap::new();
         for (idx, ip, _) in &addrs {
             first_addr.entry(*idx).or_insert(*ip);
@@ -108,7 +112,9 @@ impl Daemon {
                 let _ = dp.detach_uplink(idx);
                 info!("uplink {name} (ifindex {idx}) detached");
             }
-            let host: Vec<Ipv4Addr> = addrs.iter().map(|(_, a, _)| *a).collect();
+            // Service VIPs are not "the host" for published ports: the service entries name
+            // them, and there may be more of them than HOST_ADDRS holds.
+            let host: Vec<Ipv4Addr> = addrs.iter().map(|(_, a, _)| *a).filter(|a| !vips.contains(a)).collect();
             dp.sync_host_addrs(&host)?;
         }
         *self.host.attached.lock().unwrap() = attached;

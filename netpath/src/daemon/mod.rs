@@ -26,6 +26,7 @@ pub mod metrics;
 mod networks;
 pub mod process;
 mod reconcile;
+mod services;
 mod view;
 
 use std::net::Ipv4Addr;
@@ -86,6 +87,12 @@ pub struct Daemon {
     reconcile_ms: std::sync::atomic::AtomicU64,
     api_latency: metrics::ApiLatency,
     flows: flows::FlowEvents,
+    /// What the datapath holds for services; one sync of it at a time.
+    services: services::ServicesState,
+    /// Wakes the services' sync (a task container is going).
+    services_kick: tokio::sync::Notify,
+    /// Task containers failing their service's TCP health check.
+    svc_unhealthy: Mutex<std::collections::HashSet<String>>,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -127,7 +134,10 @@ impl Daemon {
             tracing::warn!("no template mount namespace, container starts copy the host's: {e:#}");
         }
         let (networks, containers) = store.load()?;
-        let state = State::from_objects(networks, containers);
+        let mut state = State::from_objects(networks, containers);
+        for s in store.load_services()? {
+            state.put_service(s);
+        }
         let nl = Netlink::current()?;
         for up in &cfg.uplinks {
             nl.link_index(up).await?.with_context(|| format!("--uplink {up}: no such interface"))?;
@@ -169,7 +179,12 @@ impl Daemon {
             reconcile_ms: Default::default(),
             api_latency: Default::default(),
             flows: flows::FlowEvents::new(events.is_some()),
+            services: Default::default(),
+            services_kick: Default::default(),
+            svc_unhealthy: Default::default(),
         });
+        tokio::spawn(d.clone().watch_services());
+        tokio::spawn(d.clone().watch_health());
         if let Some(ring) = events {
             tokio::spawn(d.clone().read_flow_events(ring));
         }

@@ -495,6 +495,9 @@ impl Daemon {
             if !users.is_empty() {
                 return Err(conflict!("network {} is in use by container(s): {}", net.name, users.join(", ")));
             }
+            if let Some(s) = st.services().find(|s| s.vips.iter().any(|v| v.network_id == net.id)) {
+                return Err(conflict!("network {} is in use by service {}", net.name, s.name));
+            }
             st.set_network_phase(&id, Phase::Removing);
             net
         };

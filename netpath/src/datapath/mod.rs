@@ -376,6 +376,45 @@ impl Datapath {
             .collect())
     }
 
+    /// Points (VIP, port or 0 for every port, protocol) at the Maglev table in `slot`.
+    pub fn set_service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        info: netpath_common::ServiceInfo,
+    ) -> Result<()> {
+        let mut m: BpfHashMap<_, PortKey, netpath_common::ServiceInfo> = self.map(map_names::SERVICES)?;
+        m.insert(port_key(Some(vip), port, proto), info, 0)
+            .context("adding a service entry (is the service table full?)")
+    }
+
+    pub fn remove_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8) -> Result<()> {
+        let mut m: BpfHashMap<_, PortKey, netpath_common::ServiceInfo> = self.map(map_names::SERVICES)?;
+        let _ = m.remove(&port_key(Some(vip), port, proto));
+        Ok(())
+    }
+
+    /// Every service entry: (VIP, port, protocol).
+    pub fn service_keys(&mut self) -> Result<Vec<(Ipv4Addr, u16, u8)>> {
+        let m: BpfHashMap<_, PortKey, netpath_common::ServiceInfo> = self.map(map_names::SERVICES)?;
+        Ok(m.keys()
+            .filter_map(|r| r.ok())
+            .map(|k| (Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port), k.proto))
+            .collect())
+    }
+
+    /// Writes the Maglev table of `slot` (MAGLEV_M backend addresses).
+    pub fn set_maglev(&mut self, slot: u32, table: &[Ipv4Addr]) -> Result<()> {
+        let m_len = netpath_common::MAGLEV_M;
+        anyhow::ensure!(table.len() == m_len as usize, "a Maglev table has {m_len} entries, not {}", table.len());
+        let mut m: Array<_, u32> = self.map(map_names::MAGLEV)?;
+        for (i, a) in table.iter().enumerate() {
+            m.set(slot * m_len + i as u32, wire_addr(*a), 0).context("writing a Maglev table")?;
+        }
+        Ok(())
+    }
+
     fn ct(&mut self) -> Result<BpfHashMap<&mut MapData, Tuple, CtEntry>> {
         self.map(map_names::CT)
     }

@@ -30,7 +30,12 @@ pub struct Table {
     containers: HashMap<String, (u64, ContainerView)>,
     /// Network id → index; only networks with name resolution.
     nets: HashMap<String, NetIndex>,
+    /// Network id → service names (lowercase: `NAME`, `tasks.NAME`) → addresses.
+    services: ServiceNames,
 }
+
+/// Service names per network: network id → lowercase name → addresses.
+pub type ServiceNames = HashMap<String, HashMap<String, Vec<Ipv4Addr>>>;
 
 /// Length of the short container IDs that resolve, as Docker's.
 pub const SHORT_ID: usize = 12;
@@ -121,6 +126,13 @@ impl Table {
         }
     }
 
+    /// Replaces every service name; returns whether anything changed.
+    pub fn set_services(&mut self, s: ServiceNames) -> bool {
+        let changed = self.services != s;
+        self.services = s;
+        changed
+    }
+
     /// The networks `asker` resolves names on, in its endpoint order.
     fn scopes<'a>(&'a self, asker: &'a str) -> impl Iterator<Item = &'a NetIndex> + 'a {
         self.get(asker).into_iter().flat_map(|c| c.resolving()).filter_map(|e| self.nets.get(&e.network_id))
@@ -130,6 +142,14 @@ impl Table {
     /// networks that knows the name answers (as Docker's resolver does); `NAME.NETWORK` looks in
     /// that network only. `None`: not a name of a container it shares a network with.
     pub fn resolve<'a>(&'a self, asker: &'a str, qname: &str) -> Option<&'a [Ipv4Addr]> {
+        // Services of the asker's networks first, as swarm's resolver answers them.
+        let svc =
+            self.get(asker).into_iter().flat_map(|c| c.resolving()).find_map(|e| {
+                self.services.get(&e.network_id)?.get(qname).filter(|a| !a.is_empty()).map(Vec::as_slice)
+            });
+        if svc.is_some() {
+            return svc;
+        }
         if let Some(a) = self.scopes(asker).find_map(|n| n.names.get(qname)) {
             return Some(a);
         }

@@ -426,6 +426,29 @@ impl Netlink {
         }
     }
 
+    /// Removes an IPv4 address from a link; one it does not have is fine.
+    pub async fn remove_addr(&self, idx: u32, ip: Ipv4Addr) -> Result<()> {
+        let msgs = {
+            let _turn = self.dumping.lock().await;
+            let mut s = self.dump_handle().address().get().set_link_index_filter(idx).execute();
+            let mut out = vec![];
+            while let Some(m) = s.try_next().await.context("dumping addresses")? {
+                if m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(x)) if *x == ip)) {
+                    out.push(m);
+                }
+            }
+            out
+        };
+        for m in msgs {
+            match self.handle().address().del(m).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {ip} from link {idx}")),
+            }
+        }
+        Ok(())
+    }
+
     /// IPv4 addresses of a link (or of every link with `None`).
     pub async fn addresses_v4(&self, idx: Option<u32>) -> Result<Vec<(Ipv4Addr, u8)>> {
         let mut req = self.dump_handle().address().get();

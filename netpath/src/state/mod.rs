@@ -344,6 +344,64 @@ impl Container {
     }
 }
 
+/// A service's address on one of its networks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceVip {
+    pub network_id: String,
+    pub vip: Ipv4Addr,
+    /// Its Maglev table's slot in the datapath (unique across services).
+    pub slot: u32,
+}
+
+/// A port a service serves: `target` on its tasks, published on the host as `published`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub published: Option<u16>,
+    pub target: u16,
+    pub proto: crate::ports::Proto,
+}
+
+/// A service (Docker swarm's, on one host): a VIP per network spreading connections over its
+/// tasks, which are the replicas the daemon runs (`NAME.1..N`) and the containers that joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub vips: Vec<ServiceVip>,
+    /// Replicas the daemon runs with `cmd` (None: only joined containers).
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// Names of containers that joined (`--backend`, `run --service`).
+    #[serde(default)]
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// `vip` or `dnsrr`.
+    pub endpoint_mode: String,
+    /// `none` or `client-ip`.
+    pub affinity: String,
+    /// `--health-cmd-tcp PORT`: a task is a backend only while it accepts connections there.
+    #[serde(default)]
+    pub health_tcp: Option<u16>,
+    pub created: u64,
+    pub phase: Phase,
+}
+
+impl Service {
+    /// The replica task names it wants now.
+    pub fn replica_names(&self) -> Vec<String> {
+        (1..=self.replicas.unwrap_or(0)).map(|i| format!("{}.{i}", self.name)).collect()
+    }
+    /// True when `container` is one of its replicas, wanted or not (NAME.<number>).
+    pub fn is_replica_name(&self, container: &str) -> bool {
+        container
+            .strip_prefix(&self.name)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+}
+
 /// Networks and containers with their indexes. Lookups by name, id or id prefix, the
 /// addresses in use on a network and a network's members cost the same whatever the number
 /// of containers.
@@ -359,6 +417,8 @@ pub struct State {
     members: HashMap<String, BTreeSet<String>>,
     /// Every container's published ports, with the container holding each.
     bindings: Vec<(crate::ports::Binding, String)>,
+    /// Services by id (VIPs are in `used` too, so no container gets one).
+    services: BTreeMap<String, Service>,
     /// Bumped on every change: orders the writes of one object (see [`Store`]).
     rev: u64,
 }
@@ -385,6 +445,45 @@ impl State {
             s.put_container(c);
         }
         s
+    }
+
+    // ------------------------------------------------------------------ services
+
+    pub fn service(&self, name_or_id: &str) -> Option<&Service> {
+        self.services
+            .values()
+            .find(|s| s.name == name_or_id)
+            .or_else(|| self.services.get(name_or_id))
+            .or_else(|| by_prefix(&self.services, name_or_id))
+    }
+    pub fn service_by_id(&self, id: &str) -> Option<&Service> {
+        self.services.get(id)
+    }
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+    /// Adds or replaces a service, keeping its VIPs reserved.
+    pub fn put_service(&mut self, s: Service) {
+        self.remove_service(&s.id);
+        for v in s.vips.iter().filter(|v| !v.vip.is_unspecified()) {
+            self.used.entry(v.network_id.clone()).or_default().insert(v.vip);
+        }
+        self.services.insert(s.id.clone(), s);
+    }
+    pub fn remove_service(&mut self, id: &str) -> Option<Service> {
+        let s = self.services.remove(id)?;
+        for v in &s.vips {
+            if let Some(u) = self.used.get_mut(&v.network_id) {
+                u.remove(&v.vip);
+            }
+        }
+        Some(s)
+    }
+    /// The lowest Maglev slot no service holds.
+    pub fn free_slots(&self, n: usize, max: u32) -> Option<Vec<u32>> {
+        let taken: BTreeSet<u32> = self.services.values().flat_map(|s| s.vips.iter().map(|v| v.slot)).collect();
+        let free: Vec<u32> = (0..max).filter(|i| !taken.contains(i)).take(n).collect();
+        (free.len() == n).then_some(free)
     }
 
     /// A revision number for a write that reflects the state as it is now.
@@ -513,9 +612,20 @@ impl State {
             .filter_map(|id| self.containers.get(id))
             .flat_map(move |c| c.endpoints.iter().filter(move |e| e.network_id == network_id).map(move |e| (c, e)))
     }
-    /// Every container's published ports except `except`'s.
+    /// Every container's published ports except `except`'s, and every service's.
     pub fn bindings_except(&self, except: &str) -> Vec<crate::ports::Binding> {
-        self.bindings.iter().filter(|(_, c)| c != except).map(|(b, _)| *b).collect()
+        let services = self.services.values().flat_map(|s| {
+            s.ports.iter().filter_map(|p| {
+                let host_port = p.published?;
+                Some(crate::ports::Binding { host_ip: None, host_port, container_port: p.target, proto: p.proto })
+            })
+        });
+        self.bindings.iter().filter(|(_, c)| c != except).map(|(b, _)| *b).chain(services).collect()
+    }
+
+    /// Only containers' published ports (a service checks other services by name).
+    pub fn container_bindings(&self) -> Vec<crate::ports::Binding> {
+        self.bindings.iter().map(|(b, _)| *b).collect()
     }
 }
 

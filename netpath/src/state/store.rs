@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use super::{Container, Network};
+use super::{Container, Network, Service};
 
 /// What a write does to an object's file.
 pub enum Op<'a, T> {
@@ -34,12 +34,13 @@ pub struct Store {
 
 const NETWORKS: &str = "db/networks";
 const CONTAINERS: &str = "db/containers";
+const SERVICES: &str = "db/services";
 /// The single-file state of earlier versions, split into per-object files on first start.
 const LEGACY: &str = "state.json";
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        for sub in ["", "netns", "containers", NETWORKS, CONTAINERS] {
+        for sub in ["", "netns", "containers", NETWORKS, CONTAINERS, SERVICES] {
             fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         Ok(Self { dir: dir.to_owned(), written: Mutex::new(HashMap::new()) })
@@ -70,6 +71,11 @@ impl Store {
     pub fn load(&self) -> Result<(Vec<Network>, Vec<Container>)> {
         self.migrate_legacy()?;
         Ok((self.load_dir(NETWORKS)?, self.load_dir(CONTAINERS)?))
+    }
+
+    /// Reads every service.
+    pub fn load_services(&self) -> Result<Vec<Service>> {
+        self.load_dir(SERVICES)
     }
 
     fn load_dir<T: DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>> {
@@ -134,6 +140,9 @@ impl Store {
     }
     pub fn write_container(&self, id: &str, op: Op<Container>, rev: u64) -> Result<()> {
         self.write_file(&self.container_file(id), op, rev)
+    }
+    pub fn write_service(&self, id: &str, op: Op<Service>, rev: u64) -> Result<()> {
+        self.write_file(&self.dir.join(SERVICES).join(format!("{id}.json")), op, rev)
     }
 
     fn write_file<T: Serialize>(&self, file: &Path, op: Op<T>, rev: u64) -> Result<()> {

@@ -226,6 +226,58 @@ fn main() {
     let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
     println!("drops counted as internal: {}", counters["drops"]["internal"]);
 
+    step("A service: 3 replicas behind one VIP, balanced by a Maglev table in eBPF");
+    np(
+        &lab,
+        &[
+            "service",
+            "create",
+            "--name",
+            "hello",
+            "--network",
+            "demo-net",
+            "--replicas",
+            "3",
+            "--publish",
+            "published=8081,target=80",
+            "--",
+            "socat",
+            "TCP-LISTEN:80,fork,reuseaddr",
+            "SYSTEM:echo $SOCAT_SOCKADDR",
+        ],
+    );
+    let mut ready = false;
+    for _ in 0..100 {
+        let ps = lab.np(&["service", "ps", "hello"]);
+        ready = ps.lines().filter(|l| l.contains("running")).count() == 3
+            && (1..=3).all(|i| {
+                !lab.np(&["exec", &format!("hello.{i}"), "--", "ss", "-Hltn", "sport = :80"]).trim().is_empty()
+            });
+        if ready {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    np(&lab, &["service", "ls"]);
+    np(&lab, &["service", "ps", "hello"]);
+    np(&lab, &["exec", "client2", "--", "getent", "hosts", "hello"]);
+    let spread =
+        "for p in $(seq 20000 20059); do socat -u TCP:hello:80,sourceport=$p,reuseaddr -; done | sort | uniq -c";
+    np(&lab, &["exec", "client2", "--", "sh", "-c", spread]);
+    let outside = format!(
+        "for p in $(seq 21000 21029); do socat -u TCP:{HOST_ETH0_IP}:8081,sourceport=$p,reuseaddr -; done | sort | uniq -c"
+    );
+    println!("client namespace$ {outside}");
+    let from_outside = must(in_ns(&lab.client_ns, "sh", &["-c", &outside]));
+    print!("{from_outside}");
+    let balanced = ready && from_outside.lines().count() == 3;
+    println!(
+        "connections spread over the 3 replicas, from inside and outside: {}",
+        if balanced { "yes" } else { "NO" }
+    );
+    np(&lab, &["service", "scale", "hello=1"]);
+    np(&lab, &["service", "rm", "hello"]);
+
     step("Inspect the network");
     np(&lab, &["network", "inspect", "demo-net"]);
 
@@ -234,7 +286,7 @@ fn main() {
     np(&lab, &["network", "rm", "demo-net", "demo-mv", "demo-int"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left {
+    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left || !balanced {
         std::process::exit(1);
     }
 }
