@@ -364,8 +364,12 @@ fn a_task_that_exits_is_restarted_and_a_restarted_daemon_keeps_the_service() {
     let _ = std::process::Command::new("kill").args(["-9", child]).status();
     let mut restarted = false;
     for _ in 0..100 {
-        let p = lab.inspect("web.1")["State"]["Pid"].as_u64();
-        if p.is_some_and(|p| p != pid) && lab.inspect("web.1")["State"]["Running"] == true {
+        // The task is replaced (removed, then created again): for a moment it does not exist.
+        let out = lab.try_np(&["inspect", "web.1"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let v = v[0].clone();
+        let p = v["State"]["Pid"].as_u64();
+        if out.status.success() && p.is_some_and(|p| p != pid) && v["State"]["Running"] == true {
             restarted = true;
             break;
         }
