@@ -289,25 +289,9 @@ fn lost_line(n: u64, reason: &str) -> Bytes {
 
 /// Nanoseconds since the epoch as RFC 3339 UTC with milliseconds.
 fn rfc3339(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ns % 1_000_000_000 / 1_000_000
-    )
+    let secs = super::view::rfc3339(ns / 1_000_000_000);
+    // `...T22:31:41Z` → `...T22:31:41.123Z`
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), ns % 1_000_000_000 / 1_000_000)
 }
 
 pub(super) fn proto_name(p: u8) -> String {
