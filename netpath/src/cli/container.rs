@@ -22,6 +22,7 @@ pub enum ContainerCmd {
         /// Remove the container when the command exits (foreground only).
         #[arg(long, conflicts_with = "detach")]
         rm: bool,
+        /// The container's name (it resolves on user-defined networks).
         #[arg(long)]
         name: String,
         /// bridge (default), host, none or a user-defined network.

@@ -12,6 +12,7 @@ use crate::api::{ServiceCreate, ServiceUpdate};
 pub enum ServiceCmd {
     /// Create a service: a VIP on each of its networks spreading connections over its tasks.
     Create {
+        /// The service's name: DNS answers it with the VIP, its tasks are NAME.1..N.
         #[arg(long)]
         name: String,
         /// A network of the service (repeatable; at least one).
@@ -55,14 +56,19 @@ pub enum ServiceCmd {
     Ps { name: String },
     /// Change a service live.
     Update {
+        /// Run N tasks (as `service scale NAME=N`).
         #[arg(long, allow_negative_numbers = true)]
         replicas: Option<i64>,
+        /// Put the service on one more network: a VIP there, its tasks connected (repeatable).
         #[arg(long)]
         network_add: Vec<String>,
+        /// Take the service off a network: its VIP there goes (repeatable).
         #[arg(long)]
         network_rm: Vec<String>,
+        /// An existing container that joins as a backend (repeatable).
         #[arg(long)]
         add_backend: Vec<String>,
+        /// A backend container that leaves the service (repeatable; the container stays).
         #[arg(long)]
         rm_backend: Vec<String>,
         name: String,
