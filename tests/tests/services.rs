@@ -323,6 +323,8 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["--name", "x", "--network", "app", "--replicas", "2"], "replicas need a command"),
         (&["--name", "one", "--network", "app"], "already in use"),
         (&["--name", "x", "--network", "app", "--publish", "published=1,target=zz"], "invalid publish spec"),
+        (&["--name", "x", "--network", "app", "--publish", "published=7,target=7,mode=mesh"], "invalid publish mode"),
+        (&["--name", "x", "--network", "app", "--publish", "target=7,mode=host"], "mode=host needs a published port"),
         (&["--name", "x", "--network", "app", "--affinity", "sticky"], "invalid affinity"),
         (&["--name", "x", "--network", "host"], "services need a bridge network"),
         (
@@ -437,6 +439,24 @@ fn published_service_ports_reach_the_tasks_from_outside_and_from_host_processes(
     assert!(err.contains("already published by service web"), "{err}");
     let err = lab.np_fails(&["run", "-d", "--name", "y", "--network", "app", "-p", "8080:80", "--", "sleep", "1"]);
     assert!(err.contains("8080"), "{err}");
+
+    // mode=host: on one host every task runs here, so it reaches them as ingress does, and
+    // says which mode it is.
+    let mut tasks_as_backends = vec!["service", "create", "--name", "hostmode", "--network", "app"];
+    for t in &tasks {
+        tasks_as_backends.extend(["--backend", t.as_str()]);
+    }
+    tasks_as_backends.extend(["--publish", "published=8081,target=80,mode=host"]);
+    lab.np(&tasks_as_backends);
+    let v: serde_json::Value = serde_json::from_str(&lab.np(&["service", "inspect", "hostmode"])).unwrap();
+    assert_eq!(v[0]["Endpoint"]["Ports"][0]["PublishMode"], "host", "{v}");
+    let out = must(in_ns(
+        &lab.client_ns,
+        "socat",
+        &["-u", "-T", "5", &format!("TCP:{HOST_ETH0_IP}:8081,connect-timeout=5"), "-"],
+    ));
+    let (task, peer) = out.trim().split_once(' ').unwrap_or_else(|| panic!("{out}"));
+    assert!(addrs.contains(&task.to_string()) && peer == CLIENT_IP, "{out}");
 }
 
 #[test]

@@ -24,7 +24,8 @@ pub enum ServiceCmd {
         /// An existing container that joins as a backend (repeatable).
         #[arg(long = "backend")]
         backends: Vec<String>,
-        /// published=P,target=T[,protocol=udp] (repeatable).
+        /// published=P,target=T[,protocol=tcp|udp][,mode=ingress|host] (repeatable; mode=host: only
+        /// where a task runs, which on one host is where they all run).
         #[arg(long = "publish")]
         publish: Vec<String>,
         /// P:T[/udp], as `--publish` (repeatable).

@@ -26,7 +26,7 @@ use anyhow::Context;
 use tracing::{debug, warn};
 
 pub use files::{EMBEDDED, HostResolv};
-pub use names::{ServiceNames, valid_name};
+pub use names::valid_name;
 
 /// TTL of container records. Docker uses 600 s; a container re-created with a new address
 /// would then stay wrong in every caching client for ten minutes. 5 s keeps caches useful
@@ -168,10 +168,11 @@ impl Dns {
         files
     }
 
-    /// Service names (`NAME` → VIP or task addresses, `tasks.NAME` → task addresses) per
-    /// network; they resolve for containers on that network only.
-    pub fn set_services(&self, s: ServiceNames) {
-        self.inner.table.write().unwrap().set_services(s);
+    /// One service's names (`NAME` → VIP or task addresses, `tasks.NAME` → task addresses)
+    /// per network: `old` (network id, name) pairs stop resolving, `new` ones resolve for
+    /// containers on that network only.
+    pub fn replace_service_names(&self, old: &[(String, String)], new: Vec<(String, String, Vec<Ipv4Addr>)>) {
+        self.inner.table.write().unwrap().replace_service_names(old, new);
     }
 
     /// A container is gone: its names stop resolving at once, its server stops, its files go.

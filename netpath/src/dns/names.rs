@@ -35,7 +35,7 @@ pub struct Table {
 }
 
 /// Service names per network: network id → lowercase name → addresses.
-pub type ServiceNames = HashMap<String, HashMap<String, Vec<Ipv4Addr>>>;
+type ServiceNames = HashMap<String, HashMap<String, Vec<Ipv4Addr>>>;
 
 /// Length of the short container IDs that resolve, as Docker's.
 pub const SHORT_ID: usize = 12;
@@ -126,11 +126,20 @@ impl Table {
         }
     }
 
-    /// Replaces every service name; returns whether anything changed.
-    pub fn set_services(&mut self, s: ServiceNames) -> bool {
-        let changed = self.services != s;
-        self.services = s;
-        changed
+    /// Replaces one service's names: the `old` (network id, name) pairs go, the `new` ones are
+    /// set. Costs that service's names, not every service's.
+    pub fn replace_service_names(&mut self, old: &[(String, String)], new: Vec<(String, String, Vec<Ipv4Addr>)>) {
+        for (net, name) in old {
+            if let Some(names) = self.services.get_mut(net) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.services.remove(net);
+                }
+            }
+        }
+        for (net, name, addrs) in new {
+            self.services.entry(net).or_default().insert(name, addrs);
+        }
     }
 
     /// The networks `asker` resolves names on, in its endpoint order.

@@ -359,6 +359,10 @@ pub struct ServicePort {
     pub published: Option<u16>,
     pub target: u16,
     pub proto: crate::ports::Proto,
+    /// `mode=host`: published only on the nodes that run a task (swarm's host mode) rather
+    /// than through the routing mesh; on one host both reach the same tasks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_mode: bool,
 }
 
 /// A service (Docker swarm's, on one host): a VIP per network spreading connections over its

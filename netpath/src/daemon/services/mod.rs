@@ -1,60 +1,44 @@
 //! Services: a VIP per service network, spread over the service's tasks by the datapath's
 //! Maglev tables. The record says what is wanted (networks, replicas, joined containers,
-//! ports); [`Daemon::sync_services`] makes the kernel match it and runs the replicas — on
+//! ports); [`Daemon::sync_services`] (in `sync`) makes the kernel match it and runs the replicas — on
 //! every change, when a task's container goes or its process exits, and every 200 ms (a
 //! task that died unnoticed leaves its tables within that).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod sync;
+
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::networks::{lookup as lookup_network, usable};
 use super::{Daemon, spawn_io, valid_name};
-use crate::api::{ContainerCreate, ServiceCreate, ServiceUpdate};
+use crate::api::{ServiceCreate, ServiceUpdate};
 use crate::error::{Error, Result};
 use crate::ipam;
 use crate::ports::Proto;
 use crate::state::store::Op;
 use crate::state::{self, DriverKind, Phase, Service, ServicePort, ServiceVip, State};
-use netpath_common::{MAGLEV_M, MAX_SERVICE_SLOTS, ServiceInfo, svc_flags};
-
-/// How often the tasks are checked without being told.
-const PERIOD: Duration = Duration::from_millis(200);
-/// A replica that keeps exiting is restarted at most this often.
-const RESTART_BACKOFF: Duration = Duration::from_secs(2);
-
-/// What the datapath holds for services, as last written (so unchanged tables are not rewritten).
-#[derive(Default)]
-pub struct Programmed {
-    /// Slot → the backends its table spreads over.
-    tables: HashMap<u32, Vec<Ipv4Addr>>,
-    /// Service entries: (VIP, port, proto) → the value written.
-    entries: HashMap<(Ipv4Addr, u16, u8), ServiceInfo>,
-    /// VIP → bridge ifindex it was added to.
-    vips: HashMap<Ipv4Addr, u32>,
-    /// Replica name → when it was last (re)started.
-    restarts: HashMap<String, Instant>,
-    /// False until the first sync after start: it also removes what no record claims.
-    swept: bool,
-}
-
-pub type ServicesState = tokio::sync::Mutex<Programmed>;
+use netpath_common::MAX_SERVICE_SLOTS;
+pub use sync::ServicesState;
 
 fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Service> {
     st.service(name).ok_or_else(|| not_found!("service {name} not found"))
 }
 
-/// Parses `--publish published=P,target=T[,protocol=udp][,mode=ingress]` or `-p P:T[/udp]`.
+/// Parses `--publish published=P,target=T[,protocol=udp][,mode=ingress|host]` or `-p P:T[/udp]`.
 pub fn parse_port(spec: &str) -> Result<ServicePort> {
-    let bad =
-        || bad_request!("invalid publish spec {spec:?}: use published=P,target=T[,protocol=tcp|udp] or P:T[/udp]");
+    let bad = || {
+        bad_request!(
+            "invalid publish spec {spec:?}: use published=P,target=T[,protocol=tcp|udp][,mode=ingress|host] or P:T[/udp]"
+        )
+    };
     let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
     if spec.contains('=') {
-        let (mut published, mut target, mut proto) = (None, None, Proto::Tcp);
+        let (mut published, mut target, mut proto, mut host_mode) = (None, None, Proto::Tcp, false);
         for kv in spec.split(',') {
             let (k, v) = kv.split_once('=').ok_or_else(bad)?;
             match k {
@@ -67,12 +51,20 @@ pub fn parse_port(spec: &str) -> Result<ServicePort> {
                         _ => return Err(bad()),
                     }
                 }
-                "mode" if v == "ingress" => {}
-                "mode" => return Err(bad_request!("publish mode {v:?} is not supported (only ingress)")),
+                "mode" => {
+                    host_mode = match v {
+                        "ingress" => false,
+                        "host" => true,
+                        _ => return Err(bad_request!("invalid publish mode {v:?}: use ingress or host")),
+                    }
+                }
                 _ => return Err(bad()),
             }
         }
-        return Ok(ServicePort { published, target: target.ok_or_else(bad)?, proto });
+        if host_mode && published.is_none() {
+            return Err(bad_request!("invalid publish spec {spec:?}: mode=host needs a published port"));
+        }
+        return Ok(ServicePort { published, target: target.ok_or_else(bad)?, proto, host_mode });
     }
     let (rest, proto) = match spec.rsplit_once('/') {
         Some((r, "tcp")) => (r, Proto::Tcp),
@@ -81,8 +73,8 @@ pub fn parse_port(spec: &str) -> Result<ServicePort> {
         None => (spec, Proto::Tcp),
     };
     match rest.split_once(':') {
-        Some((p, t)) => Ok(ServicePort { published: Some(port(p)?), target: port(t)?, proto }),
-        None => Ok(ServicePort { published: None, target: port(rest)?, proto }),
+        Some((p, t)) => Ok(ServicePort { published: Some(port(p)?), target: port(t)?, proto, host_mode: false }),
+        None => Ok(ServicePort { published: None, target: port(rest)?, proto, host_mode: false }),
     }
 }
 
@@ -248,7 +240,7 @@ impl Daemon {
         // one, or the next daemon's) builds it.
         super::crash::point("service-create:persisted");
         info!("service {} created", req.name);
-        self.sync_services().await;
+        self.sync_service(&id).await;
         self.inspect_service(&req.name)
     }
 
@@ -321,7 +313,7 @@ impl Daemon {
             self.state().put_service(old);
             return Err(e);
         }
-        self.sync_services().await;
+        self.sync_service(&id).await;
         self.inspect_service(name)
     }
 
@@ -337,28 +329,13 @@ impl Daemon {
         // Written first: a daemon that dies now finishes the removal when it starts again.
         self.persist_service(&id).await?;
         super::crash::point("service-rm:marked");
-        self.sync_services().await;
+        self.sync_service(&id).await;
         if self.state().service_by_id(&id).is_some() {
             return Err(Error::Internal(anyhow::anyhow!(
                 "service {name}: removal did not finish, see the daemon's log"
             )));
         }
         Ok(())
-    }
-
-    /// The containers that are tasks of `s`: its wanted replicas and joined containers.
-    fn task_names(s: &Service) -> Vec<String> {
-        let mut t = s.replica_names();
-        t.extend(s.backends.iter().cloned());
-        t
-    }
-
-    /// A task container that may take new connections: built, its process (if any) running,
-    /// and not failing its service's health check.
-    fn healthy(&self, c: &state::Container) -> bool {
-        c.phase == Phase::Ready
-            && (c.process.is_none() || Self::is_running(c))
-            && !self.svc_unhealthy.lock().unwrap().contains(&c.id)
     }
 
     /// `--health-cmd-tcp`: connects to every task's port every 300 ms (from the host, through
@@ -398,306 +375,6 @@ impl Daemon {
             if changed {
                 self.services_kick.notify_one();
             }
-        }
-    }
-
-    /// Makes the kernel and the replicas match the services: starts missing replicas,
-    /// restarts exited ones, removes unwanted ones, writes every VIP's table and entries,
-    /// finishes removals. Serialised: one sync at a time.
-    pub async fn sync_services(self: &Arc<Self>) {
-        let mut prog = self.services.lock().await;
-        // 1. Replicas: removed services and scaled-down ones first, then missing or exited ones.
-        // Only task containers are looked at (by name), never a copy of every container: this
-        // runs every 200 ms.
-        type Replicas = HashMap<String, state::Container>;
-        let (services, unwanted, replicas): (Vec<Service>, Vec<(String, String)>, Replicas) = {
-            let st = self.state();
-            let services: Vec<Service> = st.services().cloned().collect();
-            if services.is_empty() && prog.swept && prog.entries.is_empty() && prog.vips.is_empty() {
-                return; // nothing to run, nothing programmed
-            }
-            let by_name: HashMap<&str, &Service> = services.iter().map(|s| (s.name.as_str(), s)).collect();
-            let unwanted = st
-                .containers()
-                .filter_map(|c| {
-                    let (prefix, n) = c.name.rsplit_once('.')?;
-                    let s = by_name.get(prefix)?;
-                    let n: u32 = n.parse().ok().filter(|_| s.is_replica_name(&c.name))?;
-                    let wanted = s.phase == Phase::Ready && n >= 1 && n <= s.replicas.unwrap_or(0);
-                    (!wanted).then(|| (s.name.clone(), c.name.clone()))
-                })
-                .collect();
-            let replicas = services
-                .iter()
-                .filter(|s| s.phase == Phase::Ready)
-                .flat_map(|s| s.replica_names())
-                .filter_map(|r| st.container(&r).filter(|c| c.name == r).cloned().map(|c| (r, c)))
-                .collect();
-            (services, unwanted, replicas)
-        };
-        for (svc, name) in &unwanted {
-            if let Err(e) = self.remove_container(name, true).await {
-                warn!("service {svc}: removing task {name}: {e}");
-            }
-        }
-        for s in services.iter().filter(|s| s.phase == Phase::Ready) {
-            let Some(first) = s.vips.first() else { continue };
-            let net_name = self.state().network_by_id(&first.network_id).map(|n| n.name.clone());
-            let Some(net_name) = net_name else { continue };
-            for r in s.replica_names() {
-                let existing = replicas.get(&r);
-                let exited = existing.is_some_and(|c| c.phase == Phase::Ready && !Self::is_running(c));
-                if let Some(c) = existing.filter(|c| c.phase == Phase::Ready && !exited) {
-                    self.follow_networks(s, c).await; // --network-add / --network-rm
-                    continue;
-                }
-                if existing.is_some() && !exited {
-                    continue;
-                }
-                if prog.restarts.get(&r).is_some_and(|t| t.elapsed() < RESTART_BACKOFF) {
-                    continue;
-                }
-                prog.restarts.insert(r.clone(), Instant::now());
-                if exited {
-                    info!("service {}: task {r} exited, restarting it", s.name);
-                    if let Err(e) = self.remove_container(&r, true).await {
-                        warn!("service {}: removing exited task {r}: {e}", s.name);
-                        continue;
-                    }
-                }
-                let req = ContainerCreate {
-                    name: r.clone(),
-                    network: Some(net_name.clone()),
-                    cmd: s.cmd.clone(),
-                    detach: true,
-                    ..Default::default()
-                };
-                if let Err(e) = self.create_container(req).await {
-                    warn!("service {}: starting task {r}: {e}", s.name);
-                    continue;
-                }
-                for v in &s.vips[1..] {
-                    let net = self.state().network_by_id(&v.network_id).map(|n| n.name.clone());
-                    if let Some(net) = net {
-                        let req = crate::api::Connect { container: r.clone(), ip: None, aliases: vec![] };
-                        if let Err(e) = self.connect(&net, req).await {
-                            warn!("service {}: connecting task {r} to {net}: {e}", s.name);
-                        }
-                    }
-                }
-            }
-        }
-        // 2. The datapath: what every live service wants now.
-        let (services, nets) = {
-            let st = self.state();
-            let s: Vec<Service> = st.services().cloned().collect();
-            let nets: HashMap<String, state::Network> = st.networks().map(|n| (n.id.clone(), n.clone())).collect();
-            (s, nets)
-        };
-        let mut want_tables: HashMap<u32, Vec<Ipv4Addr>> = HashMap::new();
-        let mut want_entries: HashMap<(Ipv4Addr, u16, u8), ServiceInfo> = HashMap::new();
-        let mut want_vips: HashMap<Ipv4Addr, String> = HashMap::new();
-        for s in services.iter().filter(|s| s.phase == Phase::Ready && s.endpoint_mode == "vip") {
-            let tasks = Self::task_names(s);
-            let flags = if s.affinity == "client-ip" { svc_flags::AFFINITY_CLIENT_IP } else { 0 };
-            for (i, v) in s.vips.iter().enumerate() {
-                let Some(bridge) = nets.get(&v.network_id).and_then(|n| n.bridge.clone()) else { continue };
-                let backends: Vec<Ipv4Addr> = {
-                    let st = self.state();
-                    let mut b: Vec<Ipv4Addr> = tasks
-                        .iter()
-                        .filter_map(|t| st.container(t).filter(|c| c.name == *t))
-                        .filter(|c| self.healthy(c))
-                        .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == v.network_id)?.ipv4)
-                        .collect();
-                    b.sort();
-                    b.dedup();
-                    b
-                };
-                let info = ServiceInfo { slot: v.slot, target_port: 0, backends: backends.len() as u16, flags };
-                want_tables.insert(v.slot, backends);
-                want_vips.insert(v.vip, bridge);
-                // Every port of the VIP, both protocols, as swarm's VIPs do.
-                for proto in [Proto::Tcp, Proto::Udp] {
-                    want_entries.insert((v.vip, 0, proto.number()), info);
-                }
-                // Published ports: on every host address, to the tasks of its first network.
-                if i == 0 {
-                    for p in s.ports.iter().filter(|p| p.published.is_some()) {
-                        let info = ServiceInfo { target_port: p.target.to_be(), ..info };
-                        want_entries.insert((Ipv4Addr::UNSPECIFIED, p.published.unwrap_or(0), p.proto.number()), info);
-                    }
-                }
-            }
-        }
-        self.dns.set_services(self.service_names(&services));
-        let mut gone_backends: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        // VIP addresses on their bridges: the host answers ARP for them (and refuses what no
-        // backend takes).
-        for (vip, bridge) in &want_vips {
-            if prog.vips.contains_key(vip) {
-                continue;
-            }
-            match self.nl.link_index(bridge).await {
-                Ok(Some(idx)) => match self.nl.ensure_addr(idx, *vip, 32).await {
-                    Ok(()) => {
-                        prog.vips.insert(*vip, idx);
-                    }
-                    Err(e) => warn!("VIP {vip}: {e:#}"),
-                },
-                Ok(None) => warn!("VIP {vip}: bridge {bridge} missing"),
-                Err(e) => warn!("VIP {vip}: {e:#}"),
-            }
-        }
-        {
-            let mut dp = self.dp();
-            // Tables before the entries that point at them.
-            for (slot, backends) in &want_tables {
-                if prog.tables.get(slot) == Some(backends) {
-                    continue;
-                }
-                if let Some(old) = prog.tables.get(slot) {
-                    gone_backends.extend(old.iter().filter(|a| !backends.contains(a)));
-                }
-                let table = if backends.is_empty() {
-                    vec![Ipv4Addr::UNSPECIFIED; MAGLEV_M as usize]
-                } else {
-                    crate::maglev::table(backends, MAGLEV_M as usize)
-                };
-                match dp.set_maglev(*slot, &table) {
-                    Ok(()) => {
-                        prog.tables.insert(*slot, backends.clone());
-                    }
-                    Err(e) => warn!("service table {slot}: {e:#}"),
-                }
-            }
-            for (k, info) in &want_entries {
-                if prog.entries.get(k) == Some(info) {
-                    continue;
-                }
-                match dp.set_service(k.0, k.1, k.2, *info) {
-                    Ok(()) => {
-                        prog.entries.insert(*k, *info);
-                    }
-                    Err(e) => warn!("service entry {}:{}: {e:#}", k.0, k.1),
-                }
-            }
-            // What no service wants any more; after a restart, whatever the pins hold too.
-            let mut stale: Vec<(Ipv4Addr, u16, u8)> =
-                prog.entries.keys().filter(|k| !want_entries.contains_key(k)).copied().collect();
-            if !prog.swept {
-                match dp.service_keys() {
-                    Ok(keys) => stale.extend(keys.into_iter().filter(|k| !want_entries.contains_key(k))),
-                    Err(e) => warn!("reading service entries: {e:#}"),
-                }
-            }
-            for k in stale {
-                let _ = dp.remove_service(k.0, k.1, k.2);
-                prog.entries.remove(&k);
-            }
-            let old_slots: Vec<u32> = prog.tables.keys().filter(|s| !want_tables.contains_key(s)).copied().collect();
-            for slot in old_slots {
-                if let Some(old) = prog.tables.remove(&slot) {
-                    gone_backends.extend(old);
-                }
-            }
-        }
-        let stale_vips: Vec<(Ipv4Addr, u32)> =
-            prog.vips.iter().filter(|(v, _)| !want_vips.contains_key(v)).map(|(v, i)| (*v, *i)).collect();
-        for (vip, idx) in stale_vips {
-            if let Err(e) = self.nl.remove_addr(idx, vip).await {
-                warn!("VIP {vip}: {e:#}");
-            }
-            prog.vips.remove(&vip);
-        }
-        if !prog.swept {
-            // VIPs a dead daemon left on bridges no service wants: every /32 on a netpath bridge
-            // that is neither its gateway nor a wanted VIP.
-            for n in nets.values() {
-                let Some(bridge) = &n.bridge else { continue };
-                let Ok(Some(idx)) = self.nl.link_index(bridge).await else { continue };
-                let Ok(addrs) = self.nl.addresses_v4(Some(idx)).await else { continue };
-                for (a, len) in addrs {
-                    if len == 32 && !want_vips.contains_key(&a) && n.ipam.is_some_and(|i| i.gateway != a) {
-                        let _ = self.nl.remove_addr(idx, a).await;
-                    }
-                }
-            }
-            prog.swept = true;
-        }
-        // Flows to backends that left: they must not keep using them.
-        for ip in gone_backends {
-            self.flush_backend(ip).await;
-        }
-        // 3. Removals to finish: their tasks and kernel state are gone now.
-        for s in services.iter().filter(|s| s.phase == Phase::Removing) {
-            if self.state().containers().any(|c| s.is_replica_name(&c.name)) {
-                continue; // a task that would not go: the next sync tries again
-            }
-            self.state().remove_service(&s.id);
-            if let Err(e) = self.persist_service(&s.id).await {
-                warn!("service {}: {e}", s.name);
-            }
-            info!("service {} removed", s.name);
-        }
-        prog.restarts.retain(|_, t| t.elapsed() < RESTART_BACKOFF * 10);
-    }
-
-    /// Connects a running replica to the service's networks it is not on, and disconnects it
-    /// from networks the service left.
-    async fn follow_networks(self: &Arc<Self>, s: &Service, c: &state::Container) {
-        let names: HashMap<String, String> = self.state().networks().map(|n| (n.id.clone(), n.name.clone())).collect();
-        for v in s.vips.iter().filter(|v| !c.endpoints.iter().any(|e| e.network_id == v.network_id)) {
-            let Some(net) = names.get(&v.network_id) else { continue };
-            let req = crate::api::Connect { container: c.name.clone(), ip: None, aliases: vec![] };
-            if let Err(e) = self.connect(net, req).await {
-                warn!("service {}: connecting task {} to {net}: {e}", s.name, c.name);
-            }
-        }
-        for e in c.endpoints.iter().filter(|e| !s.vips.iter().any(|v| v.network_id == e.network_id)) {
-            let Some(net) = names.get(&e.network_id) else { continue };
-            if let Err(err) = self.disconnect(net, &c.name).await {
-                warn!("service {}: disconnecting task {} from {net}: {err}", s.name, c.name);
-            }
-        }
-    }
-
-    /// What the embedded DNS answers for services, per network: `NAME` (the VIP, or with
-    /// dnsrr the running tasks' addresses) and `tasks.NAME` (the running tasks' addresses).
-    fn service_names(&self, services: &[Service]) -> crate::dns::ServiceNames {
-        let st = self.state();
-        let mut out = crate::dns::ServiceNames::new();
-        for s in services.iter().filter(|s| s.phase == Phase::Ready) {
-            let tasks = Self::task_names(s);
-            for v in &s.vips {
-                let addrs: Vec<Ipv4Addr> = tasks
-                    .iter()
-                    .filter_map(|t| st.container(t).filter(|c| c.name == *t && self.healthy(c)))
-                    .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == v.network_id)?.ipv4)
-                    .collect();
-                let names = out.entry(v.network_id.clone()).or_default();
-                let name = s.name.to_ascii_lowercase();
-                let own = if s.endpoint_mode == "vip" { vec![v.vip] } else { addrs.clone() };
-                names.insert(name.clone(), own);
-                names.insert(format!("tasks.{name}"), addrs);
-            }
-        }
-        out
-    }
-
-    /// Flushes the flows of a backend that left a service, unless it is a backend elsewhere.
-    async fn flush_backend(&self, ip: Ipv4Addr) {
-        self.flush_flows(ip).await;
-    }
-
-    /// Runs [`Self::sync_services`] every [`PERIOD`], or sooner when kicked.
-    pub async fn watch_services(self: Arc<Self>) {
-        self.wait_ready().await;
-        loop {
-            self.sync_services().await;
-            // A task going (rm, stop, exit) wakes it at once: it leaves the tables before its
-            // process and veth are gone.
-            let _ = tokio::time::timeout(PERIOD, self.services_kick.notified()).await;
         }
     }
 
@@ -769,7 +446,12 @@ impl Daemon {
 }
 
 fn port_json(p: &ServicePort) -> Value {
-    json!({ "Protocol": p.proto.as_str(), "TargetPort": p.target, "PublishedPort": p.published, "PublishMode": "ingress" })
+    json!({
+        "Protocol": p.proto.as_str(),
+        "TargetPort": p.target,
+        "PublishedPort": p.published,
+        "PublishMode": if p.host_mode { "host" } else { "ingress" },
+    })
 }
 
 fn tasks_json(d: &Daemon, st: &State, s: &Service) -> Value {
@@ -818,12 +500,20 @@ mod tests {
         assert_eq!((p.published, p.target, p.proto), (Some(8080), 80, Proto::Tcp));
         let p = parse_port("published=53,target=5300,protocol=udp,mode=ingress").unwrap();
         assert_eq!((p.published, p.target, p.proto), (Some(53), 5300, Proto::Udp));
+        let p = parse_port("published=8080,target=80,mode=host").unwrap();
+        assert!(p.host_mode && p.published == Some(8080));
         let p = parse_port("9090:90/udp").unwrap();
         assert_eq!((p.published, p.target, p.proto), (Some(9090), 90, Proto::Udp));
         assert_eq!(parse_port("80").unwrap().published, None);
-        for bad in
-            ["published=1", "target=0", "x=1,target=2", "8080:80/sctp", "a:b", "published=8080,target=80,mode=host"]
-        {
+        for bad in [
+            "published=1",
+            "target=0",
+            "x=1,target=2",
+            "8080:80/sctp",
+            "a:b",
+            "published=8080,target=80,mode=mesh",
+            "target=80,mode=host",
+        ] {
             assert!(parse_port(bad).is_err(), "{bad}");
         }
     }
