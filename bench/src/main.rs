@@ -75,9 +75,8 @@ struct Cli {
     /// kube-proxy-style iptables): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     services: String,
-    /// Service counts for the services section. 10000 is the target, but creating
-    /// that many services does not finish in the lab's time yet (each create syncs them all).
-    #[arg(long, value_delimiter = ',', default_value = "1,1000")]
+    /// Service counts for the services section (10,000 take about a minute to create).
+    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     service_counts: Vec<u32>,
     /// Container counts for the scale section (10000 takes a few minutes more).
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]

@@ -29,6 +29,8 @@ struct SvcLab {
     _lab: Lab,
     client_ns: PathBuf,
     vip: String,
+    /// One backend's own address (netpath lab): the direct route the VIP path is held against.
+    direct: Option<String>,
     servers: Vec<Child>,
 }
 
@@ -88,7 +90,9 @@ fn netpath_lab(exe: &Path, services: u32) -> Result<SvcLab> {
         v[0]["Endpoint"]["VirtualIPs"][0]["Addr"].as_str().context("no VIP")?.split('/').next().unwrap().to_string();
     let v: serde_json::Value = serde_json::from_str(&np(&["inspect", "client"])?)?;
     let client_ns = PathBuf::from(v[0]["NetworkSettings"]["SandboxKey"].as_str().context("no SandboxKey")?);
-    Ok(SvcLab { _lab: lab, client_ns, vip, servers: vec![] })
+    let v: serde_json::Value = serde_json::from_str(&np(&["inspect", "b1"])?)?;
+    let direct = v[0]["NetworkSettings"]["Networks"]["svcnet"]["IPAddress"].as_str().context("no b1 address")?;
+    Ok(SvcLab { _lab: lab, client_ns, vip, direct: Some(direct.to_string()), servers: vec![] })
 }
 
 fn iptables_lab(exe: &Path, services: u32) -> Result<SvcLab> {
@@ -141,7 +145,7 @@ fn iptables_lab(exe: &Path, services: u32) -> Result<SvcLab> {
     }
     rules.push_str("COMMIT\n");
     check(in_ns(&host, "iptables-restore", &["-w"]), Some(rules.as_bytes()), T)?;
-    Ok(SvcLab { _lab: lab, client_ns, vip: vip_of(services - 1), servers })
+    Ok(SvcLab { _lab: lab, client_ns, vip: vip_of(services - 1), direct: None, servers })
 }
 
 /// New connections per second from the lab's client to its VIP.
@@ -162,10 +166,21 @@ fn conn_rate(exe: &Path, l: &SvcLab, secs: u32) -> Result<f64> {
     Ok(conns / j["secs"].as_f64().context("secs")?)
 }
 
+/// One iperf3 TCP stream from the lab's client to `ip`, Gbit/s (the backends' `__serve` runs
+/// iperf3 -s; through the VIP the stream lands on whichever backend the table picks).
+fn tcp_throughput(l: &SvcLab, ip: &str, secs: u32) -> Result<f64> {
+    let port = crate::serve::IPERF_PORT.to_string();
+    let c = in_ns(&l.client_ns, "iperf3", &["-c", ip, "-p", &port, "-t", &secs.to_string(), "-J"]);
+    let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
+    crate::figures::parse_iperf_tcp(&out)
+}
+
 /// Runs the services section; returns its markdown.
 pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
     let mut rows: Vec<(String, u32, Vec<f64>, f64)> = vec![];
+    // (through the VIP, straight to a backend), Gbit/s, per repetition: at the first count.
+    let mut throughput: Vec<(f64, f64)> = vec![];
     for &n in counts {
         for kind in ["netpath", "iptables"] {
             if stop_requested() {
@@ -180,6 +195,11 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
                 let r = conn_rate(exe, &lab, secs)?;
                 eprintln!("bench: services: {kind}, {n} services, rep {}: {r:.0} conn/s", rep + 1);
                 v.push(r);
+                if let Some(direct) = lab.direct.as_deref().filter(|_| Some(&n) == counts.first()) {
+                    let (via, to) = (tcp_throughput(&lab, &lab.vip, secs)?, tcp_throughput(&lab, direct, secs)?);
+                    eprintln!("bench: services: TCP through the VIP {via:.1} Gbit/s, to a backend {to:.1} Gbit/s");
+                    throughput.push((via, to));
+                }
             }
             rows.push((kind.to_string(), n, v, setup));
         }
@@ -202,6 +222,15 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
             "\nnetpath at {hi} services: {:.2}× its rate at {lo} (target ≥ 0.9×), {:.1}× iptables at {hi} (target ≥ 8×).\n",
             rate("netpath", *hi) / rate("netpath", *lo),
             rate("netpath", *hi) / rate("iptables", *hi),
+        ));
+    }
+    if !throughput.is_empty() {
+        let via = med(&throughput.iter().map(|t| t.0).collect::<Vec<_>>());
+        let to = med(&throughput.iter().map(|t| t.1).collect::<Vec<_>>());
+        md.push_str(&format!(
+            "\nTCP throughput, one iperf3 stream from the client container: through the VIP {via:.1} Gbit/s, \
+             straight to a backend's address {to:.1} Gbit/s: {:.2}× (target ≥ 0.95×).\n",
+            via / to
         ));
     }
     md.push_str(

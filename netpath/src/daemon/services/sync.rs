@@ -166,7 +166,9 @@ impl Daemon {
                 _ => Wanted::default(),
             };
             let written = self.write(&mut prog, id, wanted).await;
-            if !(ok && written) {
+            if s.is_none() {
+                prog.by_service.remove(id); // nothing left to remember
+            } else if !(ok && written) {
                 prog.retry.insert(id.clone());
             }
             // Removals to finish: its tasks and kernel state are gone now.
