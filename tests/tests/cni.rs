@@ -240,6 +240,15 @@ fn published_ports_several_interfaces_gc_and_a_vanished_namespace() {
     let r2 = ok("ADD", "web", Some(&web), "eth1", &net2);
     assert_eq!(addr_of(&web, "eth1"), [r2["ips"][0]["address"].as_str().unwrap()]);
 
+    // Its namespace has one DNS server for both interfaces: names on either network resolve.
+    lab.np(&["run", "-d", "--name", "fpeer", "--network", "front", "--", "sleep", "600"]);
+    lab.np(&["run", "-d", "--name", "bpeer", "--network", "back", "--", "sleep", "600"]);
+    for (name, net) in [("fpeer", "front"), ("bpeer", "back")] {
+        let out = must(in_ns(&web, "dig", &["+short", "+tries=1", "+timeout=5", "@127.0.0.11", name]));
+        assert_eq!(out.trim(), lab.ip_of(name, net), "{name} from the namespace of two attachments");
+    }
+    lab.np(&["rm", "-f", "fpeer", "bpeer"]);
+
     // A server in the runtime's namespace, reached from outside through the published port.
     let mut srv = in_ns(&web, "socat", &["TCP-LISTEN:8,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"])
         .stdout(Stdio::null())

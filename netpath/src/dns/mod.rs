@@ -80,6 +80,40 @@ pub struct EtcPaths {
     pub hostname: PathBuf,
 }
 
+/// The servers on 127.0.0.11: one per network namespace, answering for every container record
+/// in it. A runtime that gives one namespace several interfaces (CNI, one ADD per interface)
+/// makes a record per interface; they share the namespace's one server, which resolves what
+/// any of them may resolve.
+#[derive(Default)]
+struct Servers {
+    /// Server key → its sockets.
+    listeners: HashMap<u64, server::Listener>,
+    /// Server key → the containers it answers for, in the order they came.
+    members: HashMap<u64, Vec<String>>,
+    /// Namespace inode → the key of the server in it.
+    by_netns: HashMap<u64, u64>,
+    /// Container id → the key of the server it is a member of.
+    key_of: HashMap<String, u64>,
+    next_key: u64,
+}
+
+impl Servers {
+    /// Takes container `id` out of its server; the server closes with its last member.
+    fn leave(&mut self, id: &str) {
+        let Some(key) = self.key_of.remove(id) else { return };
+        let Some(m) = self.members.get_mut(&key) else { return };
+        m.retain(|x| x != id);
+        if m.is_empty() {
+            self.members.remove(&key);
+            if let Some(l) = self.listeners.remove(&key)
+                && let Some(inode) = l.netns_inode
+            {
+                self.by_netns.remove(&inode);
+            }
+        }
+    }
+}
+
 /// The embedded DNS server: cheap to clone, safe to share.
 #[derive(Clone)]
 pub struct Dns {
@@ -90,7 +124,7 @@ type Shared = Arc<Inner>;
 
 struct Inner {
     table: RwLock<names::Table>,
-    listeners: Mutex<HashMap<String, server::Listener>>,
+    servers: Mutex<Servers>,
     host: RwLock<(Option<SystemTime>, HostResolv)>,
     resolv_conf: PathBuf,
     /// `<state-dir>/containers`
@@ -105,7 +139,7 @@ impl Dns {
     pub fn new(files_dir: &Path, resolv_conf: &Path) -> Dns {
         let inner = Arc::new(Inner {
             table: RwLock::default(),
-            listeners: Mutex::default(),
+            servers: Mutex::default(),
             host: RwLock::new((None, HostResolv::default())),
             resolv_conf: resolv_conf.to_owned(),
             files_dir: files_dir.to_owned(),
@@ -147,23 +181,35 @@ impl Dns {
         let serve = files::uses_embedded(&c, &host);
         let files = self.write_files(&c, &host);
         i.table.write().unwrap().upsert(c);
-        let mut ls = i.listeners.lock().unwrap();
-        match netns.filter(|_| serve) {
-            Some(ns) => {
-                let same = ls.get(&id).is_some_and(|l| l.netns_inode == crate::netlink::netns::inode(&ns));
-                if !same {
-                    ls.remove(&id);
-                    match server::start(i, &id, &ns) {
-                        Ok(l) => {
-                            ls.insert(id.clone(), l);
-                        }
-                        Err(e) => warn!("container {}: no embedded DNS: {e:#}", &id[..12]),
-                    }
+        let mut s = i.servers.lock().unwrap();
+        let Some(ns) = netns.filter(|_| serve) else {
+            s.leave(&id);
+            return files;
+        };
+        let inode = crate::netlink::netns::inode(&ns);
+        let key = s.key_of.get(&id).copied();
+        if key.is_some_and(|k| s.listeners.get(&k).is_some_and(|l| l.netns_inode == inode)) {
+            return files; // served where it is
+        }
+        s.leave(&id);
+        // Another record of the same namespace already has a server there: join it.
+        if let Some(&k) = inode.and_then(|n| s.by_netns.get(&n)) {
+            s.members.entry(k).or_default().push(id.clone());
+            s.key_of.insert(id, k);
+            return files;
+        }
+        s.next_key += 1;
+        let k = s.next_key;
+        match server::start(i, k, &ns) {
+            Ok(l) => {
+                if let Some(n) = l.netns_inode {
+                    s.by_netns.insert(n, k);
                 }
+                s.listeners.insert(k, l);
+                s.members.insert(k, vec![id.clone()]);
+                s.key_of.insert(id, k);
             }
-            None => {
-                ls.remove(&id);
-            }
+            Err(e) => warn!("container {}: no embedded DNS: {e:#}", &id[..12]),
         }
         files
     }
@@ -178,7 +224,7 @@ impl Dns {
     /// A container is gone: its names stop resolving at once, its server stops, its files go.
     pub fn container_gone(&self, id: &str) {
         self.inner.table.write().unwrap().remove(id);
-        self.inner.listeners.lock().unwrap().remove(id);
+        self.inner.servers.lock().unwrap().leave(id);
         let dir = self.inner.dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -220,41 +266,50 @@ impl Inner {
         *self.host.write().unwrap() = (mtime, parsed);
     }
 
-    /// Where `id`'s forwarded queries go: its `--dns` servers, else the host's.
-    fn upstreams(&self, id: &str) -> Vec<IpAddr> {
+    /// The containers server `key` answers for (one, unless a runtime gave their namespace
+    /// several interfaces).
+    fn members(&self, key: u64) -> Vec<String> {
+        self.servers.lock().unwrap().members.get(&key).cloned().unwrap_or_default()
+    }
+
+    /// Where server `key`'s forwarded queries go: its containers' `--dns` servers, else the
+    /// host's.
+    fn upstreams(&self, key: u64) -> Vec<IpAddr> {
+        let ids = self.members(key);
         let table = self.table.read().unwrap();
+        let views: Vec<&ContainerView> = ids.iter().filter_map(|id| table.get(id)).collect();
         // A container only on internal networks has no way out: its queries for other names
         // are not forwarded either (Docker 26 and later), and get SERVFAIL.
-        if let Some(c) = table.get(id)
-            && !c.endpoints.is_empty()
-            && c.endpoints.iter().all(|e| e.internal)
-        {
+        let endpoints = || views.iter().flat_map(|c| &c.endpoints);
+        if endpoints().next().is_some() && endpoints().all(|e| e.internal) {
             return vec![];
         }
-        let own = table.get(id).map(|c| c.dns.clone()).unwrap_or_default();
+        let own = views.iter().map(|c| &c.dns).find(|d| !d.is_empty()).cloned().unwrap_or_default();
         drop(table);
         if own.is_empty() { self.host.read().unwrap().1.nameservers.clone() } else { own }
     }
 
-    /// Decides about one query from container `id`.
-    fn handle(&self, id: &str, q: &[u8], tcp: bool) -> message::Outcome {
+    /// Decides about one query to server `key`.
+    fn handle(&self, key: u64, q: &[u8], tcp: bool) -> message::Outcome {
+        let ids = self.members(key);
         let table = self.table.read().unwrap();
-        let asker = Asker { table: &table, id };
+        let asker = Asker { table: &table, ids: &ids };
         let rotate = self.rotate.fetch_add(1, Ordering::Relaxed);
         message::handle(q, tcp, &asker, rotate, TTL)
     }
 }
 
+/// Who asks: the containers of one namespace; the first that knows a name answers.
 struct Asker<'a> {
     table: &'a names::Table,
-    id: &'a str,
+    ids: &'a [String],
 }
 
 impl message::Names for Asker<'_> {
     fn resolve(&self, qname: &str) -> Option<Vec<Ipv4Addr>> {
-        self.table.resolve(self.id, qname).map(<[_]>::to_vec)
+        self.ids.iter().find_map(|id| self.table.resolve(id, qname)).map(<[_]>::to_vec)
     }
     fn reverse(&self, ip: Ipv4Addr) -> Option<String> {
-        self.table.reverse(self.id, ip).map(str::to_string)
+        self.ids.iter().find_map(|id| self.table.reverse(id, ip)).map(str::to_string)
     }
 }

@@ -62,16 +62,17 @@ fn bind_in(netns: &Path) -> Result<(std::net::UdpSocket, std::net::TcpListener)>
     .map_err(|_| anyhow!("socket thread panicked"))?
 }
 
-/// Opens and starts serving the embedded server for container `id` in `netns`.
-pub fn start(inner: &Shared, id: &str, netns: &Path) -> Result<Listener> {
+/// Opens and starts serving the embedded server `key` in `netns`: it answers for the
+/// containers [`Inner::members`] lists under that key.
+pub fn start(inner: &Shared, key: u64, netns: &Path) -> Result<Listener> {
     let (udp, tcp) = bind_in(netns).with_context(|| format!("embedded DNS in {}", netns.display()))?;
     let _rt = inner.runtime.enter();
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     let tcp = TcpListener::from_std(tcp)?;
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let tasks = vec![
-        inner.runtime.spawn(serve_udp(Arc::downgrade(inner), id.to_string(), udp, inflight)),
-        inner.runtime.spawn(serve_tcp(Arc::downgrade(inner), id.to_string(), tcp)),
+        inner.runtime.spawn(serve_udp(Arc::downgrade(inner), key, udp, inflight)),
+        inner.runtime.spawn(serve_tcp(Arc::downgrade(inner), key, tcp)),
     ];
     Ok(Listener { netns_inode: crate::netlink::netns::inode(netns), tasks })
 }
@@ -89,7 +90,7 @@ fn try_recv(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketAddr)> {
     })
 }
 
-async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocket>, inflight: Arc<Semaphore>) {
+async fn serve_udp(inner: std::sync::Weak<Inner>, key: u64, sock: Arc<UdpSocket>, inflight: Arc<Semaphore>) {
     // Forwarded queries belong to this task: stopping it (container removed) stops them and
     // closes the socket at once, so nothing keeps the container's namespace alive.
     let mut forwards = JoinSet::new();
@@ -103,18 +104,18 @@ async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocke
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 // ICMP errors from earlier sends surface here; the socket itself is fine.
-                debug!("dns {}: recv: {e}", &id[..12]);
+                debug!("dns server {key}: recv: {e}");
                 continue;
             }
         };
         let Some(inner) = inner.upgrade() else { return };
-        match inner.handle(&id, &q, false) {
+        match inner.handle(key, &q, false) {
             Outcome::Reply(b) => {
                 let _ = sock.send_to(&b, peer).await;
             }
             Outcome::Forward(f) => {
                 let Ok(permit) = inflight.clone().try_acquire_owned() else { continue };
-                let upstreams = inner.upstreams(&id);
+                let upstreams = inner.upstreams(key);
                 let sock = sock.clone();
                 forwards.spawn(async move {
                     let out = forward(&f, &upstreams, false).await;
@@ -127,7 +128,7 @@ async fn serve_udp(inner: std::sync::Weak<Inner>, id: String, sock: Arc<UdpSocke
     }
 }
 
-async fn serve_tcp(inner: std::sync::Weak<Inner>, id: String, listener: TcpListener) {
+async fn serve_tcp(inner: std::sync::Weak<Inner>, key: u64, listener: TcpListener) {
     let conns = Arc::new(Semaphore::new(MAX_TCP));
     // Connections belong to this task, like the UDP forwards.
     let mut tasks = JoinSet::new();
@@ -135,9 +136,9 @@ async fn serve_tcp(inner: std::sync::Weak<Inner>, id: String, listener: TcpListe
         let Ok((stream, _)) = listener.accept().await else { continue };
         while tasks.try_join_next().is_some() {}
         let Ok(permit) = conns.clone().try_acquire_owned() else { continue };
-        let (inner, id) = (inner.clone(), id.clone());
+        let inner = inner.clone();
         tasks.spawn(async move {
-            serve_conn(inner, &id, stream).await;
+            serve_conn(inner, key, stream).await;
             drop(permit);
         });
     }
@@ -145,13 +146,13 @@ async fn serve_tcp(inner: std::sync::Weak<Inner>, id: String, listener: TcpListe
 
 /// Answers length-prefixed queries on one connection, in order, until the client closes it,
 /// stays idle, or sends something we drop.
-async fn serve_conn(inner: std::sync::Weak<Inner>, id: &str, mut s: TcpStream) {
+async fn serve_conn(inner: std::sync::Weak<Inner>, key: u64, mut s: TcpStream) {
     while let Ok(Some(q)) = tokio::time::timeout(TCP_IDLE, read_frame(&mut s)).await {
         let Some(dns) = inner.upgrade() else { return };
-        let out = match dns.handle(id, &q, true) {
+        let out = match dns.handle(key, &q, true) {
             Outcome::Reply(b) => b,
             Outcome::Forward(f) => {
-                let upstreams = dns.upstreams(id);
+                let upstreams = dns.upstreams(key);
                 drop(dns);
                 forward(&f, &upstreams, true).await
             }
