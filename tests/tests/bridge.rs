@@ -16,6 +16,11 @@ fn two_containers_on_a_user_bridge_talk_both_ways_and_counters_move() {
     assert!(ip_a.starts_with("172.18."), "first user network gets 172.18.0.0/16, got {ip_a}");
     assert_eq!(echo(&lab, "a", &ip_b, "ping-from-a"), "ping-from-a");
     assert_eq!(echo(&lab, "b", &ip_a, "ping-from-b"), "ping-from-b");
+    // The host ends carry no IPv6 (no link-local address, no route per container): the
+    // kernel walks every IPv6 route on each link change, which made wiring grow with them.
+    let v6 =
+        netpath_tests::must(netpath_tests::in_ns(&lab.host_ns, "ip", &["-6", "-o", "route", "show", "table", "all"]));
+    assert!(!v6.contains("dev veth"), "IPv6 routes on container veths:\n{v6}");
 
     let c = &lab.inspect("a")["NetworkSettings"]["Networks"]["appnet"]["Counters"];
     for k in COUNTERS {

@@ -283,16 +283,24 @@ impl Netlink {
             peer_msg = peer_msg.mtu(mtu);
             msg = msg.mtu(mtu);
         }
-        let msg = msg.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build()))).controller(master).up().build();
+        // Down at first: IPv6 goes off before the kernel would configure it.
+        let msg = msg.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build()))).controller(master).build();
         self.handle()
             .link()
             .add(msg)
             .execute()
             .await
             .with_context(|| format!("creating veth {host} <-> {peer} in {}", netns.display()))?;
-        // The kernel applies an alias only to existing links: a second request.
         let idx = self.require_link(host).await?;
-        self.set_alias(idx).await
+        disable_ipv6(host);
+        // The kernel applies an alias only to existing links: a second request, which also
+        // brings it up.
+        self.handle()
+            .link()
+            .set(LinkUnspec::new_with_index(idx).alias(OWNER_ALIAS).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("marking link {idx} as netpath's and bringing it up"))
     }
 
     /// Creates a macvlan sub-interface of `parent` (an ifindex of this namespace) born inside
@@ -715,5 +723,19 @@ mod tests {
         b.extend(nla(3, b"lo\0"));
         let m = LinkMessage::parse(&b[..]).unwrap();
         assert_eq!(link_stats(&m), None);
+    }
+}
+
+/// Turns IPv6 off on a host end of a container's veth (netpath's container networks are IPv4):
+/// with it on, every host end gets a link-local address and a multicast route, and the kernel
+/// walks the whole IPv6 routing table on each link change of any of them (fib6_clean_all),
+/// so wiring one container cost more the more containers there were. Best effort: a kernel
+/// without IPv6 has no such file, and the link works either way.
+fn disable_ipv6(ifname: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, b"1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!("{path}: {e}");
     }
 }
