@@ -209,6 +209,7 @@ impl Daemon {
         // Reconcile's short-lived threads (one per namespace it entered) leave freed memory
         // in malloc's per-thread arenas: give it back.
         trim_memory();
+        tokio::spawn(trim_memory_every(std::time::Duration::from_secs(10)));
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
         let n = self.state().container_count();
@@ -340,6 +341,18 @@ pub fn limit_arenas() {
 pub(crate) fn trim_memory() {
     // SAFETY: plain libc call.
     unsafe { libc::malloc_trim(0) };
+}
+
+/// Trims every `period`: what follows a restart (every container's first statistics, DNS
+/// servers, service syncs) and any burst of requests leaves freed memory in malloc's arenas
+/// that it keeps otherwise. With 1,000 containers a restarted daemon held 28 MiB of anonymous
+/// memory; trimmed, 10 MiB (less than before the restart). A trim costs well under a
+/// millisecond at these heap sizes.
+async fn trim_memory_every(period: std::time::Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        trim_memory();
+    }
 }
 
 /// Time spent per phase of an operation, for the log (`reconcile`, and `run`/`rm` at debug level).
