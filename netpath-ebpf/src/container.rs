@@ -44,7 +44,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
                 Reach::Routed => return routed(&p),
             }
             // To another node's container of the sender's overlay: through the tunnel.
-            if let Some((vni, remote)) = vxlan::remote(&p, src.as_ref()) {
+            if let Some((vni, remote)) = vxlan::remote(&p, src.as_ref().map(|s| s.net_id)) {
                 return vxlan::encap(ctx, &p, vni, &remote);
             }
             if !p.translatable {

@@ -7,7 +7,7 @@
 use aya_ebpf::bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_OK, bpf_tunnel_key};
 use aya_ebpf::helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
 use aya_ebpf::programs::TcContext;
-use netpath_common::{EndpointInfo, OverlayKey, OverlayRemote, drop_reason, hook, overlay_config};
+use netpath_common::{OverlayKey, OverlayRemote, drop_reason, hook, overlay_config};
 
 use crate::maps::{ENDPOINTS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS};
 use crate::nat::redirect;
@@ -23,15 +23,15 @@ const ARPOP_REPLY: u16 = 2;
 /// An Ethernet frame carrying an ARP packet for IPv4 over Ethernet.
 const ARP_FRAME_LEN: usize = ETH_LEN + 28;
 
-/// The overlay destination of `p`, sent by the local container `src`: its VNI and the other
+/// The overlay destination of `p`, sent by a local container of network `src_net`: its VNI and the other
 /// node's container it is addressed to. None for everything else (not an overlay sender, or a
 /// destination of its network on this node, its gateway, the outside).
 #[inline(always)]
-pub fn remote(p: &Packet, src: Option<&EndpointInfo>) -> Option<(u32, OverlayRemote)> {
-    let src = src?;
+pub fn remote(p: &Packet, src_net: Option<u32>) -> Option<(u32, OverlayRemote)> {
+    let src_net = src_net?;
     // SAFETY: plain lookups, values copied out.
     unsafe {
-        let vni = *OVERLAY_NETS.get(&src.net_id)?;
+        let vni = *OVERLAY_NETS.get(&src_net)?;
         let r = *OVERLAY_REMOTE.get(&OverlayKey { vni, addr: p.daddr })?;
         Some((vni, r))
     }
@@ -113,11 +113,16 @@ pub fn answer_arp(ctx: &mut TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Only for a container asking with its own address, from its own veth.
     // SAFETY: plain lookups, values copied out.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&u32::from_ne_bytes(sender)) }).copied() else { return ok };
-    if ep.ifindex != ifindex {
+    // Only the two fields: copying the whole value made LLVM call memmove.
+    let Some((ep_ifindex, net_id)) =
+        (unsafe { ENDPOINTS.get(&u32::from_ne_bytes(sender)) }).map(|e| (e.ifindex, e.net_id))
+    else {
+        return ok;
+    };
+    if ep_ifindex != ifindex {
         return ok;
     }
-    let Some(vni) = (unsafe { OVERLAY_NETS.get(&ep.net_id) }).copied() else { return ok };
+    let Some(vni) = (unsafe { OVERLAY_NETS.get(&net_id) }).copied() else { return ok };
     let key = OverlayKey { vni, addr: u32::from_ne_bytes(target) };
     let Some(r) = (unsafe { OVERLAY_REMOTE.get(&key) }).copied() else { return ok };
     let asker = [f[22], f[23], f[24], f[25], f[26], f[27]];
