@@ -14,8 +14,8 @@ use std::net::Ipv4Addr;
 use netpath::datapath::{Overlay, RemoteEndpoint, VXLAN_DEV, wire_addr};
 use netpath::netlink::Netlink;
 use netpath_common::prog_names::{FROM_CONTAINER, VXLAN_IN};
-use netpath_common::{Tuple, net_flags};
-use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo};
+use netpath_common::{MAGLEV_M, ServiceInfo, Tuple, net_flags, proto};
+use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo, ipv4_header_ok, l4_checksum_ok};
 use netpath_tests::testrun::{PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
 
 /// Overlay network O (VNI 4097): O1 and O2 here, O9 on another node.
@@ -165,6 +165,36 @@ fn traffic_to_another_nodes_container_is_encapsulated_toward_it() {
     }
     assert!(f.drops().is_empty(), "{:?}", f.drops());
     assert!(f.flows().is_empty(), "overlay traffic is not tracked: {:?}", f.flows());
+}
+
+#[test]
+fn a_service_backend_on_another_node_is_reached_through_the_tunnel() {
+    let mut f = Fixture::new("vip");
+    // A VIP of overlay O whose only backend is O9, on the other node.
+    const VIP: &str = "10.200.0.100";
+    let table = vec![ip(O9); MAGLEV_M as usize];
+    f.inner.dp().set_maglev(0, &table).unwrap();
+    let info = ServiceInfo { slot: 0, target_port: 0, backends: 1, flags: 0 };
+    f.inner.dp().set_service(ip(VIP), 80, proto::TCP, info).unwrap();
+    let pkt = tcp(O1, VIP, O1_MAC);
+    let (verdict, out) = f.from(O1, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "balanced, then encapsulated");
+    // Addressed to O9 (its MAC and address), checksums fixed, nothing else changed.
+    assert_eq!(out, to_mac(O9_MAC, tcp(O1, O9, O1_MAC)));
+    assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
+    // The flow is tracked at the container's veth, so the reply (arriving through vxlan_in)
+    // gets the VIP back as its source.
+    let t = |a: &str, ap: u16, b: &str, bp: u16| {
+        Tuple::new(wire_addr(ip(a)), wire_addr(ip(b)), ap.to_be(), bp.to_be(), proto::TCP)
+    };
+    let flows: BTreeMap<_, _> = f.flows().into_iter().map(|(k, e)| ((k.saddr, k.daddr), e.xlate)).collect();
+    let reply = t(O9, 80, O1, 40000);
+    assert_eq!(flows.get(&(reply.saddr, reply.daddr)), Some(&t(VIP, 80, O1, 40000)), "{flows:?}");
+    // The next packet of the flow takes the same way.
+    let (verdict, out) = f.from(O1, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(O9_MAC, tcp(O1, O9, O1_MAC)));
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
 }
 
 #[test]
