@@ -242,11 +242,46 @@ fn without_a_vxlan_device_overlay_traffic_is_dropped_and_counted() {
     f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
     assert!(nix::net::if_::if_nametoindex(VXLAN_DEV).is_err(), "the device is gone");
     assert_eq!(f.overlay.vxlan_ifindex().unwrap(), 0);
+    let pin = f.inner.pins().join("links").join(format!("{VXLAN_DEV}@{VXLAN_IN}"));
+    assert!(!pin.exists(), "vxlan_in's link pin went with the device");
     let (verdict, _) = f.from(O1, &tcp(O1, O9, O1_MAC));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(f.drops(), BTreeMap::from([("rewrite-failed", 1)]));
     // And removing it again is fine.
     f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
+}
+
+#[test]
+fn the_vxlan_device_is_never_taken_from_someone_else_and_bad_mtus_are_refused() {
+    let f = Fixture::new("foreign");
+    let nl = f.rt.block_on(async { Netlink::current() }).unwrap();
+    let ip_cmd = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    // An MTU that leaves no room for an IPv4 packet inside VXLAN: refused, nothing touched.
+    let e = f.rt.block_on(f.overlay.ensure_vxlan(&nl, 100)).unwrap_err().to_string();
+    assert!(e.contains("MTU"), "{e}");
+    assert_eq!(nix::net::if_::if_nametoindex(VXLAN_DEV).unwrap(), f.vxlan);
+    // A link of that name that netpath did not make: an error naming it, and it stays.
+    f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
+    ip_cmd(&["link", "add", VXLAN_DEV, "type", "bridge"]);
+    let e = f.rt.block_on(f.overlay.ensure_vxlan(&nl, 1500)).unwrap_err().to_string();
+    assert!(e.contains(VXLAN_DEV) && e.contains("not netpath's"), "{e}");
+    assert_eq!(f.overlay.vxlan_ifindex().unwrap(), 0, "the programs were not pointed at it");
+    let out = std::process::Command::new("ip").args(["-d", "link", "show", VXLAN_DEV]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bridge"), "left alone");
+    // Nor does removing touch it.
+    f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
+    assert!(nix::net::if_::if_nametoindex(VXLAN_DEV).is_ok());
+    ip_cmd(&["link", "del", VXLAN_DEV]);
+    // netpath's own device made another way (an older build's port, say) is made again.
+    ip_cmd(&["link", "add", VXLAN_DEV, "type", "vxlan", "external", "dstport", "8472"]);
+    ip_cmd(&["link", "set", VXLAN_DEV, "alias", "netpath"]);
+    let idx = f.rt.block_on(f.overlay.ensure_vxlan(&nl, 1500)).unwrap();
+    let out = std::process::Command::new("ip").args(["-d", "link", "show", VXLAN_DEV]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dstport 4789"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(f.overlay.vxlan_ifindex().unwrap(), idx);
 }
 
 #[test]
