@@ -112,9 +112,9 @@ pub fn answer_arp(ctx: &mut TcContext) -> i32 {
     let target = [f[38], f[39], f[40], f[41]];
     // SAFETY: the skb pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Only for a container asking with its own address, from its own veth.
+    // Only for a container asking with its own address, from its own veth. Two fields read:
+    // copying the whole value made LLVM call memmove.
     // SAFETY: plain lookups, values copied out.
-    // Only the two fields: copying the whole value made LLVM call memmove.
     let Some((ep_ifindex, net_id)) =
         (unsafe { ENDPOINTS.get(&u32::from_ne_bytes(sender)) }).map(|e| (e.ifindex, e.net_id))
     else {
