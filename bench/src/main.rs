@@ -7,6 +7,7 @@
 
 mod dns;
 mod figures;
+mod overlay;
 mod report;
 mod scale;
 mod serve;
@@ -75,6 +76,10 @@ struct Cli {
     /// kube-proxy-style iptables): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     services: String,
+    /// The overlay section (container to container across two hosts: netpath's VXLAN
+    /// datapath vs the kernel's VXLAN with static FDB and a bridge): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    overlay: String,
     /// Service counts for the services section. 10000 is the target, but creating
     /// that many services does not finish in the lab's time yet (each create syncs them all).
     #[arg(long, value_delimiter = ',', default_value = "1,1000")]
@@ -232,6 +237,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         eprintln!("bench: wrote {}/services.md", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
+    if cli.overlay == "only" {
+        let md = overlay::run(&exe, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("overlay.md"), &md)?;
+        eprintln!("bench: wrote {}/overlay.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.dns == "only" {
         let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
@@ -365,6 +378,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}"));
             }
             Err(e) => md.push_str(&format!("\n## Services\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.overlay == "include" && !interrupted {
+        match overlay::run(&exe, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("overlay.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## Overlay (cross-host)\n\nnot run: {e:#}\n")),
         }
     }
     if cli.scale == "include" && !interrupted {
