@@ -68,6 +68,10 @@ struct Cli {
     /// The DNS section (netpath's embedded server vs aardvark-dns): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     dns: String,
+    /// The overlay section (container to container across two hosts: netpath's VXLAN
+    /// datapath vs the kernel's VXLAN with static FDB and a bridge): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    overlay: String,
     /// The scale section (run/rm/restart/ps cost against container count, netpath vs
     /// netavark): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
@@ -76,10 +80,6 @@ struct Cli {
     /// kube-proxy-style iptables): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     services: String,
-    /// The overlay section (container to container across two hosts: netpath's VXLAN
-    /// datapath vs the kernel's VXLAN with static FDB and a bridge): include, skip, or only.
-    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
-    overlay: String,
     /// Service counts for the services section. 10000 is the target, but creating
     /// that many services does not finish in the lab's time yet (each create syncs them all).
     #[arg(long, value_delimiter = ',', default_value = "1,1000")]
