@@ -229,20 +229,20 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         eprintln!("bench: wrote {}/scale.md and scale.svg", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
-    if cli.services == "only" {
-        let md = services::run(&exe, &cli.service_counts, plan.reps, plan.durations.secs)?;
-        println!("{md}");
-        std::fs::create_dir_all(&cli.out)?;
-        std::fs::write(cli.out.join("services.md"), &md)?;
-        eprintln!("bench: wrote {}/services.md", cli.out.display());
-        return Ok(ExitCode::SUCCESS);
-    }
     if cli.overlay == "only" {
         let md = overlay::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
         std::fs::create_dir_all(&cli.out)?;
         std::fs::write(cli.out.join("overlay.md"), &md)?;
         eprintln!("bench: wrote {}/overlay.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.services == "only" {
+        let md = services::run(&exe, &cli.service_counts, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("services.md"), &md)?;
+        eprintln!("bench: wrote {}/services.md", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
     if cli.dns == "only" {
@@ -380,16 +380,6 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
             Err(e) => md.push_str(&format!("\n## Services\n\nnot run: {e:#}\n")),
         }
     }
-    if cli.overlay == "include" && !interrupted {
-        match overlay::run(&exe, plan.reps, plan.durations.secs) {
-            Ok(d) => {
-                std::fs::create_dir_all(&cli.out)?;
-                std::fs::write(cli.out.join("overlay.md"), &d)?;
-                md.push_str(&format!("\n{d}"));
-            }
-            Err(e) => md.push_str(&format!("\n## Overlay (cross-host)\n\nnot run: {e:#}\n")),
-        }
-    }
     if cli.scale == "include" && !interrupted {
         match scale::run(
             &cli.scale_counts,
@@ -403,6 +393,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}\n![scale](scale.svg)\n"));
             }
             Err(e) => md.push_str(&format!("\n## Scale\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.overlay == "include" && !interrupted {
+        match overlay::run(&exe, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("overlay.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## Overlay (cross-host)\n\nnot run: {e:#}\n")),
         }
     }
     println!("{md}");
