@@ -9,6 +9,7 @@
 //! Traffic only ever goes to addresses of namespaces the lab made.
 
 pub mod dns;
+pub mod overlay_lab;
 pub mod packet;
 pub mod testrun;
 

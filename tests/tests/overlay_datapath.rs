@@ -1,0 +1,236 @@
+//! The overlay datapath end to end, without a daemon: two lab "hosts" (network namespaces)
+//! joined by an underlay bridge, each with the real eBPF object loaded by the code the daemon
+//! uses (`Datapath::load`, the container program on each veth), a local bridge with veth
+//! containers, the VXLAN device made by `Overlay::ensure_vxlan`, and the maps programmed
+//! through the `Overlay` API. Then real traffic: ping and TCP between containers on the two
+//! hosts, ARP for the remote container answered on its own host (no broadcast anywhere), the
+//! path's MTU (underlay 1500 → overlay 1450), and decapsulation by VNI: crafted VXLAN packets
+//! from the underlay with an unknown VNI, or for an address that is not a container of that
+//! VNI, are dropped and counted; one with the right VNI is delivered.
+//!
+//! IPv6 is off in every namespace so the only frames on the links are the test's own, and the
+//! counters can be compared exactly. The lab is `netpath_tests::overlay_lab`, which the
+//! benchmark's overlay section shares.
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use netpath::datapath::{VXLAN_DEV, VXLAN_PORT};
+use netpath::netlink::netns;
+use netpath_tests::overlay_lab::{BRIDGE, GW, Kind, VNI, in_netns, two_hosts};
+use netpath_tests::packet::Ipv4Packet;
+use netpath_tests::{Lab, in_ns, must};
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn ping(from: &Path, to: &str, args: &[&str]) -> std::process::Output {
+    // A generous wait: the lab shares its CPUs with every other test running.
+    let mut a = vec!["-n", "-c", "3", "-i", "0.2", "-W", "5"];
+    a.extend_from_slice(args);
+    a.push(to);
+    in_ns(from, "ping", &a).output().unwrap()
+}
+
+#[test]
+fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
+    let lab = Lab::without_daemon("overlay-dp");
+    let [mut a, mut b] = two_hosts(&lab, Kind::Netpath, &[("a1", "10.210.0.2")], &[("b1", "10.210.0.3")]);
+    let (a1, b1) = (a.container("a1"), b.container("b1"));
+    let (bridge_a, bridge_b) = (a.rx_packets(BRIDGE), b.rx_packets(BRIDGE));
+    let (tunnel_a, tunnel_b) = (a.rx_packets(VXLAN_DEV), b.rx_packets(VXLAN_DEV));
+
+    // Ping across: three requests arrive on b's tunnel, three replies on a's.
+    let out = ping(&a1.ns, b1.ip, &[]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("3 received"), "{summary}");
+    assert_eq!(b.rx_packets(VXLAN_DEV) - tunnel_b, 3, "only the echo requests crossed to b");
+    assert_eq!(a.rx_packets(VXLAN_DEV) - tunnel_a, 3, "only the echo replies crossed to a");
+    // Each container asked ARP for the other and got the remote container's own MAC, answered
+    // on its own host: no broadcast reached either bridge, let alone the other host.
+    let neigh = must(in_ns(&a1.ns, "ip", &["neigh", "show", b1.ip]));
+    let b1_mac = netpath::ipam::format_mac(&b1.mac);
+    assert!(neigh.contains(&b1_mac), "a1's ARP answer for b1: {neigh}");
+    let neigh = must(in_ns(&b1.ns, "ip", &["neigh", "show", a1.ip]));
+    assert!(neigh.contains(&netpath::ipam::format_mac(&a1.mac)), "b1's ARP answer for a1: {neigh}");
+    assert_eq!(a.rx_packets(BRIDGE), bridge_a, "nothing of this went through a's bridge");
+    assert_eq!(b.rx_packets(BRIDGE), bridge_b, "nothing of this went through b's bridge");
+    // The control: ARP for an address nobody has is the bridge's, as on a bridge network
+    // (the counter sees broadcasts), and still nothing crosses to b.
+    let (tunnel_b, bridge_b) = (b.rx_packets(VXLAN_DEV), b.rx_packets(BRIDGE));
+    let out = ping(&a1.ns, "10.210.0.50", &["-c", "1", "-W", "1"]);
+    assert!(!out.status.success(), "nobody has 10.210.0.50");
+    assert!(a.rx_packets(BRIDGE) > bridge_a, "a1's ARP broadcast for 10.210.0.50 reached a's bridge");
+    assert_eq!((b.rx_packets(VXLAN_DEV), b.rx_packets(BRIDGE)), (tunnel_b, bridge_b), "no flood to b");
+
+    // The overlay's MTU is the underlay's minus VXLAN's 50 bytes: a full-size packet with DF
+    // set crosses (1422 + 8 + 20 = 1450 bytes of IPv4, 1500 on the underlay); one byte more
+    // does not leave the container.
+    let out = ping(&a1.ns, b1.ip, &["-M", "do", "-s", "1422"]);
+    assert!(out.status.success(), "1450-byte DF ping: {}", String::from_utf8_lossy(&out.stdout));
+    let out = ping(&a1.ns, b1.ip, &["-M", "do", "-s", "1423", "-c", "1"]);
+    assert!(!out.status.success(), "1451 bytes exceed the overlay's MTU");
+
+    // TCP both ways, with a megabyte one way (segmentation offloads through the tunnel).
+    let server =
+        in_ns(&b1.ns, "socat", &["-T", "10", &format!("TCP-LISTEN:8080,bind={},reuseaddr", b1.ip), "SYSTEM:wc -c"])
+            .spawn()
+            .unwrap();
+    let mut server = KillOnDrop(server);
+    let sent = in_ns(
+        &a1.ns,
+        "sh",
+        &[
+            "-c",
+            &format!("head -c 1000000 /dev/zero | timeout 20 socat -t 10 - TCP:{}:8080,retry=50,interval=0.1", b1.ip),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    assert_eq!(String::from_utf8_lossy(&sent.stdout).trim(), "1000000", "b1 counted every byte a1 sent");
+    let _ = server.0.wait();
+
+    assert_eq!(a.drops(), vec![], "no drops on a");
+    assert_eq!(b.drops(), vec![], "no drops on b");
+    drop((a, b));
+}
+
+#[test]
+fn decapsulation_delivers_only_a_known_vni_to_its_own_containers() {
+    let lab = Lab::without_daemon("overlay-vni");
+    let [a, mut b] = two_hosts(&lab, Kind::Netpath, &[("va1", "10.210.0.2")], &[("vb1", "10.210.0.3")]);
+    let b1 = b.container("vb1");
+    let b1_ns = b1.ns.clone();
+    let b1_ip = b1.ip;
+    // A receiver in b1, bound before anything is sent.
+    let receiver = std::thread::spawn(move || {
+        netns::enter(&b1_ns).unwrap();
+        let s = UdpSocket::bind((ip(b1_ip), 9999)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = vec![];
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            got.push((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+            if buf[..n] == *b"last" {
+                break;
+            }
+        }
+        got
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    // VXLAN packets sent by hand from host a's underlay address to host b's VXLAN port.
+    let frame = |src: &str, dst: &str, payload: &[u8]| -> Vec<u8> {
+        let mut p = Ipv4Packet::udp(src, 40000, dst, 9999, payload);
+        p.src_mac = netpath::ipam::mac_for(ip(src));
+        p.dst_mac = [0x02, 0, 0, 0, 0, 0x01]; // vxlan_in sets the container's own
+        p.build()
+    };
+    let vxlan = |vni: u32, inner: Vec<u8>| -> Vec<u8> {
+        let mut v = vec![0x08, 0, 0, 0];
+        v.extend_from_slice(&(vni << 8).to_be_bytes());
+        v.extend(inner);
+        v
+    };
+    let to_b = format!("{}:{VXLAN_PORT}", b.underlay_ip);
+    in_netns(&a.ns, |_, _| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for pkt in [
+            vxlan(999, frame("10.210.0.2", b1_ip, b"unknown vni")),
+            vxlan(VNI, frame("10.210.0.2", "10.210.0.99", b"nobody here")),
+            vxlan(VNI, frame("10.210.0.2", GW, b"the gateway is not a container")),
+            vxlan(VNI, frame("10.210.0.2", b1_ip, b"hello")),
+            vxlan(VNI, frame("10.210.0.2", b1_ip, b"last")),
+        ] {
+            s.send_to(&pkt, &to_b).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let got = receiver.join().unwrap();
+    let texts: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(texts, ["hello", "last"], "only the right VNI's packets for b1 arrived");
+    assert!(got.iter().all(|(_, from)| from.ip() == ip("10.210.0.2")), "{got:?}");
+    assert_eq!(b.drops(), vec![("isolation", 2), ("unknown-vni", 1)]);
+    drop((a, b));
+}
+
+#[test]
+fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapath_reload() {
+    let lab = Lab::without_daemon("overlay-svc");
+    let [mut a, b] = two_hosts(&lab, Kind::Netpath, &[("sa1", "10.210.0.2")], &[("sb1", "10.210.0.3")]);
+    let b1 = b.container("sb1");
+    // A service VIP on host a (the host holds the address, as the daemon does), whose only
+    // backend is b1 on host b.
+    const VIP: &str = "10.210.0.200";
+    must(in_ns(&a.ns, "ip", &["addr", "add", &format!("{VIP}/32"), "dev", BRIDGE]));
+    a.dp().set_maglev(0, &vec![ip(b1.ip); netpath_common::MAGLEV_M as usize]).unwrap();
+    let info = netpath_common::ServiceInfo { slot: 0, target_port: 0, backends: 1, flags: 0 };
+    a.dp().set_service(ip(VIP), 8080, netpath_common::proto::TCP, info).unwrap();
+    let server = in_ns(
+        &b1.ns,
+        "socat",
+        &[&format!("TCP-LISTEN:8080,bind={},reuseaddr,fork", b1.ip), "SYSTEM:echo served by b1"],
+    )
+    .spawn()
+    .unwrap();
+    let _server = KillOnDrop(server);
+    let a1 = a.container("sa1");
+    let a1_ns = a1.ns.clone();
+    let a1_to_b1 = |what: &str| {
+        let out = ping(&a1_ns, b1.ip, &["-c", "2"]);
+        assert!(out.status.success(), "{what}: ping a1 → b1: {}", String::from_utf8_lossy(&out.stdout));
+    };
+    // The reply only reaches a1's socket with the VIP as its source: vxlan_in translated it.
+    let via_vip = |what: &str| {
+        let out = in_ns(
+            &a1_ns,
+            "timeout",
+            &["10", "socat", "-T", "5", "-", &format!("TCP:{VIP}:8080,retry=50,interval=0.1")],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "served by b1", "{what}: {out:?}");
+    };
+    a1_to_b1("before");
+    via_vip("before");
+
+    // A daemon restart on a: the pinned links keep the overlay forwarding while no datapath
+    // is loaded, and the new one claims the VXLAN device's link instead of making another.
+    let link_pin = a.pins.join("links").join(format!("{VXLAN_DEV}@vxlan_in"));
+    assert!(link_pin.exists(), "vxlan_in's link is pinned");
+    a.reload(|| {
+        a1_to_b1("with no datapath loaded");
+    });
+    assert!(link_pin.exists(), "claimed, not released");
+    a1_to_b1("after the reload");
+    via_vip("after the reload");
+    let mut b = b;
+    assert_eq!(a.drops(), vec![]);
+    assert_eq!(b.drops(), vec![]);
+}
+
+/// The benchmark's baseline (`cargo xtask bench -- --overlay only`) builds the same lab with the
+/// kernel's VXLAN instead: it must carry the same traffic, or the comparison means nothing.
+#[test]
+fn the_kernel_vxlan_baseline_carries_the_same_traffic() {
+    let lab = Lab::without_daemon("overlay-kernel");
+    let [a, b] = two_hosts(&lab, Kind::Kernel, &[("ka1", "10.210.0.2")], &[("kb1", "10.210.0.3")]);
+    let (a1, b1) = (a.container("ka1"), b.container("kb1"));
+    let out = ping(&a1.ns, b1.ip, &["-M", "do", "-s", "1422"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let neigh = must(in_ns(&a1.ns, "ip", &["neigh", "show", b1.ip]));
+    assert!(neigh.contains(&netpath::ipam::format_mac(&b1.mac)), "proxy ARP answered for b1: {neigh}");
+    assert!(a.dp.is_none() && !lab.links(&a.ns).iter().any(|l| l == VXLAN_DEV), "no netpath here");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
