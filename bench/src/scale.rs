@@ -25,6 +25,8 @@ use crate::variants::netavark::{NETAVARK, netavark_config, netavark_mapping};
 const PER_NETWORK: usize = 1000;
 const BATCH: usize = 20;
 const T: Duration = Duration::from_secs(120);
+/// How long after a restart the daemon's RSS is read.
+const SETTLE: Duration = Duration::from_secs(12);
 
 /// One count's figures for one system (None: not measured or not applicable).
 #[derive(Debug, Default, Clone)]
@@ -180,6 +182,8 @@ pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
             std::thread::sleep(Duration::from_millis(5));
         }
         p.restart_ready_ms = Some(ms(t.elapsed()));
+        // Settled: the daemon gives what a restart's burst freed back every 10 s.
+        std::thread::sleep(SETTLE);
         p.rss_after_restart_mib = lab.daemon_pid().and_then(rss_mib);
         eprintln!("bench: scale: netpath @{n}: {p:?}");
         out.push(p);
@@ -277,11 +281,14 @@ pub fn report(np: &[Point], nv: Result<&[Point], String>, samples: usize) -> (St
          user-defined networks of 1,000 (past 9,000, on the default bridge: this machine caps a process \
          at 20,000 descriptors, and each container with embedded DNS holds two of the daemon's). \
          `run -d`: one more container with one published port; \
-         `rm -f`: removing it; restart: SIGTERM, start, first answer of `ps` / every container verified. \
+         `rm -f`: removing it; restart: SIGTERM, start, first answer of `ps` / every container verified; \
+         RSS after restart: {settle} s after every container is verified (the daemon trims malloc's \
+         arenas every 10 s). \
          netavark (podman's backend, one config per container): `setup` / `teardown` of one more \
          container with one port mapping at the same count. Filling: wall time per container while \
          growing to the count (netpath: {BATCH} `run -d` at a time; netavark: one `setup` at a time, \
-         as podman calls it per container).\n\n"
+         as podman calls it per container).\n\n",
+        settle = SETTLE.as_secs()
     ));
     md.push_str("| containers | netpath run -d | netavark setup | netpath rm -f | netavark teardown | netpath ps | restart: answers | restart: verified | daemon RSS | RSS after restart | filling: netpath | filling: netavark |\n");
     md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
