@@ -11,7 +11,7 @@ use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
 use crate::stats::drop;
-use crate::{conntrack, lb, nat, vxlan};
+use crate::{conntrack, icmp, lb, nat, vxlan};
 
 /// The hook these paths act at (conntrack entries, drops).
 const HOOK: u8 = hook::FROM_CONTAINER;
@@ -29,10 +29,16 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     if policy::spoofed(src.as_ref(), p.ifindex) {
         return drop(&p, HOOK, drop_reason::SPOOFED_SOURCE);
     }
+    // An ICMP error about a flow another node sent here (port unreachable, say): back to it.
+    if p.icmp_error && icmp::about(ctx, &p) == Some(hook::TO_NODE) {
+        return vxlan::back_to_node(ctx, &p, src_net);
+    }
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
     let known = if p.translatable { conntrack::lookup_any(&p) } else { None };
     let xlate = match known {
         Some((hook::FROM_CONTAINER, x)) => x,
+        // A reply to another node's routing mesh or host process: back through the tunnel.
+        Some((hook::TO_NODE, _)) => return vxlan::back_to_node(ctx, &p, src_net),
         // Bound for an uplink (a reply of a published flow, a masqueraded flow): translate here
         // and go straight out, or leave it to the stack and the uplink's program.
         Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
@@ -47,7 +53,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             }
             // To another node's container of the sender's overlay: through the tunnel.
             if let Some((vni, remote)) = vxlan::remote(src_net, p.daddr) {
-                return vxlan::encap(ctx, &p, vni, &remote);
+                return vxlan::encap(ctx, &p, vni, &remote, HOOK);
             }
             if !p.translatable {
                 return TC_ACT_OK as i32;
@@ -70,7 +76,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     // A service backend on another node of the sender's overlay: through the tunnel (its
     // replies are translated back where they come out, in vxlan_in).
     if let Some((vni, remote)) = vxlan::remote(src_net, xlate.daddr) {
-        return vxlan::encap(ctx, &p, vni, &remote);
+        return vxlan::encap(ctx, &p, vni, &remote, HOOK);
     }
     nat::deliver(ctx, &p, xlate.daddr)
 }
