@@ -128,8 +128,9 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
 /// Routes a packet already translated to `to` (handled at `hook`) out of whichever interface
 /// the host's FIB says, one hop less: the next hop's MAC from the FIB, or resolved by the
 /// neighbour subsystem when it has no entry yet. For packets the host stack must not see
-/// (their source is one of its own addresses: it would drop them as martians). No route, an
-/// expiring TTL or a packet over the route's MTU: dropped and counted.
+/// (their source is one of its own addresses: it would drop them as martians). A forwarding
+/// lookup from the interface `p` arrived on: the host must forward (the daemon enables it).
+/// No route, an expiring TTL or a packet over the route's MTU: dropped and counted.
 #[inline(always)]
 pub fn route_out(ctx: &mut TcContext, p: &Packet, to: &Tuple, hook: u8) -> i32 {
     let Some(ttl) = ttl_word(ctx) else { return drop(p, hook, drop_reason::REWRITE_FAILED) };

@@ -292,6 +292,8 @@ impl Host {
         must(in_ns(&client, "ip", &["link", "set", "eth0", "up"]));
         must(in_ns(&self.ns, "ip", &["addr", "add", &format!("{UPLINK_IP}/24"), "dev", "eth0"]));
         must(in_ns(&self.ns, "ip", &["link", "set", "eth0", "up"]));
+        // A host forwards, as the daemon makes it (the mesh's replies are routed out by FIB).
+        must(in_ns(&self.ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
         let underlay = self.underlay_ip;
         let dp = self.dp.as_mut().expect("a loaded datapath");
         in_netns(&self.ns, |rt, nl| {

@@ -247,7 +247,12 @@ fn the_routing_mesh_reaches_a_backend_on_the_other_host_for_tcp_and_udp() {
     )
     .output()
     .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a.underlay_ip, "TCP: b1 sees a's address: {out:?}");
+    let drops = a.drops();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        a.underlay_ip,
+        "TCP: b1 sees a's address: {out:?} {drops:?}"
+    );
 
     let (udp_answer, refused) = in_netns(&client, |_, _| {
         let s = UdpSocket::bind((ip(CLIENT_IP), 0)).unwrap();
