@@ -45,7 +45,7 @@ fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
     // Ping across: three requests arrive on b's tunnel, three replies on a's.
     let out = ping(&a1.ns, b1.ip, &[]);
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(summary.contains("3 received"), "{summary}");
+    assert!(summary.contains("3 received"), "{summary} {:?} {:?}", a.drops(), b.drops());
     assert_eq!(b.rx_packets(VXLAN_DEV) - tunnel_b, 3, "only the echo requests crossed to b");
     assert_eq!(a.rx_packets(VXLAN_DEV) - tunnel_a, 3, "only the echo replies crossed to a");
     // Each container asked ARP for the other and got the remote container's own MAC, answered
@@ -196,6 +196,18 @@ fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapa
     };
     a1_to_b1("before");
     via_vip("before");
+    // b1's port unreachable about a UDP flow to the VIP comes back through the tunnel and is
+    // translated in vxlan_in: a1's socket, connected to the VIP, sees the refusal.
+    let info = netpath_common::ServiceInfo { slot: 0, target_port: 0, backends: 1, flags: 0 };
+    a.dp().set_service(ip(VIP), 9000, netpath_common::proto::UDP, info).unwrap();
+    let refused = in_netns(&a1_ns, |_, _| {
+        let s = UdpSocket::bind((ip("10.210.0.2"), 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.connect((ip(VIP), 9000)).unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+    });
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "b1's port unreachable, from the VIP");
 
     // A daemon restart on a: the pinned links keep the overlay forwarding while no datapath
     // is loaded, and the new one claims the VXLAN device's link instead of making another.
