@@ -184,6 +184,19 @@ pub mod hook {
     pub const TO_NODE: u8 = 5;
     /// TC egress on an overlay bridge: a host process's flow to another node's container.
     pub const OVERLAY_BRIDGE_OUT: u8 = 6;
+
+    /// The name views and flow events show for a hook (None: not a hook).
+    pub const fn name(h: u8) -> Option<&'static str> {
+        match h {
+            UPLINK_IN => Some("uplink-in"),
+            UPLINK_OUT => Some("uplink-out"),
+            FROM_CONTAINER => Some("from-container"),
+            VXLAN_IN => Some("vxlan-in"),
+            TO_NODE => Some("to-node"),
+            OVERLAY_BRIDGE_OUT => Some("overlay-bridge-out"),
+            _ => None,
+        }
+    }
 }
 
 /// TCP progress of a conntrack entry; decides its idle timeout.

@@ -568,6 +568,15 @@ fn a_host_process_reaches_another_nodes_container_from_the_node_address() {
         assert_eq!(out, frame);
     }
     assert!(f.drops().is_empty(), "{:?}", f.drops());
+    // The program's link on the bridge: pinned, claimed again without a second link, gone
+    // with detaching (and detaching again is fine).
+    let pin = f.inner.pins().join("links").join(format!("br-o@{OVERLAY_BRIDGE_OUT}"));
+    f.rt.block_on(f.overlay.overlay_attach_bridge("br-o", bridge)).unwrap();
+    assert!(pin.exists(), "overlay_bridge_out's link is pinned");
+    f.rt.block_on(f.overlay.overlay_attach_bridge("br-o", bridge)).unwrap();
+    f.rt.block_on(f.overlay.overlay_detach_bridge(bridge)).unwrap();
+    assert!(!pin.exists(), "detached");
+    f.rt.block_on(f.overlay.overlay_detach_bridge(bridge)).unwrap();
     // Bad input: refused, nothing changed.
     assert!(f.overlay.overlay_set_node_ip(Some(Ipv4Addr::BROADCAST)).is_err());
     assert_eq!(f.overlay.overlay_node_ip().unwrap(), Some(ip(NODE_A)));

@@ -2,6 +2,18 @@
 //! host's VXLAN device (external mode) and the `vxlan_in` program on it, which networks are
 //! overlays under which VNI, and the containers of each overlay here and on other nodes.
 //!
+//! What the daemon calls, and when: `ensure_vxlan` with the first overlay network (and at
+//! every start, to claim the device's link), `remove_vxlan` after the last; per overlay
+//! network on this node, its bridge and NETWORKS entry as for a bridge network, then
+//! `overlay_set_network` and `overlay_attach_bridge` (`overlay_detach_bridge`, then
+//! `overlay_remove_network` when it goes); `overlay_add_local`/`overlay_remove_local` as
+//! its containers here are wired and unwired; `overlay_add_remote`/`overlay_remove_remote`
+//! from the cluster store; `overlay_set_node_ip` once at start with `--node-ip`. The routing
+//! mesh needs nothing more: a service port published on every node (SERVICES address 0)
+//! whose Maglev table names another node's container goes through the tunnel, provided
+//! this node has that container's overlay network (NETWORKS entry and VNI), as every node
+//! has Docker's `ingress` network.
+//!
 //! An [`Overlay`] works through descriptors of its own (like [`super::FlowTable`]): the
 //! daemon changes overlay entries, and awaits netlink for the device, without holding the
 //! datapath's lock. Every map update is one atomic kernel call.
