@@ -59,7 +59,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
                 return TC_ACT_OK as i32;
             }
             // A service first (a VIP, or a service port published on a host address).
-            match lb::balance(&p, lb::Scope::Local, HOOK, HOOK) {
+            match lb::choose(&p, lb::Scope::Local).map(|x| x.and_then(|x| service_flow(&p, src_net, &x))) {
                 Some(Ok(x)) => x,
                 Some(Err(reason)) => return drop(&p, HOOK, reason),
                 None => match hairpin(&p) {
@@ -78,7 +78,28 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     if let Some((vni, remote)) = vxlan::remote(src_net, xlate.daddr) {
         return vxlan::encap(ctx, &p, vni, &remote, HOOK);
     }
+    // The routing mesh from a container outside the backend's overlay: from this node's address.
+    if vxlan::node_ip() == Some(xlate.saddr)
+        && let Some((vni, remote)) = vxlan::remote_of(xlate.daddr)
+    {
+        return vxlan::encap(ctx, &p, vni, &remote, HOOK);
+    }
     nat::deliver(ctx, &p, xlate.daddr)
+}
+
+/// Records a new flow to a service balanced to `x`. A backend on another node of the sender's
+/// own overlay keeps the sender's address (the overlay routes the replies back to it); one on
+/// another node of an overlay the sender is not on (a service port published on a host
+/// address: the routing mesh) is reached from this node's underlay address, its replies
+/// translated back in vxlan_in. Replies from a backend here are translated back here.
+#[inline(always)]
+fn service_flow(p: &Packet, src_net: Option<u32>, x: &Tuple) -> Result<Tuple, u32> {
+    let (x, reply_hook) = match vxlan::remote(src_net, x.daddr).is_none() && vxlan::remote_of(x.daddr).is_some() {
+        true => (vxlan::from_node(x)?, hook::VXLAN_IN),
+        false => (*x, HOOK),
+    };
+    conntrack::create(&p.tuple, &x, HOOK, reply_hook)?;
+    Ok(x)
 }
 
 /// The published port `p` targets, if it is addressed to the host: first a port published on

@@ -583,3 +583,29 @@ fn a_host_process_reaches_another_nodes_container_from_the_node_address() {
     f.overlay.overlay_set_node_ip(None).unwrap();
     assert_eq!(f.overlay.overlay_node_ip().unwrap(), None);
 }
+
+#[test]
+fn a_container_reaches_a_service_port_published_here_whose_backend_is_on_another_node() {
+    let mut f = Fixture::new("mesh-container");
+    f.published_service(O9);
+    f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
+    // From a bridge network's container: the routing mesh, from this node's address.
+    let pkt = tcp_ports(A1, 40000, UPLINK_IP, 8080, A1_MAC);
+    for round in ["first packet", "next packet"] {
+        let (verdict, out) = f.from(A1, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{round}: encapsulated");
+        assert_eq!(out, to_mac(O9_MAC, tcp_ports(NODE_A, 40000, O9, 80, A1_MAC)), "{round}");
+        assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
+    }
+    let flows: std::collections::HashMap<Tuple, (Tuple, u8)> =
+        f.flows().into_iter().map(|(k, e)| (k, (e.xlate, e.hook))).collect();
+    let (orig, x) = (wire(A1, 40000, UPLINK_IP, 8080, proto::TCP), wire(NODE_A, 40000, O9, 80, proto::TCP));
+    assert_eq!(flows.get(&orig), Some(&(x, netpath_common::hook::FROM_CONTAINER)), "{flows:?}");
+    assert_eq!(flows.get(&x.reversed()), Some(&(orig.reversed(), netpath_common::hook::VXLAN_IN)), "{flows:?}");
+    // From a container of the backend's own overlay: its address is kept, as for a VIP.
+    let pkt = tcp_ports(O1, 40001, UPLINK_IP, 8080, O1_MAC);
+    let (verdict, out) = f.from(O1, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(O9_MAC, tcp_ports(O1, 40001, O9, 80, O1_MAC)));
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
