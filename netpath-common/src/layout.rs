@@ -72,7 +72,8 @@ pub const MAPS: &[MapLayout] = &[
     map(n::SERVICES, 1, HASH, 8, 12, MAX_SERVICE_PORTS, 0),
     map(n::MAGLEV, 1, ARRAY, 4, 4, MAX_SERVICE_SLOTS * MAGLEV_M, 0),
     // Overlay networks: network id → VNI (encap), VNI → network id (decap), this node's and
-    // other nodes' containers by (VNI, address), and the VXLAN device's ifindex.
+    // other nodes' containers by (VNI, address), and the overlay settings (the VXLAN device's
+    // ifindex; since, at the same revision, this node's underlay address).
     map(n::OVERLAY_NETS, 1, HASH, 4, 4, MAX_OVERLAY_NETS, 0),
     map(n::OVERLAY_VNIS, 1, HASH, 4, 4, MAX_OVERLAY_NETS, 0),
     map(n::OVERLAY_LOCAL, 1, HASH, 8, 12, MAX_ENDPOINTS, 0),

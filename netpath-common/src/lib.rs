@@ -79,7 +79,12 @@ pub mod overlay_config {
     /// Ifindex of the host's VXLAN device (external mode), where encapsulated packets are
     /// redirected; 0 while there is none.
     pub const VXLAN_IFINDEX: u32 = 0;
-    pub const MAX: u32 = 1;
+    /// This node's underlay address (network byte order; 0 while unset): the source the
+    /// routing mesh and host processes reaching other nodes' containers are translated to,
+    /// so the far node's replies come back through the tunnel. The slot was added after
+    /// the first: the array keeps its revision (a migration copies slot 0).
+    pub const NODE_IP: u32 = 1;
+    pub const MAX: u32 = 2;
 }
 
 /// Names of the programs in the object file.
@@ -98,6 +103,9 @@ pub mod prog_names {
     pub const SOCK: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
     /// TC ingress on the host's VXLAN device: decapsulated overlay traffic for local containers.
     pub const VXLAN_IN: &str = "vxlan_in";
+    /// TC egress on an overlay network's bridge: the host's own packets (and ARP) for that
+    /// overlay's containers on other nodes.
+    pub const OVERLAY_BRIDGE_OUT: &str = "overlay_bridge_out";
 }
 
 /// IP protocol numbers the datapath translates.
@@ -166,8 +174,29 @@ pub mod hook {
     pub const UPLINK_IN: u8 = 1;
     pub const UPLINK_OUT: u8 = 2;
     pub const FROM_CONTAINER: u8 = 3;
-    /// Decapsulated overlay traffic on the VXLAN device (drops only: it translates nothing).
+    /// Decapsulated overlay traffic on the VXLAN device: replies of flows this node sent to
+    /// another node translated (routing mesh, host processes), and the flows another node
+    /// sent from its own underlay address tracked.
     pub const VXLAN_IN: u8 = 4;
+    /// A container's reply to a flow another node sent it from that node's underlay address
+    /// (routing mesh, host processes there): applied at the container's veth, untranslated,
+    /// and back through the tunnel to that node (the entry's destination).
+    pub const TO_NODE: u8 = 5;
+    /// TC egress on an overlay bridge: a host process's flow to another node's container.
+    pub const OVERLAY_BRIDGE_OUT: u8 = 6;
+
+    /// The name views and flow events show for a hook (None: not a hook).
+    pub const fn name(h: u8) -> Option<&'static str> {
+        match h {
+            UPLINK_IN => Some("uplink-in"),
+            UPLINK_OUT => Some("uplink-out"),
+            FROM_CONTAINER => Some("from-container"),
+            VXLAN_IN => Some("vxlan-in"),
+            TO_NODE => Some("to-node"),
+            OVERLAY_BRIDGE_OUT => Some("overlay-bridge-out"),
+            _ => None,
+        }
+    }
 }
 
 /// TCP progress of a conntrack entry; decides its idle timeout.

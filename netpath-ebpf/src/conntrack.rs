@@ -49,6 +49,14 @@ pub fn peek(t: &Tuple, hook: u8) -> Option<Tuple> {
     (e.hook == hook).then_some(e.xlate)
 }
 
+/// The hook and translation of a tracked tuple, without refreshing it.
+#[inline(always)]
+pub fn peek_any(t: &Tuple) -> Option<(u8, Tuple)> {
+    // SAFETY: plain lookup, fields copied.
+    let e = unsafe { CT.get(t) }?;
+    Some((e.hook, e.xlate))
+}
+
 /// Records a new flow: `orig` is rewritten to `xlate` at `orig_hook`, and its replies
 /// (`xlate.reversed()`) back to `orig.reversed()` at `reply_hook`. The reply entry goes in
 /// first and only if free, so two flows can never claim the same translated tuple.

@@ -11,7 +11,7 @@ use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
 use crate::stats::drop;
-use crate::{conntrack, lb, nat, vxlan};
+use crate::{conntrack, icmp, lb, nat, vxlan};
 
 /// The hook these paths act at (conntrack entries, drops).
 const HOOK: u8 = hook::FROM_CONTAINER;
@@ -29,10 +29,16 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     if policy::spoofed(src.as_ref(), p.ifindex) {
         return drop(&p, HOOK, drop_reason::SPOOFED_SOURCE);
     }
+    // An ICMP error about a flow another node sent here (port unreachable, say): back to it.
+    if p.icmp_error && icmp::about(ctx, &p) == Some(hook::TO_NODE) {
+        return vxlan::back_to_node(ctx, &p, src_net);
+    }
     // A tracked flow was allowed when it started (a hairpin reply may cross networks).
     let known = if p.translatable { conntrack::lookup_any(&p) } else { None };
     let xlate = match known {
         Some((hook::FROM_CONTAINER, x)) => x,
+        // A reply to another node's routing mesh or host process: back through the tunnel.
+        Some((hook::TO_NODE, _)) => return vxlan::back_to_node(ctx, &p, src_net),
         // Bound for an uplink (a reply of a published flow, a masqueraded flow): translate here
         // and go straight out, or leave it to the stack and the uplink's program.
         Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
@@ -47,13 +53,13 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             }
             // To another node's container of the sender's overlay: through the tunnel.
             if let Some((vni, remote)) = vxlan::remote(src_net, p.daddr) {
-                return vxlan::encap(ctx, &p, vni, &remote);
+                return vxlan::encap(ctx, &p, vni, &remote, HOOK);
             }
             if !p.translatable {
                 return TC_ACT_OK as i32;
             }
             // A service first (a VIP, or a service port published on a host address).
-            match lb::balance(&p, lb::Scope::Local, HOOK, HOOK) {
+            match lb::choose(&p, lb::Scope::Local).map(|x| x.and_then(|x| service_flow(&p, src_net, &x))) {
                 Some(Ok(x)) => x,
                 Some(Err(reason)) => return drop(&p, HOOK, reason),
                 None => match hairpin(&p) {
@@ -70,9 +76,30 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     // A service backend on another node of the sender's overlay: through the tunnel (its
     // replies are translated back where they come out, in vxlan_in).
     if let Some((vni, remote)) = vxlan::remote(src_net, xlate.daddr) {
-        return vxlan::encap(ctx, &p, vni, &remote);
+        return vxlan::encap(ctx, &p, vni, &remote, HOOK);
+    }
+    // The routing mesh from a container outside the backend's overlay: from this node's address.
+    if vxlan::node_ip() == Some(xlate.saddr)
+        && let Some((vni, remote)) = vxlan::remote_of(xlate.daddr)
+    {
+        return vxlan::encap(ctx, &p, vni, &remote, HOOK);
     }
     nat::deliver(ctx, &p, xlate.daddr)
+}
+
+/// Records a new flow to a service balanced to `x`. A backend on another node of the sender's
+/// own overlay keeps the sender's address (the overlay routes the replies back to it); one on
+/// another node of an overlay the sender is not on (a service port published on a host
+/// address: the routing mesh) is reached from this node's underlay address, its replies
+/// translated back in vxlan_in. Replies from a backend here are translated back here.
+#[inline(always)]
+fn service_flow(p: &Packet, src_net: Option<u32>, x: &Tuple) -> Result<Tuple, u32> {
+    let (x, reply_hook) = match vxlan::remote(src_net, x.daddr).is_none() && vxlan::remote_of(x.daddr).is_some() {
+        true => (vxlan::from_node(x)?, hook::VXLAN_IN),
+        false => (*x, HOOK),
+    };
+    conntrack::create(&p.tuple, &x, HOOK, reply_hook)?;
+    Ok(x)
 }
 
 /// The published port `p` targets, if it is addressed to the host: first a port published on

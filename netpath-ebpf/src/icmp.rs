@@ -4,7 +4,7 @@
 //! The quoted L4 checksum is left alone: only its first 8 bytes travel, and no stack checks it.
 
 use aya_ebpf::programs::TcContext;
-use netpath_common::proto;
+use netpath_common::{Tuple, hook, proto};
 
 use crate::conntrack;
 use crate::parse::{IP_CSUM, IP_DADDR, IP_SADDR, Packet, Quoted, quoted};
@@ -24,6 +24,38 @@ pub fn translate(ctx: &mut TcContext, p: &Packet, hook: u8, inbound: bool) -> Re
         rewrite_quoted(ctx, p, &q, q.l3 + 16, q.tuple.daddr, x.saddr, dport_off(&q), q.tuple.dport, x.sport)?;
     }
     Ok(true)
+}
+
+/// The hook of the tracked flow the ICMP error `p` is about (the reverse of the packet it
+/// quotes), if any.
+#[inline(always)]
+pub fn about(ctx: &TcContext, p: &Packet) -> Option<u8> {
+    let q = quoted(ctx, p)?;
+    conntrack::peek_any(&q.tuple.reversed()).map(|(h, _)| h)
+}
+
+/// Translates an ICMP error that came out of the tunnel about a flow this node translated both
+/// ways before sending it through (a service VIP's, at the container's veth; the routing
+/// mesh's and host processes', tracked at `vxlan_in`): the error goes to whoever opened the
+/// flow, quoting the packet as they sent it, and comes from the address they sent it to when
+/// the far end itself sent it (port unreachable, fragmentation needed from the backend).
+/// Returns the hook the flow is tracked at and its reply translation (the error's new
+/// destination is its `daddr`); None when the error is about no such flow.
+#[inline(always)]
+pub fn translate_reply(ctx: &mut TcContext, p: &Packet) -> Result<Option<(u8, Tuple)>, ()> {
+    let Some(q) = quoted(ctx, p) else { return Ok(None) };
+    let reply = q.tuple.reversed();
+    let Some((h, x)) = conntrack::peek_any(&reply) else { return Ok(None) };
+    if h != hook::FROM_CONTAINER && h != hook::VXLAN_IN {
+        return Ok(None);
+    }
+    rewrite_addr(ctx, IP_DADDR, p.tuple.daddr, x.daddr)?;
+    if p.tuple.saddr == reply.saddr {
+        rewrite_addr(ctx, IP_SADDR, p.tuple.saddr, x.saddr)?;
+    }
+    rewrite_quoted(ctx, p, &q, q.l3 + 12, q.tuple.saddr, x.daddr, sport_off(&q), q.tuple.sport, x.dport)?;
+    rewrite_quoted(ctx, p, &q, q.l3 + 16, q.tuple.daddr, x.saddr, dport_off(&q), q.tuple.dport, x.sport)?;
+    Ok(Some((h, x)))
 }
 
 #[inline(always)]

@@ -85,6 +85,13 @@ pub fn pick(svc: &ServiceInfo, hash: u32) -> Option<u32> {
 /// the VIP (or the published address) and refuses (TCP RST, ICMP port unreachable for UDP).
 #[inline(always)]
 pub fn balance(p: &Packet, scope: Scope, orig_hook: u8, reply_hook: u8) -> Option<Result<Tuple, u32>> {
+    Some(choose(p, scope)?.and_then(|x| conntrack::create(&p.tuple, &x, orig_hook, reply_hook).map(|_| x)))
+}
+
+/// [`balance`] without recording the flow: the caller records it (the routing mesh translates
+/// the source too when the backend is on another node).
+#[inline(always)]
+pub fn choose(p: &Packet, scope: Scope) -> Option<Result<Tuple, u32>> {
     let svc = lookup(p.tuple.daddr, p.tuple.dport, p.tuple.proto, scope, false)?;
     let backend = pick(&svc, flow_hash(&p.tuple, svc.flags))?;
     let port = if svc.target_port != 0 { svc.target_port } else { p.tuple.dport };
@@ -97,5 +104,5 @@ pub fn balance(p: &Packet, scope: Scope, orig_hook: u8, reply_hook: u8) -> Optio
             None => return Some(Err(drop_reason::NAT_PORTS_EXHAUSTED)),
         }
     }
-    Some(conntrack::create(&p.tuple, &xlate, orig_hook, reply_hook).map(|_| xlate))
+    Some(Ok(xlate))
 }

@@ -44,6 +44,12 @@ pub fn vxlan_in(mut ctx: TcContext) -> i32 {
     vxlan::decap(&mut ctx)
 }
 
+/// TC egress on an overlay network's bridge: the host's own packets for other nodes' containers.
+#[classifier]
+pub fn overlay_bridge_out(mut ctx: TcContext) -> i32 {
+    vxlan::bridge_out(&mut ctx)
+}
+
 /// connect() of a host process: published ports reached through host addresses or loopback.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {

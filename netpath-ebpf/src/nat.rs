@@ -2,8 +2,8 @@
 //! and L4 checksums incrementally with the kernel helpers (which also handle checksum offload).
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT};
-use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
-use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect};
+use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
+use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
 use netpath_common::{EndpointInfo, Tuple, drop_reason, hook, proto};
 
@@ -106,25 +106,8 @@ pub fn forward_to_endpoint(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
 #[inline(always)]
 pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
     let Some(ttl) = ttl_word(ctx) else { return TC_ACT_OK as i32 };
-    // Zeroed word by word with volatile stores: LLVM turns any plainer zeroing of 64 bytes into
-    // a memset call, which the verifier rejects.
-    const WORDS: usize = core::mem::size_of::<FibParams>() / 8;
-    const _: () = assert!(core::mem::size_of::<FibParams>() == WORDS * 8);
-    let mut raw = core::mem::MaybeUninit::<[u64; WORDS]>::uninit();
-    let words = raw.as_mut_ptr() as *mut u64;
-    for i in 0..WORDS {
-        // SAFETY: in bounds of `raw`, aligned for u64.
-        unsafe { words.add(i).write_volatile(0) };
-    }
-    // SAFETY: 64 zeroed bytes, 8-byte aligned: a valid FibParams (plain integers and unions of them).
-    let fib = unsafe { &mut *(words as *mut FibParams) };
-    fib.family = AF_INET;
-    fib.l4_protocol = to.proto;
-    fib.sport = to.sport;
-    fib.dport = to.dport;
-    fib.__bindgen_anon_3.ipv4_src = to.saddr;
-    fib.__bindgen_anon_4.ipv4_dst = to.daddr;
-    fib.ifindex = p.ifindex;
+    let mut raw = FibSpace::uninit();
+    let fib = fib_params(&mut raw, p, to);
     // SAFETY: helper on the program's own skb with a stack struct of the size given. The
     // lookup also checks the route's MTU (GSO-aware).
     let rc = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, fib, core::mem::size_of::<FibParams>() as i32, 0) };
@@ -140,6 +123,64 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
         return drop(p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
     }
     redirect(p, hook::FROM_CONTAINER, fib.ifindex)
+}
+
+/// Routes a packet already translated to `to` (handled at `hook`) out of whichever interface
+/// the host's FIB says, one hop less: the next hop's MAC from the FIB, or resolved by the
+/// neighbour subsystem when it has no entry yet. For packets the host stack must not see
+/// (their source is one of its own addresses: it would drop them as martians). A forwarding
+/// lookup from the interface `p` arrived on: the host must forward (the daemon enables it).
+/// No route, an expiring TTL or a packet over the route's MTU: dropped and counted.
+#[inline(always)]
+pub fn route_out(ctx: &mut TcContext, p: &Packet, to: &Tuple, hook: u8) -> i32 {
+    let Some(ttl) = ttl_word(ctx) else { return drop(p, hook, drop_reason::REWRITE_FAILED) };
+    let mut raw = FibSpace::uninit();
+    let fib = fib_params(&mut raw, p, to);
+    // SAFETY: as in forward_to_uplink.
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, fib, core::mem::size_of::<FibParams>() as i32, 0) };
+    let ifindex = fib.ifindex;
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        if hop(ctx, ttl).is_err() || ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
+            return drop(p, hook, drop_reason::REWRITE_FAILED);
+        }
+        return redirect(p, hook, ifindex);
+    }
+    if rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) || hop(ctx, ttl).is_err() {
+        return drop(p, hook, drop_reason::REWRITE_FAILED);
+    }
+    // SAFETY: helper with plain arguments; no parameters: it looks the next hop up itself.
+    if unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } == i64::from(TC_ACT_REDIRECT) {
+        TC_ACT_REDIRECT as i32
+    } else {
+        drop(p, hook, drop_reason::REWRITE_FAILED)
+    }
+}
+
+/// Room for a `bpf_fib_lookup` parameter block, in u64 words (its alignment).
+const FIB_WORDS: usize = core::mem::size_of::<FibParams>() / 8;
+const _: () = assert!(core::mem::size_of::<FibParams>() == FIB_WORDS * 8);
+type FibSpace = core::mem::MaybeUninit<[u64; FIB_WORDS]>;
+
+/// FIB lookup parameters for `to` arriving on `p`'s interface, in `raw`, zeroed word by word
+/// with volatile stores: LLVM turns any plainer zeroing of 64 bytes into a memset call,
+/// which the verifier rejects.
+#[inline(always)]
+fn fib_params<'a>(raw: &'a mut FibSpace, p: &Packet, to: &Tuple) -> &'a mut FibParams {
+    let words = raw.as_mut_ptr() as *mut u64;
+    for i in 0..FIB_WORDS {
+        // SAFETY: in bounds of `raw`, aligned for u64.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: 64 zeroed bytes, 8-byte aligned: a valid FibParams (plain integers and unions of them).
+    let fib = unsafe { &mut *(words as *mut FibParams) };
+    fib.family = AF_INET;
+    fib.l4_protocol = to.proto;
+    fib.sport = to.sport;
+    fib.dport = to.dport;
+    fib.__bindgen_anon_3.ipv4_src = to.saddr;
+    fib.__bindgen_anon_4.ipv4_dst = to.daddr;
+    fib.ifindex = p.ifindex;
+    fib
 }
 
 const AF_INET: u8 = 2;

@@ -10,7 +10,7 @@ use crate::maps::{NETWORKS, UPLINKS};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Direct};
 use crate::stats::drop;
-use crate::{conntrack, icmp, lb, nat};
+use crate::{conntrack, icmp, lb, nat, vxlan};
 
 const IN: u8 = hook::UPLINK_IN;
 const OUT: u8 = hook::UPLINK_OUT;
@@ -20,7 +20,11 @@ const OUT: u8 = hook::UPLINK_OUT;
 /// published container port (DNAT), or a new flow routed to
 /// a container address (tracked as is where the network's gateway mode opens it, dropped where
 /// it does not). Packets for a local container then go straight to its veth (or through the
-/// stack when it must see them); the client's address is kept.
+/// stack when it must see them); the client's address is kept. A published service port whose
+/// backend is on another node (the routing mesh) goes through the tunnel from this node's
+/// underlay address instead: the backend sees that address, not the client's (as behind
+/// Docker's ingress sandbox), and its replies come back through the tunnel, where `vxlan_in`
+/// translates them back and routes them to the client.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     // The upgrade tests' variant build: different code, visible in its extra counter slot.
@@ -39,7 +43,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     }
     let xlate = match conntrack::lookup(&p, IN) {
         Some(x) => x,
-        None => match lb::balance(&p, lb::Scope::Published, IN, OUT) {
+        None => match lb::choose(&p, lb::Scope::Published).map(|x| x.and_then(|x| service_flow(&p, &x))) {
             Some(Ok(x)) => x,
             Some(Err(reason)) => return drop(&p, IN, reason),
             None => {
@@ -64,7 +68,24 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     if nat::rewrite(ctx, &p, &xlate).is_err() {
         return drop(&p, IN, drop_reason::REWRITE_FAILED);
     }
+    if let Some((vni, remote)) = vxlan::remote_of(xlate.daddr) {
+        return vxlan::encap(ctx, &p, vni, &remote, IN);
+    }
     nat::forward_to_endpoint(ctx, &p, xlate.daddr)
+}
+
+/// Records a new flow to a published service port balanced to `x`: a backend here keeps the
+/// client's address (replies translated back at the uplink's egress); a backend on another
+/// node gets this node's underlay address as source (replies translated back in `vxlan_in`).
+#[inline(always)]
+fn service_flow(p: &Packet, x: &Tuple) -> Result<Tuple, u32> {
+    if vxlan::remote_of(x.daddr).is_none() {
+        conntrack::create(&p.tuple, x, IN, OUT)?;
+        return Ok(*x);
+    }
+    let x = vxlan::from_node(x)?;
+    conntrack::create(&p.tuple, &x, IN, hook::VXLAN_IN)?;
+    Ok(x)
 }
 
 /// Leaving for outside: a known flow (replies of published-port flows get the host address

@@ -3,17 +3,27 @@
 //! redirects it to the device, which adds the outer headers; decapsulation reads the key the
 //! device set on the way in. ARP for other nodes' containers is answered here from the
 //! endpoint map, so an overlay never floods broadcasts across nodes.
+//!
+//! Flows that reach another node's container from something that is not a container of its
+//! overlay — a client of the routing mesh arriving on an uplink, a host process — leave
+//! with this node's underlay address as their source (OVERLAY_CONFIG[NODE_IP]): the far
+//! node sees the tunnel's remote end send from that address, tracks the flow as is, and its
+//! container's replies (addressed to this node) go back through the tunnel, where
+//! `vxlan_in` translates them back (see [`decap`]).
 
-use aya_ebpf::bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_OK, bpf_tunnel_key};
-use aya_ebpf::helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
+use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, bpf_tunnel_key};
+use aya_ebpf::helpers::{bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
-use netpath_common::{OverlayKey, OverlayRemote, drop_reason, hook, overlay_config};
+use netpath_common::{OverlayKey, OverlayRemote, Tuple, drop_reason, hook, overlay_config, proto};
 
-use crate::conntrack;
-use crate::maps::{ENDPOINTS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS};
+use crate::maps::{
+    ENDPOINTS, HOST_ADDRS, NETWORKS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS,
+};
 use crate::nat::{self, redirect};
 use crate::parse::{ETH_LEN, Packet, parse};
 use crate::stats::{drop, drop_unparsed};
+use crate::{conntrack, icmp};
 
 /// The outer header's TTL (the kernel's default for IPv4, IPDEFTTL).
 const TUNNEL_TTL: u8 = 64;
@@ -38,23 +48,70 @@ pub fn remote(src_net: Option<u32>, daddr: u32) -> Option<(u32, OverlayRemote)> 
     }
 }
 
-/// Sends `p` to the other node's container `r` on overlay `vni`: addressed to that container's
-/// MAC, handed to the VXLAN device with the tunnel key naming its node.
+/// The other node's container `addr` is, found by its subnet among the overlay networks this
+/// node has (the routing mesh and host processes have no sender's network to go by): its VNI
+/// and where it is. None for an address of no overlay, or of a container here.
 #[inline(always)]
-pub fn encap(ctx: &mut TcContext, p: &Packet, vni: u32, r: &OverlayRemote) -> i32 {
+pub fn remote_of(addr: u32) -> Option<(u32, OverlayRemote)> {
+    let net = NETWORKS.get(Key::new(32, addr))?.net_id;
+    remote(Some(net), addr)
+}
+
+/// This node's underlay address, if the daemon set it.
+#[inline(always)]
+pub fn node_ip() -> Option<u32> {
+    OVERLAY_CONFIG.get(overlay_config::NODE_IP).copied().filter(|a| *a != 0)
+}
+
+/// `x` (a new flow's translation toward another node's container) from this node's underlay
+/// address instead, so that the far node's replies come back through the tunnel: the source
+/// port is kept unless taken. The sender's address is then lost to the far container (what
+/// Docker's ingress sandbox does too); the flow's replies get it back in `vxlan_in`.
+#[inline(always)]
+pub fn from_node(x: &Tuple) -> Result<Tuple, u32> {
+    // No underlay address: the cluster side has not configured this node for the mesh.
+    let node = node_ip().ok_or(drop_reason::REWRITE_FAILED)?;
+    conntrack::snat_tuple(x, node).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)
+}
+
+/// Sends `p` (handled at `hook`) to the other node's container `r` on overlay `vni`:
+/// addressed to that container's MAC, handed to the VXLAN device with the tunnel key naming
+/// its node.
+#[inline(always)]
+pub fn encap(ctx: &mut TcContext, p: &Packet, vni: u32, r: &OverlayRemote, hook: u8) -> i32 {
+    if set_dst_mac(ctx, &r.mac).is_err() {
+        return drop(p, hook, drop_reason::REWRITE_FAILED);
+    }
+    tunnel(ctx, p, vni, r.node_ip, hook)
+}
+
+/// A container's reply to a flow another node sent it from its underlay address (tracked by
+/// `vxlan_in` as `hook::TO_NODE`), or an ICMP error about one: back through the tunnel to that
+/// node (the packet's destination) on the container's overlay. The inner MACs stay: the node
+/// routes the packet on from its own stack's view.
+#[inline(always)]
+pub fn back_to_node(ctx: &mut TcContext, p: &Packet, src_net: Option<u32>) -> i32 {
     const HOOK: u8 = hook::FROM_CONTAINER;
+    // SAFETY: plain lookup, value copied out.
+    let Some(vni) = src_net.and_then(|n| unsafe { OVERLAY_NETS.get(&n) }.copied()) else {
+        // Not an overlay container (any more): its network was removed under the flow.
+        return drop(p, HOOK, drop_reason::ISOLATION);
+    };
+    tunnel(ctx, p, vni, p.daddr, HOOK)
+}
+
+/// Hands `p` to the VXLAN device with the tunnel key (`vni`, `node_ip`).
+#[inline(always)]
+fn tunnel(ctx: &mut TcContext, p: &Packet, vni: u32, node_ip: u32, hook: u8) -> i32 {
     let Some(dev) = OVERLAY_CONFIG.get(overlay_config::VXLAN_IFINDEX).copied().filter(|i| *i != 0) else {
         // An overlay with no device to send through: the daemon removed it, or has not made it yet.
-        return drop(p, HOOK, drop_reason::REWRITE_FAILED);
+        return drop(p, hook, drop_reason::REWRITE_FAILED);
     };
-    if set_dst_mac(ctx, &r.mac).is_err() {
-        return drop(p, HOOK, drop_reason::REWRITE_FAILED);
-    }
     let mut raw = KeySpace::uninit();
     let key = zeroed_key(&mut raw);
     key.tunnel_id = vni;
     // The helper takes the remote address in host byte order.
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(r.node_ip);
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node_ip);
     key.tunnel_ttl = TUNNEL_TTL;
     // No outer UDP checksum (RFC 7348 says it SHOULD be zero; the inner packet has its own).
     // SAFETY: helper on the program's own skb with a stack struct of the size given.
@@ -67,9 +124,9 @@ pub fn encap(ctx: &mut TcContext, p: &Packet, vni: u32, r: &OverlayRemote) -> i3
         )
     };
     if rc < 0 {
-        return drop(p, HOOK, drop_reason::REWRITE_FAILED);
+        return drop(p, hook, drop_reason::REWRITE_FAILED);
     }
-    redirect(p, HOOK, dev)
+    redirect(p, hook, dev)
 }
 
 /// Room for a `bpf_tunnel_key`, in u32 words (its alignment).
@@ -96,6 +153,35 @@ fn zeroed_key(raw: &mut KeySpace) -> &mut bpf_tunnel_key {
 /// host. Every other frame continues untouched (ARP for local addresses is the bridge's).
 #[inline(always)]
 pub fn answer_arp(ctx: &mut TcContext) -> i32 {
+    answer_arp_with(ctx, 0, |sender, target, ifindex| {
+        // Only for a container asking with its own address, from its own veth. Two fields
+        // read: copying the whole value made LLVM call memmove.
+        // SAFETY: plain lookups, values copied out.
+        let (ep_ifindex, net_id) = (unsafe { ENDPOINTS.get(&sender) }).map(|e| (e.ifindex, e.net_id))?;
+        if ep_ifindex != ifindex {
+            return None;
+        }
+        remote(Some(net_id), target).map(|(_, r)| r.mac)
+    })
+}
+
+/// Answers an ARP request the host sends out of an overlay network's bridge (`overlay_bridge_out`)
+/// for another node's container of that overlay: the reply comes back into the bridge as if
+/// that container had answered, and nothing is flooded. Every other frame continues untouched.
+#[inline(always)]
+pub fn answer_host_arp(ctx: &mut TcContext) -> i32 {
+    answer_arp_with(ctx, BPF_F_INGRESS as u64, |sender, target, _| {
+        // SAFETY: plain lookup.
+        unsafe { HOST_ADDRS.get(&sender) }?;
+        remote_of(target).map(|(_, r)| r.mac)
+    })
+}
+
+/// An ARP request (IPv4 over Ethernet) whose (sender address, target address, interface)
+/// `answer` knows the MAC of: turned into the reply and sent back where it came from with
+/// `flags` (0: out of the interface, into a container; BPF_F_INGRESS: into the host).
+#[inline(always)]
+fn answer_arp_with(ctx: &mut TcContext, flags: u64, answer: impl FnOnce(u32, u32, u32) -> Option<[u8; 6]>) -> i32 {
     let ok = TC_ACT_OK as i32;
     let Ok(mut f) = ctx.load::<[u8; ARP_FRAME_LEN]>(0) else { return ok };
     // Ethernet + ARP for IPv4 over Ethernet (hardware 1, protocol IPv4, lengths 6 and 4), a request.
@@ -112,37 +198,23 @@ pub fn answer_arp(ctx: &mut TcContext) -> i32 {
     let target = [f[38], f[39], f[40], f[41]];
     // SAFETY: the skb pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Only for a container asking with its own address, from its own veth. Two fields read:
-    // copying the whole value made LLVM call memmove.
-    // SAFETY: plain lookups, values copied out.
-    let Some((ep_ifindex, net_id)) =
-        (unsafe { ENDPOINTS.get(&u32::from_ne_bytes(sender)) }).map(|e| (e.ifindex, e.net_id))
-    else {
-        return ok;
-    };
-    if ep_ifindex != ifindex {
-        return ok;
-    }
-    let Some(vni) = (unsafe { OVERLAY_NETS.get(&net_id) }).copied() else { return ok };
-    let key = OverlayKey { vni, addr: u32::from_ne_bytes(target) };
-    let Some(r) = (unsafe { OVERLAY_REMOTE.get(&key) }).copied() else { return ok };
+    let Some(mac) = answer(u32::from_ne_bytes(sender), u32::from_ne_bytes(target), ifindex) else { return ok };
     let asker = [f[22], f[23], f[24], f[25], f[26], f[27]];
     let asker_eth = [f[6], f[7], f[8], f[9], f[10], f[11]];
     // Turned into the reply in place (no second copy of the frame on the stack).
     let reply = &mut f;
     put(reply, 0, &asker_eth);
-    put(reply, 6, &r.mac);
+    put(reply, 6, &mac);
     put(reply, 20, &ARPOP_REPLY.to_be_bytes());
-    put(reply, 22, &r.mac);
+    put(reply, 22, &mac);
     put(reply, 28, &target);
     put(reply, 32, &asker);
     put(reply, 38, &sender);
     if ctx.store(0, reply, 0).is_err() {
         return drop_unparsed(drop_reason::REWRITE_FAILED);
     }
-    // Out of the veth it came in on: into the container.
     // SAFETY: helper call with plain arguments.
-    if unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) } == i64::from(aya_ebpf::bindings::TC_ACT_REDIRECT) {
+    if unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, flags) } == i64::from(aya_ebpf::bindings::TC_ACT_REDIRECT) {
         aya_ebpf::bindings::TC_ACT_REDIRECT as i32
     } else {
         drop_unparsed(drop_reason::REWRITE_FAILED)
@@ -162,43 +234,110 @@ fn put<const N: usize>(f: &mut [u8; ARP_FRAME_LEN], at: usize, v: &[u8; N]) {
 /// The hook decapsulated packets are handled at (drops, flow events).
 const DECAP_HOOK: u8 = hook::VXLAN_IN;
 
-/// A frame the VXLAN device decapsulated: a VNI this node has → the local container of that
-/// overlay it is addressed to (its MAC, straight into its veth). A reply of a flow a local
-/// container opened to a service whose backend is on another node gets the address the
-/// container used back first, as replies from a local backend do on its veth. Everything
-/// else is dropped, never handed to the host stack: an unknown VNI (or no tunnel metadata),
-/// and within a known VNI anything that is not IPv4 to one of its containers here (ARP is
-/// answered on the sender's node, so none should arrive; another network's address is
+/// A frame the VXLAN device decapsulated: a VNI this node has, then
+/// - a reply of a flow this node translated before sending it through the tunnel gets the
+///   addresses its opener used back: a local container's flow to a service VIP (tracked at its
+///   veth) goes to that container; a routing-mesh flow (tracked at `vxlan_in`) is routed out
+///   to its client through the host's FIB (the stack would drop a packet from one of its own
+///   addresses); a host process's flow goes up the host's stack. ICMP errors about those
+///   flows are translated back the same way;
+/// - anything else must be for a local container of that overlay (its MAC, straight into its
+///   veth); a new flow the other node sent from its own underlay address (the tunnel's remote
+///   end: its routing mesh, its host processes) is tracked as is, so that the container's
+///   replies go back through the tunnel (`hook::TO_NODE`) instead of out of the underlay.
+///
+/// Everything else is dropped, never handed to the host stack: an unknown VNI (or no tunnel
+/// metadata), and within a known VNI anything that is not IPv4 to one of its containers here
+/// (ARP is answered on the sender's node, so none should arrive; another network's address is
 /// isolation).
 #[inline(always)]
 pub fn decap(ctx: &mut TcContext) -> i32 {
-    let vni = tunnel_vni(ctx);
+    let key = tunnel_key(ctx);
     let p = parse(ctx);
     // SAFETY: plain lookup.
-    let known = vni.is_some_and(|v| unsafe { OVERLAY_VNIS.get(&v) }.is_some());
+    let known = key.is_some_and(|(v, _)| unsafe { OVERLAY_VNIS.get(&v) }.is_some());
     let Some(p) = p else {
         let reason = if known { drop_reason::ISOLATION } else { drop_reason::UNKNOWN_VNI };
         return drop_unparsed(reason);
     };
-    let Some(vni) = vni.filter(|_| known) else { return drop(&p, DECAP_HOOK, drop_reason::UNKNOWN_VNI) };
-    let reply = match p.translatable {
-        true => conntrack::lookup(&p, hook::FROM_CONTAINER),
-        false => None,
+    let Some((vni, from_node)) = key.filter(|_| known) else {
+        return drop(&p, DECAP_HOOK, drop_reason::UNKNOWN_VNI);
     };
-    let daddr = reply.map_or(p.daddr, |x| x.daddr);
+    if p.icmp_error {
+        return match icmp::translate_reply(ctx, &p) {
+            Ok(Some((h, x))) => {
+                deliver(ctx, &p, vni, &Tuple::new(x.saddr, x.daddr, 0, 0, proto::ICMP), h == hook::VXLAN_IN)
+            }
+            Ok(None) => deliver(ctx, &p, vni, &p.tuple, false),
+            Err(()) => drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED),
+        };
+    }
+    match if p.translatable { conntrack::lookup_any(&p) } else { None } {
+        Some((h @ (hook::FROM_CONTAINER | hook::VXLAN_IN), x)) => {
+            if nat::rewrite(ctx, &p, &x).is_err() {
+                return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+            }
+            // Only flows this node sent through the tunnel itself may leave for the host or
+            // the outside (a VIP's replies are for the local container that opened it).
+            deliver(ctx, &p, vni, &x, h == hook::VXLAN_IN)
+        }
+        _ => {
+            // The other node's own new flow to a container here: tracked as is.
+            if p.translatable
+                && p.saddr == from_node
+                && is_local(vni, p.daddr)
+                && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, hook::VXLAN_IN, hook::TO_NODE)
+            {
+                return drop(&p, DECAP_HOOK, reason);
+            }
+            deliver(ctx, &p, vni, &p.tuple, false)
+        }
+    }
+}
+
+#[inline(always)]
+fn is_local(vni: u32, addr: u32) -> bool {
+    // SAFETY: plain lookup.
+    unsafe { OVERLAY_LOCAL.get(&OverlayKey { vni, addr }) }.is_some()
+}
+
+#[inline(always)]
+fn is_host(addr: u32) -> bool {
+    // SAFETY: plain lookup.
+    unsafe { HOST_ADDRS.get(&addr) }.is_some()
+}
+
+/// skb->pkt_type of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
+
+/// Hands a decapsulated packet, already translated to `to`, to the local container of
+/// overlay `vni` holding `to.daddr`; with `may_leave` (a flow this node sent through the
+/// tunnel), a packet for one of the host's addresses goes up its stack, and one for anywhere
+/// else is routed out. Anything else: dropped (isolation).
+#[inline(always)]
+fn deliver(ctx: &mut TcContext, p: &Packet, vni: u32, to: &Tuple, may_leave: bool) -> i32 {
     // SAFETY: plain lookup, value copied out.
-    let Some(ep) = (unsafe { OVERLAY_LOCAL.get(&OverlayKey { vni, addr: daddr }) }).copied() else {
-        return drop(&p, DECAP_HOOK, drop_reason::ISOLATION);
-    };
-    if let Some(x) = reply
-        && nat::rewrite(ctx, &p, &x).is_err()
-    {
-        return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+    if let Some(ep) = (unsafe { OVERLAY_LOCAL.get(&OverlayKey { vni, addr: to.daddr }) }).copied() {
+        if set_dst_mac(ctx, &ep.mac).is_err() {
+            return drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+        }
+        return redirect(p, DECAP_HOOK, ep.ifindex);
     }
-    if set_dst_mac(ctx, &ep.mac).is_err() {
-        return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+    if !may_leave {
+        return drop(p, DECAP_HOOK, drop_reason::ISOLATION);
     }
-    redirect(&p, DECAP_HOOK, ep.ifindex)
+    if is_host(to.daddr) {
+        // The inner frame is addressed to the far container's gateway, not to this host: the
+        // stack takes it as its own once told so. It arrives on the VXLAN device: a strict
+        // rp_filter there would refuse its source (routed through the overlay's bridge), a
+        // loose one or none does not.
+        // SAFETY: helper on the program's own skb.
+        if unsafe { bpf_skb_change_type(ctx.skb.skb as *mut _, PACKET_HOST) } != 0 {
+            return drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+        }
+        return TC_ACT_OK as i32;
+    }
+    nat::route_out(ctx, p, to, DECAP_HOOK)
 }
 
 /// Addresses the frame to `mac` unless it is already (what the sender's ARP answer made it,
@@ -212,13 +351,57 @@ fn set_dst_mac(ctx: &mut TcContext, mac: &[u8; 6]) -> Result<(), ()> {
     ctx.store(0, mac, 0).map_err(|_| ())
 }
 
-/// The VNI the VXLAN device received the frame with; None without IPv4 tunnel metadata.
+/// The VNI the VXLAN device received the frame with and the tunnel's remote end (the sending
+/// node's underlay address, network byte order); None without IPv4 tunnel metadata.
 #[inline(always)]
-fn tunnel_vni(ctx: &TcContext) -> Option<u32> {
+fn tunnel_key(ctx: &TcContext) -> Option<(u32, u32)> {
     let mut raw = KeySpace::uninit();
     let key = zeroed_key(&mut raw);
     // SAFETY: helper on the program's own skb with a stack struct of the size given.
     let rc =
         unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb as *mut _, key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };
-    (rc == 0).then_some(key.tunnel_id)
+    // SAFETY: an IPv4 key: the union holds the remote IPv4 address (host byte order).
+    (rc == 0).then(|| (key.tunnel_id, u32::to_be(unsafe { key.__bindgen_anon_1.remote_ipv4 })))
+}
+
+/// The hook host processes' flows to other nodes' containers are translated at.
+const BRIDGE_HOOK: u8 = hook::OVERLAY_BRIDGE_OUT;
+
+/// Leaving the host through an overlay network's bridge (TC egress on the bridge): the host's
+/// own packets (from one of its addresses) for another node's container of that overlay go
+/// through the tunnel from this node's underlay address, since every node's bridge has the
+/// same gateway address and the far container's replies to it would stay on its node; they
+/// come back through the tunnel and `vxlan_in` hands them up the stack with the address the
+/// host used. The host's ARP for such a container is answered here. Everything else (local
+/// containers, forwarded traffic) continues into the bridge untouched.
+#[inline(always)]
+pub fn bridge_out(ctx: &mut TcContext) -> i32 {
+    let Some(p) = parse(ctx) else { return answer_host_arp(ctx) };
+    if !p.translatable || !is_host(p.saddr) {
+        return TC_ACT_OK as i32;
+    }
+    let xlate = match conntrack::lookup(&p, BRIDGE_HOOK) {
+        Some(x) => x,
+        None => {
+            if remote_of(p.daddr).is_none() {
+                return TC_ACT_OK as i32;
+            }
+            let x = match from_node(&p.tuple) {
+                Ok(x) => x,
+                Err(reason) => return drop(&p, BRIDGE_HOOK, reason),
+            };
+            if let Err(reason) = conntrack::create(&p.tuple, &x, BRIDGE_HOOK, hook::VXLAN_IN) {
+                return drop(&p, BRIDGE_HOOK, reason);
+            }
+            x
+        }
+    };
+    let Some((vni, remote)) = remote_of(xlate.daddr) else {
+        // The container left the map under a tracked flow: nowhere to send it.
+        return drop(&p, BRIDGE_HOOK, drop_reason::ISOLATION);
+    };
+    if nat::rewrite(ctx, &p, &xlate).is_err() {
+        return drop(&p, BRIDGE_HOOK, drop_reason::REWRITE_FAILED);
+    }
+    encap(ctx, &p, vni, &remote, BRIDGE_HOOK)
 }

@@ -266,3 +266,51 @@ impl Host {
         self.dp().counters().unwrap().drops.into_iter().filter(|(_, n)| *n > 0).collect()
     }
 }
+
+/// The uplink of a host that has an outside client ([`Host::add_client`]): the host's side and
+/// the client's address.
+pub const UPLINK_IP: &str = "10.99.0.1";
+pub const CLIENT_IP: &str = "10.99.0.2";
+
+impl Host {
+    /// This host's underlay address as its overlay's own (what the cluster side sets from
+    /// `--node-ip`): the routing mesh and host processes need it.
+    pub fn set_node_ip(&self) {
+        self.overlay().overlay_set_node_ip(Some(ip(self.underlay_ip))).unwrap();
+    }
+
+    /// A client outside this host: a namespace on a link of its own to the host's `eth0`, an
+    /// uplink with netpath's uplink programs (as the daemon attaches them), the host at
+    /// [`UPLINK_IP`], the client at [`CLIENT_IP`]. The host's addresses are then its overlay
+    /// gateway, its underlay address and the uplink's. Returns the client's namespace.
+    pub fn add_client(&mut self, lab: &Lab, name: &str) -> PathBuf {
+        let client = lab.add_ns(name);
+        no_ipv6(&client);
+        let host_ns = self.ns.display().to_string();
+        must(in_ns(&client, "ip", &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &host_ns]));
+        must(in_ns(&client, "ip", &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]));
+        must(in_ns(&client, "ip", &["link", "set", "eth0", "up"]));
+        must(in_ns(&self.ns, "ip", &["addr", "add", &format!("{UPLINK_IP}/24"), "dev", "eth0"]));
+        must(in_ns(&self.ns, "ip", &["link", "set", "eth0", "up"]));
+        // A host forwards, as the daemon makes it (the mesh's replies are routed out by FIB).
+        must(in_ns(&self.ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
+        let underlay = self.underlay_ip;
+        let dp = self.dp.as_mut().expect("a loaded datapath");
+        in_netns(&self.ns, |rt, nl| {
+            let ifindex = rt.block_on(nl.require_link("eth0")).unwrap();
+            dp.attach_uplink("eth0", ifindex, Some(ip(UPLINK_IP))).unwrap();
+            dp.sync_host_addrs(&[ip(GW), ip(underlay), ip(UPLINK_IP)]).unwrap();
+        });
+        client
+    }
+
+    /// Attaches `overlay_bridge_out` to this host's overlay bridge, as the daemon does for an
+    /// overlay network: its host processes then reach the other host's containers.
+    pub fn attach_bridge(&self) {
+        let overlay = self.overlay().clone();
+        in_netns(&self.ns, |rt, nl| {
+            let ifindex = rt.block_on(nl.require_link(BRIDGE)).unwrap();
+            rt.block_on(overlay.overlay_attach_bridge(BRIDGE, ifindex)).unwrap();
+        });
+    }
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use netpath::datapath::{VXLAN_DEV, VXLAN_PORT};
 use netpath::netlink::netns;
-use netpath_tests::overlay_lab::{BRIDGE, GW, Kind, VNI, in_netns, two_hosts};
+use netpath_tests::overlay_lab::{BRIDGE, CLIENT_IP, GW, Kind, UPLINK_IP, VNI, in_netns, two_hosts};
 use netpath_tests::packet::Ipv4Packet;
 use netpath_tests::{Lab, in_ns, must};
 
@@ -45,7 +45,7 @@ fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
     // Ping across: three requests arrive on b's tunnel, three replies on a's.
     let out = ping(&a1.ns, b1.ip, &[]);
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(summary.contains("3 received"), "{summary}");
+    assert!(summary.contains("3 received"), "{summary} {:?} {:?}", a.drops(), b.drops());
     assert_eq!(b.rx_packets(VXLAN_DEV) - tunnel_b, 3, "only the echo requests crossed to b");
     assert_eq!(a.rx_packets(VXLAN_DEV) - tunnel_a, 3, "only the echo replies crossed to a");
     // Each container asked ARP for the other and got the remote container's own MAC, answered
@@ -196,6 +196,18 @@ fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapa
     };
     a1_to_b1("before");
     via_vip("before");
+    // b1's port unreachable about a UDP flow to the VIP comes back through the tunnel and is
+    // translated in vxlan_in: a1's socket, connected to the VIP, sees the refusal.
+    let info = netpath_common::ServiceInfo { slot: 0, target_port: 0, backends: 1, flags: 0 };
+    a.dp().set_service(ip(VIP), 9000, netpath_common::proto::UDP, info).unwrap();
+    let refused = in_netns(&a1_ns, |_, _| {
+        let s = UdpSocket::bind((ip("10.210.0.2"), 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.connect((ip(VIP), 9000)).unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+    });
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "b1's port unreachable, from the VIP");
 
     // A daemon restart on a: the pinned links keep the overlay forwarding while no datapath
     // is loaded, and the new one claims the VXLAN device's link instead of making another.
@@ -207,6 +219,120 @@ fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapa
     assert!(link_pin.exists(), "claimed, not released");
     a1_to_b1("after the reload");
     via_vip("after the reload");
+    let mut b = b;
+    assert_eq!(a.drops(), vec![]);
+    assert_eq!(b.drops(), vec![]);
+}
+
+/// The routing mesh: a client outside host a reaches a service port published on a, whose only
+/// backend is a container on host b. The flow crosses from a's underlay address (what b1 sees
+/// and echoes back), b1's answers come back through the tunnel and leave a's uplink to the
+/// client from the address it used, for TCP and UDP; b1's port unreachable about a UDP flow
+/// reaches the client translated, so its connected socket sees the refusal.
+#[test]
+fn the_routing_mesh_reaches_a_backend_on_the_other_host_for_tcp_and_udp() {
+    use netpath_common::proto::{TCP, UDP};
+    let lab = Lab::without_daemon("overlay-mesh");
+    let [mut a, b] = two_hosts(&lab, Kind::Netpath, &[], &[("mb1", "10.210.0.3")]);
+    let client = a.add_client(&lab, "mesh-client");
+    a.set_node_ip();
+    b.set_node_ip();
+    let b1 = b.container("mb1");
+    // Ports 8080 (TCP and UDP) and 8081 (UDP) published on every address of a, all on b1:
+    // 80 and 81 (where nothing listens).
+    a.dp().set_maglev(0, &vec![ip(b1.ip); netpath_common::MAGLEV_M as usize]).unwrap();
+    for (port, target, proto) in [(8080, 80u16, TCP), (8080, 80, UDP), (8081, 81, UDP)] {
+        let info = netpath_common::ServiceInfo { slot: 0, target_port: target.to_be(), backends: 1, flags: 0 };
+        a.dp().set_service(Ipv4Addr::UNSPECIFIED, port, proto, info).unwrap();
+    }
+    // b1 answers with the address it sees the client at.
+    let peer = "SYSTEM:echo $SOCAT_PEERADDR";
+    let tcp = in_ns(&b1.ns, "socat", &[&format!("TCP-LISTEN:80,bind={},reuseaddr,fork", b1.ip), peer]).spawn().unwrap();
+    let _tcp = KillOnDrop(tcp);
+    let udp = in_ns(&b1.ns, "socat", &[&format!("UDP-RECVFROM:80,bind={},fork", b1.ip), peer]).spawn().unwrap();
+    let _udp = KillOnDrop(udp);
+
+    let out = in_ns(
+        &client,
+        "timeout",
+        &["10", "socat", "-T", "5", "-t", "5", "-", &format!("TCP:{UPLINK_IP}:8080,retry=50,interval=0.1")],
+    )
+    .output()
+    .unwrap();
+    let drops = a.drops();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        a.underlay_ip,
+        "TCP: b1 sees a's address: {out:?} {drops:?}"
+    );
+
+    let (udp_answer, refused) = in_netns(&client, |_, _| {
+        let s = UdpSocket::bind((ip(CLIENT_IP), 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.connect((ip(UPLINK_IP), 8080)).unwrap();
+        let mut buf = [0u8; 64];
+        // UDP may lose the first datagram while the socat server starts: a few tries.
+        let mut answer = None;
+        for _ in 0..5 {
+            s.send(b"hello").unwrap();
+            if let Ok(n) = s.recv(&mut buf) {
+                answer = Some(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                break;
+            }
+        }
+        // The answer came from the address the client used (connected sockets filter on it).
+        let s = UdpSocket::bind((ip(CLIENT_IP), 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.connect((ip(UPLINK_IP), 8081)).unwrap();
+        s.send(b"anyone?").unwrap();
+        let refused = s.recv(&mut buf).map_err(|e| e.kind());
+        (answer, refused)
+    });
+    assert_eq!(udp_answer.as_deref(), Some(a.underlay_ip), "UDP: b1 sees a's address");
+    assert_eq!(
+        refused,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "b1's port unreachable reached the client, translated back to the flow it sent"
+    );
+    let mut b = b;
+    assert_eq!(a.drops(), vec![]);
+    assert_eq!(b.drops(), vec![]);
+}
+
+/// A process of host a reaches b's container by its overlay address (ARP answered on a, the
+/// packets through the tunnel from a's underlay address, the answers up a's stack), and only
+/// once the overlay's bridge has its program.
+#[test]
+fn a_host_process_reaches_a_container_on_the_other_host() {
+    let lab = Lab::without_daemon("overlay-hostproc");
+    let [mut a, b] = two_hosts(&lab, Kind::Netpath, &[], &[("hb1", "10.210.0.3")]);
+    let b1 = b.container("hb1");
+    a.set_node_ip();
+    b.set_node_ip();
+    let out = ping(&a.ns, b1.ip, &["-c", "1", "-W", "1"]);
+    assert!(!out.status.success(), "no way across before the bridge's program");
+    a.attach_bridge();
+    must(in_ns(&a.ns, "ip", &["neigh", "flush", "dev", BRIDGE]));
+    let out = ping(&a.ns, b1.ip, &[]);
+    assert!(out.status.success(), "ping a → b1: {}", String::from_utf8_lossy(&out.stdout));
+    let neigh = must(in_ns(&a.ns, "ip", &["neigh", "show", b1.ip, "dev", BRIDGE]));
+    assert!(neigh.contains(&netpath::ipam::format_mac(&b1.mac)), "a's ARP for b1 answered: {neigh}");
+    let server = in_ns(
+        &b1.ns,
+        "socat",
+        &[&format!("TCP-LISTEN:80,bind={},reuseaddr,fork", b1.ip), "SYSTEM:echo $SOCAT_PEERADDR"],
+    )
+    .spawn()
+    .unwrap();
+    let _server = KillOnDrop(server);
+    let out = in_ns(
+        &a.ns,
+        "timeout",
+        &["10", "socat", "-T", "5", "-t", "5", "-", &format!("TCP:{}:80,retry=50,interval=0.1", b1.ip)],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a.underlay_ip, "b1 sees a's address: {out:?}");
     let mut b = b;
     assert_eq!(a.drops(), vec![]);
     assert_eq!(b.drops(), vec![]);

@@ -411,3 +411,201 @@ fn the_overlay_maps_read_back_and_removing_a_network_removes_its_endpoints() {
     // The wire order of what the programs read.
     let _ = wire_addr(ip(O9));
 }
+
+// ---- The routing mesh, other nodes' flows, host processes (node address 192.168.77.1) ----
+
+/// This node's underlay address.
+const NODE_A: &str = "192.168.77.1";
+/// An address of this host's uplink, and a client outside.
+const UPLINK_IP: &str = "198.51.100.1";
+const CLIENT: &str = "203.0.113.7";
+
+fn tcp_ports(src: &str, sport: u16, dst: &str, dport: u16, src_mac: [u8; 6]) -> Vec<u8> {
+    let mut p = Ipv4Packet::tcp(src, sport, dst, dport, b"GET / HTTP/1.0\r\n\r\n");
+    p.src_mac = src_mac;
+    p.dst_mac = [0x02, 0, 0, 0, 0, 0x99];
+    p.build()
+}
+
+fn wire(a: &str, ap: u16, b: &str, bp: u16, proto_nr: u8) -> Tuple {
+    Tuple::new(wire_addr(ip(a)), wire_addr(ip(b)), ap.to_be(), bp.to_be(), proto_nr)
+}
+
+impl Fixture {
+    /// An uplink (its ifindex) whose address is a host address, and a service port 8080
+    /// published on every host address balanced to `backend` (target port 80).
+    fn published_service(&mut self, backend: &str) -> u32 {
+        let uplink = add_veth("up0", 1500);
+        self.inner.dp().sync_host_addrs(&[ip(GW_O), ip(GW_P), ip(GW_A), ip(UPLINK_IP)]).unwrap();
+        self.inner.dp().set_maglev(0, &vec![ip(backend); MAGLEV_M as usize]).unwrap();
+        let info = ServiceInfo { slot: 0, target_port: 80u16.to_be(), backends: 1, flags: 0 };
+        self.inner.dp().set_service(Ipv4Addr::UNSPECIFIED, 8080, proto::TCP, info).unwrap();
+        uplink
+    }
+
+    /// Writes a flow's two conntrack entries as the datapath would (what `vxlan_in` records
+    /// for another node's flow, which test_run cannot feed it: no tunnel metadata).
+    fn track(&mut self, orig: Tuple, xlate: Tuple, orig_hook: u8, reply_hook: u8) {
+        use netpath_common::CtEntry;
+        let path =
+            self.inner.pins().join("maps").join(format!("CT@v{}", netpath_common::layout::current("CT").unwrap().rev));
+        let data = aya::maps::MapData::from_pin(&path).unwrap();
+        let mut ct: aya::maps::HashMap<_, Tuple, CtEntry> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        ct.insert(orig, CtEntry { xlate, hook: orig_hook, ..Default::default() }, 0).unwrap();
+        let reply = CtEntry { xlate: orig.reversed(), hook: reply_hook, is_reply: 1, ..Default::default() };
+        ct.insert(xlate.reversed(), reply, 0).unwrap();
+    }
+}
+
+#[test]
+fn a_published_service_port_balanced_to_another_node_goes_through_the_tunnel_from_the_node_address() {
+    let mut f = Fixture::new("mesh");
+    let uplink = f.published_service(O9);
+    let client_mac = [0x02, 0, 0, 0, 0, 0x77];
+    let pkt = tcp_ports(CLIENT, 40000, UPLINK_IP, 8080, client_mac);
+    // Without this node's underlay address the mesh cannot work: dropped and counted.
+    let (verdict, _) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &pkt);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(), BTreeMap::from([("rewrite-failed", 1)]));
+    assert!(f.flows().is_empty(), "nothing tracked for a refused flow: {:?}", f.flows());
+    f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
+    assert_eq!(f.overlay.overlay_node_ip().unwrap(), Some(ip(NODE_A)));
+    for round in ["first packet", "next packet"] {
+        let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{round}: encapsulated");
+        // From this node's underlay address to O9's port 80, addressed to O9's MAC.
+        assert_eq!(out, to_mac(O9_MAC, tcp_ports(NODE_A, 40000, O9, 80, client_mac)), "{round}");
+        assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
+    }
+    // Tracked at the uplink, its replies (from O9 to this node) at vxlan_in, back to what
+    // the client used.
+    let flows: std::collections::HashMap<Tuple, (Tuple, u8)> =
+        f.flows().into_iter().map(|(k, e)| (k, (e.xlate, e.hook))).collect();
+    let orig = wire(CLIENT, 40000, UPLINK_IP, 8080, proto::TCP);
+    let x = wire(NODE_A, 40000, O9, 80, proto::TCP);
+    assert_eq!(flows.get(&orig), Some(&(x, netpath_common::hook::UPLINK_IN)), "{flows:?}");
+    assert_eq!(flows.get(&x.reversed()), Some(&(orig.reversed(), netpath_common::hook::VXLAN_IN)), "{flows:?}");
+    assert_eq!(f.drops(), BTreeMap::from([("rewrite-failed", 1)]), "no new drops");
+}
+
+#[test]
+fn a_published_service_port_with_a_backend_here_keeps_the_clients_address() {
+    let mut f = Fixture::new("mesh-local");
+    let uplink = f.published_service(O1);
+    f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
+    let pkt = tcp_ports(CLIENT, 40000, UPLINK_IP, 8080, [0x02, 0, 0, 0, 0, 0x77]);
+    let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &pkt);
+    assert_ne!(verdict, TC_ACT_SHOT);
+    assert_eq!(netpath_tests::packet::ipv4_addrs(&out), (ip(CLIENT), ip(O1)), "DNAT only, as before the mesh");
+    let hooks: Vec<u8> = f.flows().iter().map(|(_, e)| e.hook).collect();
+    assert!(!hooks.contains(&netpath_common::hook::VXLAN_IN), "{hooks:?}");
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+#[test]
+fn a_reply_to_another_nodes_flow_goes_back_to_that_node_through_the_tunnel() {
+    let mut f = Fixture::new("to-node");
+    use netpath_common::hook;
+    // Another node (NODE_B) opened a flow to O1 from its underlay address (its mesh), as
+    // vxlan_in tracks it.
+    let orig = wire(NODE_B, 40000, O1, 80, proto::TCP);
+    f.track(orig, orig, hook::VXLAN_IN, hook::TO_NODE);
+    let reply = tcp_ports(O1, 80, NODE_B, 40000, O1_MAC);
+    let (verdict, out) = f.from(O1, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel");
+    assert_eq!(out, reply, "untranslated, inner MACs as sent");
+    // O1's port unreachable about that flow goes back the same way.
+    let quoted = tcp_ports(NODE_B, 40000, O1, 80, O1_MAC);
+    let err = netpath_tests::packet::icmp_error(O1, NODE_B, 3, 3, &quoted);
+    let (verdict, out) = f.from(O1, &err);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, err);
+    // Without such a flow, O1's traffic to that address is O1's own (out through the host).
+    let other = tcp_ports(O1, 81, NODE_B, 40000, O1_MAC);
+    let (verdict, out) = f.from(O1, &other);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, other);
+    let err = netpath_tests::packet::icmp_error(O1, NODE_B, 3, 3, &tcp_ports(NODE_B, 1, O1, 2, O1_MAC));
+    assert_eq!(f.from(O1, &err).0, TC_ACT_OK);
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+#[test]
+fn a_host_process_reaches_another_nodes_container_from_the_node_address() {
+    let mut f = Fixture::new("host");
+    use netpath_common::prog_names::OVERLAY_BRIDGE_OUT;
+    // test_run needs an interface: a stand-in for the overlay's bridge.
+    let bridge = add_veth("br-o", 1450);
+    f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
+    let host_mac = gw_mac(GW_O);
+    let pkt = tcp_ports(GW_O, 40000, O9, 80, host_mac);
+    let (verdict, out) = f.inner.run_on(Some(bridge), OVERLAY_BRIDGE_OUT, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(O9_MAC, tcp_ports(NODE_A, 40000, O9, 80, host_mac)));
+    assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
+    let flows: std::collections::HashMap<Tuple, (Tuple, u8)> =
+        f.flows().into_iter().map(|(k, e)| (k, (e.xlate, e.hook))).collect();
+    let (orig, x) = (wire(GW_O, 40000, O9, 80, proto::TCP), wire(NODE_A, 40000, O9, 80, proto::TCP));
+    assert_eq!(flows.get(&x.reversed()), Some(&(orig.reversed(), netpath_common::hook::VXLAN_IN)), "{flows:?}");
+    // The host's ARP for O9 is answered into the bridge.
+    let req = arp_request(host_mac, GW_O, O9);
+    let (verdict, out) = f.inner.run_on(Some(bridge), OVERLAY_BRIDGE_OUT, &req);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &host_mac[..], "to the host");
+    assert_eq!(&out[22..32], &[&O9_MAC[..], &ip(O9).octets()[..]].concat()[..], "O9 is at O9_MAC");
+    // Left alone: local containers, another overlay's remote (not this bridge's... found by
+    // its own subnet: P9 is reached through its own bridge), traffic the host forwards, ARP
+    // from a container.
+    for frame in [
+        tcp_ports(GW_O, 40000, O2, 80, host_mac),
+        tcp_ports("203.0.113.9", 40000, O9, 80, host_mac),
+        arp_request(O1_MAC, O1, O9),
+        arp_request(host_mac, GW_O, O2),
+    ] {
+        let (verdict, out) = f.inner.run_on(Some(bridge), OVERLAY_BRIDGE_OUT, &frame);
+        assert_eq!(verdict, TC_ACT_OK, "{frame:02x?}");
+        assert_eq!(out, frame);
+    }
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+    // The program's link on the bridge: pinned, claimed again without a second link, gone
+    // with detaching (and detaching again is fine).
+    let pin = f.inner.pins().join("links").join(format!("br-o@{OVERLAY_BRIDGE_OUT}"));
+    f.rt.block_on(f.overlay.overlay_attach_bridge("br-o", bridge)).unwrap();
+    assert!(pin.exists(), "overlay_bridge_out's link is pinned");
+    f.rt.block_on(f.overlay.overlay_attach_bridge("br-o", bridge)).unwrap();
+    f.rt.block_on(f.overlay.overlay_detach_bridge(bridge)).unwrap();
+    assert!(!pin.exists(), "detached");
+    f.rt.block_on(f.overlay.overlay_detach_bridge(bridge)).unwrap();
+    // Bad input: refused, nothing changed.
+    assert!(f.overlay.overlay_set_node_ip(Some(Ipv4Addr::BROADCAST)).is_err());
+    assert_eq!(f.overlay.overlay_node_ip().unwrap(), Some(ip(NODE_A)));
+    f.overlay.overlay_set_node_ip(None).unwrap();
+    assert_eq!(f.overlay.overlay_node_ip().unwrap(), None);
+}
+
+#[test]
+fn a_container_reaches_a_service_port_published_here_whose_backend_is_on_another_node() {
+    let mut f = Fixture::new("mesh-container");
+    f.published_service(O9);
+    f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
+    // From a bridge network's container: the routing mesh, from this node's address.
+    let pkt = tcp_ports(A1, 40000, UPLINK_IP, 8080, A1_MAC);
+    for round in ["first packet", "next packet"] {
+        let (verdict, out) = f.from(A1, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{round}: encapsulated");
+        assert_eq!(out, to_mac(O9_MAC, tcp_ports(NODE_A, 40000, O9, 80, A1_MAC)), "{round}");
+        assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
+    }
+    let flows: std::collections::HashMap<Tuple, (Tuple, u8)> =
+        f.flows().into_iter().map(|(k, e)| (k, (e.xlate, e.hook))).collect();
+    let (orig, x) = (wire(A1, 40000, UPLINK_IP, 8080, proto::TCP), wire(NODE_A, 40000, O9, 80, proto::TCP));
+    assert_eq!(flows.get(&orig), Some(&(x, netpath_common::hook::FROM_CONTAINER)), "{flows:?}");
+    assert_eq!(flows.get(&x.reversed()), Some(&(orig.reversed(), netpath_common::hook::VXLAN_IN)), "{flows:?}");
+    // From a container of the backend's own overlay: its address is kept, as for a VIP.
+    let pkt = tcp_ports(O1, 40001, UPLINK_IP, 8080, O1_MAC);
+    let (verdict, out) = f.from(O1, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(O9_MAC, tcp_ports(O1, 40001, O9, 80, O1_MAC)));
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}

@@ -525,6 +525,10 @@ mod tests {
         // CONFIG got the flow-events switch, CT_STATS the flow-events-lost counter.
         let config = want("CONFIG", 1, map_type::ARRAY, 4, 8, 2);
         assert!(matches!(decide("CONFIG", 1, &info(map_type::ARRAY, 4, 8, 1), &config), How::Copy(Convert::Same)));
+        // OVERLAY_CONFIG got this node's underlay address.
+        let overlay = want("OVERLAY_CONFIG", 1, map_type::ARRAY, 4, 4, 2);
+        let before = info(map_type::ARRAY, 4, 4, 1);
+        assert!(matches!(decide("OVERLAY_CONFIG", 1, &before, &overlay), How::Copy(Convert::Same)));
         let stats = want("CT_STATS", 1, map_type::PERCPU_ARRAY, 4, 8, 3);
         assert!(matches!(decide("CT_STATS", 1, &info(map_type::PERCPU_ARRAY, 4, 8, 2), &stats), How::Copy(_)));
     }

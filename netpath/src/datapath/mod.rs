@@ -169,7 +169,13 @@ impl Datapath {
             loader.map_max_entries(name, *n);
         }
         let mut ebpf = loader.load(object).context("loading the eBPF object (is the kernel's BPF support enabled?)")?;
-        for name in [prog_names::FROM_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT, prog_names::VXLAN_IN] {
+        for name in [
+            prog_names::FROM_CONTAINER,
+            prog_names::UPLINK_IN,
+            prog_names::UPLINK_OUT,
+            prog_names::VXLAN_IN,
+            prog_names::OVERLAY_BRIDGE_OUT,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?

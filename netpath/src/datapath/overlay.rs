@@ -2,6 +2,18 @@
 //! host's VXLAN device (external mode) and the `vxlan_in` program on it, which networks are
 //! overlays under which VNI, and the containers of each overlay here and on other nodes.
 //!
+//! What the daemon calls, and when: `ensure_vxlan` with the first overlay network (and at
+//! every start, to claim the device's link), `remove_vxlan` after the last; per overlay
+//! network on this node, its bridge and NETWORKS entry as for a bridge network, then
+//! `overlay_set_network` and `overlay_attach_bridge` (`overlay_detach_bridge`, then
+//! `overlay_remove_network` when it goes); `overlay_add_local`/`overlay_remove_local` as
+//! its containers here are wired and unwired; `overlay_add_remote`/`overlay_remove_remote`
+//! from the cluster store; `overlay_set_node_ip` once at start with `--node-ip`. The routing
+//! mesh needs nothing more: a service port published on every node (SERVICES address 0)
+//! whose Maglev table names another node's container goes through the tunnel, provided
+//! this node has that container's overlay network (NETWORKS entry and VNI), as every node
+//! has Docker's `ingress` network.
+//!
 //! An [`Overlay`] works through descriptors of its own (like [`super::FlowTable`]): the
 //! daemon changes overlay entries, and awaits netlink for the device, without holding the
 //! datapath's lock. Every map update is one atomic kernel call.
@@ -147,6 +159,58 @@ impl Overlay {
         sys::map_lookup(self.0.config.as_fd(), bytes(&overlay_config::VXLAN_IFINDEX), &mut v)
             .context("reading the overlay settings")?;
         Ok(u32::from_ne_bytes(v))
+    }
+
+    /// This node's underlay address (the one `--node-ip` names, which other nodes' tunnels
+    /// reach). Flows that reach another node's container from outside that container's
+    /// overlay — the routing mesh (a published service port whose backend the Maglev table
+    /// puts on another node), host processes — leave with it as their source, so the far
+    /// node's replies come back through the tunnel; until it is set, such flows are dropped
+    /// (`rewrite-failed`). `None` unsets it.
+    pub fn overlay_set_node_ip(&self, ip: Option<Ipv4Addr>) -> Result<()> {
+        if let Some(ip) = ip {
+            ensure!(
+                !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast() && !ip.is_loopback(),
+                "{ip} cannot be a node's underlay address"
+            );
+        }
+        self.set_config(overlay_config::NODE_IP, ip.map_or(0, wire_addr))
+    }
+
+    /// This node's underlay address as the programs see it.
+    pub fn overlay_node_ip(&self) -> Result<Option<Ipv4Addr>> {
+        let mut v = [0u8; 4];
+        sys::map_lookup(self.0.config.as_fd(), bytes(&overlay_config::NODE_IP), &mut v)
+            .context("reading the overlay settings")?;
+        Ok(Some(Ipv4Addr::from(v)).filter(|a| !a.is_unspecified()))
+    }
+
+    /// Attaches `overlay_bridge_out` to an overlay network's bridge (`bridge`, `ifindex`),
+    /// so host processes reach that overlay's containers on other nodes (through the tunnel,
+    /// from this node's underlay address; the host's ARP for them answered from the map).
+    /// A pinned link, claimed again by a restarted daemon calling this again. Idempotent.
+    pub async fn overlay_attach_bridge(&self, bridge: &str, ifindex: u32) -> Result<()> {
+        let links = self.0.links.clone();
+        let name = bridge.to_string();
+        tokio::task::spawn_blocking(move || links::attach_tcx(&links, &name, ifindex, prog_names::OVERLAY_BRIDGE_OUT))
+            .await
+            .context("attaching overlay_bridge_out")??;
+        Ok(())
+    }
+
+    /// Detaches `overlay_bridge_out` from bridge `ifindex` (before the overlay network's
+    /// bridge is removed; a bridge without it is fine).
+    pub async fn overlay_detach_bridge(&self, ifindex: u32) -> Result<()> {
+        let links = self.0.links.clone();
+        tokio::task::spawn_blocking(move || {
+            let pins = links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take_ifindex(ifindex, &[prog_names::OVERLAY_BRIDGE_OUT]);
+            links::drop_pins(&pins, true);
+        })
+        .await
+        .context("detaching overlay_bridge_out")
     }
 
     fn set_config(&self, slot: u32, v: u32) -> Result<()> {

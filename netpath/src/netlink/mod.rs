@@ -731,6 +731,20 @@ fn vxlan_config(m: &LinkMessage) -> Option<VxlanConfig> {
     Some(c)
 }
 
+/// Turns IPv6 off on a host end of a container's veth (netpath's container networks are IPv4):
+/// with it on, every host end gets a link-local address and a multicast route, and the kernel
+/// walks the whole IPv6 routing table on each link change of any of them (fib6_clean_all),
+/// so wiring one container cost more the more containers there were. Best effort: a kernel
+/// without IPv6 has no such file, and the link works either way.
+fn disable_ipv6(ifname: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, b"1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!("{path}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rtnetlink::packet_core::Parseable;
@@ -840,19 +854,5 @@ mod tests {
         b.extend(nla(3, b"lo\0"));
         let m = LinkMessage::parse(&b[..]).unwrap();
         assert_eq!(link_stats(&m), None);
-    }
-}
-
-/// Turns IPv6 off on a host end of a container's veth (netpath's container networks are IPv4):
-/// with it on, every host end gets a link-local address and a multicast route, and the kernel
-/// walks the whole IPv6 routing table on each link change of any of them (fib6_clean_all),
-/// so wiring one container cost more the more containers there were. Best effort: a kernel
-/// without IPv6 has no such file, and the link works either way.
-fn disable_ipv6(ifname: &str) {
-    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
-    if let Err(e) = std::fs::write(&path, b"1")
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::debug!("{path}: {e}");
     }
 }
