@@ -81,6 +81,19 @@ fn no_ipv6(ns: &Path) {
 
 /// Two hosts on an underlay bridge, each with its containers (name, address) on the overlay;
 /// every host knows the other's containers.
+/// Waits until link `dev` in `ns` is operationally up (its queue attached).
+fn wait_up(ns: &Path, dev: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = must(in_ns(ns, "ip", &["-o", "link", "show", "dev", dev]));
+        if out.contains("state UP") {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dev} in {} is not up: {out}", ns.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn two_hosts(
     lab: &Lab,
     kind: Kind,
@@ -139,6 +152,18 @@ pub fn two_hosts(
         hosts.push(Host { ns, pins, underlay_ip, dp, overlay, containers });
     }
     let [a, b]: [Host; 2] = hosts.try_into().unwrap_or_else(|_| unreachable!());
+    // Until the kernel's link watcher has run for a new link, its queue drops what is sent
+    // (noop qdisc): on a busy machine that lost a test's first ping. Wait for every link.
+    for port in ["ul-a", "ul-b"] {
+        wait_up(&underlay, port);
+    }
+    for h in [&a, &b] {
+        wait_up(&h.ns, "eth1");
+        for c in &h.containers {
+            wait_up(&h.ns, &c.host_if);
+            wait_up(&c.ns, "eth0");
+        }
+    }
     for (from, to) in [(&a, &b), (&b, &a)] {
         for c in &to.containers {
             match &from.overlay {
