@@ -6,9 +6,9 @@
 //! an edited one.
 
 use crate::{
-    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
-    MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason,
-    map_names as n,
+    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_POLICY_PORTS,
+    MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config,
+    ct_stat, drop_reason, map_names as n,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
@@ -57,7 +57,8 @@ pub const MAPS: &[MapLayout] = &[
     map(n::PUBLISHED, 1, HASH, 8, 1, MAX_PORTMAPS, 0),
     // rev 1: a preallocated hash instead of rev 0's LRU (same entries).
     map(n::CT, 1, HASH, 16, 32, CT_MAX_ENTRIES, 0),
-    // rev 1: the ct-full slot was added (and since, at the same revision, `internal`).
+    // rev 1: the ct-full slot was added (and since, at the same revision, `internal`,
+    // `policy-denied` and `unknown-vni`).
     map(n::DROPS, 1, PERCPU_ARRAY, 4, 8, drop_reason::MAX, 0),
     // Arrays that gained a slot keep their revision: the slots they had keep their meaning,
     // and a migration copies them (CT_STATS: flow-events-lost; CONFIG: flow events on/off).
@@ -71,6 +72,10 @@ pub const MAPS: &[MapLayout] = &[
     // addresses, MAGLEV_M entries per slot.
     map(n::SERVICES, 1, HASH, 8, 12, MAX_SERVICE_PORTS, 0),
     map(n::MAGLEV, 1, ARRAY, 4, 4, MAX_SERVICE_SLOTS * MAGLEV_M, 0),
+    // The firewall: (target, source prefix) → rule set, and (rule set, protocol, port block)
+    // → verdict; both longest-prefix tries (see crate::policy_target).
+    map(n::POLICY_SRC, 1, LPM_TRIE, 16, 4, MAX_POLICY_SRC, NO_PREALLOC),
+    map(n::POLICY_PORTS, 1, LPM_TRIE, 12, 12, MAX_POLICY_PORTS, NO_PREALLOC),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -142,6 +147,8 @@ mod tests {
         assert_eq!(sizes(n::FLOW_EVENTS), (0, 0));
         assert_eq!(sizes(n::SERVICES), (size_of::<PortKey>(), size_of::<ServiceInfo>()));
         assert_eq!(sizes(n::MAGLEV), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::POLICY_SRC), (4 + size_of::<PolicySrcKey>(), size_of::<u32>()));
+        assert_eq!(sizes(n::POLICY_PORTS), (4 + size_of::<PolicyPortKey>(), size_of::<PolicyVerdict>()));
     }
 
     #[test]

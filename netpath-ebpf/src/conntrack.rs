@@ -70,6 +70,13 @@ pub fn create(orig: &Tuple, xlate: &Tuple, orig_hook: u8, reply_hook: u8) -> Res
     Ok(())
 }
 
+/// Removes both entries of a flow [`create`] recorded (one the firewall then refused).
+#[inline(always)]
+pub fn forget(orig: &Tuple, xlate: &Tuple) {
+    let _ = CT.remove(orig);
+    let _ = CT.remove(&xlate.reversed());
+}
+
 /// The kernel's answer to a refused insert: E2BIG means the table is full; anything else
 /// (EEXIST: the reply tuple belongs to another flow) is a clash.
 #[inline(always)]

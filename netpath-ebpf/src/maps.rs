@@ -7,8 +7,9 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
     Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
-    MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES,
-    ServiceInfo, SockRevKey, SockRevValue, Tuple, config, drop_reason,
+    MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo,
+    PolicyPortKey, PolicySrcKey, PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey,
+    SockRevValue, Tuple, config, drop_reason,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -103,3 +104,14 @@ pub static SERVICES: HashMap<PortKey, ServiceInfo> = HashMap::pinned(MAX_SERVICE
 /// reads to pick a new flow's backend.
 #[map(name = "MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::pinned(MAX_SERVICE_SLOTS * MAGLEV_M, 0);
+
+/// Firewall, first stage: (target, source prefix) → rule set (LPM). The daemon writes it when
+/// rules, containers with rules or their networks change (compiled in netpath/src/firewall.rs);
+/// datapath reads when a new flow to a container arrives (netpath-ebpf/src/firewall.rs).
+#[map(name = "POLICY_SRC")]
+pub static POLICY_SRC: LpmTrie<PolicySrcKey, u32> = LpmTrie::pinned(MAX_POLICY_SRC, 0);
+
+/// Firewall, second stage: (rule set, protocol, port block) → the best verdict (LPM). Daemon
+/// writes a set's entries before POLICY_SRC points at it; datapath reads after POLICY_SRC.
+#[map(name = "POLICY_PORTS")]
+pub static POLICY_PORTS: LpmTrie<PolicyPortKey, PolicyVerdict> = LpmTrie::pinned(MAX_POLICY_PORTS, 0);

@@ -9,8 +9,8 @@ use crate::container::published;
 use crate::maps::{NETWORKS, UPLINKS};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Direct};
-use crate::stats::drop;
-use crate::{conntrack, icmp, lb, nat};
+use crate::stats::{drop, drop_policy};
+use crate::{conntrack, firewall, icmp, lb, nat};
 
 const IN: u8 = hook::UPLINK_IN;
 const OUT: u8 = hook::UPLINK_OUT;
@@ -19,7 +19,8 @@ const OUT: u8 = hook::UPLINK_OUT;
 /// published-port flow), a new connection to a published service port (Maglev) or
 /// published container port (DNAT), or a new flow routed to
 /// a container address (tracked as is where the network's gateway mode opens it, dropped where
-/// it does not). Packets for a local container then go straight to its veth (or through the
+/// it does not). A new flow then meets the firewall, on its translated destination (as
+/// Docker's DOCKER-USER chain sees it). Packets for a local container then go straight to its veth (or through the
 /// stack when it must see them); the client's address is kept.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
@@ -34,13 +35,24 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return match policy::direct_access(&p) {
             Direct::Denied => drop(&p, IN, drop_reason::DIRECT_ACCESS),
             Direct::Internal => drop(&p, IN, drop_reason::INTERNAL),
-            _ => TC_ACT_OK as i32,
+            Direct::Open => match firewall::denied(&p, p.daddr, 0, None) {
+                Some(rule) => drop_policy(&p, IN, rule),
+                None => TC_ACT_OK as i32,
+            },
+            Direct::NotContainer => TC_ACT_OK as i32,
         };
     }
     let xlate = match conntrack::lookup(&p, IN) {
         Some(x) => x,
         None => match lb::balance(&p, lb::Scope::Published, IN, OUT) {
-            Some(Ok(x)) => x,
+            Some(Ok(x)) => match firewall::denied(&p, x.daddr, x.dport, None) {
+                // The backend is known only once balanced (and tracked): untracked again.
+                Some(rule) => {
+                    conntrack::forget(&p.tuple, &x);
+                    return drop_policy(&p, IN, rule);
+                }
+                None => x,
+            },
             Some(Err(reason)) => return drop(&p, IN, reason),
             None => {
                 let x = match published(&p) {
@@ -54,6 +66,9 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
                         Direct::NotContainer => return TC_ACT_OK as i32,
                     },
                 };
+                if let Some(rule) = firewall::denied(&p, x.daddr, x.dport, None) {
+                    return drop_policy(&p, IN, rule);
+                }
                 if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
                     return drop(&p, IN, reason);
                 }

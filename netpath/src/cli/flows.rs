@@ -58,7 +58,7 @@ fn human(v: &Value) -> String {
     {
         line.push_str(&format!("  as {ts} > {td}"));
     }
-    for k in ["hook", "nat", "reason", "state", "interface"] {
+    for k in ["hook", "nat", "reason", "rule", "state", "interface"] {
         if let Some(x) = v[k].as_str().filter(|x| *x != "none") {
             line.push_str("  ");
             line.push_str(x);
