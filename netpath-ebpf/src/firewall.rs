@@ -47,20 +47,18 @@ pub enum From {
     SameNetwork,
 }
 
-/// The verdict of one target, if any rule of it covers the flow.
-#[inline(always)]
-fn lookup(kind: u32, target: u32, saddr: u32, proto_nr: u8, port: u16) -> Option<PolicyVerdict> {
-    let set = *POLICY_SRC.get(Key::new(64 + 32, PolicySrcKey { kind, target, saddr }))?;
-    let key = PolicyPortKey { set, proto: proto_nr, port: port.to_ne_bytes(), _pad: 0 };
-    POLICY_PORTS.get(Key::new(32 + 8 + 16, key)).copied()
-}
+/// No rule covers the flow. (A plain value rather than an Option: LLVM may copy an Option's
+/// payload uninitialised when it is None, and the verifier refuses to read an unset register.)
+const NONE: PolicyVerdict = PolicyVerdict { rank: u32::MAX, rule: 0, action: 0 };
 
+/// The verdict of one target (NONE if no rule of it covers the flow).
 #[inline(always)]
-fn better(a: Option<PolicyVerdict>, b: Option<PolicyVerdict>) -> Option<PolicyVerdict> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(if y.rank < x.rank { y } else { x }),
-        (None, y) => y,
-        (x, None) => x,
+fn lookup(kind: u32, target: u32, saddr: u32, proto_nr: u8, port: u16) -> PolicyVerdict {
+    let Some(set) = POLICY_SRC.get(Key::new(64 + 32, PolicySrcKey { kind, target, saddr })) else { return NONE };
+    let key = PolicyPortKey { set: *set, proto: proto_nr, port: port.to_ne_bytes(), _pad: 0 };
+    match POLICY_PORTS.get(Key::new(32 + 8 + 16, key)) {
+        Some(v) => PolicyVerdict { rank: v.rank, rule: v.rule, action: v.action },
+        None => NONE,
     }
 }
 
@@ -73,19 +71,26 @@ pub fn denied_to(p: &Packet, daddr: u32, dport: u16, net: &NetworkInfo, from: Fr
     // meets only the rules without ports.
     let port = if p.translatable && proto_nr != proto::ICMP { dport } else { 0 };
     let mut v = lookup(policy_target::CONTAINER, daddr, p.saddr, proto_nr, port);
-    let everything = from == From::Elsewhere || net.flags & net_flags::DEFAULT_DENY != 0;
-    if everything {
-        v = better(v, lookup(policy_target::NETWORK, net.net_id, p.saddr, proto_nr, port));
-        v = better(v, lookup(policy_target::ANY, 0, p.saddr, proto_nr, port));
-    }
-    match v {
-        Some(v) if v.action == policy_action::ALLOW => None,
-        Some(v) => Some(v.rule),
-        None if from == From::SameNetwork && net.flags & net_flags::DEFAULT_DENY != 0 => {
-            Some(policy_rule::NETWORK_DEFAULT_DENY | net.net_id)
+    if from == From::Elsewhere || net.flags & net_flags::DEFAULT_DENY != 0 {
+        let n = lookup(policy_target::NETWORK, net.net_id, p.saddr, proto_nr, port);
+        if n.rank < v.rank {
+            v = n;
         }
-        None => None,
+        let a = lookup(policy_target::ANY, 0, p.saddr, proto_nr, port);
+        if a.rank < v.rank {
+            v = a;
+        }
     }
+    if v.action == policy_action::ALLOW {
+        return None;
+    }
+    if v.action == policy_action::DENY {
+        return Some(v.rule);
+    }
+    if from == From::SameNetwork && net.flags & net_flags::DEFAULT_DENY != 0 {
+        return Some(policy_rule::NETWORK_DEFAULT_DENY | net.net_id);
+    }
+    None
 }
 
 /// [`denied_to`] for a flow to `daddr`, which may not be a container at all (then nothing
