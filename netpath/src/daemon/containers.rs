@@ -725,6 +725,9 @@ impl Daemon {
         let c = self.current(&id, &req.container)?;
         // A container that had no address yet now has one for its published ports.
         self.publish_ports(&c, c.primary_ipv4())?;
+        if self.firewall_names(&c) {
+            self.firewall_changed().await; // its rules cover the new address
+        }
         self.dns_refresh(&c); // resolvable on the new network
         Ok(self.container_json(&c, &self.endpoint_counters(&c).await))
     }
@@ -765,6 +768,9 @@ impl Daemon {
         self.persist_container(&c.id).await?;
         let c = self.current(&c.id, &c.name)?;
         self.publish_ports(&c, c.primary_ipv4())?;
+        if self.firewall_names(&c) {
+            self.firewall_changed().await;
+        }
         self.dns_refresh(&c); // no longer resolvable there
         Ok(())
     }

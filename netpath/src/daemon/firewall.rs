@@ -418,7 +418,11 @@ impl Daemon {
             let a = applied.as_mut().expect("set above");
             let plan = a.plan(&compiled);
             if !plan.is_empty() {
-                dp.apply_policy(&plan)?;
+                if let Err(e) = dp.apply_policy(&plan) {
+                    // Half written: the next change reads what the kernel holds again.
+                    *applied = None;
+                    return Err(e.into());
+                }
                 a.done(&plan);
             }
         }
