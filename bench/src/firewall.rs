@@ -156,6 +156,9 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
         plan.push(("iptables", n.max(1)));
     }
     plan.push(("netpath --keep-host-firewall", lo));
+    // Every lab first, then the repetitions round-robin over them: drift on a shared machine
+    // hits every row alike.
+    let mut labs = vec![];
     for (kind, n) in plan {
         if stop_requested() {
             bail!("interrupted");
@@ -167,15 +170,20 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
             "netpath" => netpath_lab(exe, n, false)?,
             _ => netpath_lab(exe, n, true)?,
         };
-        let setup = t.elapsed().as_secs_f64();
-        let mut v = vec![];
-        for rep in 0..reps {
-            let r = conn_rate(exe, &lab, secs)?;
-            eprintln!("bench: firewall: {kind}, {n} rules, rep {}: {r:.0} conn/s", rep + 1);
-            v.push(r);
-        }
-        rows.push((kind, n, v, setup));
+        rows.push((kind, n, vec![], t.elapsed().as_secs_f64()));
+        labs.push(lab);
     }
+    for rep in 0..reps {
+        for (row, lab) in rows.iter_mut().zip(&labs) {
+            if stop_requested() {
+                bail!("interrupted");
+            }
+            let r = conn_rate(exe, lab, secs)?;
+            eprintln!("bench: firewall: {}, {} rules, rep {}: {r:.0} conn/s", row.0, row.1, rep + 1);
+            row.2.push(r);
+        }
+    }
+    drop(labs);
     let med = |v: &[f64]| median(v).unwrap_or(f64::NAN);
     let rate = |k: &str, n: u32| rows.iter().find(|r| r.0 == k && r.1 == n).map_or(f64::NAN, |r| med(&r.2));
     let mut md = String::from("## Firewall\n\n");
