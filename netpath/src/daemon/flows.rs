@@ -519,6 +519,21 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_drop_names_its_rule() {
+        let e = FlowEvent {
+            orig: t([198, 51, 100, 9], 40000, [172, 17, 0, 2], 8),
+            kind: flow_event::DROP,
+            hook: hook::UPLINK_IN,
+            reason: drop_reason::POLICY_DENIED,
+            rule: 7,
+            ports: 1,
+            ..Default::default()
+        };
+        let v = line(&with_rule(render(&e, 0, None, None, &HashMap::new()), "others"));
+        assert_eq!((v["reason"].as_str(), v["rule"].as_str()), (Some("policy-denied"), Some("others")));
+    }
+
+    #[test]
     fn an_expired_flow_says_its_last_state() {
         let e = FlowEvent {
             orig: t([172, 17, 0, 2], 5000, [203, 0, 113, 7], 443),
