@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use netpath_tests::{CLIENT_IP, DaemonOpts, HOST_ETH0_IP, Lab, in_ns};
 
-use crate::serve::CONN_PORT;
+use crate::serve::{CONN_PORT, IPERF_PORT};
 use crate::stats::median;
 use crate::util::{check, ns_check, stop_child, stop_requested};
 use crate::variants::docker;
@@ -76,7 +76,9 @@ fn netpath_lab(exe: &Path, rules: u32, keep_host_firewall: bool) -> Result<FwLab
     lab.start_daemon_with(&DaemonOpts { args, ..Default::default() });
     let serve = format!("{} __serve --max-secs 3600", exe.display());
     let publish = format!("{HOST_PORT}:{CONN_PORT}");
-    check(lab.np_cmd(&["run", "-d", "--name", "srv", "-p", &publish, "--", "sh", "-c", &serve]), None, T)?;
+    let iperf = format!("{IPERF_PORT}:{IPERF_PORT}");
+    let run = ["run", "-d", "--name", "srv", "-p", &publish, "-p", &iperf, "--", "sh", "-c", &serve];
+    check(lab.np_cmd(&run), None, T)?;
     let rule = |name: String, action: &str, from: String| {
         serde_json::json!({ "name": name, "action": action, "from": from, "to_container": "srv",
             "port": CONN_PORT.to_string(), "proto": "tcp" })
@@ -110,7 +112,10 @@ fn iptables_lab(exe: &Path, rules: u32) -> Result<FwLab> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting the server")?;
-    let m = [PortMap { host: HOST_PORT, ctr: CONN_PORT, proto: Proto::Tcp }];
+    let m = [
+        PortMap { host: HOST_PORT, ctr: CONN_PORT, proto: Proto::Tcp },
+        PortMap { host: IPERF_PORT, ctr: IPERF_PORT, proto: Proto::Tcp },
+    ];
     let mut user = String::from("-A DOCKER-USER -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n");
     for i in 0..rules.saturating_sub(1) {
         user.push_str(&format!(
@@ -145,11 +150,21 @@ fn conn_rate(exe: &Path, l: &FwLab, secs: u32) -> Result<f64> {
     Ok(conns / j["secs"].as_f64().context("secs")?)
 }
 
+/// One iperf3 TCP stream from the lab's client to the published iperf3 port: Gbit/s received.
+fn tcp_rate(l: &FwLab, secs: u32) -> Result<f64> {
+    let args = ["-c", HOST_ETH0_IP, "-p", &IPERF_PORT.to_string(), "-t", &secs.to_string(), "-J"].map(String::from);
+    let out = check(in_ns(&l.lab.client_ns, "iperf3", &args.each_ref().map(String::as_str)), None, T)?;
+    let j: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().context("no end.sum_received.bits_per_second")?;
+    Ok(bps / 1e9)
+}
+
 /// Runs the firewall section; returns its markdown.
 pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
     let lo = counts.iter().copied().min().unwrap_or(1).max(1);
-    let mut rows: Vec<(&str, u32, Vec<f64>, f64)> = vec![];
+    // (datapath, rules, conn/s per rep, Gbit/s per rep, setup seconds)
+    let mut rows: Vec<(&str, u32, Vec<f64>, Vec<f64>, f64)> = vec![];
     let mut plan: Vec<(&str, u32)> = vec![];
     for &n in counts {
         plan.push(("netpath", n.max(1)));
@@ -170,7 +185,7 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
             "netpath" => netpath_lab(exe, n, false)?,
             _ => netpath_lab(exe, n, true)?,
         };
-        rows.push((kind, n, vec![], t.elapsed().as_secs_f64()));
+        rows.push((kind, n, vec![], vec![], t.elapsed().as_secs_f64()));
         labs.push(lab);
     }
     for rep in 0..reps {
@@ -179,21 +194,26 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
                 bail!("interrupted");
             }
             let r = conn_rate(exe, lab, secs)?;
-            eprintln!("bench: firewall: {}, {} rules, rep {}: {r:.0} conn/s", row.0, row.1, rep + 1);
+            let g = tcp_rate(lab, secs)?;
+            eprintln!("bench: firewall: {}, {} rules, rep {}: {r:.0} conn/s, {g:.2} Gbit/s", row.0, row.1, rep + 1);
             row.2.push(r);
+            row.3.push(g);
         }
     }
     drop(labs);
     let med = |v: &[f64]| median(v).unwrap_or(f64::NAN);
     let rate = |k: &str, n: u32| rows.iter().find(|r| r.0 == k && r.1 == n).map_or(f64::NAN, |r| med(&r.2));
+    let gbps = |k: &str, n: u32| rows.iter().find(|r| r.0 == k && r.1 == n).map_or(f64::NAN, |r| med(&r.3));
     let mut md = String::from("## Firewall\n\n");
     md.push_str(&format!(
         "- {reps} repetition(s), {secs}s per run, rules {counts:?}; took {:.0}s\n\n",
         started.elapsed().as_secs_f64()
     ));
-    md.push_str("| datapath | rules | new conn/s ↑ | setup (s) |\n| --- | ---: | ---: | ---: |\n");
-    for (k, n, v, setup) in &rows {
-        md.push_str(&format!("| {k} | {n} | {:.0} | {setup:.1} |\n", med(v)));
+    md.push_str(
+        "| datapath | rules | new conn/s ↑ | TCP 1 stream (Gbit/s) ↑ | setup (s) |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for (k, n, v, g, setup) in &rows {
+        md.push_str(&format!("| {k} | {n} | {:.0} | {:.2} | {setup:.1} |\n", med(v), med(g)));
     }
     let hi = counts.iter().copied().max().unwrap_or(1).max(1);
     if hi != lo {
@@ -207,12 +227,13 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
     }
     md.push_str(&format!(
         "\n`--keep-host-firewall` (known flows through the kernel's forwarding path instead of the uplink↔veth fast \
-         path): {:.2}× netpath's rate at {lo} rules.\n",
-        rate("netpath --keep-host-firewall", lo) / rate("netpath", lo)
+         path): {:.2}× netpath's new connections and {:.2}× its TCP throughput, at {lo} rules.\n",
+        rate("netpath --keep-host-firewall", lo) / rate("netpath", lo),
+        gbps("netpath --keep-host-firewall", lo) / gbps("netpath", lo),
     ));
     md.push_str(
         "\nMethod: the lab's outside client (`netpath-bench __conn-client`, two threads) connects to the host's \
-         published port 9090 (→ 8080 in the server), reads one byte and closes with an RST, in a loop. Rules: N - 1 \
+         published port 9090 (→ 8080 in the server), reads one byte and closes with an RST, in a loop; then one iperf3 TCP stream to the published port 5201. Rules: N - 1 \
          fillers deny other /24s of 10.0.0.0/8 the server's port, then one allows the client's /24 (matched last). \
          netpath: `firewall` rules naming the container (sent to the API in batches). iptables: Docker's ruleset for \
          the published port with the same rules in DOCKER-USER after an ESTABLISHED,RELATED RETURN. Cells are \

@@ -439,6 +439,23 @@ mod tests {
     }
 
     #[test]
+    fn many_distinct_sources_under_a_broad_rule_cost_a_few_entries_each() {
+        let c = Target::container(ip("172.18.0.2"));
+        let mut rules: Vec<Rule> = (0..10_000u32)
+            .map(|i| {
+                let src = format!("10.{}.{}.0/24", i / 250, i % 250);
+                rule(i + 1, false, c, &src, Some(proto::TCP), Some((8080, 8080)))
+            })
+            .collect();
+        rules.push(rule(10_001, true, c, "0.0.0.0/0", None, None));
+        let k = Compiled::compile(&rules);
+        assert_eq!(k.src_entries(), 10_001);
+        assert_eq!(k.port_entries(), 10_000 * 2 + 1, "each /24's own deny and the broad allow, copied once");
+        assert_eq!(k.lookup(c, ip("10.3.7.9"), proto::TCP, 8080).map(|v| v.rule), Some(758));
+        assert_eq!(k.lookup(c, ip("10.3.7.9"), proto::TCP, 80).map(|v| v.rule), Some(10_001));
+    }
+
+    #[test]
     fn plans_write_sets_before_pointing_at_them_and_only_what_changed() {
         let c = Target::container(ip("172.18.0.2"));
         let mut a = Applied::default();
