@@ -2,7 +2,8 @@
 //! two outside clients on one published port, one admitted by its prefix and one dropped; a
 //! deny added under a running connection cuts it; a default-deny network with an explicit
 //! allow; `run --ingress-allow`; the flow log naming the rule; rules kept across a restart;
-//! bad rules refused with nothing changed.
+//! bad rules refused with nothing changed; `--keep-host-firewall` letting the host's own
+//! FORWARD rules (iptables in the lab's host namespace) see published flows.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
+use netpath_tests::{CLIENT_IP, DaemonOpts, HOST_ETH0_IP, Lab, in_ns, must};
 use serde_json::Value;
 
 /// A second outside client: another address of the client namespace.
@@ -227,4 +228,22 @@ fn bad_rules_are_refused_and_change_nothing() {
     assert!(err.contains("firewall rule nope not found"), "{err}");
     assert_eq!(rule_names(&lab), ["keep"]);
     assert_eq!(files(), 1);
+}
+
+#[test]
+fn keep_host_firewall_lets_the_hosts_own_forward_rules_see_published_flows() {
+    let mut lab = Lab::new("fw-keep");
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    // The user's own rule in the host namespace's FORWARD chain.
+    must(lab.host("iptables", &["-w", "-I", "FORWARD", "-s", CLIENT_IP, "-p", "tcp", "-j", "DROP"]));
+    assert_eq!(
+        try_from(&lab, CLIENT_IP, HOST_ETH0_IP, 8080).as_deref(),
+        Some(CLIENT_IP),
+        "by default the fast path hands the flow to the container's veth, past FORWARD"
+    );
+    lab.stop_daemon();
+    lab.start_daemon_with(&DaemonOpts { args: vec!["--keep-host-firewall".into()], ..Default::default() });
+    assert_eq!(try_from(&lab, CLIENT_IP, HOST_ETH0_IP, 8080), None, "with the flag FORWARD sees it, and drops it");
+    must(lab.host("iptables", &["-w", "-D", "FORWARD", "-s", CLIENT_IP, "-p", "tcp", "-j", "DROP"]));
+    assert_eq!(try_from(&lab, CLIENT_IP, HOST_ETH0_IP, 8080).as_deref(), Some(CLIENT_IP), "and lets it by");
 }
