@@ -159,12 +159,14 @@ fn tcp_rate(l: &FwLab, secs: u32) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
+/// (datapath, rules, conn/s per repetition, Gbit/s per repetition, setup seconds)
+type Row = (&'static str, u32, Vec<f64>, Vec<f64>, f64);
+
 /// Runs the firewall section; returns its markdown.
 pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
     let lo = counts.iter().copied().min().unwrap_or(1).max(1);
-    // (datapath, rules, conn/s per rep, Gbit/s per rep, setup seconds)
-    let mut rows: Vec<(&str, u32, Vec<f64>, Vec<f64>, f64)> = vec![];
+    let mut rows: Vec<Row> = vec![];
     let mut plan: Vec<(&str, u32)> = vec![];
     for &n in counts {
         plan.push(("netpath", n.max(1)));
