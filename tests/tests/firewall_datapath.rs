@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use netpath::datapath::Datapath;
 use netpath::firewall::{Applied, Compiled, Rule, Target};
 use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN};
-use netpath_common::{FlowEvent, drop_reason, flow_event, net_flags, policy_rule, proto};
+use netpath_common::{FlowEvent, MAGLEV_M, ServiceInfo, drop_reason, flow_event, net_flags, policy_rule, proto};
 use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo, refresh_ipv4_checksum};
 use netpath_tests::testrun::{LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
 
@@ -279,6 +279,22 @@ fn malformed_and_portless_packets_meet_only_rules_without_ports() {
     bad_ihl[14] = 0x44;
     assert_eq!(f.run(UPLINK_IN, &bad_ihl), TC_ACT_OK);
     assert_eq!(f.denied_count(), 1);
+}
+
+#[test]
+fn a_published_service_port_meets_the_rules_on_the_backend_it_picks() {
+    let mut f = Fixture::new("service");
+    // Service port 8081 on every host address, balanced over A1:80 alone.
+    f.dp().set_maglev(0, &[ip(A1); MAGLEV_M as usize]).unwrap();
+    let info = ServiceInfo { slot: 0, target_port: 80u16.to_be(), backends: 1, flags: 0 };
+    f.dp().set_service(Ipv4Addr::UNSPECIFIED, 8081, proto::TCP, info).unwrap();
+    f.rules(vec![deny(a1(), "203.0.113.0/24").proto(proto::TCP).ports(80, 80)]);
+    assert_eq!(f.run(UPLINK_IN, &tcp(NEAR, 40000, HOST, 8081)), TC_ACT_OK);
+    assert_eq!(f.flow_count(), 2);
+    f.events();
+    assert_eq!(f.run(UPLINK_IN, &tcp(OTHER, 40000, HOST, 8081)), TC_ACT_SHOT);
+    assert_eq!(f.denying_rule(), 1);
+    assert_eq!(f.flow_count(), 2, "the denied flow's entries are gone again");
 }
 
 #[test]
