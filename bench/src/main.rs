@@ -7,6 +7,7 @@
 
 mod dns;
 mod figures;
+mod firewall;
 mod overlay;
 mod report;
 mod scale;
@@ -83,6 +84,14 @@ struct Cli {
     /// Service counts for the services section (10,000 take about a minute to create).
     #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     service_counts: Vec<u32>,
+    /// The firewall section (new conn/s to a published port with 1 and many rules, netpath vs
+    /// the same rules in Docker's DOCKER-USER chain, and --keep-host-firewall): include,
+    /// skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    firewall: String,
+    /// Rule counts for the firewall section.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
+    firewall_rules: Vec<u32>,
     /// Container counts for the scale section (10000 takes a few minutes more).
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     scale_counts: Vec<usize>,
@@ -244,6 +253,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         eprintln!("bench: wrote {}/services.md", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
+    if cli.firewall == "only" {
+        let md = firewall::run(&exe, &cli.firewall_rules, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("firewall.md"), &md)?;
+        eprintln!("bench: wrote {}/firewall.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.dns == "only" {
         let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
@@ -377,6 +394,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}"));
             }
             Err(e) => md.push_str(&format!("\n## Services\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.firewall == "include" && !interrupted {
+        match firewall::run(&exe, &cli.firewall_rules, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("firewall.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## Firewall\n\nnot run: {e:#}\n")),
         }
     }
     if cli.scale == "include" && !interrupted {

@@ -7,8 +7,8 @@
 
 use crate::{
     CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_OVERLAY_NETS,
-    MAX_OVERLAY_REMOTES, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES,
-    config, ct_stat, drop_reason, map_names as n, overlay_config,
+    MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS,
+    MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason, map_names as n, overlay_config,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
@@ -57,7 +57,8 @@ pub const MAPS: &[MapLayout] = &[
     map(n::PUBLISHED, 1, HASH, 8, 1, MAX_PORTMAPS, 0),
     // rev 1: a preallocated hash instead of rev 0's LRU (same entries).
     map(n::CT, 1, HASH, 16, 32, CT_MAX_ENTRIES, 0),
-    // rev 1: the ct-full slot was added (and since, at the same revision, `internal`).
+    // rev 1: the ct-full slot was added (and since, at the same revision, `internal`,
+    // `policy-denied` and `unknown-vni`).
     map(n::DROPS, 1, PERCPU_ARRAY, 4, 8, drop_reason::MAX, 0),
     // Arrays that gained a slot keep their revision: the slots they had keep their meaning,
     // and a migration copies them (CT_STATS: flow-events-lost; CONFIG: flow events on/off).
@@ -79,6 +80,10 @@ pub const MAPS: &[MapLayout] = &[
     map(n::OVERLAY_LOCAL, 1, HASH, 8, 12, MAX_ENDPOINTS, 0),
     map(n::OVERLAY_REMOTE, 1, HASH, 8, 12, MAX_OVERLAY_REMOTES, 0),
     map(n::OVERLAY_CONFIG, 1, ARRAY, 4, 4, overlay_config::MAX, 0),
+    // The firewall: (target, source prefix) → rule set, and (rule set, protocol, port block)
+    // → verdict; both longest-prefix tries (see crate::policy_target).
+    map(n::POLICY_SRC, 1, LPM_TRIE, 16, 4, MAX_POLICY_SRC, NO_PREALLOC),
+    map(n::POLICY_PORTS, 1, LPM_TRIE, 12, 12, MAX_POLICY_PORTS, NO_PREALLOC),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -155,6 +160,8 @@ mod tests {
         assert_eq!(sizes(n::OVERLAY_LOCAL), (size_of::<OverlayKey>(), size_of::<OverlayLocal>()));
         assert_eq!(sizes(n::OVERLAY_REMOTE), (size_of::<OverlayKey>(), size_of::<OverlayRemote>()));
         assert_eq!(sizes(n::OVERLAY_CONFIG), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::POLICY_SRC), (4 + size_of::<PolicySrcKey>(), size_of::<u32>()));
+        assert_eq!(sizes(n::POLICY_PORTS), (4 + size_of::<PolicyPortKey>(), size_of::<PolicyVerdict>()));
     }
 
     #[test]

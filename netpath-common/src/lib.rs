@@ -28,6 +28,11 @@ pub const MAX_HOST_ADDRS: u32 = 1024;
 pub const MAX_SERVICE_SLOTS: u32 = 16_384;
 /// Service entries (VIP, port, protocol).
 pub const MAX_SERVICE_PORTS: u32 = 65_536;
+/// Source-prefix entries of the firewall (one per target and distinct source prefix of its
+/// rules, see [`PolicySrcKey`]). An LPM trie allocates per entry: the bound costs nothing unused.
+pub const MAX_POLICY_SRC: u32 = 65_536;
+/// Protocol/port entries of the firewall's compiled rule sets (see [`PolicyPortKey`]).
+pub const MAX_POLICY_PORTS: u32 = 262_144;
 /// Entries of one service's Maglev lookup table: a prime (Maglev's permutations need it)
 /// well above the backends a service has (≥ 10× for 25 backends keeps each within ~4% of
 /// its share), and small enough that 16,384 tables of u32 fit in 16 MiB.
@@ -61,6 +66,8 @@ pub mod map_names {
     pub const OVERLAY_LOCAL: &str = "OVERLAY_LOCAL";
     pub const OVERLAY_REMOTE: &str = "OVERLAY_REMOTE";
     pub const OVERLAY_CONFIG: &str = "OVERLAY_CONFIG";
+    pub const POLICY_SRC: &str = "POLICY_SRC";
+    pub const POLICY_PORTS: &str = "POLICY_PORTS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -71,7 +78,11 @@ pub mod config {
     /// programs write [`super::FlowEvent`]s only then, so with nobody listening an event
     /// costs one array lookup.
     pub const FLOW_EVENTS: u32 = 1;
-    pub const MAX: u32 = 2;
+    /// Non-zero with `netpath daemon --keep-host-firewall`: known flows leave the fast paths
+    /// (no bpf_redirect between uplink and veth) and cross the kernel's forwarding path, so the
+    /// host's own netfilter FORWARD rules see them.
+    pub const KEEP_HOST_FIREWALL: u32 = 2;
+    pub const MAX: u32 = 3;
 }
 
 /// Slots of the `OVERLAY_CONFIG` array.
@@ -136,7 +147,9 @@ pub mod drop_reason {
     /// From a container of an `--internal` network to anything outside that network, or from
     /// outside to one of its containers: internal networks have no way out and none in.
     pub const INTERNAL: u32 = 7;
-    // 8 is the firewall's (policy-denied), defined on its own branch.
+    /// A new flow a firewall rule denies (`netpath firewall`, `run --ingress-allow`, a network's
+    /// `netpath.default_deny`); the flow event names the rule.
+    pub const POLICY_DENIED: u32 = 8;
     /// A VXLAN packet whose VNI no overlay network of this host has (or with no tunnel
     /// metadata at all).
     pub const UNKNOWN_VNI: u32 = 9;
@@ -243,7 +256,8 @@ pub struct FlowEvent {
     /// say, has addresses and protocol only.
     pub ports: u8,
     pub _pad1: u8,
-    pub _pad2: u32,
+    /// The firewall rule of a `policy-denied` DROP (see [`policy_rule`]); 0 otherwise.
+    pub rule: u32,
 }
 
 /// A flow in one direction. Addresses and ports are kept as on the wire (network byte order),
@@ -389,6 +403,14 @@ pub mod net_flags {
     /// programs find its VNI in OVERLAY_NETS (by network id); the flag tells readers of
     /// NETWORKS (the daemon's views, tools) what the entry is.
     pub const OVERLAY: u32 = 32;
+    /// `netpath.default_deny`: a new flow between two containers of the network needs a
+    /// firewall rule that allows it (from outside and from other networks, the default stays
+    /// allow).
+    pub const DEFAULT_DENY: u32 = 64;
+    /// Some container of the network has rules of its own (`firewall add --to-container`,
+    /// `run --ingress-allow`): flows inside the network are checked against them and tracked,
+    /// so that the replies of a checked container's own flows are known.
+    pub const POLICED: u32 = 128;
 }
 
 /// Key of the overlay endpoint maps: an address within one overlay network.
@@ -421,6 +443,68 @@ pub struct OverlayRemote {
     pub _pad: u16,
 }
 
+/// The firewall, compiled (netpath/src/firewall.rs writes it, netpath-ebpf/src/firewall.rs
+/// reads it). A new flow to a container is looked up at up to three targets — the container's
+/// address, its network, every destination — each in two longest-prefix matches: the source
+/// address in `POLICY_SRC` gives the rule set of the longest matching source prefix (it holds
+/// every rule whose prefix contains that one), then (protocol, port) in `POLICY_PORTS` gives
+/// that set's best verdict for the most specific protocol/port block. The lowest rank wins.
+pub mod policy_target {
+    /// Rules with no `--to-*`: `target` is 0.
+    pub const ANY: u32 = 0;
+    /// `--to-network`: `target` is the network's `net_id`.
+    pub const NETWORK: u32 = 1;
+    /// `--to-container` and `run --ingress-allow`: `target` is a container address.
+    pub const CONTAINER: u32 = 2;
+}
+
+/// Verdicts of [`PolicyVerdict`].
+pub mod policy_action {
+    pub const ALLOW: u32 = 1;
+    pub const DENY: u32 = 2;
+}
+
+/// Rule ids of flow events the daemon did not number itself.
+pub mod policy_rule {
+    /// `| net_id`: a network's `netpath.default_deny` (no rule allowed the flow).
+    pub const NETWORK_DEFAULT_DENY: u32 = 0x8000_0000;
+}
+
+/// `POLICY_SRC` key (an LPM key's data; prefix length 64 + the source prefix's length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicySrcKey {
+    /// `policy_target::*`.
+    pub kind: u32,
+    pub target: u32,
+    /// Source address (network byte order).
+    pub saddr: u32,
+}
+
+/// `POLICY_PORTS` key (an LPM key's data; prefix length 32, 40 with a protocol, 40 + the port
+/// block's length with ports). `port` is big-endian, so that a port block is a bit prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyPortKey {
+    /// The rule set (`POLICY_SRC`'s value).
+    pub set: u32,
+    pub proto: u8,
+    pub port: [u8; 2],
+    pub _pad: u8,
+}
+
+/// A compiled verdict: the best-ranked rule covering a (set, protocol, port block).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyVerdict {
+    /// Lower is evaluated first (the daemon orders every rule by priority, then age).
+    pub rank: u32,
+    /// The rule's id, for flow events.
+    pub rule: u32,
+    /// `policy_action::*`.
+    pub action: u32,
+}
+
 const _: () = {
     assert!(core::mem::size_of::<Tuple>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
@@ -435,6 +519,9 @@ const _: () = {
     assert!(core::mem::size_of::<OverlayKey>() == 8);
     assert!(core::mem::size_of::<OverlayLocal>() == 12);
     assert!(core::mem::size_of::<OverlayRemote>() == 12);
+    assert!(core::mem::size_of::<PolicySrcKey>() == 12);
+    assert!(core::mem::size_of::<PolicyPortKey>() == 8);
+    assert!(core::mem::size_of::<PolicyVerdict>() == 12);
     // The ring buffer hands out 8-byte aligned records.
     assert!(core::mem::align_of::<FlowEvent>() <= 8);
 };
@@ -455,4 +542,7 @@ mod pod {
     unsafe impl aya::Pod for super::OverlayKey {}
     unsafe impl aya::Pod for super::OverlayLocal {}
     unsafe impl aya::Pod for super::OverlayRemote {}
+    unsafe impl aya::Pod for super::PolicySrcKey {}
+    unsafe impl aya::Pod for super::PolicyPortKey {}
+    unsafe impl aya::Pod for super::PolicyVerdict {}
 }

@@ -5,20 +5,21 @@
 use aya_ebpf::bindings::TC_ACT_OK;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
-use netpath_common::{Backend, PortKey, Tuple, drop_reason, hook};
+use netpath_common::{Backend, EndpointInfo, PortKey, Tuple, drop_reason, hook};
 
 use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
-use crate::stats::drop;
-use crate::{conntrack, icmp, lb, nat, vxlan};
+use crate::stats::{drop, drop_policy};
+use crate::{conntrack, firewall, icmp, lb, nat, vxlan};
 
 /// The hook these paths act at (conntrack entries, drops).
 const HOOK: u8 = hook::FROM_CONTAINER;
 
 /// Sent by a container: source check → known flow (hairpin, or out through an uplink), or
 /// internal networks' confinement, isolation, an overlay peer on another node (encapsulated),
-/// then a service or a hairpin to a published port → rewrite → deliver.
+/// then a service, a hairpin to a published port or a flow inside the network, the last two
+/// past the firewall → rewrite → deliver.
 #[inline(always)]
 pub fn from_container(ctx: &mut TcContext) -> i32 {
     // Not IPv4: ARP for another node's overlay container is answered here, the rest passes.
@@ -49,23 +50,30 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             match policy::reach(&p, src.as_ref()) {
                 Reach::Free => {}
                 Reach::Isolated => return drop(&p, HOOK, drop_reason::ISOLATION),
-                Reach::Routed => return routed(&p),
+                Reach::Routed => return routed(&p, src.as_ref()),
             }
             // To another node's container of the sender's overlay: through the tunnel.
             if let Some((vni, remote)) = vxlan::remote(src_net, p.daddr) {
                 return vxlan::encap(ctx, &p, vni, &remote, HOOK);
             }
             if !p.translatable {
-                return TC_ACT_OK as i32;
+                return within_network(&p, src.as_ref());
             }
             // A service first (a VIP, or a service port published on a host address).
             match lb::choose(&p, lb::Scope::Local).map(|x| x.and_then(|x| service_flow(&p, src_net, &x))) {
                 Some(Ok(x)) => x,
                 Some(Err(reason)) => return drop(&p, HOOK, reason),
-                None => match hairpin(&p) {
-                    Ok(Some(x)) => x,
-                    Ok(None) => return TC_ACT_OK as i32,
-                    Err(reason) => return drop(&p, HOOK, reason),
+                None => match published(&p) {
+                    Some(b) => {
+                        if let Some(rule) = firewall::denied(&p, b.addr, b.port, src.as_ref()) {
+                            return drop_policy(&p, HOOK, rule);
+                        }
+                        match hairpin(&p, &b) {
+                            Ok(x) => x,
+                            Err(reason) => return drop(&p, HOOK, reason),
+                        }
+                    }
+                    None => return within_network(&p, src.as_ref()),
                 },
             }
         }
@@ -122,21 +130,41 @@ pub fn published(p: &Packet) -> Option<Backend> {
 /// container's). When it reaches itself, the source becomes its network's gateway so the
 /// reply comes back through the host instead of short-circuiting inside the container.
 #[inline(always)]
-fn hairpin(p: &Packet) -> Result<Option<Tuple>, u32> {
-    let Some(b) = published(p) else { return Ok(None) };
+fn hairpin(p: &Packet, b: &Backend) -> Result<Tuple, u32> {
     let mut xlate = Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto);
     if p.tuple.saddr == b.addr {
         let gw = NETWORKS.get(Key::new(32, p.tuple.saddr)).map(|n| n.gateway).ok_or(drop_reason::REWRITE_FAILED)?;
         xlate = conntrack::snat_tuple(&xlate, gw).ok_or(drop_reason::NAT_PORTS_EXHAUSTED)?;
     }
     conntrack::create(&p.tuple, &xlate, HOOK, HOOK)?;
-    Ok(Some(xlate))
+    Ok(xlate)
 }
 
 /// A new flow to a published port of a container on a `routed` network, by its address:
 /// tracked as is so that the replies, from a network isolated from the sender's, pass.
 #[inline(always)]
-fn routed(p: &Packet) -> i32 {
+fn routed(p: &Packet, src: Option<&EndpointInfo>) -> i32 {
+    if let Some(rule) = firewall::denied(p, p.daddr, p.tuple.dport, src) {
+        return drop_policy(p, HOOK, rule);
+    }
+    if p.translatable
+        && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, HOOK, HOOK)
+    {
+        return drop(p, HOOK, reason);
+    }
+    TC_ACT_OK as i32
+}
+
+/// Anything else a container sends (its own network, the host, the outside): left to the
+/// bridge and the stack, unless it goes to a container of its own network that the firewall
+/// guards. Such a flow, once allowed, is tracked as is, so that its replies (which may go to
+/// a guarded container themselves) are known rather than new.
+#[inline(always)]
+fn within_network(p: &Packet, src: Option<&EndpointInfo>) -> i32 {
+    let Some(net) = firewall::guarded_network(p, src) else { return TC_ACT_OK as i32 };
+    if let Some(rule) = firewall::denied_to(p, p.daddr, p.tuple.dport, &net, firewall::From::SameNetwork) {
+        return drop_policy(p, HOOK, rule);
+    }
     if p.translatable
         && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, HOOK, HOOK)
     {

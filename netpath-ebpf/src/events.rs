@@ -19,13 +19,15 @@ fn enabled() -> bool {
 /// follows). Subprograms take at most five arguments.
 #[inline(never)]
 fn emit_flow(kind: u8, hook: u8, orig: &Tuple, xlate: &Tuple) {
-    emit(kind, hook, orig, xlate, 1, 0, 0);
+    emit(kind, hook, orig, xlate, 1, 0, 0, 0);
 }
 
-/// A DROP event: no translation.
+/// A DROP event: no translation. `reason_rule`: the drop reason in the low 32 bits, the
+/// firewall rule (policy-denied) in the high ones — five arguments at most.
 #[inline(never)]
-fn emit_drop(hook: u8, orig: &Tuple, ports: u8, reason: u32, ifindex: u32) {
-    emit(flow_event::DROP, hook, orig, &Tuple::new(0, 0, 0, 0, 0), ports, reason, ifindex);
+fn emit_drop(hook: u8, orig: &Tuple, ports: u8, reason_rule: u64, ifindex: u32) {
+    let (reason, rule) = (reason_rule as u32, (reason_rule >> 32) as u32);
+    emit(flow_event::DROP, hook, orig, &Tuple::new(0, 0, 0, 0, 0), ports, reason, ifindex, rule);
 }
 
 /// Writes one event straight into the ring (no copy on the 512-byte stack), every field set
@@ -33,7 +35,7 @@ fn emit_drop(hook: u8, orig: &Tuple, ports: u8, reason: u32, ifindex: u32) {
 /// counted, never waited for.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn emit(kind: u8, hook: u8, orig: &Tuple, xlate: &Tuple, ports: u8, reason: u32, ifindex: u32) {
+fn emit(kind: u8, hook: u8, orig: &Tuple, xlate: &Tuple, ports: u8, reason: u32, ifindex: u32, rule: u32) {
     let Some(mut slot) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
         count(&CT_STATS, ct_stat::EVENTS_LOST);
         return;
@@ -51,7 +53,7 @@ fn emit(kind: u8, hook: u8, orig: &Tuple, xlate: &Tuple, ports: u8, reason: u32,
         put(&raw mut (*e).hook, hook);
         put(&raw mut (*e).ports, ports);
         put(&raw mut (*e)._pad1, 0);
-        put(&raw mut (*e)._pad2, 0);
+        put(&raw mut (*e).rule, rule);
     }
     slot.submit(0);
 }
@@ -116,6 +118,15 @@ pub fn closing(key: &Tuple, e: &CtEntry) {
 #[inline(always)]
 pub fn dropped(p: &Packet, hook: u8, reason: u32) {
     if enabled() {
-        emit_drop(hook, &p.tuple, u8::from(p.translatable), reason, p.ifindex);
+        emit_drop(hook, &p.tuple, u8::from(p.translatable), u64::from(reason), p.ifindex);
+    }
+}
+
+/// `p` is dropped at `hook` for `reason` by firewall rule `rule`.
+#[inline(always)]
+pub fn dropped_by_rule(p: &Packet, hook: u8, reason: u32, rule: u32) {
+    if enabled() {
+        let reason_rule = u64::from(reason) | (u64::from(rule) << 32);
+        emit_drop(hook, &p.tuple, u8::from(p.translatable), reason_rule, p.ifindex);
     }
 }

@@ -79,17 +79,11 @@ pub fn pick(svc: &ServiceInfo, hash: u32) -> Option<u32> {
     (backend != 0).then_some(backend)
 }
 
-/// A new flow to a service: picks its backend, records the flow (translated at `orig_hook`,
-/// its replies at `reply_hook`) and returns the translated tuple. None when `p` is not for a
-/// service, or the service has no backend: the packet then goes on to the host, which holds
-/// the VIP (or the published address) and refuses (TCP RST, ICMP port unreachable for UDP).
-#[inline(always)]
-pub fn balance(p: &Packet, scope: Scope, orig_hook: u8, reply_hook: u8) -> Option<Result<Tuple, u32>> {
-    Some(choose(p, scope)?.and_then(|x| conntrack::create(&p.tuple, &x, orig_hook, reply_hook).map(|_| x)))
-}
-
-/// [`balance`] without recording the flow: the caller records it (the routing mesh translates
-/// the source too when the backend is on another node).
+/// A new flow to a service: picks its backend and returns the translated tuple, which the
+/// caller records (after the firewall; the routing mesh translates the source too when the
+/// backend is on another node). None when `p` is not for a service, or the service has no
+/// backend: the packet then goes on to the host, which holds the VIP (or the published
+/// address) and refuses (TCP RST, ICMP port unreachable for UDP).
 #[inline(always)]
 pub fn choose(p: &Packet, scope: Scope) -> Option<Result<Tuple, u32>> {
     let svc = lookup(p.tuple.daddr, p.tuple.dport, p.tuple.proto, scope, false)?;

@@ -6,6 +6,7 @@
 mod conntrack;
 mod container;
 mod events;
+mod firewall;
 mod icmp;
 mod lb;
 mod maps;

@@ -7,9 +7,10 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
     Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
-    MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS,
-    NetworkInfo, OverlayKey, OverlayLocal, OverlayRemote, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey,
-    SockRevValue, Tuple, config, drop_reason, overlay_config,
+    MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS,
+    MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, OverlayKey, OverlayLocal, OverlayRemote, PolicyPortKey, PolicySrcKey,
+    PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey, SockRevValue, Tuple, config, drop_reason,
+    overlay_config,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -130,3 +131,14 @@ pub static OVERLAY_REMOTE: HashMap<OverlayKey, OverlayRemote> = HashMap::pinned(
 /// when it makes (or removes) the device; from_container reads to redirect encapsulated packets.
 #[map(name = "OVERLAY_CONFIG")]
 pub static OVERLAY_CONFIG: Array<u32> = Array::pinned(overlay_config::MAX, 0);
+
+/// Firewall, first stage: (target, source prefix) → rule set (LPM). The daemon writes it when
+/// rules, containers with rules or their networks change (compiled in netpath/src/firewall.rs);
+/// datapath reads when a new flow to a container arrives (netpath-ebpf/src/firewall.rs).
+#[map(name = "POLICY_SRC")]
+pub static POLICY_SRC: LpmTrie<PolicySrcKey, u32> = LpmTrie::pinned(MAX_POLICY_SRC, 0);
+
+/// Firewall, second stage: (rule set, protocol, port block) → the best verdict (LPM). Daemon
+/// writes a set's entries before POLICY_SRC points at it; datapath reads after POLICY_SRC.
+#[map(name = "POLICY_PORTS")]
+pub static POLICY_PORTS: LpmTrie<PolicyPortKey, PolicyVerdict> = LpmTrie::pinned(MAX_POLICY_PORTS, 0);

@@ -5,9 +5,9 @@ use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_A
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
 use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
-use netpath_common::{EndpointInfo, Tuple, drop_reason, hook, proto};
+use netpath_common::{EndpointInfo, Tuple, config, drop_reason, hook, proto};
 
-use crate::maps::{ENDPOINTS, UPLINKS};
+use crate::maps::{CONFIG, ENDPOINTS, UPLINKS};
 use crate::parse::{ETH_LEN, IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
 use crate::stats::drop;
 
@@ -78,6 +78,9 @@ const IP_TTL: usize = ETH_LEN + 8;
 /// link's MTU (the stack sends the ICMP errors those need).
 #[inline(always)]
 pub fn forward_to_endpoint(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
+    if keep_host_firewall() {
+        return TC_ACT_OK as i32;
+    }
     // SAFETY: plain map lookup; the value is copied out.
     let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
         return TC_ACT_OK as i32;
@@ -105,6 +108,9 @@ pub fn forward_to_endpoint(ctx: &mut TcContext, p: &Packet, daddr: u32) -> i32 {
 /// program translates it as usual.
 #[inline(always)]
 pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
+    if keep_host_firewall() {
+        return TC_ACT_OK as i32;
+    }
     let Some(ttl) = ttl_word(ctx) else { return TC_ACT_OK as i32 };
     let mut raw = FibSpace::uninit();
     let fib = fib_params(&mut raw, p, to);
@@ -184,6 +190,14 @@ fn fib_params<'a>(raw: &'a mut FibSpace, p: &Packet, to: &Tuple) -> &'a mut FibP
 }
 
 const AF_INET: u8 = 2;
+
+/// `netpath daemon --keep-host-firewall`: no fast path between uplink and veth, so that
+/// forwarded packets cross the host's netfilter FORWARD chain (translated already, as
+/// Docker's DOCKER-USER chain sees them).
+#[inline(always)]
+fn keep_host_firewall() -> bool {
+    CONFIG.get(config::KEEP_HOST_FIREWALL).is_some_and(|v| *v != 0)
+}
 
 /// Addresses a frame to a container as its bridge would: its MAC, from its gateway's.
 #[inline(always)]

@@ -18,3 +18,12 @@ pub fn drop_unparsed(reason: u32) -> i32 {
     crate::maps::count(&crate::maps::DROPS, reason);
     aya_ebpf::bindings::TC_ACT_SHOT as i32
 }
+
+/// A new flow the firewall denies (`rule`: the rule's id, for the flow log).
+#[inline(always)]
+pub fn drop_policy(p: &Packet, hook: u8, rule: u32) -> i32 {
+    let reason = netpath_common::drop_reason::POLICY_DENIED;
+    crate::maps::count(&crate::maps::DROPS, reason);
+    crate::events::dropped_by_rule(p, hook, reason, rule);
+    aya_ebpf::bindings::TC_ACT_SHOT as i32
+}

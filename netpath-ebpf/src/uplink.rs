@@ -9,8 +9,8 @@ use crate::container::published;
 use crate::maps::{NETWORKS, UPLINKS};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Direct};
-use crate::stats::drop;
-use crate::{conntrack, icmp, lb, nat, vxlan};
+use crate::stats::{drop, drop_policy};
+use crate::{conntrack, firewall, icmp, lb, nat, vxlan};
 
 const IN: u8 = hook::UPLINK_IN;
 const OUT: u8 = hook::UPLINK_OUT;
@@ -19,7 +19,8 @@ const OUT: u8 = hook::UPLINK_OUT;
 /// published-port flow), a new connection to a published service port (Maglev) or
 /// published container port (DNAT), or a new flow routed to
 /// a container address (tracked as is where the network's gateway mode opens it, dropped where
-/// it does not). Packets for a local container then go straight to its veth (or through the
+/// it does not). A new flow then meets the firewall, on its translated destination (as
+/// Docker's DOCKER-USER chain sees it). Packets for a local container then go straight to its veth (or through the
 /// stack when it must see them); the client's address is kept. A published service port whose
 /// backend is on another node (the routing mesh) goes through the tunnel from this node's
 /// underlay address instead: the backend sees that address, not the client's (as behind
@@ -38,13 +39,24 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return match policy::direct_access(&p) {
             Direct::Denied => drop(&p, IN, drop_reason::DIRECT_ACCESS),
             Direct::Internal => drop(&p, IN, drop_reason::INTERNAL),
-            _ => TC_ACT_OK as i32,
+            Direct::Open => match firewall::denied(&p, p.daddr, 0, None) {
+                Some(rule) => drop_policy(&p, IN, rule),
+                None => TC_ACT_OK as i32,
+            },
+            Direct::NotContainer => TC_ACT_OK as i32,
         };
     }
     let xlate = match conntrack::lookup(&p, IN) {
         Some(x) => x,
-        None => match lb::choose(&p, lb::Scope::Published).map(|x| x.and_then(|x| service_flow(&p, &x))) {
-            Some(Ok(x)) => x,
+        None => match lb::choose(&p, lb::Scope::Published) {
+            // The firewall judges the backend the table picked, before the flow is tracked.
+            Some(Ok(x)) => match firewall::denied(&p, x.daddr, x.dport, None) {
+                Some(rule) => return drop_policy(&p, IN, rule),
+                None => match service_flow(&p, &x) {
+                    Ok(x) => x,
+                    Err(reason) => return drop(&p, IN, reason),
+                },
+            },
             Some(Err(reason)) => return drop(&p, IN, reason),
             None => {
                 let x = match published(&p) {
@@ -58,6 +70,9 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
                         Direct::NotContainer => return TC_ACT_OK as i32,
                     },
                 };
+                if let Some(rule) = firewall::denied(&p, x.daddr, x.dport, None) {
+                    return drop_policy(&p, IN, rule);
+                }
                 if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
                     return drop(&p, IN, reason);
                 }

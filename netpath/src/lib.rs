@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod dns;
 pub mod docker;
 pub mod drivers;
+pub mod firewall;
 pub mod ipam;
 pub mod maglev;
 pub mod netlink;

@@ -8,7 +8,7 @@
 //! for routed variants, 198.51.100.1 and the published host ports for NAT variants).
 
 mod cni;
-mod docker;
+pub mod docker;
 pub mod netavark;
 mod netpath;
 

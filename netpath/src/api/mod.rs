@@ -67,6 +67,26 @@ pub struct ServiceUpdate {
     pub rm_backend: Vec<String>,
 }
 
+/// `firewall add`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallRuleCreate {
+    /// Default `rule-<number>`.
+    pub name: Option<String>,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// Source CIDR or address; default any.
+    pub from: Option<String>,
+    pub to_container: Option<String>,
+    pub to_network: Option<String>,
+    /// `P` or `P-Q`: the destination port(s) as the container sees them.
+    pub port: Option<String>,
+    /// `tcp`, `udp` or `icmp`.
+    pub proto: Option<String>,
+    /// Lower first; default 1000. Signed so that a negative one gets a clear error.
+    pub priority: Option<i64>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerCreate {
@@ -105,6 +125,9 @@ pub struct ContainerCreate {
     pub ifname: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// `--ingress-allow FROM[:PORT]`: only these sources may open connections to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_allow: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -137,6 +137,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/services", get(list_services).post(create_service))
         .route("/services/{name}", get(inspect_service).delete(remove_service).post(update_service))
         .route("/services/{name}/tasks", get(service_tasks))
+        .route("/firewall/rules", get(list_rules).post(add_rules))
+        .route("/firewall/rules/{name}", axum::routing::delete(remove_rule))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -175,6 +177,24 @@ async fn remove_service(State(d): State<Shared>, UrlPath(name): UrlPath<String>)
 
 async fn service_tasks(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
     Ok(axum::Json(d.service_tasks(&name)?))
+}
+
+async fn list_rules(State(d): State<Shared>) -> Json {
+    axum::Json(d.list_firewall_rules())
+}
+
+/// One rule (an object) or several at once (an array: all or none are added).
+async fn add_rules(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
+    let reqs: Vec<crate::api::FirewallRuleCreate> = match body::<Value>(&b)? {
+        Value::Array(_) => body(&b)?,
+        _ => vec![body(&b)?],
+    };
+    Ok((StatusCode::CREATED, axum::Json(d.add_firewall_rules(reqs).await?)))
+}
+
+async fn remove_rule(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
+    d.remove_firewall_rule(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {

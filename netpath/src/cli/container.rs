@@ -55,6 +55,11 @@ pub enum ContainerCmd {
         /// The container's host name (default: its short ID).
         #[arg(long)]
         hostname: Option<String>,
+        /// Only sources in FROM (a CIDR or an address) may open connections to the container,
+        /// on PORT (TCP and UDP) if given (repeatable); everyone else is denied, counted as
+        /// policy-denied. Firewall rules (`netpath firewall`) are evaluated first.
+        #[arg(long, value_name = "FROM[:PORT]")]
+        ingress_allow: Vec<String>,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -169,6 +174,7 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
             dns,
             dns_search,
             hostname,
+            ingress_allow,
             cmd,
             service,
         } => {
@@ -193,6 +199,7 @@ pub async fn run(c: &Client, cmd: ContainerCmd) -> Result<u8> {
                 dns,
                 dns_search,
                 hostname,
+                ingress_allow,
                 ..Default::default()
             };
             let v = c.post("/containers", &req).await?;

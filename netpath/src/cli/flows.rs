@@ -58,9 +58,9 @@ fn human(v: &Value) -> String {
     {
         line.push_str(&format!("  as {ts} > {td}"));
     }
-    for k in ["hook", "nat", "reason", "state", "interface"] {
+    for k in ["hook", "nat", "reason", "rule", "state", "interface"] {
         if let Some(x) = v[k].as_str().filter(|x| *x != "none") {
-            line.push_str("  ");
+            line.push_str(if k == "rule" { "  rule " } else { "  " });
             line.push_str(x);
         }
     }
@@ -88,6 +88,19 @@ mod tests {
             human(&v),
             "2026-01-01T00:00:00.000Z  new      tcp   198.51.100.2:40000 > 198.51.100.1:8080  \
              as 198.51.100.2:40000 > 172.17.0.2:8  uplink-in  dnat  [- > web]"
+        );
+    }
+
+    #[test]
+    fn a_policy_drop_shows_its_rule() {
+        let v: Value = serde_json::from_str(
+            r#"{"time":"t","event":"drop","proto":"tcp","src":"198.51.100.9:5","dst":"198.51.100.1:8080",
+            "hook":"uplink-in","reason":"policy-denied","rule":"block-far","interface":"eth0"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            human(&v),
+            "t  drop     tcp   198.51.100.9:5 > 198.51.100.1:8080  uplink-in  policy-denied  rule block-far  eth0"
         );
     }
 

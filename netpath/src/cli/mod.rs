@@ -1,6 +1,7 @@
 //! The docker-like CLI. Every verb except `daemon` is a client of the daemon's API.
 
 mod container;
+mod firewall;
 mod flows;
 mod network;
 mod service;
@@ -58,6 +59,11 @@ enum Cmd {
         /// netpath`) on this socket; without PATH, where dockerd looks for plugins.
         #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = crate::docker::DEFAULT_SOCKET)]
         docker_plugin_socket: Option<PathBuf>,
+        /// Send known flows through the kernel's forwarding path instead of handing them
+        /// straight between uplink and container veth, so that the host's own netfilter
+        /// FORWARD rules (iptables, nftables) still see them. Costs throughput.
+        #[arg(long)]
+        keep_host_firewall: bool,
     },
     /// Versions: this CLI, its embedded eBPF object and, if one answers, the daemon's.
     Version,
@@ -67,6 +73,9 @@ enum Cmd {
     /// Manage services (a VIP per network, load-balanced over tasks in eBPF).
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// Filter new connections to containers (a DOCKER-USER chain, evaluated in eBPF).
+    #[command(subcommand)]
+    Firewall(firewall::FirewallCmd),
     /// Datapath diagnostics.
     #[command(subcommand)]
     System(SystemCmd),
@@ -122,6 +131,7 @@ pub fn main() -> ExitCode {
             metrics_addr,
             ebpf_object,
             docker_plugin_socket,
+            keep_host_firewall,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -139,6 +149,7 @@ pub fn main() -> ExitCode {
                 metrics_addr,
                 ebpf_object,
                 docker_plugin_socket,
+                keep_host_firewall,
             };
             // Much of the daemon's work is syscalls that wait out RCU grace periods (mounts,
             // link and program changes): more workers than CPUs keep a few such waits from
@@ -181,6 +192,7 @@ pub fn main() -> ExitCode {
         }),
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
         Cmd::Service(sc) => run_client(&cli.socket, |c| async move { service::run(&c, sc).await }),
+        Cmd::Firewall(f) => run_client(&cli.socket, |c| async move { firewall::run(&c, f).await }),
         Cmd::System(SystemCmd::Flows { follow, container, json }) => {
             run_client(&cli.socket, |c| async move { flows::run(&c, follow, container, json).await })
         }

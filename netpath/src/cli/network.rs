@@ -27,8 +27,9 @@ pub enum NetworkCmd {
         /// com.docker.network.bridge.gateway_mode_ipv4=nat|nat-unprotected|routed,
         /// com.docker.network.bridge.enable_icc=true|false,
         /// com.docker.network.bridge.enable_ip_masquerade=true|false,
-        /// com.docker.network.driver.mtu=N, com.docker.network.bridge.name=NAME.
-        /// macvlan: parent=IFACE[.VID], macvlan_mode=bridge|private|vepa|passthru,
+        /// com.docker.network.driver.mtu=N, com.docker.network.bridge.name=NAME,
+        /// netpath.default_deny=true (new flows between its containers need a `netpath
+        /// firewall` rule allowing them). macvlan: parent=IFACE[.VID], macvlan_mode=bridge|private|vepa|passthru,
         /// netpath.macvlan.host_access=true (the host reaches the containers).
         #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_opt)]
         opt: Vec<(String, String)>,

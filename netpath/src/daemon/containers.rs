@@ -217,6 +217,8 @@ impl Daemon {
                 return Err(bad_request!("an interface name can only be chosen in an attached namespace"));
             }
         }
+        let ingress_allow =
+            req.ingress_allow.iter().map(|s| super::firewall::parse_ingress_allow(s)).collect::<Result<Vec<_>>>()?;
         let host_addrs = self.host_addrs_for(req.network.as_deref().unwrap_or("bridge")).await?;
         let mut warnings = vec![];
         let id = state::new_id();
@@ -257,6 +259,7 @@ impl Daemon {
                 dns: dns_opts.dns,
                 dns_search: dns_opts.dns_search,
                 labels: req.labels.clone(),
+                ingress_allow,
             };
             st.put_container(c.clone());
             c
@@ -272,6 +275,10 @@ impl Daemon {
             self.build_sandbox(&c).await?;
             crash::point("run:wired");
             self.publish_ports(&c, c.primary_ipv4())?;
+            // Its firewall rules are in before its process can take a connection.
+            if self.firewall_names(&c) {
+                self.firewall_changed().await;
+            }
             self.dns_up(&c) // names, 127.0.0.11, /etc files
         }
         .await
@@ -445,6 +452,9 @@ impl Daemon {
         let _ = std::fs::remove_file(self.store.log_path(&c.id));
         let _ = std::fs::remove_file(self.store.exit_path(&c.id));
         self.state().remove_container(&c.id);
+        if self.firewall_names(c) {
+            self.firewall_changed().await; // its rules' entries go with its addresses
+        }
         if let Err(e) = self.persist_container(&c.id).await {
             warn!("container {}: {e}", c.name);
         }
@@ -715,6 +725,9 @@ impl Daemon {
         let c = self.current(&id, &req.container)?;
         // A container that had no address yet now has one for its published ports.
         self.publish_ports(&c, c.primary_ipv4())?;
+        if self.firewall_names(&c) {
+            self.firewall_changed().await; // its rules cover the new address
+        }
         self.dns_refresh(&c); // resolvable on the new network
         Ok(self.container_json(&c, &self.endpoint_counters(&c).await))
     }
@@ -755,6 +768,9 @@ impl Daemon {
         self.persist_container(&c.id).await?;
         let c = self.current(&c.id, &c.name)?;
         self.publish_ports(&c, c.primary_ipv4())?;
+        if self.firewall_names(&c) {
+            self.firewall_changed().await;
+        }
         self.dns_refresh(&c); // no longer resolvable there
         Ok(())
     }

@@ -79,6 +79,7 @@ impl Daemon {
                 dns: vec![],
                 dns_search: vec![],
                 labels: BTreeMap::from([(LABEL_DOCKER_ENDPOINT.to_string(), endpoint_id.to_string())]),
+                ingress_allow: vec![],
             };
             st.put_container(c.clone());
             (c, net)

@@ -243,6 +243,7 @@ impl Daemon {
             return;
         }
         let names = self.address_names();
+        let rule = |n: u32| self.rule_name(n);
         let mut ifnames = HashMap::new();
         let wall = clock_ns(libc::CLOCK_REALTIME).wrapping_sub(clock_ns(libc::CLOCK_MONOTONIC));
         for (i, e) in events.iter().enumerate() {
@@ -257,7 +258,12 @@ impl Daemon {
                     .clone()
             });
             let state = states.and_then(|s| s.get(i).copied());
-            let rec = render(e, e.ts_ns.wrapping_add(wall), state, ifname.as_deref(), &names);
+            let rule_name = (e.kind == flow_event::DROP && e.reason == drop_reason::POLICY_DENIED)
+                .then(|| rule(e.rule).unwrap_or_else(|| format!("rule #{}", e.rule)));
+            let mut rec = render(e, e.ts_ns.wrapping_add(wall), state, ifname.as_deref(), &names);
+            if let Some(r) = rule_name {
+                rec = with_rule(rec, &r);
+            }
             let _ = self.flows.tx.send(Arc::new(rec));
         }
     }
@@ -273,6 +279,15 @@ impl Daemon {
         }
         m
     }
+}
+
+/// A policy-denied drop's record with the rule that denied it (`"rule": NAME`).
+fn with_rule(mut rec: Record, rule: &str) -> Record {
+    if let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(&rec.line) {
+        m.insert("rule".into(), json!(rule));
+        rec.line = Bytes::from(format!("{}\n", Value::Object(m)));
+    }
+    rec
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -304,12 +319,7 @@ pub(super) fn proto_name(p: u8) -> String {
 }
 
 pub(super) fn hook_name(h: u8) -> Option<&'static str> {
-    match h {
-        hook::UPLINK_IN => Some("uplink-in"),
-        hook::UPLINK_OUT => Some("uplink-out"),
-        hook::FROM_CONTAINER => Some("from-container"),
-        _ => None,
-    }
+    hook::name(h)
 }
 
 fn addr(a: u32) -> Ipv4Addr {
@@ -501,6 +511,21 @@ mod tests {
         e.ports = 0;
         let v = line(&render(&e, 0, None, None, &names));
         assert_eq!((v["src"].as_str(), v["dst"].as_str()), (Some("172.18.0.2"), Some("172.19.0.2")));
+    }
+
+    #[test]
+    fn a_policy_drop_names_its_rule() {
+        let e = FlowEvent {
+            orig: t([198, 51, 100, 9], 40000, [172, 17, 0, 2], 8),
+            kind: flow_event::DROP,
+            hook: hook::UPLINK_IN,
+            reason: drop_reason::POLICY_DENIED,
+            rule: 7,
+            ports: 1,
+            ..Default::default()
+        };
+        let v = line(&with_rule(render(&e, 0, None, None, &HashMap::new()), "others"));
+        assert_eq!((v["reason"].as_str(), v["rule"].as_str()), (Some("policy-denied"), Some("others")));
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod containers;
 pub mod crash;
 mod dns;
 pub mod docker;
+mod firewall;
 mod flows;
 mod host;
 mod locks;
@@ -64,6 +65,8 @@ pub struct Config {
     pub ebpf_object: Option<PathBuf>,
     /// Where to serve Docker's network and IPAM plugin API (off when None).
     pub docker_plugin_socket: Option<PathBuf>,
+    /// Known flows take the kernel's forwarding path, so the host's FORWARD rules see them.
+    pub keep_host_firewall: bool,
 }
 
 pub struct Daemon {
@@ -93,6 +96,8 @@ pub struct Daemon {
     services_kick: tokio::sync::Notify,
     /// Task containers failing their service's TCP health check.
     svc_unhealthy: Mutex<std::collections::HashSet<String>>,
+    /// What the datapath holds for the firewall.
+    firewall: firewall::Firewall,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -138,6 +143,9 @@ impl Daemon {
         for s in store.load_services()? {
             state.put_service(s);
         }
+        for r in store.load_rules()? {
+            state.put_rule(r);
+        }
         let nl = Netlink::current()?;
         for up in &cfg.uplinks {
             nl.link_index(up).await?.with_context(|| format!("--uplink {up}: no such interface"))?;
@@ -182,7 +190,13 @@ impl Daemon {
             services: Default::default(),
             services_kick: Default::default(),
             svc_unhealthy: Default::default(),
+            firewall: Default::default(),
         });
+        d.firewall_preload();
+        // An object from before the switch has the fast paths only: fine unless asked for.
+        if let Err(e) = d.dp().set_keep_host_firewall(cfg.keep_host_firewall) {
+            anyhow::ensure!(!cfg.keep_host_firewall, "--keep-host-firewall: {e:#}");
+        }
         tokio::spawn(d.clone().watch_services());
         tokio::spawn(d.clone().watch_health());
         if let Some(ring) = events {
@@ -197,6 +211,7 @@ impl Daemon {
     pub async fn reconcile(self: &Arc<Self>) {
         let t = std::time::Instant::now();
         reconcile::run(self).await;
+        self.firewall_changed().await; // the rules again, stale entries out
         let dns = std::time::Instant::now();
         self.dns_reconcile(); // serve every container's names and 127.0.0.11 again
         info!("embedded DNS serves every container again ({} ms)", dns.elapsed().as_millis());

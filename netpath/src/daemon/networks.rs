@@ -18,7 +18,10 @@ const ICC_OPT: &str = "com.docker.network.bridge.enable_icc";
 const MASQUERADE_OPT: &str = "com.docker.network.bridge.enable_ip_masquerade";
 const MTU_OPT: &str = "com.docker.network.driver.mtu";
 const BRIDGE_NAME_OPT: &str = "com.docker.network.bridge.name";
-const BRIDGE_OPTS: [&str; 5] = [state::GATEWAY_MODE_OPT, ICC_OPT, MASQUERADE_OPT, MTU_OPT, BRIDGE_NAME_OPT];
+/// netpath's own: new flows between the network's containers need a firewall rule allowing them.
+const DEFAULT_DENY_OPT: &str = "netpath.default_deny";
+const BRIDGE_OPTS: [&str; 6] =
+    [state::GATEWAY_MODE_OPT, ICC_OPT, MASQUERADE_OPT, MTU_OPT, BRIDGE_NAME_OPT, DEFAULT_DENY_OPT];
 /// The macvlan driver's (Docker's names, and netpath's own for the host shim).
 const PARENT_OPT: &str = "parent";
 const MODE_OPT: &str = "macvlan_mode";
@@ -38,6 +41,7 @@ struct Options {
     vlan: Option<(String, u16)>,
     mode: MacvlanMode,
     host_access: bool,
+    default_deny: bool,
 }
 
 /// Docker's booleans (Go's strconv.ParseBool, less the odd spellings).
@@ -114,6 +118,7 @@ fn parse_options(kind: DriverKind, options: &BTreeMap<String, String>) -> Result
                     .ok_or_else(|| bad_request!("invalid {k} {v:?}: use bridge, private, vepa or passthru"))?
             }
             HOST_ACCESS_OPT => o.host_access = parse_bool(k, v)?,
+            DEFAULT_DENY_OPT => o.default_deny = parse_bool(k, v)?,
             _ => unreachable!("listed above"),
         }
     }
@@ -158,6 +163,9 @@ fn datapath_flags(net: &Network) -> u32 {
     if !net.opts.icc {
         flags |= net_flags::NO_ICC;
     }
+    if net.opts.default_deny {
+        flags |= net_flags::DEFAULT_DENY;
+    }
     flags
 }
 
@@ -183,7 +191,8 @@ impl Daemon {
     /// the uplink programs on the parent.
     pub(super) fn publish_network(&self, net: &Network) -> anyhow::Result<()> {
         if let (DriverKind::Bridge, Some(ipam)) = (net.driver, net.ipam) {
-            self.dp().set_network(ipam.subnet, net.index, ipam.gateway, datapath_flags(net))?;
+            let flags = datapath_flags(net) | self.firewall_flags(net.index);
+            self.dp().set_network(ipam.subnet, net.index, ipam.gateway, flags)?;
         }
         Ok(())
     }
@@ -398,6 +407,7 @@ impl Daemon {
                     labels: req.labels,
                     aux_addresses: aux,
                     macvlan,
+                    default_deny: o.default_deny,
                 },
             };
             st.put_network(net.clone());
@@ -426,6 +436,7 @@ impl Daemon {
         if let Err(e) = self.refresh_host().await {
             warn!("refreshing host addresses: {e:#}");
         }
+        self.firewall_changed().await; // rules naming it by name apply to it now
         info!("network {} created ({})", net.name, net.ipam.map(|i| i.subnet.to_string()).unwrap_or_default());
         let st = self.state();
         Ok(self.network_json(&st, st.network_by_id(&id).unwrap_or(&net)))
@@ -564,6 +575,7 @@ impl Daemon {
             }
         }
         self.state().remove_network(&net.id);
+        self.firewall_changed().await;
         if let Err(e) = self.persist_network(&net.id).await {
             warn!("network {}: {e}", net.name);
         }

@@ -50,6 +50,9 @@ impl Daemon {
             if let Some(mtu) = n.opts.mtu {
                 options.insert("com.docker.network.driver.mtu".into(), json!(mtu.to_string()));
             }
+            if n.opts.default_deny {
+                options.insert("netpath.default_deny".into(), json!("true"));
+            }
         }
         if let Some(mv) = &n.opts.macvlan {
             options.insert("parent".into(), json!(mv.parent));

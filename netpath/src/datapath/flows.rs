@@ -75,6 +75,22 @@ impl FlowTable {
         Ok(doomed)
     }
 
+    /// Forgets the flows whose forward entry `doomed` picks (both entries of each): those a
+    /// new firewall rule denies. Returns the entries that went.
+    pub fn flush_where(&self, doomed: impl Fn(&Tuple, &CtEntry) -> bool) -> Result<Vec<(Tuple, CtEntry)>> {
+        let entries: HashMap<Tuple, CtEntry> = self.entries()?.into_iter().collect();
+        let mut gone = vec![];
+        for (k, e) in entries.iter().filter(|(k, e)| e.is_reply == 0 && doomed(k, e)) {
+            gone.push((*k, *e));
+            let reply = e.xlate.reversed();
+            if let Some(r) = entries.get(&reply) {
+                gone.push((reply, *r));
+            }
+        }
+        gone.iter().for_each(|(k, _)| self.remove(k));
+        Ok(gone)
+    }
+
     /// Expires idle flows (both entries of a flow go together). Returns the entries that went.
     pub fn expire(&self, now_ns: u64) -> Result<Vec<(Tuple, CtEntry)>> {
         let entries: HashMap<Tuple, CtEntry> = self.entries()?.into_iter().collect();

@@ -423,6 +423,50 @@ impl Datapath {
         Ok(())
     }
 
+    /// What the firewall's tries hold (a starting daemon diffs its rules against it).
+    pub fn policy_entries(&mut self) -> Result<crate::firewall::Applied> {
+        use netpath_common::{PolicyPortKey, PolicySrcKey, PolicyVerdict};
+        let src: LpmTrie<_, PolicySrcKey, u32> = self.map(map_names::POLICY_SRC)?;
+        let src: Vec<_> = src.iter().filter_map(|r| r.ok()).map(|(k, v)| ((k.prefix_len(), k.data()), v)).collect();
+        let ports: LpmTrie<_, PolicyPortKey, PolicyVerdict> = self.map(map_names::POLICY_PORTS)?;
+        let ports: Vec<_> = ports.iter().filter_map(|r| r.ok()).map(|(k, v)| ((k.prefix_len(), k.data()), v)).collect();
+        Ok(crate::firewall::Applied::from_kernel(src, ports))
+    }
+
+    /// Carries out a firewall change, in the plan's order (see [`crate::firewall::Plan`]).
+    pub fn apply_policy(&mut self, plan: &crate::firewall::Plan) -> Result<()> {
+        use netpath_common::{PolicyPortKey, PolicySrcKey, PolicyVerdict};
+        {
+            let mut m: LpmTrie<_, PolicyPortKey, PolicyVerdict> = self.map(map_names::POLICY_PORTS)?;
+            for ((len, k), v) in &plan.put_ports {
+                m.insert(&LpmKey::new(*len, *k), *v, 0)
+                    .context("writing a firewall verdict (is POLICY_PORTS full?)")?;
+            }
+        }
+        {
+            let mut m: LpmTrie<_, PolicySrcKey, u32> = self.map(map_names::POLICY_SRC)?;
+            for ((len, k), v) in &plan.put_src {
+                m.insert(&LpmKey::new(*len, *k), *v, 0)
+                    .context("writing a firewall source prefix (is POLICY_SRC full?)")?;
+            }
+            for (len, k) in &plan.del_src {
+                let _ = m.remove(&LpmKey::new(*len, *k));
+            }
+        }
+        let mut m: LpmTrie<_, PolicyPortKey, PolicyVerdict> = self.map(map_names::POLICY_PORTS)?;
+        for (len, k) in &plan.del_ports {
+            let _ = m.remove(&LpmKey::new(*len, *k));
+        }
+        Ok(())
+    }
+
+    /// `--keep-host-firewall`: known flows take the kernel's forwarding path (or the fast
+    /// paths again).
+    pub fn set_keep_host_firewall(&mut self, on: bool) -> Result<()> {
+        let mut cfg: Array<_, u64> = self.map(map_names::CONFIG)?;
+        cfg.set(config::KEEP_HOST_FIREWALL, u64::from(on), 0).context("setting --keep-host-firewall")
+    }
+
     fn ct(&mut self) -> Result<BpfHashMap<&mut MapData, Tuple, CtEntry>> {
         self.map(map_names::CT)
     }

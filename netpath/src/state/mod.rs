@@ -155,6 +155,10 @@ pub struct NetOpts {
     /// The macvlan driver's settings.
     #[serde(default)]
     pub macvlan: Option<Macvlan>,
+    /// `netpath.default_deny`: a new flow between two of its containers needs a firewall rule
+    /// allowing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default_deny: bool,
 }
 
 fn yes() -> bool {
@@ -171,6 +175,7 @@ impl Default for NetOpts {
             labels: BTreeMap::new(),
             aux_addresses: BTreeMap::new(),
             macvlan: None,
+            default_deny: false,
         }
     }
 }
@@ -321,6 +326,94 @@ pub struct Container {
     /// Docker's labels; attachments made for a runtime (CNI) carry their key here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// `--ingress-allow FROM[:PORT]`: only these may open connections to it (empty: anyone
+    /// the firewall lets through).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_allow: Vec<IngressAllow>,
+}
+
+/// One `run --ingress-allow FROM[:PORT]`: sources in `from` may open connections to the
+/// container (on `port`, TCP or UDP, or on any port and protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressAllow {
+    pub from: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// What a firewall rule does with the new flows it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Allow,
+    Deny,
+}
+
+/// Which containers a firewall rule guards. Containers and networks are named (like DNS
+/// names): a rule applies to whichever container or network has the name now, and to none
+/// while none has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleTarget {
+    /// Every container (where traffic enters its network, see the README).
+    Any,
+    Container(String),
+    Network(String),
+}
+
+/// The protocols a firewall rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl RuleProto {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            "icmp" => Some(Self::Icmp),
+            _ => None,
+        }
+    }
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => netpath_common::proto::TCP,
+            Self::Udp => netpath_common::proto::UDP,
+            Self::Icmp => netpath_common::proto::ICMP,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+        }
+    }
+}
+
+/// A `netpath firewall add` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallRule {
+    pub id: String,
+    /// The rule's number in the datapath (flow events carry it), unique and never reused
+    /// while the rule exists; also the tie-breaker between rules of one priority (older first).
+    pub num: u32,
+    pub name: String,
+    pub action: RuleAction,
+    /// Source prefix; None: any source.
+    pub from: Option<Ipv4Net>,
+    pub to: RuleTarget,
+    /// Destination port range (as the container sees it), inclusive.
+    pub ports: Option<(u16, u16)>,
+    /// tcp, udp or icmp; None: any protocol (with ports: TCP and UDP).
+    pub proto: Option<RuleProto>,
+    /// Lower numbers are evaluated first.
+    pub priority: u32,
+    pub created: u64,
 }
 
 impl Container {
@@ -423,6 +516,8 @@ pub struct State {
     bindings: Vec<(crate::ports::Binding, String)>,
     /// Services by id (VIPs are in `used` too, so no container gets one).
     services: BTreeMap<String, Service>,
+    /// Firewall rules by name.
+    rules: BTreeMap<String, FirewallRule>,
     /// Bumped on every change: orders the writes of one object (see [`Store`]).
     rev: u64,
 }
@@ -488,6 +583,21 @@ impl State {
         let taken: BTreeSet<u32> = self.services.values().flat_map(|s| s.vips.iter().map(|v| v.slot)).collect();
         let free: Vec<u32> = (0..max).filter(|i| !taken.contains(i)).take(n).collect();
         (free.len() == n).then_some(free)
+    }
+
+    // ------------------------------------------------------------------ firewall
+
+    pub fn rule(&self, name: &str) -> Option<&FirewallRule> {
+        self.rules.get(name)
+    }
+    pub fn rules(&self) -> impl Iterator<Item = &FirewallRule> {
+        self.rules.values()
+    }
+    pub fn put_rule(&mut self, r: FirewallRule) {
+        self.rules.insert(r.name.clone(), r);
+    }
+    pub fn remove_rule(&mut self, name: &str) -> Option<FirewallRule> {
+        self.rules.remove(name)
     }
 
     /// A revision number for a write that reflects the state as it is now.
@@ -714,6 +824,7 @@ pub(crate) mod tests {
             dns: vec![],
             dns_search: vec![],
             labels: Default::default(),
+            ingress_allow: vec![],
         }
     }
 

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use super::{Container, Network, Service};
+use super::{Container, FirewallRule, Network, Service};
 
 /// What a write does to an object's file.
 pub enum Op<'a, T> {
@@ -35,12 +35,13 @@ pub struct Store {
 const NETWORKS: &str = "db/networks";
 const CONTAINERS: &str = "db/containers";
 const SERVICES: &str = "db/services";
+const FIREWALL: &str = "db/firewall";
 /// The single-file state of earlier versions, split into per-object files on first start.
 const LEGACY: &str = "state.json";
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        for sub in ["", "netns", "containers", NETWORKS, CONTAINERS, SERVICES] {
+        for sub in ["", "netns", "containers", NETWORKS, CONTAINERS, SERVICES, FIREWALL] {
             fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         Ok(Self { dir: dir.to_owned(), written: Mutex::new(HashMap::new()) })
@@ -76,6 +77,11 @@ impl Store {
     /// Reads every service.
     pub fn load_services(&self) -> Result<Vec<Service>> {
         self.load_dir(SERVICES)
+    }
+
+    /// Reads every firewall rule.
+    pub fn load_rules(&self) -> Result<Vec<FirewallRule>> {
+        self.load_dir(FIREWALL)
     }
 
     fn load_dir<T: DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>> {
@@ -143,6 +149,10 @@ impl Store {
     }
     pub fn write_service(&self, id: &str, op: Op<Service>, rev: u64) -> Result<()> {
         self.write_file(&self.dir.join(SERVICES).join(format!("{id}.json")), op, rev)
+    }
+
+    pub fn write_rule(&self, id: &str, op: Op<FirewallRule>, rev: u64) -> Result<()> {
+        self.write_file(&self.dir.join(FIREWALL).join(format!("{id}.json")), op, rev)
     }
 
     fn write_file<T: Serialize>(&self, file: &Path, op: Op<T>, rev: u64) -> Result<()> {

@@ -172,6 +172,59 @@ fn main() {
     let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
     println!("drops counted as direct-access: {}", counters["drops"]["direct-access"]);
 
+    step("A firewall in eBPF: a deny rule drops one outside client, the flow log names the rule");
+    let far = "198.51.100.9";
+    println!("client namespace$ ip addr add {far}/24 dev eth0   (a second outside client)");
+    must(in_ns(&lab.client_ns, "ip", &["addr", "add", &format!("{far}/24"), "dev", "eth0"]));
+    np(
+        &lab,
+        &["firewall", "add", "--name", "block-far", "--deny", "--from", "198.51.100.8/29", "--to-container", "whoami"],
+    );
+    np(&lab, &["firewall", "ls"]);
+    println!("$ netpath system flows --follow &");
+    let mut follow = lab.np_cmd(&["system", "flows", "--follow"]).stdout(std::process::Stdio::piped()).spawn().ok();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    if let Some(out) = follow.as_mut().and_then(|f| f.stdout.take()) {
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let ask = |from: &str| {
+        let cmd = format!("socat -t 3 - TCP:{HOST_ETH0_IP}:8080,connect-timeout=2,bind={from} </dev/null");
+        println!("client namespace ({from})$ socat - TCP:{HOST_ETH0_IP}:8080");
+        let out = in_ns(&lab.client_ns, "sh", &["-c", &cmd]).output();
+        let ok = out.as_ref().is_ok_and(|o| o.status.success());
+        print!("{}", out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default());
+        println!("{}", if ok { "(answered)" } else { "(no answer: dropped)" });
+        ok
+    };
+    let near_in = ask(CLIENT_IP);
+    let far_in = ask(far);
+    let mut named = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(l) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+        if l.contains("policy-denied") {
+            println!("{l}");
+            named = l.contains("block-far");
+            break;
+        }
+    }
+    if let Some(mut f) = follow {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
+    println!("drops counted as policy-denied: {}", counters["drops"]["policy-denied"]);
+    np(&lab, &["firewall", "rm", "block-far"]);
+    let firewall_ok = near_in && !far_in && named;
+    println!("one client in, the other dropped, the rule named: {}", if firewall_ok { "yes" } else { "NO" });
+
     step("A macvlan network on the host's eth0: containers on the client's own subnet, no NAT");
     np(
         &lab,
@@ -286,7 +339,7 @@ fn main() {
     np(&lab, &["network", "rm", "demo-net", "demo-mv", "demo-int"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left || !balanced {
+    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left || !balanced || !firewall_ok {
         std::process::exit(1);
     }
 }
