@@ -52,8 +52,16 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
                 Reach::Isolated => return drop(&p, HOOK, drop_reason::ISOLATION),
                 Reach::Routed => return routed(&p, src.as_ref()),
             }
-            // To another node's container of the sender's overlay: through the tunnel.
+            // To another node's container of the sender's overlay: through the tunnel. In a
+            // network the firewall guards, the destination's node judges the new flow
+            // (`vxlan_in`); it is tracked here too, so that its replies come back as known.
             if let Some((vni, remote)) = vxlan::remote(src_net, p.daddr) {
+                if p.translatable
+                    && firewall::guarded_destination(&p).is_some()
+                    && let Err(reason) = conntrack::create(&p.tuple, &p.tuple, HOOK, HOOK)
+                {
+                    return drop(&p, HOOK, reason);
+                }
                 return vxlan::encap(ctx, &p, vni, &remote, HOOK);
             }
             if !p.translatable {

@@ -111,7 +111,16 @@ pub fn denied(p: &Packet, daddr: u32, dport: u16, src: Option<&EndpointInfo>) ->
 #[inline(always)]
 pub fn guarded_network(p: &Packet, src: Option<&EndpointInfo>) -> Option<NetworkInfo> {
     let src = src?;
+    guarded_destination(p).filter(|net| net.net_id == src.net_id)
+}
+
+/// The network of `p`'s destination container when the firewall must look at flows inside it
+/// (a container of it has rules of its own, or it denies by default). Also for a flow another
+/// node's container of an overlay sends to one here (`vxlan_in`): its sender's node did not
+/// look, as the rules of a container live where it runs.
+#[inline(always)]
+pub fn guarded_destination(p: &Packet) -> Option<NetworkInfo> {
     let net = *NETWORKS.get(Key::new(32, p.daddr))?;
     let guarded = net.flags & (net_flags::DEFAULT_DENY | net_flags::POLICED) != 0;
-    (guarded && net.net_id == src.net_id && net.gateway != p.daddr).then_some(net)
+    (guarded && net.gateway != p.daddr).then_some(net)
 }

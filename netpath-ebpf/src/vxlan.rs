@@ -22,8 +22,8 @@ use crate::maps::{
 };
 use crate::nat::{self, redirect};
 use crate::parse::{ETH_LEN, Packet, parse};
-use crate::stats::{drop, drop_unparsed};
-use crate::{conntrack, icmp};
+use crate::stats::{drop, drop_policy, drop_unparsed};
+use crate::{conntrack, firewall, icmp};
 
 /// The outer header's TTL (the kernel's default for IPv4, IPDEFTTL).
 const TUNNEL_TTL: u8 = 64;
@@ -282,6 +282,22 @@ pub fn decap(ctx: &mut TcContext) -> i32 {
             deliver(ctx, &p, vni, &x, h == hook::VXLAN_IN)
         }
         _ => {
+            // Another node's container opening a flow to one here, on their overlay: the
+            // firewall of the destination's network, as for a sender on this node; allowed,
+            // the flow is tracked so that its replies are known, not new.
+            if p.saddr != from_node
+                && let Some(net) = firewall::guarded_destination(&p)
+            {
+                if let Some(rule) = firewall::denied_to(&p, p.daddr, p.tuple.dport, &net, firewall::From::SameNetwork) {
+                    return drop_policy(&p, DECAP_HOOK, rule);
+                }
+                if p.translatable
+                    && let Err(reason) =
+                        conntrack::create(&p.tuple, &p.tuple, hook::FROM_CONTAINER, hook::FROM_CONTAINER)
+                {
+                    return drop(&p, DECAP_HOOK, reason);
+                }
+            }
             // The other node's own new flow to a container here: tracked as is.
             if p.translatable
                 && p.saddr == from_node

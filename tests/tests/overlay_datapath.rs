@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use netpath::datapath::{VXLAN_DEV, VXLAN_PORT};
 use netpath::netlink::netns;
-use netpath_tests::overlay_lab::{BRIDGE, CLIENT_IP, GW, Kind, UPLINK_IP, VNI, in_netns, two_hosts};
+use netpath_common::net_flags;
+use netpath_tests::overlay_lab::{BRIDGE, CLIENT_IP, GW, Kind, NET, SUBNET, UPLINK_IP, VNI, in_netns, two_hosts};
 use netpath_tests::packet::Ipv4Packet;
 use netpath_tests::{Lab, in_ns, must};
 
@@ -359,4 +360,24 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn a_default_deny_overlay_judges_new_flows_where_the_destination_runs() {
+    let lab = Lab::without_daemon("overlay-fw");
+    let [a, mut b] = two_hosts(&lab, Kind::Netpath, &[("a1", "10.210.0.2")], &[("b1", "10.210.0.3")]);
+    let (a1_ns, a1_ip) = (a.container("a1").ns.clone(), a.container("a1").ip);
+    let (b1_ns, b1_ip) = (b.container("b1").ns.clone(), b.container("b1").ip);
+    // Host b's share of the overlay denies flows inside it by default (no rule allows any):
+    // a1 on host a may not open one to b1, though a's programs let it into the tunnel.
+    let flags = net_flags::MASQUERADE | net_flags::OVERLAY | net_flags::DEFAULT_DENY;
+    b.dp().set_network(SUBNET.parse().unwrap(), NET, ip(GW), flags).unwrap();
+    let out = ping(&a1_ns, b1_ip, &["-c", "1", "-W", "1"]);
+    assert!(!out.status.success(), "a1 → b1 passed b's default deny");
+    let denied = b.drops().into_iter().find(|(r, _)| *r == "policy-denied").map_or(0, |(_, n)| n);
+    assert!(denied >= 1, "b counted no policy-denied drop: {:?}", b.drops());
+    // b1 opening a flow to a1 is its own network's business on b (tracked there): its
+    // replies come back through the tunnel as known, not as new flows to deny.
+    let out = ping(&b1_ns, a1_ip, &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 received"), "b1 → a1 and back: {out:?}");
 }
