@@ -137,6 +137,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/services", get(list_services).post(create_service))
         .route("/services/{name}", get(inspect_service).delete(remove_service).post(update_service))
         .route("/services/{name}/tasks", get(service_tasks))
+        .route("/nodes", get(list_nodes))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -175,6 +176,10 @@ async fn remove_service(State(d): State<Shared>, UrlPath(name): UrlPath<String>)
 
 async fn service_tasks(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<Json> {
     Ok(axum::Json(d.service_tasks(&name)?))
+}
+
+async fn list_nodes(State(d): State<Shared>) -> Result<Json> {
+    Ok(axum::Json(d.nodes()?))
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {

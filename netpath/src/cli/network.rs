@@ -30,6 +30,8 @@ pub enum NetworkCmd {
         /// com.docker.network.driver.mtu=N, com.docker.network.bridge.name=NAME.
         /// macvlan: parent=IFACE[.VID], macvlan_mode=bridge|private|vepa|passthru,
         /// netpath.macvlan.host_access=true (the host reaches the containers).
+        /// overlay (needs the daemon's --cluster-store): none; `encrypted` is refused (this
+        /// kernel has neither ESP nor WireGuard).
         #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_opt)]
         opt: Vec<(String, String)>,
         /// No traffic leaves the network or enters it from outside (bridge).
@@ -41,6 +43,9 @@ pub enum NetworkCmd {
         /// An address of the subnet IPAM must not hand out, NAME=IP (repeatable).
         #[arg(long = "aux-address", value_name = "NAME=IP", value_parser = parse_opt)]
         aux_addresses: Vec<(String, String)>,
+        /// overlay: standalone containers (`run --network`) may join, not only services' tasks.
+        #[arg(long)]
+        attachable: bool,
         name: String,
     },
     /// Remove every user-defined network no container uses.
@@ -106,7 +111,18 @@ fn s(v: &Value) -> String {
 
 pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
     match cmd {
-        NetworkCmd::Create { driver, subnet, gateway, ip_range, opt, internal, labels, aux_addresses, name } => {
+        NetworkCmd::Create {
+            driver,
+            subnet,
+            gateway,
+            ip_range,
+            opt,
+            internal,
+            labels,
+            aux_addresses,
+            attachable,
+            name,
+        } => {
             let req = NetworkCreate {
                 name,
                 driver: Some(driver),
@@ -117,6 +133,7 @@ pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
                 internal,
                 labels: labels.into_iter().collect(),
                 aux_addresses: aux_addresses.into_iter().collect(),
+                attachable,
             };
             let v = c.post("/networks", &req).await?;
             println!("{}", s(&v["Id"]));

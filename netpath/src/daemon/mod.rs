@@ -24,6 +24,7 @@ mod host;
 mod locks;
 pub mod metrics;
 mod networks;
+mod overlay;
 pub mod process;
 mod reconcile;
 mod services;
@@ -64,6 +65,8 @@ pub struct Config {
     pub ebpf_object: Option<PathBuf>,
     /// Where to serve Docker's network and IPAM plugin API (off when None).
     pub docker_plugin_socket: Option<PathBuf>,
+    /// `--cluster-store`: multi-host through etcd (None: single host, as before).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 pub struct Daemon {
@@ -93,6 +96,8 @@ pub struct Daemon {
     services_kick: tokio::sync::Notify,
     /// Task containers failing their service's TCP health check.
     svc_unhealthy: Mutex<std::collections::HashSet<String>>,
+    /// The cluster store, with `--cluster-store`.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -182,6 +187,7 @@ impl Daemon {
             services: Default::default(),
             services_kick: Default::default(),
             svc_unhealthy: Default::default(),
+            cluster: cfg.cluster.clone().map(crate::cluster::Cluster::new),
         });
         tokio::spawn(d.clone().watch_services());
         tokio::spawn(d.clone().watch_health());
@@ -211,6 +217,7 @@ impl Daemon {
         trim_memory();
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
+        self.start_cluster(); // after reconcile: the state says what this node owns
         let n = self.state().container_count();
         info!("reconciled {n} containers in {ms} ms");
     }
@@ -401,6 +408,7 @@ impl Daemon {
             "StateDir": self.cfg.state_dir,
             "Bpffs": self.cfg.bpffs,
             "Version": env!("CARGO_PKG_VERSION"),
+            "Cluster": self.cluster_status(),
         })
     }
 

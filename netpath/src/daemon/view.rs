@@ -41,6 +41,10 @@ impl Daemon {
             })
             .collect();
         let mut options = Map::new();
+        if let Some(o) = &n.opts.overlay {
+            // Docker's name for it; the local bridge is named below like a bridge network's.
+            options.insert("com.docker.network.driver.overlay.vxlanid_list".into(), json!(o.vni.to_string()));
+        }
         if let Some(b) = &n.bridge {
             options.insert("com.docker.network.bridge.name".into(), json!(b));
             options.insert(crate::state::GATEWAY_MODE_OPT.into(), json!(n.gateway_mode.as_str()));
@@ -64,7 +68,8 @@ impl Daemon {
             "Name": n.name,
             "Id": n.id,
             "Created": rfc3339(n.created),
-            "Scope": "local",
+            "Scope": if n.opts.overlay.is_some() { "swarm" } else { "local" },
+            "Attachable": n.opts.overlay.as_ref().is_some_and(|o| o.attachable),
             "Driver": n.driver.as_str(),
             "IPAM": { "Driver": "default", "Config": config },
             "Internal": n.opts.internal,

@@ -29,6 +29,8 @@ pub enum DriverKind {
     Host,
     None,
     Macvlan,
+    /// Multi-host: defined in the cluster store, a local bridge on every node plus a VNI.
+    Overlay,
 }
 
 impl DriverKind {
@@ -38,6 +40,7 @@ impl DriverKind {
             "macvlan" => Some(Self::Macvlan),
             "host" => Some(Self::Host),
             "none" | "null" => Some(Self::None),
+            "overlay" => Some(Self::Overlay),
             _ => None,
         }
     }
@@ -47,7 +50,12 @@ impl DriverKind {
             Self::Host => "host",
             Self::None => "none",
             Self::Macvlan => "macvlan",
+            Self::Overlay => "overlay",
         }
+    }
+    /// Containers sit on a local Linux bridge behind a veth (bridge, and overlay on each node).
+    pub fn is_bridged(self) -> bool {
+        matches!(self, Self::Bridge | Self::Overlay)
     }
 }
 
@@ -155,6 +163,18 @@ pub struct NetOpts {
     /// The macvlan driver's settings.
     #[serde(default)]
     pub macvlan: Option<Macvlan>,
+    /// The overlay driver's (cluster-wide) settings.
+    #[serde(default)]
+    pub overlay: Option<Overlay>,
+}
+
+/// What an overlay network is across the cluster (a copy of its cluster record).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Overlay {
+    /// The VXLAN network identifier, the same on every node.
+    pub vni: u32,
+    /// Standalone containers (`run --network`) may join, not only services' tasks.
+    pub attachable: bool,
 }
 
 fn yes() -> bool {
@@ -171,6 +191,7 @@ impl Default for NetOpts {
             labels: BTreeMap::new(),
             aux_addresses: BTreeMap::new(),
             macvlan: None,
+            overlay: None,
         }
     }
 }
