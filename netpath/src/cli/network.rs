@@ -32,7 +32,7 @@ pub enum NetworkCmd {
         /// netpath.macvlan.host_access=true (the host reaches the containers).
         /// overlay (needs the daemon's --cluster-store): none; `encrypted` is refused (this
         /// kernel has neither ESP nor WireGuard).
-        #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_opt)]
+        #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_driver_opt)]
         opt: Vec<(String, String)>,
         /// No traffic leaves the network or enters it from outside (bridge).
         #[arg(long)]
@@ -97,6 +97,12 @@ fn parse_opt(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
+}
+
+/// `-o KEY=VALUE`, and Docker's valueless overlay flag `-o encrypted` (the daemon refuses it
+/// with the reason).
+fn parse_driver_opt(s: &str) -> Result<(String, String), String> {
+    if s == "encrypted" { Ok((s.to_string(), String::new())) } else { parse_opt(s) }
 }
 
 /// Docker takes `--label K` as K with an empty value.

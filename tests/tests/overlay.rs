@@ -1,0 +1,165 @@
+//! Multi-host: three daemons in three lab hosts on one underlay segment, a real etcd started
+//! inside the lab, overlay networks created on one node and used from the others.
+
+use std::collections::BTreeSet;
+
+use netpath_tests::cluster::ClusterLab;
+use netpath_tests::{Lab, in_ns, must};
+
+/// `getent hosts NAME` inside a container: the addresses it printed (empty if not found).
+fn getent(lab: &Lab, ctr: &str, name: &str) -> Vec<String> {
+    let out = lab.try_np(&["exec", ctr, "--", "getent", "hosts", name]);
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect()
+}
+
+fn all_ready(c: &ClusterLab, from: usize, n: usize) -> bool {
+    let ls = c.node_ls(from);
+    ls.len() == n && ls.iter().all(|(_, s)| s == "ready")
+}
+
+#[test]
+fn overlay_needs_a_cluster_store() {
+    let lab = Lab::new("ov-single");
+    let e = lab.np_fails(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
+    assert!(e.contains("need a cluster store") && e.contains("--cluster-store"), "{e}");
+    let e = lab.np_fails(&["node", "ls"]);
+    assert!(e.contains("not part of a cluster"), "{e}");
+    assert!(!lab.np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"), "nothing was made");
+}
+
+#[test]
+fn cluster_nodes_overlay_networks_addresses_and_names() {
+    let mut c = ClusterLab::new("ov-cluster", 3);
+    c.wait_for(20, "3 nodes ready on node0", || all_ready(&c, 0, 3));
+    let table = c.node(1).np(&["node", "ls"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("node1 *") && table.contains("192.0.2.2") && table.contains("ready"), "{table}");
+
+    // Bad input: a clear error, nothing made anywhere.
+    let e = c.node(0).np_fails(&["network", "create", "-d", "overlay", "-o", "encrypted", "sec"]);
+    assert!(e.contains("neither IPsec ESP") && e.contains("WireGuard"), "{e}");
+    let e = c.node(0).np_fails(&["network", "create", "-d", "overlay", "-o", "mtu=1", "x"]);
+    assert!(e.contains("unsupported network option"), "{e}");
+
+    // Created on node0, visible on every node with the same id, subnet and VNI.
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.77.0.0/24", "ov"]);
+    let a = c.node(0).inspect_network("ov");
+    assert_eq!(a["Driver"], "overlay");
+    assert_eq!(a["Scope"], "swarm");
+    assert_eq!(a["Attachable"], true);
+    let vni = a["Options"]["com.docker.network.driver.overlay.vxlanid_list"].as_str().unwrap().to_string();
+    assert_eq!(vni, "4096", "the first overlay gets the first VNI");
+    for i in 1..3 {
+        c.wait_for(10, "ov on every node", || c.node(i).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+        let b = c.node(i).inspect_network("ov");
+        assert_eq!((b["Id"].clone(), b["IPAM"].clone()), (a["Id"].clone(), a["IPAM"].clone()));
+        assert_eq!(b["Options"]["com.docker.network.driver.overlay.vxlanid_list"], vni.as_str());
+    }
+    // One name cluster-wide; subnets do not overlap.
+    let e = c.node(2).np_fails(&["network", "create", "-d", "overlay", "ov"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = c.node(1).np_fails(&["network", "create", "-d", "overlay", "--subnet", "10.77.0.128/25", "ov2"]);
+    assert!(e.contains("overlaps with overlay network ov"), "{e}");
+    // Not attachable: standalone containers are refused.
+    c.node(1).np(&["network", "create", "-d", "overlay", "svcs"]);
+    let e = c.node(1).np_fails(&["run", "-d", "--name", "x", "--network", "svcs", "--", "sleep", "60"]);
+    assert!(e.contains("not attachable"), "{e}");
+
+    // Concurrent runs on two nodes: every address handed out once.
+    let n = 6;
+    let runs: Vec<_> = (0..2)
+        .flat_map(|node| (0..n).map(move |k| (node, format!("c{node}x{k}"))))
+        .map(|(node, name)| {
+            let cmd = c.node(node).np_cmd(&["run", "-d", "--name", &name, "--network", "ov", "--", "sleep", "600"]);
+            (node, name, cmd)
+        })
+        .collect();
+    let threads: Vec<_> = runs
+        .into_iter()
+        .map(|(node, name, mut cmd)| {
+            std::thread::spawn(move || {
+                let out = cmd.output().expect("running netpath");
+                assert!(out.status.success(), "run {name}: {}", String::from_utf8_lossy(&out.stderr));
+                (node, name)
+            })
+        })
+        .collect();
+    let started: Vec<(usize, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut ips = BTreeSet::new();
+    for (node, name) in &started {
+        let ip = c.node(*node).ip_of(name, "ov");
+        assert!(ip.starts_with("10.77.0."), "{name}: {ip}");
+        assert!(ips.insert(ip.clone()), "{ip} was handed out twice (second: {name} on node{node})");
+    }
+    assert_eq!(ips.len(), 2 * n);
+
+    // Overlay MTU: the underlay's (1500) less the VXLAN overhead.
+    let sb = c.node(0).sandbox("c0x0");
+    let link = must(in_ns(&sb, "ip", &["-o", "link", "show", "eth0"]));
+    assert!(link.contains("mtu 1450"), "{link}");
+
+    // Names of containers on other nodes resolve (the embedded DNS learns them from etcd).
+    let ip_remote = c.node(1).ip_of("c1x0", "ov");
+    c.wait_for(10, "c1x0 resolving on node0", || getent(c.node(0), "c0x0", "c1x0") == vec![ip_remote.clone()]);
+    // Removing a network in use on another node is refused.
+    let e = c.node(2).np_fails(&["network", "rm", "ov"]);
+    assert!(e.contains("in use") && e.contains("node1"), "{e}");
+
+    // A node that dies (daemon killed, namespaces gone): down within the lease TTL, its
+    // endpoints gone from the others (names, the in-use check).
+    for k in 0..n {
+        c.node(1).np(&["rm", "-f", &format!("c1x{k}")]);
+    }
+    c.node(2).np(&["run", "-d", "--name", "doomed", "--network", "ov", "--", "sleep", "600"]);
+    let doomed_ip = c.node(2).ip_of("doomed", "ov");
+    c.wait_for(10, "doomed resolving on node0", || getent(c.node(0), "c0x0", "doomed") == vec![doomed_ip.clone()]);
+    c.destroy_node(2);
+    // TTL 5 s, plus etcd's expiry sweep (it checks leases twice a second) and the watch.
+    c.wait_for(12, "node2 down on node0", || c.node_ls(0).contains(&("node2".into(), "down".into())));
+    c.wait_for(5, "doomed gone from node0's names", || getent(c.node(0), "c0x0", "doomed").is_empty());
+    assert!(c.node_ls(1).contains(&("node2".into(), "down".into())));
+
+    // Addresses come back: rm frees them cluster-wide, and the network goes when unused.
+    for k in 0..n {
+        c.node(0).np(&["rm", "-f", &format!("c0x{k}")]);
+    }
+    c.node(1).np(&["network", "rm", "ov"]);
+    c.wait_for(10, "ov gone from node0", || !c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+}
+
+#[test]
+fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
+    let mut c = ClusterLab::new("ov-etcd", 2);
+    c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
+    c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+    c.node(0).np(&["run", "-d", "--name", "a", "--network", "ov", "--", "sleep", "600"]);
+    let ip_a = c.node(0).ip_of("a", "ov");
+
+    c.stop_etcd();
+    // Changes that need the cluster fail with a clear error (after the daemon notices).
+    c.wait_for(20, "node0 to notice etcd is gone", || {
+        let out = c.node(0).try_np(&["run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "600"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cluster store")
+    });
+    let e = c.node(1).np_fails(&["network", "create", "-d", "overlay", "ov2"]);
+    assert!(e.contains("unreachable"), "{e}");
+    // Local work goes on: containers on overlays and bridges, new bridge networks.
+    c.node(0).np(&["network", "create", "local1"]);
+    c.node(0).np(&["run", "-d", "--name", "l", "--network", "local1", "--", "sleep", "600"]);
+    assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
+    assert_eq!(c.node(0).inspect("a")["State"]["Running"], true, "a still runs");
+
+    c.start_etcd();
+    c.wait_for(20, "both nodes ready again", || all_ready(&c, 1, 2));
+    c.wait_for(20, "node0 reconnected", || {
+        c.node(0).try_np(&["run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "600"]).status.success()
+    });
+    let ip_b = c.node(0).ip_of("b", "ov");
+    assert_ne!(ip_a, ip_b, "a's address stayed claimed across the outage");
+    c.node(1).np(&["network", "create", "-d", "overlay", "--attachable", "ov2"]);
+    c.wait_for(10, "ov2 on node0", || c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov2"));
+    // node1 sees a's record again (re-put by node0's new session).
+    c.node(1).np(&["run", "-d", "--name", "q", "--network", "ov", "--", "sleep", "600"]);
+    c.wait_for(10, "a resolving on node1", || getent(c.node(1), "q", "a") == vec![ip_a.clone()]);
+}
