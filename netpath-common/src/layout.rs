@@ -6,9 +6,9 @@
 //! an edited one.
 
 use crate::{
-    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_PORTMAPS,
-    MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason,
-    map_names as n,
+    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_OVERLAY_NETS,
+    MAX_OVERLAY_REMOTES, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES,
+    config, ct_stat, drop_reason, map_names as n, overlay_config,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
@@ -71,6 +71,13 @@ pub const MAPS: &[MapLayout] = &[
     // addresses, MAGLEV_M entries per slot.
     map(n::SERVICES, 1, HASH, 8, 12, MAX_SERVICE_PORTS, 0),
     map(n::MAGLEV, 1, ARRAY, 4, 4, MAX_SERVICE_SLOTS * MAGLEV_M, 0),
+    // Overlay networks: network id → VNI (encap), VNI → network id (decap), this node's and
+    // other nodes' containers by (VNI, address), and the VXLAN device's ifindex.
+    map(n::OVERLAY_NETS, 1, HASH, 4, 4, MAX_OVERLAY_NETS, 0),
+    map(n::OVERLAY_VNIS, 1, HASH, 4, 4, MAX_OVERLAY_NETS, 0),
+    map(n::OVERLAY_LOCAL, 1, HASH, 8, 12, MAX_ENDPOINTS, 0),
+    map(n::OVERLAY_REMOTE, 1, HASH, 8, 12, MAX_OVERLAY_REMOTES, 0),
+    map(n::OVERLAY_CONFIG, 1, ARRAY, 4, 4, overlay_config::MAX, 0),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -142,6 +149,11 @@ mod tests {
         assert_eq!(sizes(n::FLOW_EVENTS), (0, 0));
         assert_eq!(sizes(n::SERVICES), (size_of::<PortKey>(), size_of::<ServiceInfo>()));
         assert_eq!(sizes(n::MAGLEV), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::OVERLAY_NETS), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::OVERLAY_VNIS), (size_of::<u32>(), size_of::<u32>()));
+        assert_eq!(sizes(n::OVERLAY_LOCAL), (size_of::<OverlayKey>(), size_of::<OverlayLocal>()));
+        assert_eq!(sizes(n::OVERLAY_REMOTE), (size_of::<OverlayKey>(), size_of::<OverlayRemote>()));
+        assert_eq!(sizes(n::OVERLAY_CONFIG), (size_of::<u32>(), size_of::<u32>()));
     }
 
     #[test]
@@ -169,6 +181,7 @@ mod tests {
         assert_eq!(current(n::DROPS).unwrap().max_entries, drop_reason::MAX);
         assert_eq!(current(n::CT_STATS).unwrap().max_entries, ct_stat::MAX);
         assert_eq!(current(n::CONFIG).unwrap().max_entries, config::MAX);
+        assert_eq!(current(n::OVERLAY_CONFIG).unwrap().max_entries, overlay_config::MAX);
     }
 
     #[test]

@@ -32,6 +32,13 @@ pub const MAX_SERVICE_PORTS: u32 = 65_536;
 /// well above the backends a service has (≥ 10× for 25 backends keeps each within ~4% of
 /// its share), and small enough that 16,384 tables of u32 fit in 16 MiB.
 pub const MAGLEV_M: u32 = 251;
+/// Overlay networks (VNIs) one daemon can hold.
+pub const MAX_OVERLAY_NETS: u32 = 1024;
+/// Containers of overlay networks on other nodes, across every overlay: the cluster's size,
+/// not this host's.
+pub const MAX_OVERLAY_REMOTES: u32 = 65_536;
+/// The largest VXLAN network identifier: 24 bits on the wire (RFC 7348).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
 
 /// Names of the maps as they appear in the object file and under the daemon's bpffs pin dir.
 pub mod map_names {
@@ -49,6 +56,11 @@ pub mod map_names {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SERVICES: &str = "SERVICES";
     pub const MAGLEV: &str = "MAGLEV";
+    pub const OVERLAY_NETS: &str = "OVERLAY_NETS";
+    pub const OVERLAY_VNIS: &str = "OVERLAY_VNIS";
+    pub const OVERLAY_LOCAL: &str = "OVERLAY_LOCAL";
+    pub const OVERLAY_REMOTE: &str = "OVERLAY_REMOTE";
+    pub const OVERLAY_CONFIG: &str = "OVERLAY_CONFIG";
 }
 
 /// Slots of the `CONFIG` array.
@@ -60,6 +72,14 @@ pub mod config {
     /// costs one array lookup.
     pub const FLOW_EVENTS: u32 = 1;
     pub const MAX: u32 = 2;
+}
+
+/// Slots of the `OVERLAY_CONFIG` array.
+pub mod overlay_config {
+    /// Ifindex of the host's VXLAN device (external mode), where encapsulated packets are
+    /// redirected; 0 while there is none.
+    pub const VXLAN_IFINDEX: u32 = 0;
+    pub const MAX: u32 = 1;
 }
 
 /// Names of the programs in the object file.
@@ -76,6 +96,8 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     pub const SOCK: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+    /// TC ingress on the host's VXLAN device: decapsulated overlay traffic for local containers.
+    pub const VXLAN_IN: &str = "vxlan_in";
 }
 
 /// IP protocol numbers the datapath translates.
@@ -106,7 +128,11 @@ pub mod drop_reason {
     /// From a container of an `--internal` network to anything outside that network, or from
     /// outside to one of its containers: internal networks have no way out and none in.
     pub const INTERNAL: u32 = 7;
-    pub const MAX: u32 = 8;
+    // 8 is the firewall's (policy-denied), defined on its own branch.
+    /// A VXLAN packet whose VNI no overlay network of this host has (or with no tunnel
+    /// metadata at all).
+    pub const UNKNOWN_VNI: u32 = 9;
+    pub const MAX: u32 = 10;
     pub const NAMES: [&str; MAX as usize] = [
         "isolation",
         "nat-ports-exhausted",
@@ -116,6 +142,8 @@ pub mod drop_reason {
         "spoofed-source",
         "ct-full",
         "internal",
+        "policy-denied",
+        "unknown-vni",
     ];
 }
 
@@ -138,6 +166,8 @@ pub mod hook {
     pub const UPLINK_IN: u8 = 1;
     pub const UPLINK_OUT: u8 = 2;
     pub const FROM_CONTAINER: u8 = 3;
+    /// Decapsulated overlay traffic on the VXLAN device (drops only: it translates nothing).
+    pub const VXLAN_IN: u8 = 4;
 }
 
 /// TCP progress of a conntrack entry; decides its idle timeout.
@@ -326,6 +356,40 @@ pub mod net_flags {
     /// `enable_icc=false`: containers of the network cannot reach each other (only its gateway
     /// and published ports through host addresses).
     pub const NO_ICC: u32 = 16;
+    /// An overlay network: its bridge is this node's share of a network spanning nodes. The
+    /// programs find its VNI in OVERLAY_NETS (by network id); the flag tells readers of
+    /// NETWORKS (the daemon's views, tools) what the entry is.
+    pub const OVERLAY: u32 = 32;
+}
+
+/// Key of the overlay endpoint maps: an address within one overlay network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverlayKey {
+    pub vni: u32,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// A container of an overlay network on this node. Key: [`OverlayKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayLocal {
+    /// Host side of its veth: where decapsulated packets for it are redirected.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: u16,
+}
+
+/// A container of an overlay network on another node. Key: [`OverlayKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayRemote {
+    /// The underlay address of its node: the VXLAN tunnel's remote end (network byte order).
+    pub node_ip: u32,
+    /// Its MAC: the inner frame's destination, and the answer to ARP for its address.
+    pub mac: [u8; 6],
+    pub _pad: u16,
 }
 
 const _: () = {
@@ -339,6 +403,9 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 56);
     assert!(core::mem::size_of::<ServiceInfo>() == 12);
+    assert!(core::mem::size_of::<OverlayKey>() == 8);
+    assert!(core::mem::size_of::<OverlayLocal>() == 12);
+    assert!(core::mem::size_of::<OverlayRemote>() == 12);
     // The ring buffer hands out 8-byte aligned records.
     assert!(core::mem::align_of::<FlowEvent>() <= 8);
 };
@@ -356,4 +423,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::ServiceInfo {}
+    unsafe impl aya::Pod for super::OverlayKey {}
+    unsafe impl aya::Pod for super::OverlayLocal {}
+    unsafe impl aya::Pod for super::OverlayRemote {}
 }

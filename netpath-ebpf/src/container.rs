@@ -11,16 +11,18 @@ use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
 use crate::stats::drop;
-use crate::{conntrack, lb, nat};
+use crate::{conntrack, lb, nat, vxlan};
 
 /// The hook these paths act at (conntrack entries, drops).
 const HOOK: u8 = hook::FROM_CONTAINER;
 
 /// Sent by a container: source check → known flow (hairpin, or out through an uplink), or
-/// internal networks' confinement, isolation then hairpin to a published port → rewrite → deliver.
+/// internal networks' confinement, isolation, an overlay peer on another node (encapsulated),
+/// then a service or a hairpin to a published port → rewrite → deliver.
 #[inline(always)]
 pub fn from_container(ctx: &mut TcContext) -> i32 {
-    let Some(p) = parse(ctx) else { return TC_ACT_OK as i32 };
+    // Not IPv4: ARP for another node's overlay container is answered here, the rest passes.
+    let Some(p) = parse(ctx) else { return vxlan::answer_arp(ctx) };
     let src = policy::source(&p);
     if policy::spoofed(src.as_ref(), p.ifindex) {
         return drop(&p, HOOK, drop_reason::SPOOFED_SOURCE);
@@ -40,6 +42,10 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
                 Reach::Free => {}
                 Reach::Isolated => return drop(&p, HOOK, drop_reason::ISOLATION),
                 Reach::Routed => return routed(&p),
+            }
+            // To another node's container of the sender's overlay: through the tunnel.
+            if let Some((vni, remote)) = vxlan::remote(&p, src.as_ref()) {
+                return vxlan::encap(ctx, &p, vni, &remote);
             }
             if !p.translatable {
                 return TC_ACT_OK as i32;

@@ -15,6 +15,7 @@ mod policy;
 mod sock;
 mod stats;
 mod uplink;
+mod vxlan;
 
 use aya_ebpf::macros::{cgroup_sock_addr, classifier};
 use aya_ebpf::programs::{SockAddrContext, TcContext};
@@ -35,6 +36,12 @@ pub fn uplink_in(mut ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_out(mut ctx: TcContext) -> i32 {
     uplink::egress(&mut ctx)
+}
+
+/// TC ingress on the host's VXLAN device: overlay traffic from other nodes.
+#[classifier]
+pub fn vxlan_in(mut ctx: TcContext) -> i32 {
+    vxlan::decap(&mut ctx)
 }
 
 /// connect() of a host process: published ports reached through host addresses or loopback.

@@ -7,8 +7,9 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
     Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
-    MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, PortKey, SOCK_REVNAT_MAX_ENTRIES,
-    ServiceInfo, SockRevKey, SockRevValue, Tuple, config, drop_reason,
+    MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS,
+    NetworkInfo, OverlayKey, OverlayLocal, OverlayRemote, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey,
+    SockRevValue, Tuple, config, drop_reason, overlay_config,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -103,3 +104,29 @@ pub static SERVICES: HashMap<PortKey, ServiceInfo> = HashMap::pinned(MAX_SERVICE
 /// reads to pick a new flow's backend.
 #[map(name = "MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::pinned(MAX_SERVICE_SLOTS * MAGLEV_M, 0);
+
+/// Overlay networks: network id (as in NETWORKS and ENDPOINTS) → VNI. Daemon writes as overlay
+/// networks come and go on this node; from_container reads to encapsulate a sender's traffic.
+#[map(name = "OVERLAY_NETS")]
+pub static OVERLAY_NETS: HashMap<u32, u32> = HashMap::pinned(MAX_OVERLAY_NETS, 0);
+
+/// The same networks the other way round: VNI → network id. Daemon writes with OVERLAY_NETS;
+/// vxlan_in reads to drop a VNI this node does not have.
+#[map(name = "OVERLAY_VNIS")]
+pub static OVERLAY_VNIS: HashMap<u32, u32> = HashMap::pinned(MAX_OVERLAY_NETS, 0);
+
+/// This node's overlay containers by (VNI, address): their veth and MAC. Daemon writes on
+/// wire/unwire; vxlan_in reads to deliver a decapsulated packet.
+#[map(name = "OVERLAY_LOCAL")]
+pub static OVERLAY_LOCAL: HashMap<OverlayKey, OverlayLocal> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Other nodes' overlay containers by (VNI, address): their node's underlay address and their
+/// MAC. Daemon writes from the cluster store; from_container reads to encapsulate and to
+/// answer ARP (nothing is flooded to other nodes).
+#[map(name = "OVERLAY_REMOTE")]
+pub static OVERLAY_REMOTE: HashMap<OverlayKey, OverlayRemote> = HashMap::pinned(MAX_OVERLAY_REMOTES, 0);
+
+/// Overlay settings (netpath_common::overlay_config): the VXLAN device's ifindex. Daemon writes
+/// when it makes (or removes) the device; from_container reads to redirect encapsulated packets.
+#[map(name = "OVERLAY_CONFIG")]
+pub static OVERLAY_CONFIG: Array<u32> = Array::pinned(overlay_config::MAX, 0);

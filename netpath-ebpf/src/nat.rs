@@ -170,7 +170,7 @@ fn hop(ctx: &mut TcContext, word: [u8; 2]) -> Result<(), ()> {
 
 /// Redirects `p` (being handled at `hook`) to interface `ifindex`.
 #[inline(always)]
-fn redirect(p: &Packet, hook: u8, ifindex: u32) -> i32 {
+pub fn redirect(p: &Packet, hook: u8, ifindex: u32) -> i32 {
     // SAFETY: helper call with plain arguments.
     if unsafe { bpf_redirect(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
         TC_ACT_REDIRECT as i32

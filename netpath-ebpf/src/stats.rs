@@ -11,3 +11,10 @@ pub fn drop(p: &Packet, hook: u8, reason: u32) -> i32 {
     crate::events::dropped(p, hook, reason);
     aya_ebpf::bindings::TC_ACT_SHOT as i32
 }
+
+/// A drop of a frame that did not parse as IPv4 (no tuple to report): counted only.
+#[inline(always)]
+pub fn drop_unparsed(reason: u32) -> i32 {
+    crate::maps::count(&crate::maps::DROPS, reason);
+    aya_ebpf::bindings::TC_ACT_SHOT as i32
+}

@@ -26,7 +26,7 @@ use super::sys::{self, AttachTo, LinkTarget};
 fn attach_type(prog: &str) -> Option<u32> {
     use bpf_attach_type::*;
     let t = match prog {
-        prog_names::FROM_CONTAINER | prog_names::UPLINK_IN => BPF_TCX_INGRESS,
+        prog_names::FROM_CONTAINER | prog_names::UPLINK_IN | prog_names::VXLAN_IN => BPF_TCX_INGRESS,
         prog_names::UPLINK_OUT => BPF_TCX_EGRESS,
         prog_names::SOCK_CONNECT4 => BPF_CGROUP_INET4_CONNECT,
         prog_names::SOCK_SENDMSG4 => BPF_CGROUP_UDP4_SENDMSG,

@@ -10,6 +10,7 @@ mod bpffs;
 mod events;
 mod links;
 mod migrate;
+mod overlay;
 pub mod pins;
 mod sys;
 
@@ -33,6 +34,7 @@ use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
 pub use events::FlowEventRing;
+pub use overlay::{Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
 pub use pins::map_pin;
 
 mod conntrack;
@@ -167,7 +169,7 @@ impl Datapath {
             loader.map_max_entries(name, *n);
         }
         let mut ebpf = loader.load(object).context("loading the eBPF object (is the kernel's BPF support enabled?)")?;
-        for name in [prog_names::FROM_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT] {
+        for name in [prog_names::FROM_CONTAINER, prog_names::UPLINK_IN, prog_names::UPLINK_OUT, prog_names::VXLAN_IN] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?

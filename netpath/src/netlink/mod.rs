@@ -15,7 +15,7 @@ use rtnetlink::packet_route::link::MacVlanMode;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{
-    Handle, LinkBridge, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan, RouteMessageBuilder,
+    Handle, LinkBridge, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan, LinkVxlan, RouteMessageBuilder,
 };
 
 /// One interface as a link dump shows it.
@@ -338,6 +338,50 @@ impl Netlink {
         Ok(i)
     }
 
+    /// Creates (idempotently) the VXLAN device `name` in external mode (collect_md: the tunnel
+    /// endpoint and VNI of each packet come from its metadata, set by eBPF) on UDP `port`, with
+    /// `mtu`, marked as netpath's, up; returns its ifindex. A netpath device made otherwise (an
+    /// earlier build's, another port) is made again; a link of that name netpath did not make
+    /// is an error, left alone.
+    pub async fn ensure_vxlan(&self, name: &str, port: u16, mtu: u32) -> Result<u32> {
+        if let Some(m) = self.link_message(name).await? {
+            let idx = m.header.index;
+            match vxlan_config(&m) {
+                Some(c) if c.collect_metadata && c.port == Some(port) && c.ours => {
+                    self.handle()
+                        .link()
+                        .set(LinkUnspec::new_with_index(idx).mtu(mtu).up().build())
+                        .execute()
+                        .await
+                        .with_context(|| format!("setting MTU {mtu} on {name}"))?;
+                    return Ok(idx);
+                }
+                Some(c) if c.ours => self.delete_link(name).await?,
+                _ => anyhow::bail!("link {name} exists and is not netpath's external VXLAN device: remove it first"),
+            }
+        }
+        match self.handle().link().add(vxlan_message(name, port, mtu)).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => {
+                anyhow::bail!("the kernel lacks VXLAN support: cannot create {name}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating VXLAN device {name} (UDP port {port})")),
+        }
+        let i = self.require_link(name).await?;
+        self.set_alias(i).await?;
+        Ok(i)
+    }
+
+    /// The RTM_NEWLINK message the kernel has for link `name` (None if there is none).
+    async fn link_message(&self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut links = self.handle().link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
     /// Creates the 802.1q link `name` (VLAN `vid` of `lower`), marked as netpath's, up.
     /// A kernel without VLAN support answers EOPNOTSUPP ("unknown device type"): said so.
     pub async fn create_vlan(&self, name: &str, lower: u32, vid: u16) -> Result<u32> {
@@ -639,6 +683,46 @@ pub fn vlan_message(name: &str, lower: u32, vid: u16) -> LinkMessage {
     LinkVlan::new(name, lower, vid).up().build()
 }
 
+/// The RTM_NEWLINK message that makes `name` an external-mode VXLAN device on UDP `port` (`ip
+/// link add NAME mtu MTU type vxlan external dstport PORT nolearning`), up. No VNI, no remote,
+/// no lower device: each packet's come from the tunnel key eBPF sets. No learning: other nodes'
+/// containers are known from the cluster, never from traffic.
+pub fn vxlan_message(name: &str, port: u16, mtu: u32) -> LinkMessage {
+    LinkMessageBuilder::<LinkVxlan>::new(name).collect_metadata(true).port(port).learning(false).mtu(mtu).up().build()
+}
+
+/// What [`Netlink::ensure_vxlan`] checks of an existing VXLAN device (None: not VXLAN).
+struct VxlanConfig {
+    collect_metadata: bool,
+    port: Option<u16>,
+    ours: bool,
+}
+
+fn vxlan_config(m: &LinkMessage) -> Option<VxlanConfig> {
+    use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkInfo};
+    let infos = m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(i) => Some(i),
+        _ => None,
+    })?;
+    if !infos.contains(&LinkInfo::Kind(InfoKind::Vxlan)) {
+        return None;
+    }
+    let mut c = VxlanConfig { collect_metadata: false, port: None, ours: false };
+    for i in infos {
+        if let LinkInfo::Data(InfoData::Vxlan(data)) = i {
+            for d in data {
+                match d {
+                    InfoVxlan::CollectMetadata(v) => c.collect_metadata = *v,
+                    InfoVxlan::Port(p) => c.port = Some(*p),
+                    _ => {}
+                }
+            }
+        }
+    }
+    c.ours = m.attributes.iter().any(|a| matches!(a, LinkAttribute::IfAlias(a) if a == OWNER_ALIAS));
+    Some(c)
+}
+
 #[cfg(test)]
 mod tests {
     use rtnetlink::packet_core::Parseable;
@@ -707,6 +791,39 @@ mod tests {
         let mut buf = vec![0u8; m.buffer_len()];
         m.emit(&mut buf);
         assert_eq!(LinkMessage::parse(&buf[..]).unwrap(), m);
+    }
+
+    #[test]
+    fn the_vxlan_request_is_external_on_the_port_with_no_vni_and_no_learning() {
+        use rtnetlink::packet_core::Emitable;
+        use rtnetlink::packet_route::link::{InfoKind, InfoVxlan, LinkFlags, LinkInfo};
+        let m = vxlan_message("np-vxlan0", 4789, 1500);
+        assert!(m.header.flags.contains(LinkFlags::Up));
+        assert!(m.attributes.contains(&LinkAttribute::Mtu(1500)), "{m:?}");
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.emit(&mut buf);
+        let back = LinkMessage::parse(&buf[..]).unwrap();
+        let info = back.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => Some(i.clone()),
+            _ => None,
+        });
+        let info = info.expect("IFLA_LINKINFO");
+        assert!(info.contains(&LinkInfo::Kind(InfoKind::Vxlan)), "{info:?}");
+        let data = info.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(d)) => Some(d.clone()),
+            _ => None,
+        });
+        let data = data.expect("IFLA_INFO_DATA");
+        assert!(data.contains(&InfoVxlan::CollectMetadata(true)), "{data:?}");
+        assert!(data.contains(&InfoVxlan::Port(4789)), "{data:?}");
+        assert!(data.contains(&InfoVxlan::Learning(false)), "{data:?}");
+        assert!(
+            !data.iter().any(|d| matches!(d, InfoVxlan::Id(_) | InfoVxlan::Group(_) | InfoVxlan::Link(_))),
+            "{data:?}"
+        );
+        // What ensure_vxlan reads back from the kernel's answer (no alias yet: not ours).
+        let c = vxlan_config(&back).expect("a VXLAN device");
+        assert!(c.collect_metadata && c.port == Some(4789) && !c.ours);
     }
 
     #[test]

@@ -1,0 +1,313 @@
+//! Overlay networks: the typed side of the VXLAN datapath (netpath-ebpf/src/vxlan.rs). The
+//! host's VXLAN device (external mode) and the `vxlan_in` program on it, which networks are
+//! overlays under which VNI, and the containers of each overlay here and on other nodes.
+//!
+//! An [`Overlay`] works through descriptors of its own (like [`super::FlowTable`]): the
+//! daemon changes overlay entries, and awaits netlink for the device, without holding the
+//! datapath's lock. Every map update is one atomic kernel call.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail, ensure};
+use netpath_common::{OverlayKey, OverlayLocal, OverlayRemote, VNI_MAX, map_names, overlay_config, prog_names};
+
+use super::{Datapath, links, sys, wire_addr};
+use crate::netlink::Netlink;
+
+/// The host's one VXLAN device, shared by every overlay network.
+pub const VXLAN_DEV: &str = "np-vxlan0";
+/// VXLAN's IANA port (RFC 7348).
+pub const VXLAN_PORT: u16 = 4789;
+/// What VXLAN over IPv4 adds to a frame: outer IPv4 (20), UDP (8), VXLAN (8) and the inner
+/// Ethernet header (14). Overlay interfaces get the underlay's MTU minus this.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// A container of an overlay network on another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RemoteEndpoint {
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The underlay address of its node.
+    pub node_ip: Ipv4Addr,
+}
+
+/// The overlay maps and the VXLAN device's program link (see the module's docs). Cheap to clone.
+#[derive(Clone)]
+pub struct Overlay(Arc<Inner>);
+
+struct Inner {
+    nets: OwnedFd,
+    vnis: OwnedFd,
+    local: OwnedFd,
+    remote: OwnedFd,
+    config: OwnedFd,
+    links: links::SharedLinks,
+}
+
+impl Datapath {
+    /// A handle on the overlay maps and the VXLAN device's link, usable without this
+    /// datapath's lock (see [`Overlay`]).
+    pub fn overlay(&self) -> Result<Overlay> {
+        let fd = |name: &str| -> Result<OwnedFd> {
+            let m = self.ebpf.map(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+            let data = match m {
+                aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) => d,
+                _ => bail!("map {name} has an unexpected type"),
+            };
+            data.fd().as_fd().try_clone_to_owned().with_context(|| format!("duplicating the descriptor of {name}"))
+        };
+        Ok(Overlay(Arc::new(Inner {
+            nets: fd(map_names::OVERLAY_NETS)?,
+            vnis: fd(map_names::OVERLAY_VNIS)?,
+            local: fd(map_names::OVERLAY_LOCAL)?,
+            remote: fd(map_names::OVERLAY_REMOTE)?,
+            config: fd(map_names::OVERLAY_CONFIG)?,
+            links: self.shared_links(),
+        })))
+    }
+}
+
+fn bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is one of the shared #[repr(C)] plain-integer types without padding (or u32).
+    unsafe { std::slice::from_raw_parts((v as *const T).cast(), size_of::<T>()) }
+}
+
+fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    let mut v = T::default();
+    // SAFETY: same size, plain integers: every bit pattern is a valid T.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast(), size_of::<T>()) };
+    v
+}
+
+fn check_vni(vni: u32) -> Result<()> {
+    ensure!(vni <= VNI_MAX, "VNI {vni} does not fit VXLAN's 24 bits (at most {VNI_MAX})");
+    Ok(())
+}
+
+fn key(vni: u32, ip: Ipv4Addr) -> OverlayKey {
+    OverlayKey { vni, addr: wire_addr(ip) }
+}
+
+/// `BPF_ANY`: insert or replace.
+const ANY: u64 = 0;
+
+impl Overlay {
+    /// Creates (idempotently) the host's VXLAN device with the underlay's MTU and attaches
+    /// `vxlan_in` to it (a pinned link: it outlives the daemon, and a restarted daemon claims
+    /// it by calling this again); returns its ifindex. From then on the programs encapsulate
+    /// through it.
+    pub async fn ensure_vxlan(&self, nl: &Netlink, underlay_mtu: u32) -> Result<u32> {
+        ensure!(
+            underlay_mtu > VXLAN_OVERHEAD + 68,
+            "an underlay MTU of {underlay_mtu} leaves no room for VXLAN's {VXLAN_OVERHEAD} bytes and an IPv4 packet"
+        );
+        let ifindex = nl.ensure_vxlan(VXLAN_DEV, VXLAN_PORT, underlay_mtu).await?;
+        let links = self.0.links.clone();
+        // Attaching waits out an RCU grace period: off the async runtime's threads.
+        tokio::task::spawn_blocking(move || links::attach_tcx(&links, VXLAN_DEV, ifindex, prog_names::VXLAN_IN))
+            .await
+            .context("attaching vxlan_in")??;
+        self.set_config(overlay_config::VXLAN_IFINDEX, ifindex)?;
+        Ok(ifindex)
+    }
+
+    /// Removes the VXLAN device and its program (when no overlay network is left). The
+    /// programs stop encapsulating first. A device that is gone already is fine.
+    pub async fn remove_vxlan(&self, nl: &Netlink) -> Result<()> {
+        self.set_config(overlay_config::VXLAN_IFINDEX, 0)?;
+        if let Some(ifindex) = nl.link_index(VXLAN_DEV).await? {
+            let links = self.0.links.clone();
+            tokio::task::spawn_blocking(move || {
+                let pins =
+                    links.lock().unwrap_or_else(|e| e.into_inner()).take_ifindex(ifindex, &[prog_names::VXLAN_IN]);
+                links::drop_pins(&pins, true);
+            })
+            .await
+            .context("detaching vxlan_in")?;
+        }
+        nl.delete_own_link(VXLAN_DEV).await.map(drop)
+    }
+
+    /// The VXLAN device's ifindex as the programs see it (0: none).
+    pub fn vxlan_ifindex(&self) -> Result<u32> {
+        let mut v = [0u8; 4];
+        sys::map_lookup(self.0.config.as_fd(), bytes(&overlay_config::VXLAN_IFINDEX), &mut v)
+            .context("reading the overlay settings")?;
+        Ok(u32::from_ne_bytes(v))
+    }
+
+    fn set_config(&self, slot: u32, v: u32) -> Result<()> {
+        sys::map_update(self.0.config.as_fd(), bytes(&slot), bytes(&v), ANY).context("writing the overlay settings")
+    }
+
+    /// Makes the network `net_id` (its id in NETWORKS and ENDPOINTS, whose NETWORKS entry
+    /// should carry `net_flags::OVERLAY`) the overlay `vni`. A network's VNI may change (its
+    /// old one is forgotten); a VNI held by another network is refused, leaving both as they were.
+    pub fn overlay_set_network(&self, vni: u32, net_id: u32) -> Result<()> {
+        check_vni(vni)?;
+        let mut v = [0u8; 4];
+        if sys::map_lookup(self.0.vnis.as_fd(), bytes(&vni), &mut v)? {
+            let holder = u32::from_ne_bytes(v);
+            ensure!(holder == net_id, "VNI {vni} belongs to network {holder} already, not to network {net_id}");
+        }
+        // The network's previous VNI, if it changes.
+        if sys::map_lookup(self.0.nets.as_fd(), bytes(&net_id), &mut v)? {
+            let old = u32::from_ne_bytes(v);
+            if old != vni {
+                sys::map_delete(self.0.vnis.as_fd(), bytes(&old))?;
+            }
+        }
+        // VNI → network first: decapsulation accepts the VNI before anything is sent with it.
+        sys::map_update(self.0.vnis.as_fd(), bytes(&vni), bytes(&net_id), ANY)
+            .context("adding an overlay network (is the overlay table full?)")?;
+        sys::map_update(self.0.nets.as_fd(), bytes(&net_id), bytes(&vni), ANY)
+            .context("adding an overlay network (is the overlay table full?)")?;
+        Ok(())
+    }
+
+    /// Forgets overlay `vni`: its network, and every local and remote endpoint under it.
+    /// An unknown VNI is fine.
+    pub fn overlay_remove_network(&self, vni: u32) -> Result<()> {
+        let mut v = [0u8; 4];
+        if sys::map_lookup(self.0.vnis.as_fd(), bytes(&vni), &mut v)? {
+            let net_id = u32::from_ne_bytes(v);
+            let mut mine = [0u8; 4];
+            // Only if the network still has this VNI (it may have moved on to another).
+            if sys::map_lookup(self.0.nets.as_fd(), bytes(&net_id), &mut mine)? && u32::from_ne_bytes(mine) == vni {
+                sys::map_delete(self.0.nets.as_fd(), bytes(&net_id))?;
+            }
+            sys::map_delete(self.0.vnis.as_fd(), bytes(&vni))?;
+        }
+        for fd in [&self.0.local, &self.0.remote] {
+            for k in keys::<OverlayKey>(fd)?.into_iter().filter(|k| k.vni == vni) {
+                sys::map_delete(fd.as_fd(), bytes(&k))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The overlay networks: (VNI, network id).
+    pub fn overlay_networks(&self) -> Result<Vec<(u32, u32)>> {
+        let mut out = vec![];
+        for vni in keys::<u32>(&self.0.vnis)? {
+            let mut v = [0u8; 4];
+            if sys::map_lookup(self.0.vnis.as_fd(), bytes(&vni), &mut v)? {
+                out.push((vni, u32::from_ne_bytes(v)));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A container of overlay `vni` on this node: decapsulated packets for `ip` go to its veth
+    /// (`host_veth_ifindex`, the host side) addressed to `mac`.
+    pub fn overlay_add_local(&self, vni: u32, ip: Ipv4Addr, host_veth_ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        check_vni(vni)?;
+        ensure!(host_veth_ifindex != 0, "overlay endpoint {ip}: no interface (ifindex 0)");
+        let v = OverlayLocal { ifindex: host_veth_ifindex, mac, _pad: 0 };
+        sys::map_update(self.0.local.as_fd(), bytes(&key(vni, ip)), bytes(&v), ANY)
+            .with_context(|| format!("adding overlay endpoint {ip} (VNI {vni}; is the table full?)"))
+    }
+
+    /// Unknown entries are fine.
+    pub fn overlay_remove_local(&self, vni: u32, ip: Ipv4Addr) -> Result<()> {
+        sys::map_delete(self.0.local.as_fd(), bytes(&key(vni, ip)))?;
+        Ok(())
+    }
+
+    /// This node's overlay containers: (VNI, address, host veth ifindex, MAC).
+    pub fn overlay_locals(&self) -> Result<Vec<(u32, Ipv4Addr, u32, [u8; 6])>> {
+        let mut out = vec![];
+        for k in keys::<OverlayKey>(&self.0.local)? {
+            let mut v = [0u8; size_of::<OverlayLocal>()];
+            if sys::map_lookup(self.0.local.as_fd(), bytes(&k), &mut v)? {
+                let l: OverlayLocal = from_bytes(&v);
+                out.push((k.vni, Ipv4Addr::from(k.addr.to_ne_bytes()), l.ifindex, l.mac));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A container of overlay `ep.vni` on another node: local containers of that overlay
+    /// reach it through the tunnel to `ep.node_ip`, and their ARP for it is answered with
+    /// `ep.mac`. Replaces an entry for the same (VNI, address) (a container that moved).
+    pub fn overlay_add_remote(&self, ep: &RemoteEndpoint) -> Result<()> {
+        check_vni(ep.vni)?;
+        ensure!(
+            !ep.node_ip.is_unspecified() && !ep.node_ip.is_broadcast() && !ep.node_ip.is_multicast(),
+            "overlay endpoint {}: {} is not a node address",
+            ep.ip,
+            ep.node_ip
+        );
+        ensure!(ep.mac[0] & 1 == 0, "overlay endpoint {}: {} is not a unicast MAC", ep.ip, fmt_mac(&ep.mac));
+        let v = OverlayRemote { node_ip: wire_addr(ep.node_ip), mac: ep.mac, _pad: 0 };
+        sys::map_update(self.0.remote.as_fd(), bytes(&key(ep.vni, ep.ip)), bytes(&v), ANY)
+            .with_context(|| format!("adding remote overlay endpoint {} (VNI {}; is the table full?)", ep.ip, ep.vni))
+    }
+
+    /// Unknown entries are fine.
+    pub fn overlay_remove_remote(&self, vni: u32, ip: Ipv4Addr) -> Result<()> {
+        sys::map_delete(self.0.remote.as_fd(), bytes(&key(vni, ip)))?;
+        Ok(())
+    }
+
+    /// Every remote endpoint the datapath knows, sorted: what a resync diffs against the store.
+    pub fn overlay_remotes(&self) -> Result<Vec<RemoteEndpoint>> {
+        let mut out = vec![];
+        for k in keys::<OverlayKey>(&self.0.remote)? {
+            let mut v = [0u8; size_of::<OverlayRemote>()];
+            if sys::map_lookup(self.0.remote.as_fd(), bytes(&k), &mut v)? {
+                let r: OverlayRemote = from_bytes(&v);
+                out.push(RemoteEndpoint {
+                    vni: k.vni,
+                    ip: Ipv4Addr::from(k.addr.to_ne_bytes()),
+                    mac: r.mac,
+                    node_ip: Ipv4Addr::from(r.node_ip.to_ne_bytes()),
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Every key of a hash map.
+fn keys<K: Copy + Default>(fd: &OwnedFd) -> Result<Vec<K>> {
+    let mut key = vec![0u8; size_of::<K>()];
+    let mut next = vec![0u8; size_of::<K>()];
+    let mut out = vec![];
+    let mut first = true;
+    while sys::map_next_key(fd.as_fd(), (!first).then_some(&key[..]), &mut next).context("walking an overlay map")? {
+        first = false;
+        key.copy_from_slice(&next);
+        out.push(from_bytes::<K>(&key));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vnis_must_fit_24_bits() {
+        assert!(check_vni(4096).is_ok());
+        assert!(check_vni(VNI_MAX).is_ok());
+        let e = check_vni(VNI_MAX + 1).unwrap_err().to_string();
+        assert!(e.contains("24 bits"), "{e}");
+    }
+
+    #[test]
+    fn overlay_keys_carry_the_address_in_wire_order() {
+        let k = key(4097, Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(bytes(&k), [0x01, 0x10, 0, 0, 10, 0, 0, 2]);
+    }
+}
