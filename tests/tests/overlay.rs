@@ -101,6 +101,38 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
     // Names of containers on other nodes resolve (the embedded DNS learns them from etcd).
     let ip_remote = c.node(1).ip_of("c1x0", "ov");
     c.wait_for(10, "c1x0 resolving on node0", || getent(c.node(0), "c0x0", "c1x0") == vec![ip_remote.clone()]);
+    // Traffic across hosts by name: ping, and TCP to a server on node1 that sees the
+    // client's own overlay address (no NAT on the way).
+    let ip_local = c.node(0).ip_of("c0x0", "ov");
+    let ping = c.node(0).np(&["exec", "c0x0", "--", "ping", "-c", "2", "-W", "2", "c1x0"]);
+    assert!(ping.contains("2 received"), "{ping}");
+    c.node(1).np(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "ov",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    c.wait_for(10, "srv resolving on node0", || !getent(c.node(0), "c0x0", "srv").is_empty());
+    let mut seen = String::new();
+    c.wait_for(10, "a TCP answer from srv on node1", || {
+        let out = c.node(0).try_np(&["exec", "c0x0", "--", "socat", "-T", "3", "-", "TCP:srv:80"]);
+        seen = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        out.status.success() && !seen.is_empty()
+    });
+    assert_eq!(seen, ip_local, "the server sees the client's overlay address");
+    // And from node2, a third host, to node0.
+    c.node(2).np(&["run", "-d", "--name", "c2", "--network", "ov", "--", "sleep", "600"]);
+    let ping = c.node(2).np(&["exec", "c2", "--", "ping", "-c", "1", "-W", "2", &ip_local]);
+    assert!(ping.contains("1 received"), "{ping}");
+    c.node(2).np(&["rm", "-f", "c2"]);
+    c.node(1).np(&["rm", "-f", "srv"]);
+
     // Removing a network in use on another node is refused.
     let e = c.node(2).np_fails(&["network", "rm", "ov"]);
     assert!(e.contains("in use") && e.contains("node1"), "{e}");

@@ -386,6 +386,10 @@ impl Daemon {
         self.links.attach(host_if, idx)?;
         if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
             self.dp().set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
+            // Packets from other nodes for this address come out of the VXLAN device here.
+            if let (Some(ov), Some(o)) = (&net.opts.overlay, &self.overlay_dp) {
+                o.overlay_add_local(ov.vni, ip, idx, mac)?;
+            }
         }
         Ok(())
     }
@@ -396,6 +400,11 @@ impl Daemon {
     async fn unwire(&self, container_id: &str, sandbox: &Sandbox, ep: &Endpoint) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
         let net = self.state().network_by_id(&ep.network_id).cloned();
+        if let (Some(ov), Some(o), Some(ip)) =
+            (net.as_ref().and_then(|n| n.opts.overlay.as_ref()), &self.overlay_dp, ep.ipv4)
+        {
+            let _ = o.overlay_remove_local(ov.vni, ip);
+        }
         if let Some(net) = net {
             self.overlay_endpoint_down(container_id, ep, &net).await; // record and address claim go
         }

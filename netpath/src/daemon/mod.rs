@@ -98,6 +98,8 @@ pub struct Daemon {
     svc_unhealthy: Mutex<std::collections::HashSet<String>>,
     /// The cluster store, with `--cluster-store`.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The overlay maps and VXLAN device (None: an eBPF object from before overlays).
+    overlay_dp: Option<crate::datapath::Overlay>,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -167,6 +169,13 @@ impl Daemon {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
         let ct_table = Arc::new(datapath.flow_table()?);
+        let overlay_dp = match datapath.overlay() {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!("no overlay datapath in this eBPF object: {e:#}");
+                None
+            }
+        };
         let links = crate::datapath::EndpointLinks::new(&datapath);
         let d = Arc::new(Self {
             flusher: spawn_flusher(ct_table.clone()),
@@ -188,6 +197,7 @@ impl Daemon {
             services_kick: Default::default(),
             svc_unhealthy: Default::default(),
             cluster: cfg.cluster.clone().map(crate::cluster::Cluster::new),
+            overlay_dp,
         });
         tokio::spawn(d.clone().watch_services());
         tokio::spawn(d.clone().watch_health());

@@ -183,7 +183,12 @@ impl Daemon {
     /// the uplink programs on the parent.
     pub(super) fn publish_network(&self, net: &Network) -> anyhow::Result<()> {
         if let (true, Some(ipam)) = (net.driver.is_bridged(), net.ipam) {
-            self.dp().set_network(ipam.subnet, net.index, ipam.gateway, datapath_flags(net))?;
+            let overlay = net.opts.overlay.as_ref().map(|o| o.vni);
+            let flags = datapath_flags(net) | overlay.map_or(0, |_| net_flags::OVERLAY);
+            self.dp().set_network(ipam.subnet, net.index, ipam.gateway, flags)?;
+            if let (Some(vni), Some(o)) = (overlay, &self.overlay_dp) {
+                o.overlay_set_network(vni, net.index)?;
+            }
         }
         Ok(())
     }
@@ -554,6 +559,9 @@ impl Daemon {
         }
         if let (true, Some(ipam)) = (net.driver.is_bridged(), net.ipam) {
             let _ = self.dp().remove_network(ipam.subnet);
+        }
+        if let (Some(ov), Some(o)) = (&net.opts.overlay, &self.overlay_dp) {
+            let _ = o.overlay_remove_network(ov.vni);
         }
         // A VLAN link goes with the last network on it, and only if netpath made it.
         if let Some(mv) = &net.opts.macvlan

@@ -204,7 +204,8 @@ impl Daemon {
         }
         let built = async {
             driver(net.driver).ensure_network(&self.nl, &net).await?;
-            self.publish_network(&net)
+            self.publish_network(&net)?;
+            self.ensure_vxlan().await
         }
         .await;
         if let Err(e) = built {
@@ -237,6 +238,57 @@ impl Daemon {
         };
         self.finish_network_removal(&net).await;
         info!("overlay network {} removed from this node", net.name);
+        let last = !self.state().networks().any(|n| n.driver == DriverKind::Overlay);
+        if let (true, Some(o)) = (last, &self.overlay_dp) {
+            match o.remove_vxlan(&self.nl).await {
+                Ok(()) => info!("no overlay network left: VXLAN device removed"),
+                Err(e) => warn!("removing the VXLAN device: {e:#}"),
+            }
+        }
+    }
+
+    /// The host's VXLAN device (made with the first overlay network; idempotent, and after a
+    /// restart it claims the device and program the last daemon left).
+    async fn ensure_vxlan(&self) -> anyhow::Result<()> {
+        let Some(o) = &self.overlay_dp else {
+            anyhow::bail!("this eBPF object has no overlay datapath");
+        };
+        let mtu = self.underlay_mtu().await;
+        o.ensure_vxlan(&self.nl, mtu).await?;
+        Ok(())
+    }
+
+    /// Makes the remote-endpoint map match the cluster: every endpoint of another node on an
+    /// overlay network this node has, with its node's underlay address.
+    fn sync_remote_endpoints(&self, snap: &crate::cluster::Snapshot) -> anyhow::Result<()> {
+        let Some(o) = &self.overlay_dp else { return Ok(()) };
+        let me = self.cluster.as_ref().map(|c| c.node_name().to_string()).unwrap_or_default();
+        let vnis: BTreeMap<String, u32> =
+            self.state().networks().filter_map(|n| Some((n.id.clone(), n.opts.overlay.as_ref()?.vni))).collect();
+        let want: BTreeSet<crate::datapath::RemoteEndpoint> = snap
+            .endpoints
+            .values()
+            .filter(|e| e.node != me)
+            .filter_map(|e| {
+                Some(crate::datapath::RemoteEndpoint {
+                    vni: *vnis.get(&e.network_id)?,
+                    ip: e.ip,
+                    mac: e.mac,
+                    node_ip: snap.alive.get(&e.node).map_or(e.node_ip, |n| n.addr),
+                })
+            })
+            .collect();
+        let have: BTreeSet<crate::datapath::RemoteEndpoint> = o.overlay_remotes()?.into_iter().collect();
+        for gone in have.difference(&want) {
+            // An address that moved (same key, new MAC or node) is simply replaced below.
+            if !want.iter().any(|w| (w.vni, w.ip) == (gone.vni, gone.ip)) {
+                o.overlay_remove_remote(gone.vni, gone.ip)?;
+            }
+        }
+        for new in want.difference(&have) {
+            o.overlay_add_remote(new)?;
+        }
+        Ok(())
     }
 
     /// The MTU of the link holding --node-ip (1500 if it cannot be read).
@@ -380,6 +432,12 @@ impl Daemon {
     async fn follow_cluster(self: Arc<Self>, cluster: Arc<Cluster>) {
         let mut rx = cluster.subscribe();
         let mut remote_dns: BTreeSet<String> = BTreeSet::new();
+        // After a restart: the VXLAN device (and its program) the overlays here need.
+        if self.state().networks().any(|n| n.driver == DriverKind::Overlay)
+            && let Err(e) = self.ensure_vxlan().await
+        {
+            warn!("VXLAN device: {e:#}");
+        }
         loop {
             if rx.changed().await.is_err() {
                 return;
@@ -404,6 +462,12 @@ impl Daemon {
                 }
             }
             remote_dns = self.feed_remote_names(&snap, remote_dns);
+            // What is programmed stays while etcd is away: only a live snapshot changes it.
+            if cluster.connected()
+                && let Err(e) = self.sync_remote_endpoints(&snap)
+            {
+                warn!("programming other nodes' endpoints: {e:#}");
+            }
         }
     }
 

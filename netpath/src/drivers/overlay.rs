@@ -13,8 +13,7 @@ use super::bridge::Bridge;
 use crate::netlink::Netlink;
 use crate::state::{Endpoint, Network, Sandbox};
 
-/// Outer Ethernet-less IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
-pub const VXLAN_OVERHEAD: u32 = 50;
+pub use crate::datapath::VXLAN_OVERHEAD;
 
 pub struct Overlay;
 
