@@ -350,11 +350,26 @@ impl Cluster {
     }
 
     /// The client of the current session, or the clear error a user gets while etcd is away.
-    fn client(&self) -> crate::error::Result<Client> {
+    fn client_now(&self) -> crate::error::Result<Client> {
         let c = self.client.read().unwrap_or_else(|e| e.into_inner()).clone();
         match c {
             Some(c) if self.connected() => Ok(c),
             _ => Err(unavailable(&self.cfg, &self.last_error.lock().unwrap_or_else(|e| e.into_inner()))),
+        }
+    }
+
+    /// [`Self::client_now`], waiting up to [`REQUEST_TIMEOUT`] for a session being set up
+    /// (a reconnect after a blip must not fail the request that happens to come first).
+    async fn client(&self) -> crate::error::Result<Client> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            if let Ok(c) = self.client_now() {
+                return Ok(c);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return self.client_now();
+            }
         }
     }
 
@@ -458,8 +473,12 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if last_ack.elapsed() > Duration::from_secs(LEASE_TTL_SECS as u64) {
-                        bail!("no lease keep-alive answer for {LEASE_TTL_SECS} s");
+                    // A lease that expired is reported (TTL 0) and a dead connection fails
+                    // the HTTP/2 keep-alive; this only catches a server that answers nothing
+                    // else. Generous: a daemon stalled for a few seconds (tick and answer
+                    // both late) must not drop a lease that is still alive.
+                    if last_ack.elapsed() > Duration::from_secs(3 * LEASE_TTL_SECS as u64) {
+                        bail!("no lease keep-alive answer for {} s", 3 * LEASE_TTL_SECS);
                     }
                     keeper.keep_alive().await.context("lease keep-alive")?;
                 }
@@ -544,7 +563,7 @@ impl Cluster {
         build: impl Fn(&Snapshot) -> crate::error::Result<OverlayNetwork>,
     ) -> crate::error::Result<OverlayNetwork> {
         for _ in 0..5 {
-            let mut client = self.client()?;
+            let mut client = self.client().await?;
             let snap = self.read_all(&mut client).await?;
             let net = build(&snap)?;
             let v = serde_json::to_vec(&net).map_err(|e| crate::error::Error::Internal(e.into()))?;
@@ -563,7 +582,7 @@ impl Cluster {
     /// Removes an overlay network cluster-wide, unless a container on any node uses it.
     pub async fn remove_network(&self, id: &str) -> crate::error::Result<()> {
         for _ in 0..5 {
-            let mut client = self.client()?;
+            let mut client = self.client().await?;
             let snap = self.read_all(&mut client).await?;
             let Some(net) = snap.networks.get(id) else { return Ok(()) };
             let mut users: Vec<String> = snap
@@ -608,7 +627,7 @@ impl Cluster {
     /// Claims `ip` of `network_id` for a container of this node: Ok(true) if it is ours now,
     /// Ok(false) if another holder has it.
     pub async fn claim(&self, network_id: &str, ip: Ipv4Addr, container_id: &str) -> crate::error::Result<bool> {
-        let mut client = self.client()?;
+        let mut client = self.client().await?;
         let c = IpClaim { node: self.cfg.node_name.clone(), container_id: container_id.into() };
         let lease = self.lease.load(Ordering::SeqCst);
         let key = Key::Claim(network_id.into(), ip).path();
@@ -627,7 +646,7 @@ impl Cluster {
     /// deletes the key (it is no longer owned).
     pub async fn release(&self, network_id: &str, ip: Ipv4Addr) {
         self.owned.lock().unwrap_or_else(|e| e.into_inner()).claims.remove(&(network_id.to_string(), ip));
-        if let Ok(mut client) = self.client() {
+        if let Ok(mut client) = self.client_now() {
             let key = Key::Claim(network_id.into(), ip).path();
             if let Err(e) = self.timed(client.delete(key, None)).await {
                 warn!("releasing {ip} of network {network_id}: {e}");
@@ -656,7 +675,7 @@ impl Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .endpoints
             .insert((rec.network_id.clone(), rec.container_id.clone()), rec.clone());
-        if let Ok(mut client) = self.client() {
+        if let Ok(mut client) = self.client_now() {
             let lease = self.lease.load(Ordering::SeqCst);
             let v = serde_json::to_vec(&rec).unwrap_or_default();
             if let Err(e) = self.timed(client.put(key.path(), v, Some(PutOptions::new().with_lease(lease)))).await {
@@ -671,7 +690,7 @@ impl Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .endpoints
             .remove(&(network_id.to_string(), container_id.to_string()));
-        if let Ok(mut client) = self.client() {
+        if let Ok(mut client) = self.client_now() {
             let key = Key::Endpoint(network_id.into(), container_id.into()).path();
             if let Err(e) = self.timed(client.delete(key, None)).await {
                 warn!("withdrawing endpoint {container_id} on {network_id}: {e}");
