@@ -191,7 +191,22 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     assert_ne!(ip_a, ip_b, "a's address stayed claimed across the outage");
     c.node(1).np(&["network", "create", "-d", "overlay", "--attachable", "ov2"]);
     c.wait_for(10, "ov2 on node0", || c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov2"));
-    // node1 sees a's record again (re-put by node0's new session).
+    // node1 sees a's record again (re-put by node0's new session), and reaches it.
     c.node(1).np(&["run", "-d", "--name", "q", "--network", "ov", "--", "sleep", "600"]);
     c.wait_for(10, "a resolving on node1", || getent(c.node(1), "q", "a") == vec![ip_a.clone()]);
+    let ping = c.node(1).np(&["exec", "q", "--", "ping", "-c", "1", "-W", "2", "a"]);
+    assert!(ping.contains("1 received"), "{ping}");
+
+    // A node whose daemon restarts comes back: same containers, records, datapath.
+    c.node_mut(0).stop_daemon();
+    c.node_mut(0).start_daemon_with(&ClusterLab::daemon_opts(0));
+    c.wait_for(20, "node0 ready again", || all_ready(&c, 1, 2));
+    assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
+    let ping = c.node(0).np(&["exec", "a", "--", "ping", "-c", "1", "-W", "2", "q"]);
+    assert!(ping.contains("1 received"), "{ping}");
+    c.wait_for(10, "a still resolving on node1", || getent(c.node(1), "q", "a") == vec![ip_a.clone()]);
+    // Its claims survived the restart: a new container does not get a's or b's address.
+    c.node(1).np(&["run", "-d", "--name", "r", "--network", "ov", "--", "sleep", "600"]);
+    let ip_r = c.node(1).ip_of("r", "ov");
+    assert!(ip_r != ip_a && ip_r != ip_b, "{ip_r} handed out twice");
 }

@@ -219,6 +219,8 @@ impl Daemon {
         if let Err(e) = self.refresh_host().await {
             tracing::warn!("refreshing host interfaces: {e:#}");
         }
+        // The VXLAN device's program is claimed before the release below would drop it.
+        self.reconcile_vxlan().await;
         // Programs a former state attached (and this one no longer wants) stop now.
         self.dp().release_unclaimed();
         let ms = t.elapsed().as_millis() as u64;

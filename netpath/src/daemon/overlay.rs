@@ -247,6 +247,16 @@ impl Daemon {
         }
     }
 
+    /// After a (re)start: the VXLAN device and its program, if overlays are here (adopting
+    /// what the last daemon left: decapsulation goes on across the restart).
+    pub(super) async fn reconcile_vxlan(&self) {
+        if self.state().networks().any(|n| n.driver == DriverKind::Overlay)
+            && let Err(e) = self.ensure_vxlan().await
+        {
+            warn!("VXLAN device: {e:#}");
+        }
+    }
+
     /// The host's VXLAN device (made with the first overlay network; idempotent, and after a
     /// restart it claims the device and program the last daemon left).
     async fn ensure_vxlan(&self) -> anyhow::Result<()> {
@@ -432,12 +442,6 @@ impl Daemon {
     async fn follow_cluster(self: Arc<Self>, cluster: Arc<Cluster>) {
         let mut rx = cluster.subscribe();
         let mut remote_dns: BTreeSet<String> = BTreeSet::new();
-        // After a restart: the VXLAN device (and its program) the overlays here need.
-        if self.state().networks().any(|n| n.driver == DriverKind::Overlay)
-            && let Err(e) = self.ensure_vxlan().await
-        {
-            warn!("VXLAN device: {e:#}");
-        }
         loop {
             if rx.changed().await.is_err() {
                 return;
