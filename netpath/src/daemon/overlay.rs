@@ -42,14 +42,13 @@ impl Daemon {
     pub(super) async fn create_overlay_network(&self, req: NetworkCreate) -> Result<Value> {
         let cluster = self.cluster()?.clone();
         valid_name("network", &req.name)?;
-        for (k, v) in &req.options {
-            if k == ENCRYPTED_OPT {
-                let _ = v;
-                return Err(bad_request!(
-                    "-o encrypted is not supported: this kernel has neither IPsec ESP (xfrm) nor WireGuard, so \
-                     overlay traffic cannot be encrypted here"
-                ));
-            }
+        if req.options.contains_key(ENCRYPTED_OPT) {
+            return Err(bad_request!(
+                "-o encrypted is not supported: this kernel has neither IPsec ESP (xfrm) nor WireGuard, so \
+                 overlay traffic cannot be encrypted here"
+            ));
+        }
+        if let Some(k) = req.options.keys().next() {
             return Err(bad_request!("unsupported network option {k:?} for an overlay network (supported: none)"));
         }
         for k in req.labels.keys() {
@@ -156,6 +155,9 @@ impl Daemon {
 
     /// Makes the local copy of a cluster network: record, bridge, datapath entry. Idempotent.
     async fn materialize(&self, on: &OverlayNetwork) -> Result<()> {
+        if self.state().network_by_id(&on.id).is_some_and(|n| n.phase == Phase::Ready) {
+            return Ok(()); // the common case: every watch event passes here
+        }
         let _lock = self.locks.lock(&on.id).await;
         let mtu = self.underlay_mtu().await.saturating_sub(VXLAN_OVERHEAD);
         let net = {
@@ -568,8 +570,9 @@ fn link_mtu(name: &str) -> Option<u32> {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid socket and ifreq; the kernel fills ifr_mtu.
     let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
-    // SAFETY: after a successful SIOCGIFMTU the union holds the MTU.
-    (r == 0).then(|| unsafe { req.ifr_ifru.ifru_mtu } as u32)
+    // SAFETY: the union is plain integers: zeroed, or the MTU after a successful SIOCGIFMTU.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    (r == 0).then_some(mtu as u32)
 }
 
 #[cfg(test)]
