@@ -24,6 +24,8 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     // Not IPv4: ARP for another node's overlay container is answered here, the rest passes.
     let Some(p) = parse(ctx) else { return vxlan::answer_arp(ctx) };
     let src = policy::source(&p);
+    // Only the network id is needed further on (copying the whole endpoint cost a memmove call).
+    let src_net = src.as_ref().map(|s| s.net_id);
     if policy::spoofed(src.as_ref(), p.ifindex) {
         return drop(&p, HOOK, drop_reason::SPOOFED_SOURCE);
     }
@@ -44,7 +46,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
                 Reach::Routed => return routed(&p),
             }
             // To another node's container of the sender's overlay: through the tunnel.
-            if let Some((vni, remote)) = vxlan::remote(&p, src.as_ref()) {
+            if let Some((vni, remote)) = vxlan::remote(src_net, p.daddr) {
                 return vxlan::encap(ctx, &p, vni, &remote);
             }
             if !p.translatable {
@@ -64,6 +66,11 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     };
     if nat::rewrite(ctx, &p, &xlate).is_err() {
         return drop(&p, HOOK, drop_reason::REWRITE_FAILED);
+    }
+    // A service backend on another node of the sender's overlay: through the tunnel (its
+    // replies are translated back where they come out, in vxlan_in).
+    if let Some((vni, remote)) = vxlan::remote(src_net, xlate.daddr) {
+        return vxlan::encap(ctx, &p, vni, &remote);
     }
     nat::deliver(ctx, &p, xlate.daddr)
 }

@@ -7,10 +7,11 @@
 use aya_ebpf::bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_OK, bpf_tunnel_key};
 use aya_ebpf::helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
 use aya_ebpf::programs::TcContext;
-use netpath_common::{EndpointInfo, OverlayKey, OverlayRemote, drop_reason, hook, overlay_config};
+use netpath_common::{OverlayKey, OverlayRemote, drop_reason, hook, overlay_config};
 
+use crate::conntrack;
 use crate::maps::{ENDPOINTS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS};
-use crate::nat::redirect;
+use crate::nat::{self, redirect};
 use crate::parse::{ETH_LEN, Packet, parse};
 use crate::stats::{drop, drop_unparsed};
 
@@ -23,16 +24,16 @@ const ARPOP_REPLY: u16 = 2;
 /// An Ethernet frame carrying an ARP packet for IPv4 over Ethernet.
 const ARP_FRAME_LEN: usize = ETH_LEN + 28;
 
-/// The overlay destination of `p`, sent by the local container `src`: its VNI and the other
-/// node's container it is addressed to. None for everything else (not an overlay sender, or a
+/// The other node's container `daddr` is, on the overlay of a local container's network
+/// `src_net`: its VNI and where it is. None for everything else (not an overlay sender, or a
 /// destination of its network on this node, its gateway, the outside).
 #[inline(always)]
-pub fn remote(p: &Packet, src: Option<&EndpointInfo>) -> Option<(u32, OverlayRemote)> {
-    let src = src?;
+pub fn remote(src_net: Option<u32>, daddr: u32) -> Option<(u32, OverlayRemote)> {
+    let src_net = src_net?;
     // SAFETY: plain lookups, values copied out.
     unsafe {
-        let vni = *OVERLAY_NETS.get(&src.net_id)?;
-        let r = *OVERLAY_REMOTE.get(&OverlayKey { vni, addr: p.daddr })?;
+        let vni = *OVERLAY_NETS.get(&src_net)?;
+        let r = *OVERLAY_REMOTE.get(&OverlayKey { vni, addr: daddr })?;
         Some((vni, r))
     }
 }
@@ -111,13 +112,18 @@ pub fn answer_arp(ctx: &mut TcContext) -> i32 {
     let target = [f[38], f[39], f[40], f[41]];
     // SAFETY: the skb pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Only for a container asking with its own address, from its own veth.
+    // Only for a container asking with its own address, from its own veth. Two fields read:
+    // copying the whole value made LLVM call memmove.
     // SAFETY: plain lookups, values copied out.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&u32::from_ne_bytes(sender)) }).copied() else { return ok };
-    if ep.ifindex != ifindex {
+    let Some((ep_ifindex, net_id)) =
+        (unsafe { ENDPOINTS.get(&u32::from_ne_bytes(sender)) }).map(|e| (e.ifindex, e.net_id))
+    else {
+        return ok;
+    };
+    if ep_ifindex != ifindex {
         return ok;
     }
-    let Some(vni) = (unsafe { OVERLAY_NETS.get(&ep.net_id) }).copied() else { return ok };
+    let Some(vni) = (unsafe { OVERLAY_NETS.get(&net_id) }).copied() else { return ok };
     let key = OverlayKey { vni, addr: u32::from_ne_bytes(target) };
     let Some(r) = (unsafe { OVERLAY_REMOTE.get(&key) }).copied() else { return ok };
     let asker = [f[22], f[23], f[24], f[25], f[26], f[27]];
@@ -157,10 +163,13 @@ fn put<const N: usize>(f: &mut [u8; ARP_FRAME_LEN], at: usize, v: &[u8; N]) {
 const DECAP_HOOK: u8 = hook::VXLAN_IN;
 
 /// A frame the VXLAN device decapsulated: a VNI this node has → the local container of that
-/// overlay it is addressed to (its MAC, straight into its veth). Everything else is dropped,
-/// never handed to the host stack: an unknown VNI (or no tunnel metadata), and within a known
-/// VNI anything that is not IPv4 to one of its containers here (ARP is answered on the
-/// sender's node, so none should arrive; another network's address is isolation).
+/// overlay it is addressed to (its MAC, straight into its veth). A reply of a flow a local
+/// container opened to a service whose backend is on another node gets the address the
+/// container used back first, as replies from a local backend do on its veth. Everything
+/// else is dropped, never handed to the host stack: an unknown VNI (or no tunnel metadata),
+/// and within a known VNI anything that is not IPv4 to one of its containers here (ARP is
+/// answered on the sender's node, so none should arrive; another network's address is
+/// isolation).
 #[inline(always)]
 pub fn decap(ctx: &mut TcContext) -> i32 {
     let vni = tunnel_vni(ctx);
@@ -172,10 +181,20 @@ pub fn decap(ctx: &mut TcContext) -> i32 {
         return drop_unparsed(reason);
     };
     let Some(vni) = vni.filter(|_| known) else { return drop(&p, DECAP_HOOK, drop_reason::UNKNOWN_VNI) };
+    let reply = match p.translatable {
+        true => conntrack::lookup(&p, hook::FROM_CONTAINER),
+        false => None,
+    };
+    let daddr = reply.map_or(p.daddr, |x| x.daddr);
     // SAFETY: plain lookup, value copied out.
-    let Some(ep) = (unsafe { OVERLAY_LOCAL.get(&OverlayKey { vni, addr: p.daddr }) }).copied() else {
+    let Some(ep) = (unsafe { OVERLAY_LOCAL.get(&OverlayKey { vni, addr: daddr }) }).copied() else {
         return drop(&p, DECAP_HOOK, drop_reason::ISOLATION);
     };
+    if let Some(x) = reply
+        && nat::rewrite(ctx, &p, &x).is_err()
+    {
+        return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+    }
     if ctx.store(0, &ep.mac, 0).is_err() {
         return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
     }

@@ -45,8 +45,11 @@ struct Container {
 
 struct Host {
     ns: PathBuf,
+    /// Its datapath's bpffs dir (maps and link pins).
+    pins: PathBuf,
     underlay_ip: &'static str,
-    dp: Datapath,
+    /// None while "the daemon" is down.
+    dp: Option<Datapath>,
     overlay: Overlay,
     containers: Vec<Container>,
 }
@@ -107,8 +110,9 @@ fn two_hosts(lab: &Lab, a: &[(&'static str, &'static str)], b: &[(&'static str, 
             .collect();
         let pins = lab.dir.join(format!("bpf-{tag}"));
         let (dp, overlay) = in_netns(&ns, |rt, nl| {
+            let pins = &pins;
             let br = rt.block_on(nl.ensure_bridge(BRIDGE, ip(GW), 24, Some(OVERLAY_MTU))).unwrap();
-            let mut dp = Datapath::load(&pins).expect("loading the datapath");
+            let mut dp = Datapath::load(pins).expect("loading the datapath");
             dp.set_network(SUBNET.parse().unwrap(), NET, ip(GW), net_flags::MASQUERADE | net_flags::OVERLAY).unwrap();
             dp.sync_host_addrs(&[ip(GW), ip(underlay_ip)]).unwrap();
             let overlay = dp.overlay().unwrap();
@@ -128,7 +132,7 @@ fn two_hosts(lab: &Lab, a: &[(&'static str, &'static str)], b: &[(&'static str, 
             must(in_ns(&c.ns, "ip", &["link", "set", "eth0", "up"]));
             must(in_ns(&c.ns, "ip", &["route", "add", "default", "via", GW]));
         }
-        hosts.push(Host { ns, underlay_ip, dp, overlay, containers });
+        hosts.push(Host { ns, pins, underlay_ip, dp: Some(dp), overlay, containers });
     }
     let [a, b]: [Host; 2] = hosts.try_into().unwrap_or_else(|_| unreachable!());
     for (from, to) in [(&a, &b), (&b, &a)] {
@@ -145,6 +149,31 @@ impl Host {
         self.containers.iter().find(|c| c.name == name).unwrap()
     }
 
+    /// What a daemon restart does: the datapath is dropped (its pinned maps and links keep
+    /// forwarding meanwhile, `during` runs then), loaded again, and the endpoints and the VXLAN
+    /// device claimed again; what nobody claimed is released.
+    fn reload(&mut self, during: impl FnOnce()) {
+        drop(self.dp.take());
+        during();
+        let mut dp = Datapath::load(&self.pins).expect("a second datapath");
+        let containers = &self.containers;
+        self.overlay = in_netns(&self.ns, |rt, nl| {
+            for c in containers {
+                let ifindex = rt.block_on(nl.require_link(&c.host_if)).unwrap();
+                dp.attach_endpoint(&c.host_if, ifindex).unwrap();
+            }
+            let overlay = dp.overlay().unwrap();
+            rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("claiming the VXLAN device");
+            dp.release_unclaimed();
+            overlay
+        });
+        self.dp = Some(dp);
+    }
+
+    fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().expect("a loaded datapath")
+    }
+
     /// Packets link `dev` of this host received, as the kernel counts them.
     fn rx_packets(&self, dev: &str) -> u64 {
         let out = must(in_ns(&self.ns, "ip", &["-j", "-s", "link", "show", "dev", dev]));
@@ -154,15 +183,15 @@ impl Host {
 
     /// The datapath's drops with a count, by reason.
     fn drops(&mut self) -> Vec<(&'static str, u64)> {
-        self.dp.counters().unwrap().drops.into_iter().filter(|(_, n)| *n > 0).collect()
+        self.dp().counters().unwrap().drops.into_iter().filter(|(_, n)| *n > 0).collect()
     }
 }
 
-fn ping(from: &Container, to: &str, args: &[&str]) -> std::process::Output {
+fn ping(from: &Path, to: &str, args: &[&str]) -> std::process::Output {
     let mut a = vec!["-n", "-c", "3", "-i", "0.2", "-W", "2"];
     a.extend_from_slice(args);
     a.push(to);
-    in_ns(&from.ns, "ping", &a).output().unwrap()
+    in_ns(from, "ping", &a).output().unwrap()
 }
 
 #[test]
@@ -174,7 +203,7 @@ fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
     let (tunnel_a, tunnel_b) = (a.rx_packets(VXLAN_DEV), b.rx_packets(VXLAN_DEV));
 
     // Ping across: three requests arrive on b's tunnel, three replies on a's.
-    let out = ping(a1, b1.ip, &[]);
+    let out = ping(&a1.ns, b1.ip, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(b.rx_packets(VXLAN_DEV) - tunnel_b, 3, "only the echo requests crossed to b");
     assert_eq!(a.rx_packets(VXLAN_DEV) - tunnel_a, 3, "only the echo replies crossed to a");
@@ -190,7 +219,7 @@ fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
     // The control: ARP for an address nobody has is the bridge's, as on a bridge network
     // (the counter sees broadcasts), and still nothing crosses to b.
     let (tunnel_b, bridge_b) = (b.rx_packets(VXLAN_DEV), b.rx_packets(BRIDGE));
-    let out = ping(a1, "10.210.0.50", &["-c", "1", "-W", "1"]);
+    let out = ping(&a1.ns, "10.210.0.50", &["-c", "1", "-W", "1"]);
     assert!(!out.status.success(), "nobody has 10.210.0.50");
     assert!(a.rx_packets(BRIDGE) > bridge_a, "a1's ARP broadcast for 10.210.0.50 reached a's bridge");
     assert_eq!((b.rx_packets(VXLAN_DEV), b.rx_packets(BRIDGE)), (tunnel_b, bridge_b), "no flood to b");
@@ -198,9 +227,9 @@ fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
     // The overlay's MTU is the underlay's minus VXLAN's 50 bytes: a full-size packet with DF
     // set crosses (1422 + 8 + 20 = 1450 bytes of IPv4, 1500 on the underlay); one byte more
     // does not leave the container.
-    let out = ping(a1, b1.ip, &["-M", "do", "-s", "1422"]);
+    let out = ping(&a1.ns, b1.ip, &["-M", "do", "-s", "1422"]);
     assert!(out.status.success(), "1450-byte DF ping: {}", String::from_utf8_lossy(&out.stdout));
-    let out = ping(a1, b1.ip, &["-M", "do", "-s", "1423", "-c", "1"]);
+    let out = ping(&a1.ns, b1.ip, &["-M", "do", "-s", "1423", "-c", "1"]);
     assert!(!out.status.success(), "1451 bytes exceed the overlay's MTU");
 
     // TCP both ways, with a megabyte one way (segmentation offloads through the tunnel).
@@ -285,6 +314,61 @@ fn decapsulation_delivers_only_a_known_vni_to_its_own_containers() {
     assert!(got.iter().all(|(_, from)| from.ip() == ip("10.210.0.2")), "{got:?}");
     assert_eq!(b.drops(), vec![("isolation", 2), ("unknown-vni", 1)]);
     drop((a, b));
+}
+
+#[test]
+fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapath_reload() {
+    let lab = Lab::without_daemon("overlay-svc");
+    let [mut a, b] = two_hosts(&lab, &[("sa1", "10.210.0.2")], &[("sb1", "10.210.0.3")]);
+    let b1 = b.container("sb1");
+    // A service VIP on host a (the host holds the address, as the daemon does), whose only
+    // backend is b1 on host b.
+    const VIP: &str = "10.210.0.200";
+    must(in_ns(&a.ns, "ip", &["addr", "add", &format!("{VIP}/32"), "dev", BRIDGE]));
+    a.dp().set_maglev(0, &vec![ip(b1.ip); netpath_common::MAGLEV_M as usize]).unwrap();
+    let info = netpath_common::ServiceInfo { slot: 0, target_port: 0, backends: 1, flags: 0 };
+    a.dp().set_service(ip(VIP), 8080, netpath_common::proto::TCP, info).unwrap();
+    let server = in_ns(
+        &b1.ns,
+        "socat",
+        &[&format!("TCP-LISTEN:8080,bind={},reuseaddr,fork", b1.ip), "SYSTEM:echo served by b1"],
+    )
+    .spawn()
+    .unwrap();
+    let _server = KillOnDrop(server);
+    let a1 = a.container("sa1");
+    let a1_ns = a1.ns.clone();
+    let a1_to_b1 = |what: &str| {
+        let out = ping(&a1_ns, b1.ip, &["-c", "1"]);
+        assert!(out.status.success(), "{what}: ping a1 → b1: {}", String::from_utf8_lossy(&out.stdout));
+    };
+    // The reply only reaches a1's socket with the VIP as its source: vxlan_in translated it.
+    let via_vip = |what: &str| {
+        let out = in_ns(
+            &a1_ns,
+            "timeout",
+            &["10", "socat", "-T", "5", "-", &format!("TCP:{VIP}:8080,retry=50,interval=0.1")],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "served by b1", "{what}: {out:?}");
+    };
+    a1_to_b1("before");
+    via_vip("before");
+
+    // A daemon restart on a: the pinned links keep the overlay forwarding while no datapath
+    // is loaded, and the new one claims the VXLAN device's link instead of making another.
+    let link_pin = a.pins.join("links").join(format!("{VXLAN_DEV}@vxlan_in"));
+    assert!(link_pin.exists(), "vxlan_in's link is pinned");
+    a.reload(|| {
+        a1_to_b1("with no datapath loaded");
+    });
+    assert!(link_pin.exists(), "claimed, not released");
+    a1_to_b1("after the reload");
+    via_vip("after the reload");
+    let mut b = b;
+    assert_eq!(a.drops(), vec![]);
+    assert_eq!(b.drops(), vec![]);
 }
 
 struct KillOnDrop(std::process::Child);

@@ -14,8 +14,8 @@ use std::net::Ipv4Addr;
 use netpath::datapath::{Overlay, RemoteEndpoint, VXLAN_DEV, wire_addr};
 use netpath::netlink::Netlink;
 use netpath_common::prog_names::{FROM_CONTAINER, VXLAN_IN};
-use netpath_common::{Tuple, net_flags};
-use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo};
+use netpath_common::{MAGLEV_M, ServiceInfo, Tuple, net_flags, proto};
+use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo, ipv4_header_ok, l4_checksum_ok};
 use netpath_tests::testrun::{PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
 
 /// Overlay network O (VNI 4097): O1 and O2 here, O9 on another node.
@@ -168,6 +168,36 @@ fn traffic_to_another_nodes_container_is_encapsulated_toward_it() {
 }
 
 #[test]
+fn a_service_backend_on_another_node_is_reached_through_the_tunnel() {
+    let mut f = Fixture::new("vip");
+    // A VIP of overlay O whose only backend is O9, on the other node.
+    const VIP: &str = "10.200.0.100";
+    let table = vec![ip(O9); MAGLEV_M as usize];
+    f.inner.dp().set_maglev(0, &table).unwrap();
+    let info = ServiceInfo { slot: 0, target_port: 0, backends: 1, flags: 0 };
+    f.inner.dp().set_service(ip(VIP), 80, proto::TCP, info).unwrap();
+    let pkt = tcp(O1, VIP, O1_MAC);
+    let (verdict, out) = f.from(O1, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "balanced, then encapsulated");
+    // Addressed to O9 (its MAC and address), checksums fixed, nothing else changed.
+    assert_eq!(out, to_mac(O9_MAC, tcp(O1, O9, O1_MAC)));
+    assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
+    // The flow is tracked at the container's veth, so the reply (arriving through vxlan_in)
+    // gets the VIP back as its source.
+    let t = |a: &str, ap: u16, b: &str, bp: u16| {
+        Tuple::new(wire_addr(ip(a)), wire_addr(ip(b)), ap.to_be(), bp.to_be(), proto::TCP)
+    };
+    let flows: BTreeMap<_, _> = f.flows().into_iter().map(|(k, e)| ((k.saddr, k.daddr), e.xlate)).collect();
+    let reply = t(O9, 80, O1, 40000);
+    assert_eq!(flows.get(&(reply.saddr, reply.daddr)), Some(&t(VIP, 80, O1, 40000)), "{flows:?}");
+    // The next packet of the flow takes the same way.
+    let (verdict, out) = f.from(O1, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, to_mac(O9_MAC, tcp(O1, O9, O1_MAC)));
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+#[test]
 fn traffic_that_is_not_for_another_node_is_left_alone() {
     let mut f = Fixture::new("untouched");
     // A local overlay peer (the bridge's), the gateway, the outside, bridge containers.
@@ -212,11 +242,46 @@ fn without_a_vxlan_device_overlay_traffic_is_dropped_and_counted() {
     f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
     assert!(nix::net::if_::if_nametoindex(VXLAN_DEV).is_err(), "the device is gone");
     assert_eq!(f.overlay.vxlan_ifindex().unwrap(), 0);
+    let pin = f.inner.pins().join("links").join(format!("{VXLAN_DEV}@{VXLAN_IN}"));
+    assert!(!pin.exists(), "vxlan_in's link pin went with the device");
     let (verdict, _) = f.from(O1, &tcp(O1, O9, O1_MAC));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(f.drops(), BTreeMap::from([("rewrite-failed", 1)]));
     // And removing it again is fine.
     f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
+}
+
+#[test]
+fn the_vxlan_device_is_never_taken_from_someone_else_and_bad_mtus_are_refused() {
+    let f = Fixture::new("foreign");
+    let nl = f.rt.block_on(async { Netlink::current() }).unwrap();
+    let ip_cmd = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    // An MTU that leaves no room for an IPv4 packet inside VXLAN: refused, nothing touched.
+    let e = f.rt.block_on(f.overlay.ensure_vxlan(&nl, 100)).unwrap_err().to_string();
+    assert!(e.contains("MTU"), "{e}");
+    assert_eq!(nix::net::if_::if_nametoindex(VXLAN_DEV).unwrap(), f.vxlan);
+    // A link of that name that netpath did not make: an error naming it, and it stays.
+    f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
+    ip_cmd(&["link", "add", VXLAN_DEV, "type", "bridge"]);
+    let e = f.rt.block_on(f.overlay.ensure_vxlan(&nl, 1500)).unwrap_err().to_string();
+    assert!(e.contains(VXLAN_DEV) && e.contains("not netpath's"), "{e}");
+    assert_eq!(f.overlay.vxlan_ifindex().unwrap(), 0, "the programs were not pointed at it");
+    let out = std::process::Command::new("ip").args(["-d", "link", "show", VXLAN_DEV]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bridge"), "left alone");
+    // Nor does removing touch it.
+    f.rt.block_on(f.overlay.remove_vxlan(&nl)).unwrap();
+    assert!(nix::net::if_::if_nametoindex(VXLAN_DEV).is_ok());
+    ip_cmd(&["link", "del", VXLAN_DEV]);
+    // netpath's own device made another way (an older build's port, say) is made again.
+    ip_cmd(&["link", "add", VXLAN_DEV, "type", "vxlan", "external", "dstport", "8472"]);
+    ip_cmd(&["link", "set", VXLAN_DEV, "alias", "netpath"]);
+    let idx = f.rt.block_on(f.overlay.ensure_vxlan(&nl, 1500)).unwrap();
+    let out = std::process::Command::new("ip").args(["-d", "link", "show", VXLAN_DEV]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dstport 4789"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(f.overlay.vxlan_ifindex().unwrap(), idx);
 }
 
 #[test]

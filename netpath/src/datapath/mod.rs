@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
 pub use events::FlowEventRing;
-pub use overlay::{Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
+pub use overlay::{LocalEndpoint, Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
 pub use pins::map_pin;
 
 mod conntrack;

@@ -34,6 +34,16 @@ pub struct RemoteEndpoint {
     pub node_ip: Ipv4Addr,
 }
 
+/// A container of an overlay network on this node, as the datapath holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalEndpoint {
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    /// The host side of its veth.
+    pub host_veth_ifindex: u32,
+    pub mac: [u8; 6],
+}
+
 /// The overlay maps and the VXLAN device's program link (see the module's docs). Cheap to clone.
 #[derive(Clone)]
 pub struct Overlay(Arc<Inner>);
@@ -218,14 +228,15 @@ impl Overlay {
         Ok(())
     }
 
-    /// This node's overlay containers: (VNI, address, host veth ifindex, MAC).
-    pub fn overlay_locals(&self) -> Result<Vec<(u32, Ipv4Addr, u32, [u8; 6])>> {
+    /// This node's overlay containers, sorted.
+    pub fn overlay_locals(&self) -> Result<Vec<LocalEndpoint>> {
         let mut out = vec![];
         for k in keys::<OverlayKey>(&self.0.local)? {
             let mut v = [0u8; size_of::<OverlayLocal>()];
             if sys::map_lookup(self.0.local.as_fd(), bytes(&k), &mut v)? {
                 let l: OverlayLocal = from_bytes(&v);
-                out.push((k.vni, Ipv4Addr::from(k.addr.to_ne_bytes()), l.ifindex, l.mac));
+                let ip = Ipv4Addr::from(k.addr.to_ne_bytes());
+                out.push(LocalEndpoint { vni: k.vni, ip, host_veth_ifindex: l.ifindex, mac: l.mac });
             }
         }
         out.sort();
