@@ -130,7 +130,33 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
     c.node(2).np(&["run", "-d", "--name", "c2", "--network", "ov", "--", "sleep", "600"]);
     let ping = c.node(2).np(&["exec", "c2", "--", "ping", "-c", "1", "-W", "2", &ip_local]);
     assert!(ping.contains("1 received"), "{ping}");
-    c.node(2).np(&["rm", "-f", "c2"]);
+
+    // Isolation across hosts: a container of another overlay (on node2) does not reach ov's
+    // containers on node0, nor a bridge network's container on its own node; connected to ov
+    // as well (`network connect` on an attachable overlay), it does.
+    c.node(2).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.78.0.0/24", "other"]);
+    c.wait_for(10, "other on node0", || c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "other"));
+    c.node(2).np(&["run", "-d", "--name", "o2", "--network", "other", "--", "sleep", "600"]);
+    c.node(0).np(&["run", "-d", "--name", "o0", "--network", "other", "--", "sleep", "600"]);
+    let o0 = c.node(0).ip_of("o0", "other");
+    let ping = c.node(2).np(&["exec", "o2", "--", "ping", "-c", "1", "-W", "2", &o0]);
+    assert!(ping.contains("1 received"), "same overlay, across hosts: {ping}");
+    c.node(2).np(&["network", "create", "--subnet", "10.79.0.0/24", "br2"]);
+    c.node(2).np(&["run", "-d", "--name", "b2", "--network", "br2", "--", "sleep", "600"]);
+    let b2 = c.node(2).ip_of("b2", "br2");
+    let ping = c.node(2).np(&["exec", "b2", "--", "ping", "-c", "1", "-W", "2", "10.79.0.1"]);
+    assert!(ping.contains("1 received"), "b2 is up: {ping}");
+    for target in [ip_local.as_str(), b2.as_str()] {
+        let out = c.node(2).try_np(&["exec", "o2", "--", "ping", "-c", "1", "-W", "1", target]);
+        assert!(!out.status.success(), "o2 (overlay other) reached {target}");
+    }
+    c.node(2).np(&["network", "connect", "ov", "o2"]);
+    let ping = c.node(2).np(&["exec", "o2", "--", "ping", "-c", "1", "-W", "2", &ip_local]);
+    assert!(ping.contains("1 received"), "connected to ov too: {ping}");
+    for (node, name) in [(2, "c2"), (2, "o2"), (0, "o0"), (2, "b2")] {
+        c.node(node).np(&["rm", "-f", name]);
+    }
+    c.node(0).np(&["network", "rm", "other"]);
     c.node(1).np(&["rm", "-f", "srv"]);
 
     // Removing a network in use on another node is refused.
