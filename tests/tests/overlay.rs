@@ -236,3 +236,128 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     let ip_r = c.node(1).ip_of("r", "ov");
     assert!(ip_r != ip_a && ip_r != ip_b, "{ip_r} handed out twice");
 }
+
+/// Names of a service's running tasks on one node (`service inspect` lists the node's own).
+fn running_tasks(lab: &Lab, svc: &str) -> Vec<String> {
+    let out = lab.try_np(&["service", "inspect", svc]);
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return vec![] };
+    v[0]["Tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t["State"] == "running")
+        .map(|t| t["Name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn service_vip(lab: &Lab, svc: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&lab.np(&["service", "inspect", svc])).unwrap();
+    v[0]["Endpoint"]["VirtualIPs"][0]["Addr"].as_str().unwrap().split('/').next().unwrap().to_string()
+}
+
+/// `count` connections from `client` to ip:80, each answered with the task address reached;
+/// the answers counted.
+fn spread(lab: &Lab, client: &str, ip: &str, count: usize) -> std::collections::BTreeMap<String, usize> {
+    let script =
+        format!("for i in $(seq 1 {count}); do socat -u -T 5 TCP:{ip}:80,connect-timeout=5 - || echo failed; done");
+    let out = lab.np(&["exec", client, "--", "sh", "-c", &script]);
+    let mut m = std::collections::BTreeMap::new();
+    for l in out.lines() {
+        *m.entry(l.trim().to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Waits until every task listens on port 80 (from inside it).
+fn listening(lab: &Lab, task: &str) -> bool {
+    lab.try_np(&["exec", task, "--", "sh", "-c", "ss -ltn | grep -q ':80 '"]).status.success()
+}
+
+#[test]
+fn a_service_spreads_over_nodes_balances_across_them_and_moves_off_a_dead_node() {
+    let mut c = ClusterLab::new("ov-svc", 3);
+    c.wait_for(20, "3 nodes ready", || all_ready(&c, 0, 3));
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.88.0.0/24", "svcnet"]);
+    for i in 1..3 {
+        c.wait_for(10, "svcnet everywhere", || c.node(i).np(&["network", "ls", "-q"]).lines().any(|n| n == "svcnet"));
+    }
+    // Published ports (the routing mesh) are not there yet: a clear error, nothing made.
+    let e = c.node(1).np_fails(&[
+        "service",
+        "create",
+        "--name",
+        "pub",
+        "--network",
+        "svcnet",
+        "--publish",
+        "8080:80",
+        "--replicas",
+        "1",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert!(e.contains("routing mesh"), "{e}");
+    c.node(1).np(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "svcnet",
+        "--replicas",
+        "3",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_SOCKADDR",
+    ]);
+    // One task per node: the scheduler spreads them.
+    c.wait_for(30, "one running task on every node", || (0..3).all(|i| running_tasks(c.node(i), "web").len() == 1));
+    let vip = service_vip(c.node(0), "web");
+    assert_eq!(service_vip(c.node(2), "web"), vip, "one VIP cluster-wide");
+    let mut tasks = vec![];
+    for i in 0..3 {
+        let t = running_tasks(c.node(i), "web").remove(0);
+        c.wait_for(10, "the task listening", || listening(c.node(i), &t));
+        tasks.push(c.node(i).ip_of(&t, "svcnet"));
+    }
+    let tasks: BTreeSet<String> = tasks.into_iter().collect();
+    assert_eq!(tasks.len(), 3, "{tasks:?}");
+
+    // The VIP (and the service's name) balances over the tasks of every node.
+    c.node(0).np(&["run", "-d", "--name", "client", "--network", "svcnet", "--", "sleep", "600"]);
+    c.wait_for(10, "web resolving to its VIP", || getent(c.node(0), "client", "web") == vec![vip.clone()]);
+    let m = spread(c.node(0), "client", &vip, 60);
+    assert_eq!(m.keys().cloned().collect::<BTreeSet<_>>(), tasks, "every task answers, nothing else: {m:?}");
+
+    // node2 dies: its task is started on a live node, and the VIP leaves it.
+    c.destroy_node(2);
+    c.wait_for(30, "3 tasks on the 2 live nodes", || {
+        running_tasks(c.node(0), "web").len() + running_tasks(c.node(1), "web").len() == 3
+    });
+    let mut live = BTreeSet::new();
+    for i in 0..2 {
+        for t in running_tasks(c.node(i), "web") {
+            c.wait_for(10, "the task listening", || listening(c.node(i), &t));
+            live.insert(c.node(i).ip_of(&t, "svcnet"));
+        }
+    }
+    c.wait_for(15, "the VIP balancing over the live tasks only", || {
+        spread(c.node(0), "client", &vip, 30).keys().cloned().collect::<BTreeSet<_>>() == live
+    });
+
+    // Scale and rm act on every node.
+    c.node(0).np(&["service", "scale", "web=1"]);
+    c.wait_for(20, "one task left", || {
+        running_tasks(c.node(0), "web").len() + running_tasks(c.node(1), "web").len() == 1
+    });
+    c.node(1).np(&["service", "rm", "web"]);
+    c.wait_for(20, "web gone everywhere", || {
+        (0..2).all(|i| {
+            !c.node(i).np(&["ps", "-a"]).contains("web.")
+                && c.node(i).try_np(&["service", "inspect", "web"]).status.code() != Some(0)
+        })
+    });
+}

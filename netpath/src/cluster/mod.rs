@@ -20,11 +20,16 @@
 //! | `ipam/<network-id>/<ipv4>`           | [`IpClaim`]         | yes   | the node that claims it |
 //! | `endpoints/<network-id>/<container-id>` | [`EndpointRecord`] | yes | the container's node   |
 //!
-//! Reserved for services across nodes (next step; the same shapes): `services/<service-id>`
-//! (the service, no lease), `vips/<network-id>/<ipv4>` (a service VIP, claimed like a container
-//! address but without lease), `tasks/<service-id>/<slot>` (the node a task is assigned to, no
-//! lease: a scheduler moves tasks of nodes whose `nodes/` key is gone), and
-//! `task-endpoints/<service-id>/<slot>` (where a running task is, under its node's lease).
+//! | `services/<service-id>`              | [`ServiceRecord`]   | no    | `service create` (any)  |
+//! | `services-serial`                    | counter             | no    | every service create/rm |
+//! | `tasks/<service-id>/<slot>`          | [`TaskRecord`]      | no    | any node's scheduler    |
+//!
+//! A service's VIPs are claims like containers' addresses (`ipam/<net>/<vip>`, holder
+//! `service:<id>`), but without lease: they live as long as the service. A task's placement
+//! has no lease either: when its node's `nodes/` key goes, the schedulers move it (a
+//! compare-and-swap on the task key, so two schedulers never place one task twice). A
+//! running task is a container like any other: its endpoint record (under its node's lease)
+//! says where it is. Reserved: `ingress/` for the routing mesh.
 //!
 //! # Consistency
 //! - An address is claimed with a transaction that puts `ipam/<net>/<ip>` only if the key does
@@ -142,6 +147,25 @@ pub struct EndpointRecord {
     pub node_ip: Ipv4Addr,
 }
 
+/// A service across nodes: its replicas run as tasks `NAME.<slot>` placed on the nodes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub id: String,
+    pub name: String,
+    /// (overlay network id, VIP on it; 0.0.0.0 with dnsrr).
+    pub vips: Vec<(String, Ipv4Addr)>,
+    pub replicas: u32,
+    pub cmd: Vec<String>,
+    pub endpoint_mode: String,
+    pub created: u64,
+}
+
+/// Where a task (a service's slot) runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub node: String,
+}
+
 /// A key of the layout, parsed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
@@ -150,6 +174,8 @@ pub enum Key {
     Network(String),
     Claim(String, Ipv4Addr),
     Endpoint(String, String),
+    Service(String),
+    Task(String, u32),
     Other,
 }
 
@@ -165,6 +191,8 @@ impl Key {
             ["networks", id] => Key::Network(id.to_string()),
             ["ipam", net, ip] => ip.parse().map_or(Key::Other, |ip| Key::Claim(net.to_string(), ip)),
             ["endpoints", net, c] => Key::Endpoint(net.to_string(), c.to_string()),
+            ["services", id] => Key::Service(id.to_string()),
+            ["tasks", id, slot] => slot.parse().map_or(Key::Other, |s| Key::Task(id.to_string(), s)),
             _ => Key::Other,
         }
     }
@@ -176,6 +204,8 @@ impl Key {
             Key::Network(id) => format!("{PREFIX}networks/{id}"),
             Key::Claim(net, ip) => format!("{PREFIX}ipam/{net}/{ip}"),
             Key::Endpoint(net, c) => format!("{PREFIX}endpoints/{net}/{c}"),
+            Key::Service(id) => format!("{PREFIX}services/{id}"),
+            Key::Task(id, slot) => format!("{PREFIX}tasks/{id}/{slot}"),
             Key::Other => format!("{PREFIX}other"),
         }
     }
@@ -183,6 +213,10 @@ impl Key {
 
 fn serial_key() -> String {
     format!("{PREFIX}networks-serial")
+}
+
+fn services_serial_key() -> String {
+    format!("{PREFIX}services-serial")
 }
 
 /// Everything under the prefix, as this daemon last saw it.
@@ -195,8 +229,13 @@ pub struct Snapshot {
     pub networks: BTreeMap<String, OverlayNetwork>,
     pub claims: BTreeMap<(String, Ipv4Addr), IpClaim>,
     pub endpoints: BTreeMap<(String, String), EndpointRecord>,
+    pub services: BTreeMap<String, ServiceRecord>,
+    /// (service id, slot) → (placement, its key's mod revision for compare-and-swap).
+    pub tasks: BTreeMap<(String, u32), (TaskRecord, i64)>,
     /// The mod revision of `networks-serial` (0: never written).
     pub serial_rev: i64,
+    /// The same for `services-serial`.
+    pub services_serial_rev: i64,
 }
 
 impl Snapshot {
@@ -210,6 +249,10 @@ impl Snapshot {
         }
         if key == serial_key().as_bytes() {
             self.serial_rev = if value.is_some() { mod_rev } else { 0 };
+            return;
+        }
+        if key == services_serial_key().as_bytes() {
+            self.services_serial_rev = if value.is_some() { mod_rev } else { 0 };
             return;
         }
         match (Key::parse(key), value) {
@@ -242,6 +285,18 @@ impl Snapshot {
             }
             (Key::Endpoint(net, c), None) => {
                 self.endpoints.remove(&(net, c));
+            }
+            (Key::Service(id), Some(v)) => {
+                parse(key, v).map(|r| self.services.insert(id, r));
+            }
+            (Key::Service(id), None) => {
+                self.services.remove(&id);
+            }
+            (Key::Task(id, slot), Some(v)) => {
+                parse(key, v).map(|r| self.tasks.insert((id, slot), (r, mod_rev)));
+            }
+            (Key::Task(id, slot), None) => {
+                self.tasks.remove(&(id, slot));
             }
             (Key::Other, _) => {}
         }
@@ -612,6 +667,102 @@ impl Cluster {
         Err(crate::error::Error::Conflict("networks changed concurrently on other nodes: try again".into()))
     }
 
+    // ------------------------------------------------------------------ services
+
+    /// Creates a service cluster-wide: `build` checks names against a fresh snapshot and
+    /// returns the record; its VIPs are claimed in the same transaction.
+    pub async fn create_service(
+        &self,
+        build: impl Fn(&Snapshot) -> crate::error::Result<ServiceRecord>,
+    ) -> crate::error::Result<ServiceRecord> {
+        for _ in 0..5 {
+            let mut client = self.client().await?;
+            let snap = self.read_all(&mut client).await?;
+            let rec = build(&snap)?;
+            let v = serde_json::to_vec(&rec).map_err(|e| crate::error::Error::Internal(e.into()))?;
+            let holder =
+                serde_json::to_vec(&IpClaim { node: String::new(), container_id: format!("service:{}", rec.id) })
+                    .map_err(|e| crate::error::Error::Internal(e.into()))?;
+            let mut when =
+                vec![Compare::mod_revision(services_serial_key(), CompareOp::Equal, snap.services_serial_rev)];
+            let mut ops = vec![
+                TxnOp::put(services_serial_key(), rec.id.clone(), None),
+                TxnOp::put(Key::Service(rec.id.clone()).path(), v, None),
+            ];
+            for (net, vip) in rec.vips.iter().filter(|(_, v)| !v.is_unspecified()) {
+                let k = Key::Claim(net.clone(), *vip).path();
+                when.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
+                ops.push(TxnOp::put(k, holder.clone(), None));
+            }
+            if self.timed(client.txn(Txn::new().when(when).and_then(ops))).await?.succeeded() {
+                return Ok(rec);
+            }
+        }
+        Err(crate::error::Error::Conflict(
+            "services or addresses changed concurrently on other nodes: try again".into(),
+        ))
+    }
+
+    /// Changes a service's replica count (the schedulers follow).
+    pub async fn scale_service(&self, id: &str, replicas: u32) -> crate::error::Result<()> {
+        let mut client = self.client().await?;
+        let snap = self.read_all(&mut client).await?;
+        let mut rec = snap.services.get(id).cloned().ok_or_else(|| not_found!("service {id} not found"))?;
+        rec.replicas = replicas;
+        let v = serde_json::to_vec(&rec).map_err(|e| crate::error::Error::Internal(e.into()))?;
+        self.timed(client.put(Key::Service(id.into()).path(), v, None)).await?;
+        Ok(())
+    }
+
+    /// Removes a service cluster-wide: its record, placements and VIP claims.
+    pub async fn remove_service(&self, id: &str) -> crate::error::Result<()> {
+        let mut client = self.client().await?;
+        let snap = self.read_all(&mut client).await?;
+        let Some(rec) = snap.services.get(id) else { return Ok(()) };
+        let mut ops = vec![
+            TxnOp::put(services_serial_key(), id, None),
+            TxnOp::delete(Key::Service(id.into()).path(), None),
+            TxnOp::delete(format!("{PREFIX}tasks/{id}/"), Some(etcd_client::DeleteOptions::new().with_prefix())),
+        ];
+        for (net, vip) in rec.vips.iter().filter(|(_, v)| !v.is_unspecified()) {
+            ops.push(TxnOp::delete(Key::Claim(net.clone(), *vip).path(), None));
+        }
+        self.timed(client.txn(Txn::new().and_then(ops))).await?;
+        Ok(())
+    }
+
+    /// Places task `slot` of `service` on `node` if its key is still at `seen_rev` (0: absent):
+    /// of several schedulers deciding at once, one wins, the others see its choice.
+    pub async fn place_task(&self, service: &str, slot: u32, node: &str, seen_rev: i64) -> crate::error::Result<bool> {
+        let mut client = self.client_now()?;
+        let key = Key::Task(service.into(), slot).path();
+        let v = serde_json::to_vec(&TaskRecord { node: node.into() }).unwrap_or_default();
+        let cmp = if seen_rev == 0 {
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key.clone(), CompareOp::Equal, seen_rev)
+        };
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, v, None)]);
+        Ok(self.timed(client.txn(txn)).await?.succeeded())
+    }
+
+    /// Drops the placement of a slot the service no longer has (scaled down).
+    pub async fn unplace_task(&self, service: &str, slot: u32, seen_rev: i64) -> crate::error::Result<()> {
+        let mut client = self.client_now()?;
+        let key = Key::Task(service.into(), slot).path();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen_rev)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.timed(client.txn(txn)).await?;
+        Ok(())
+    }
+
+    /// A fresh read of everything, for decisions that must not act on a lagging copy.
+    pub async fn fresh_snapshot(&self) -> crate::error::Result<Snapshot> {
+        let mut client = self.client().await?;
+        self.read_all(&mut client).await
+    }
+
     /// A fresh, consistent read of everything (not the watch's copy, which may lag).
     async fn read_all(&self, client: &mut Client) -> crate::error::Result<Snapshot> {
         let resp = self.timed(client.get(PREFIX, Some(GetOptions::new().with_prefix()))).await?;
@@ -752,12 +903,15 @@ mod tests {
             Key::Network("n1".into()),
             Key::Claim("n1".into(), ip),
             Key::Endpoint("n1".into(), "c1".into()),
+            Key::Service("s1".into()),
+            Key::Task("s1".into(), 3),
         ] {
             assert_eq!(Key::parse(k.path().as_bytes()), k);
         }
         assert_eq!(Key::parse(b"/other/nodes/a"), Key::Other);
         assert_eq!(Key::parse(b"/netpath/v1/ipam/n1/not-an-ip"), Key::Other);
-        assert_eq!(Key::parse(b"/netpath/v1/services/s1"), Key::Other, "reserved keys are skipped for now");
+        assert_eq!(Key::parse(b"/netpath/v1/ingress/x"), Key::Other, "reserved keys are skipped for now");
+        assert_eq!(Key::parse(b"/netpath/v1/tasks/s1/x"), Key::Other);
     }
 
     #[test]

@@ -224,7 +224,8 @@ impl Daemon {
         // is visible makes every other request on it wait until it is built.
         let _lock = self.locks.lock(&id).await;
         // An overlay address is the cluster's: claimed in etcd first, then reserved here.
-        let claimed = self.claim_for(req.network.as_deref().unwrap_or("bridge"), &id, req.ip.as_deref()).await?;
+        let claimed =
+            self.claim_for(req.network.as_deref().unwrap_or("bridge"), &req.name, &id, req.ip.as_deref()).await?;
         let ip_arg = claimed.as_ref().map(|(_, ip)| ip.to_string()).or(req.ip.clone());
         let reserved = (|| -> Result<Container> {
             let mut st = self.state();
@@ -690,7 +691,7 @@ impl Daemon {
         let id = self.container_id(&req.container)?;
         let host_addrs = self.host_addrs_for(network).await?;
         let _lock = self.locks.lock(&id).await;
-        let claimed = self.claim_for(network, &id, req.ip.as_deref()).await?;
+        let claimed = self.claim_for(network, &req.container, &id, req.ip.as_deref()).await?;
         let ip_arg = claimed.as_ref().map(|(_, ip)| ip.to_string()).or(req.ip.clone());
         let planned = (|| -> Result<(Container, Endpoint)> {
             let mut st = self.state();

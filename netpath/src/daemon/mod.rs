@@ -15,6 +15,7 @@
 //! knows what to undo or finish (see `state`).
 
 mod attachments;
+mod cluster_services;
 mod containers;
 pub mod crash;
 mod dns;

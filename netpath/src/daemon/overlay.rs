@@ -367,14 +367,23 @@ impl Daemon {
     pub(super) async fn claim_for(
         &self,
         network: &str,
+        container: &str,
         container_id: &str,
         requested: Option<&str>,
     ) -> Result<Option<(String, Ipv4Addr)>> {
-        let net = match super::networks::usable(&self.state(), network) {
-            Ok(n) if n.driver == DriverKind::Overlay => n.clone(),
-            _ => return Ok(None), // not an overlay (or not usable: the caller says why)
+        let (net, task) = {
+            let st = self.state();
+            let net = match super::networks::usable(&st, network) {
+                Ok(n) if n.driver == DriverKind::Overlay => n.clone(),
+                _ => return Ok(None), // not an overlay (or not usable: the caller says why)
+            };
+            // A task of a cluster service on this network may join a non-attachable overlay.
+            let task = st.services().any(|s| {
+                s.here.is_some() && s.is_replica_name(container) && s.vips.iter().any(|v| v.network_id == net.id)
+            });
+            (net, task)
         };
-        if !net.opts.overlay.as_ref().is_some_and(|o| o.attachable) {
+        if !task && !net.opts.overlay.as_ref().is_some_and(|o| o.attachable) {
             return Err(bad_request!(
                 "overlay network {} is not attachable: only services' tasks join it (create it with --attachable)",
                 net.name
@@ -468,6 +477,10 @@ impl Daemon {
                 }
             }
             remote_dns = self.feed_remote_names(&snap, remote_dns);
+            if cluster.connected() {
+                self.schedule_services(&cluster, &snap).await;
+            }
+            self.materialize_services(&snap).await;
             // What is programmed stays while etcd is away: only a live snapshot changes it.
             if cluster.connected()
                 && let Err(e) = self.sync_remote_endpoints(&snap)

@@ -407,12 +407,23 @@ pub struct Service {
     pub health_tcp: Option<u16>,
     pub created: u64,
     pub phase: Phase,
+    /// A service across nodes (defined in the cluster store): the slots placed on this node.
+    /// None: a service of this host alone, which runs every slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub here: Option<BTreeSet<u32>>,
 }
 
 impl Service {
-    /// The replica task names it wants now.
+    /// The replica task names it wants now (on this node).
     pub fn replica_names(&self) -> Vec<String> {
-        (1..=self.replicas.unwrap_or(0)).map(|i| format!("{}.{i}", self.name)).collect()
+        (1..=self.replicas.unwrap_or(0))
+            .filter(|n| self.wants_replica(*n))
+            .map(|i| format!("{}.{i}", self.name))
+            .collect()
+    }
+    /// True when this node should run replica `n`.
+    pub fn wants_replica(&self, n: u32) -> bool {
+        n >= 1 && n <= self.replicas.unwrap_or(0) && self.here.as_ref().is_none_or(|h| h.contains(&n))
     }
     /// True when `container` is one of its replicas, wanted or not (NAME.<number>).
     pub fn is_replica_name(&self, container: &str) -> bool {
