@@ -361,3 +361,80 @@ fn a_service_spreads_over_nodes_balances_across_them_and_moves_off_a_dead_node()
         })
     });
 }
+
+/// The seed tutorial (service create, update --network-add / --network-rm, rm) on overlays,
+/// its tasks on two nodes.
+#[test]
+fn service_networks_follow_updates_across_nodes() {
+    let c = ClusterLab::new("ov-tut", 2);
+    c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
+    for (net, subnet) in [("front", "10.91.0.0/24"), ("back", "10.92.0.0/24")] {
+        c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", subnet, net]);
+        c.wait_for(10, "the overlay on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == net));
+    }
+    c.node(0).np(&[
+        "service",
+        "create",
+        "--name",
+        "api",
+        "--network",
+        "back",
+        "--replicas",
+        "2",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_SOCKADDR",
+    ]);
+    c.wait_for(30, "a task on each node", || (0..2).all(|i| running_tasks(c.node(i), "api").len() == 1));
+    c.node(1).np(&["run", "-d", "--name", "fclient", "--network", "front", "--", "sleep", "600"]);
+
+    // --network-add: every task joins front, wherever it runs; the VIP there balances over both.
+    c.node(1).np(&["service", "update", "--network-add", "front", "api"]);
+    let v: serde_json::Value = serde_json::from_str(&c.node(0).np(&["service", "inspect", "api"])).unwrap();
+    let vips = v[0]["Endpoint"]["VirtualIPs"].as_array().cloned().unwrap();
+    let front_vip = vips.iter().find(|x| x["Network"] == "front").expect("a VIP on front")["Addr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut on_front = BTreeSet::new();
+    for i in 0..2 {
+        let t = running_tasks(c.node(i), "api").remove(0);
+        c.wait_for(20, "the task on front", || {
+            c.node(i).inspect(&t)["NetworkSettings"]["Networks"]["front"]["IPAddress"].is_string()
+        });
+        c.wait_for(10, "the task listening", || listening(c.node(i), &t));
+        on_front.insert(c.node(i).ip_of(&t, "front"));
+    }
+    c.wait_for(15, "front's VIP balancing over both nodes' tasks", || {
+        spread(c.node(1), "fclient", &front_vip, 30).keys().cloned().collect::<BTreeSet<_>>() == on_front
+    });
+    c.wait_for(10, "api resolving on front", || getent(c.node(1), "fclient", "api") == vec![front_vip.clone()]);
+
+    // --network-rm: the tasks leave back on every node.
+    c.node(0).np(&["service", "update", "--network-rm", "back", "api"]);
+    for i in 0..2 {
+        let t = running_tasks(c.node(i), "api").remove(0);
+        c.wait_for(20, "the task off back", || c.node(i).inspect(&t)["NetworkSettings"]["Networks"]["back"].is_null());
+    }
+    // back is unused now: it can go.
+    c.wait_for(10, "back removable", || c.node(1).try_np(&["network", "rm", "back"]).status.success());
+
+    c.node(1).np(&["service", "rm", "api"]);
+    c.wait_for(20, "api gone everywhere", || (0..2).all(|i| !c.node(i).np(&["ps", "-a"]).contains("api.")));
+    let out = c.node(1).try_np(&[
+        "exec",
+        "fclient",
+        "--",
+        "socat",
+        "-u",
+        "-T",
+        "2",
+        &format!("TCP:{front_vip}:80,connect-timeout=2"),
+        "-",
+    ]);
+    assert!(!out.status.success(), "the VIP still answers after rm");
+}

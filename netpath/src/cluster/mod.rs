@@ -703,15 +703,44 @@ impl Cluster {
         ))
     }
 
-    /// Changes a service's replica count (the schedulers follow).
-    pub async fn scale_service(&self, id: &str, replicas: u32) -> crate::error::Result<()> {
-        let mut client = self.client().await?;
-        let snap = self.read_all(&mut client).await?;
-        let mut rec = snap.services.get(id).cloned().ok_or_else(|| not_found!("service {id} not found"))?;
-        rec.replicas = replicas;
-        let v = serde_json::to_vec(&rec).map_err(|e| crate::error::Error::Internal(e.into()))?;
-        self.timed(client.put(Key::Service(id.into()).path(), v, None)).await?;
-        Ok(())
+    /// Changes a service: `change` gets a fresh snapshot and the record and returns the new
+    /// record. VIPs it adds are claimed and VIPs it drops released in the same transaction,
+    /// which also checks that the record did not change meanwhile.
+    pub async fn update_service(
+        &self,
+        id: &str,
+        change: impl Fn(&Snapshot, ServiceRecord) -> crate::error::Result<ServiceRecord>,
+    ) -> crate::error::Result<ServiceRecord> {
+        for _ in 0..5 {
+            let mut client = self.client().await?;
+            let resp = self.timed(client.get(Key::Service(id.into()).path(), None)).await?;
+            let Some(kv) = resp.kvs().first() else { return Err(not_found!("service {id} not found")) };
+            let old: ServiceRecord =
+                serde_json::from_slice(kv.value()).map_err(|e| crate::error::Error::Internal(e.into()))?;
+            let snap = self.read_all(&mut client).await?;
+            let new = change(&snap, old.clone())?;
+            let v = serde_json::to_vec(&new).map_err(|e| crate::error::Error::Internal(e.into()))?;
+            let holder = serde_json::to_vec(&IpClaim { node: String::new(), container_id: format!("service:{id}") })
+                .map_err(|e| crate::error::Error::Internal(e.into()))?;
+            let key = Key::Service(id.into()).path();
+            let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())];
+            let mut ops = vec![TxnOp::put(key, v, None)];
+            let real = |r: &ServiceRecord| -> Vec<(String, Ipv4Addr)> {
+                r.vips.iter().filter(|(_, v)| !v.is_unspecified()).cloned().collect()
+            };
+            for (net, vip) in real(&new).into_iter().filter(|x| !real(&old).contains(x)) {
+                let k = Key::Claim(net, vip).path();
+                when.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
+                ops.push(TxnOp::put(k, holder.clone(), None));
+            }
+            for (net, vip) in real(&old).into_iter().filter(|x| !real(&new).contains(x)) {
+                ops.push(TxnOp::delete(Key::Claim(net, vip).path(), None));
+            }
+            if self.timed(client.txn(Txn::new().when(when).and_then(ops))).await?.succeeded() {
+                return Ok(new);
+            }
+        }
+        Err(crate::error::Error::Conflict(format!("service {id} changed concurrently on other nodes: try again")))
     }
 
     /// Removes a service cluster-wide: its record, placements and VIP claims.

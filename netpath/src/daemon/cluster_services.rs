@@ -170,27 +170,75 @@ impl Daemon {
         self.inspect_service(&rec.name)
     }
 
-    /// `service update`/`scale` of a cluster service: only the replica count for now.
+    /// `service update`/`scale` of a cluster service: replicas, `--network-add`,
+    /// `--network-rm` (overlays; a VIP claimed or released with the change).
     pub(super) async fn update_cluster_service(
         self: &Arc<Self>,
         name: &str,
         req: ServiceUpdate,
         replicas: Option<u32>,
     ) -> Result<Value> {
-        if !req.network_add.is_empty()
-            || !req.network_rm.is_empty()
-            || !req.add_backend.is_empty()
-            || !req.rm_backend.is_empty()
-        {
+        if !req.add_backend.is_empty() || !req.rm_backend.is_empty() {
             return Err(bad_request!(
-                "service {name} runs across nodes: only its replica count can be changed for now"
+                "service {name} runs across nodes: --add-backend/--rm-backend are single-host only"
             ));
         }
         let cluster = self.cluster_handle()?.clone();
-        let id =
-            self.state().service(name).map(|s| s.id.clone()).ok_or_else(|| not_found!("service {name} not found"))?;
-        if let Some(r) = replicas {
-            cluster.scale_service(&id, r).await?;
+        let (id, add, rm) = {
+            let st = self.state();
+            let s = st.service(name).ok_or_else(|| not_found!("service {name} not found"))?;
+            if s.phase != Phase::Ready {
+                return Err(conflict!("service {} is being removed", s.name));
+            }
+            let mut add = vec![];
+            for n in &req.network_add {
+                let net = super::networks::usable(&st, n)?;
+                if net.driver != DriverKind::Overlay {
+                    return Err(bad_request!(
+                        "network {}: a cluster service's networks must all be overlays",
+                        net.name
+                    ));
+                }
+                add.push(net.clone());
+            }
+            let mut rm = vec![];
+            for n in &req.network_rm {
+                rm.push(super::networks::lookup(&st, n)?.clone());
+            }
+            (s.id.clone(), add, rm)
+        };
+        if replicas.is_some() || !add.is_empty() || !rm.is_empty() {
+            cluster
+                .update_service(&id, |snap, mut rec| {
+                    if let Some(r) = replicas {
+                        rec.replicas = r;
+                    }
+                    for net in &rm {
+                        if !rec.vips.iter().any(|(n, _)| *n == net.id) {
+                            return Err(bad_request!("service {} is not on network {}", rec.name, net.name));
+                        }
+                        rec.vips.retain(|(n, _)| *n != net.id);
+                    }
+                    for net in &add {
+                        if rec.vips.iter().any(|(n, _)| *n == net.id) {
+                            return Err(conflict!("service {} is already on network {}", rec.name, net.name));
+                        }
+                        let vip = if rec.endpoint_mode == "vip" {
+                            let pool = net.pool().ok_or_else(|| bad_request!("network {} has no IPAM", net.name))?;
+                            let used: BTreeSet<Ipv4Addr> = snap.claimed(&net.id).collect();
+                            ipam::allocate(&pool, &used, None)
+                                .map_err(|e| conflict!("network {}: no address left for a VIP: {e}", net.name))?
+                        } else {
+                            Ipv4Addr::UNSPECIFIED
+                        };
+                        rec.vips.push((net.id.clone(), vip));
+                    }
+                    if rec.vips.is_empty() {
+                        return Err(bad_request!("service {} would be on no network: remove it instead", rec.name));
+                    }
+                    Ok(rec)
+                })
+                .await?;
             self.schedule_services(&cluster, &cluster.fresh_snapshot().await?).await;
             let snap = cluster.fresh_snapshot().await?;
             self.materialize_services(&snap).await;
@@ -238,7 +286,31 @@ impl Daemon {
                 let current = st.service_by_id(&rec.id).cloned();
                 let next = match current {
                     Some(s) if s.phase != Phase::Ready => continue,
-                    Some(s) => Service { replicas: Some(rec.replicas), here: Some(here), ..s },
+                    Some(s) => {
+                        // Networks kept keep their slot; added ones get a free one.
+                        let fresh = rec.vips.iter().filter(|(n, _)| !s.vips.iter().any(|v| v.network_id == *n)).count();
+                        let Some(mut slots) = st.free_slots(fresh, MAX_SERVICE_SLOTS).map(|v| v.into_iter()) else {
+                            warn!("cluster service {}: no free service slot on this node", rec.name);
+                            continue;
+                        };
+                        let vips = rec
+                            .vips
+                            .iter()
+                            .map(|(net, vip)| match s.vips.iter().find(|v| v.network_id == *net) {
+                                Some(v) => ServiceVip { vip: *vip, ..v.clone() },
+                                None => ServiceVip {
+                                    network_id: net.clone(),
+                                    vip: *vip,
+                                    slot: if vip.is_unspecified() {
+                                        u32::MAX
+                                    } else {
+                                        slots.next().unwrap_or(u32::MAX)
+                                    },
+                                },
+                            })
+                            .collect();
+                        Service { replicas: Some(rec.replicas), here: Some(here), vips, ..s }
+                    }
                     None => {
                         if let Some(other) = st.service(&rec.name).filter(|s| s.name == rec.name) {
                             warn!(
