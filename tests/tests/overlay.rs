@@ -92,6 +92,33 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
         assert!(ips.insert(ip.clone()), "{ip} was handed out twice (second: {name} on node{node})");
     }
     assert_eq!(ips.len(), 2 * n);
+    // The same --ip asked on two nodes at once: exactly one gets it.
+    let both: Vec<_> = (0..2)
+        .map(|node| {
+            let name = format!("pinned{node}");
+            let mut cmd = c.node(node).np_cmd(&[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                "ov",
+                "--ip",
+                "10.77.0.200",
+                "--",
+                "sleep",
+                "600",
+            ]);
+            std::thread::spawn(move || cmd.output().expect("running netpath"))
+        })
+        .collect();
+    let outs: Vec<_> = both.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(outs.iter().filter(|o| o.status.success()).count(), 1, "{outs:?}");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(String::from_utf8_lossy(&lost.stderr).contains("10.77.0.200 is in use"), "{lost:?}");
+    for node in 0..2 {
+        c.node(node).try_np(&["rm", "-f", &format!("pinned{node}")]);
+    }
 
     // Overlay MTU: the underlay's (1500) less the VXLAN overhead.
     let sb = c.node(0).sandbox("c0x0");
