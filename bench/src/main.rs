@@ -7,6 +7,7 @@
 
 mod dns;
 mod figures;
+mod overlay;
 mod report;
 mod scale;
 mod serve;
@@ -67,6 +68,10 @@ struct Cli {
     /// The DNS section (netpath's embedded server vs aardvark-dns): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     dns: String,
+    /// The overlay section (container to container across two hosts: netpath's VXLAN
+    /// datapath vs the kernel's VXLAN with static FDB and a bridge): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    overlay: String,
     /// The scale section (run/rm/restart/ps cost against container count, netpath vs
     /// netavark): include, skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
@@ -222,6 +227,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         std::fs::write(cli.out.join("scale.md"), &md)?;
         std::fs::write(cli.out.join("scale.svg"), &svg)?;
         eprintln!("bench: wrote {}/scale.md and scale.svg", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.overlay == "only" {
+        let md = overlay::run(&exe, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("overlay.md"), &md)?;
+        eprintln!("bench: wrote {}/overlay.md", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
     if cli.services == "only" {
@@ -380,6 +393,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}\n![scale](scale.svg)\n"));
             }
             Err(e) => md.push_str(&format!("\n## Scale\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.overlay == "include" && !interrupted {
+        match overlay::run(&exe, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("overlay.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## Overlay (cross-host)\n\nnot run: {e:#}\n")),
         }
     }
     println!("{md}");

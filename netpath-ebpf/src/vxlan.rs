@@ -47,7 +47,7 @@ pub fn encap(ctx: &mut TcContext, p: &Packet, vni: u32, r: &OverlayRemote) -> i3
         // An overlay with no device to send through: the daemon removed it, or has not made it yet.
         return drop(p, HOOK, drop_reason::REWRITE_FAILED);
     };
-    if ctx.store(0, &r.mac, 0).is_err() {
+    if set_dst_mac(ctx, &r.mac).is_err() {
         return drop(p, HOOK, drop_reason::REWRITE_FAILED);
     }
     let mut raw = KeySpace::uninit();
@@ -195,10 +195,21 @@ pub fn decap(ctx: &mut TcContext) -> i32 {
     {
         return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
     }
-    if ctx.store(0, &ep.mac, 0).is_err() {
+    if set_dst_mac(ctx, &ep.mac).is_err() {
         return drop(&p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
     }
     redirect(&p, DECAP_HOOK, ep.ifindex)
+}
+
+/// Addresses the frame to `mac` unless it is already (what the sender's ARP answer made it,
+/// nearly always): a write makes the skb writable first, which for a cloned packet (TCP keeps
+/// one for retransmission) may mean copying its head.
+#[inline(always)]
+fn set_dst_mac(ctx: &mut TcContext, mac: &[u8; 6]) -> Result<(), ()> {
+    if ctx.load::<[u8; 6]>(0).map_err(|_| ())? == *mac {
+        return Ok(());
+    }
+    ctx.store(0, mac, 0).map_err(|_| ())
 }
 
 /// The VNI the VXLAN device received the frame with; None without IPv4 tunnel metadata.

@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod dns;
+pub mod overlay_lab;
 pub mod packet;
 pub mod testrun;
 

@@ -9,186 +9,26 @@
 //! VNI, are dropped and counted; one with the right VNI is delivered.
 //!
 //! IPv6 is off in every namespace so the only frames on the links are the test's own, and the
-//! counters can be compared exactly.
+//! counters can be compared exactly. The lab is `netpath_tests::overlay_lab`, which the
+//! benchmark's overlay section shares.
 
 use std::net::{Ipv4Addr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use netpath::datapath::{Datapath, Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_PORT};
-use netpath::netlink::{Netlink, netns};
-use netpath_common::net_flags;
+use netpath::datapath::{VXLAN_DEV, VXLAN_PORT};
+use netpath::netlink::netns;
+use netpath_tests::overlay_lab::{BRIDGE, GW, Kind, VNI, in_netns, two_hosts};
 use netpath_tests::packet::Ipv4Packet;
 use netpath_tests::{Lab, in_ns, must};
-
-/// The overlay network, the same on both hosts: its datapath id, VNI, subnet and gateway.
-const NET: u32 = 1;
-const VNI: u32 = 4097;
-const SUBNET: &str = "10.210.0.0/24";
-const GW: &str = "10.210.0.1";
-const BRIDGE: &str = "np-ov1";
-const UNDERLAY_MTU: u32 = 1500;
-const OVERLAY_MTU: u32 = UNDERLAY_MTU - netpath::datapath::VXLAN_OVERHEAD;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-struct Container {
-    name: &'static str,
-    ip: &'static str,
-    ns: PathBuf,
-    /// Its veth's host side (in its host's namespace).
-    host_if: String,
-    mac: [u8; 6],
-}
-
-struct Host {
-    ns: PathBuf,
-    /// Its datapath's bpffs dir (maps and link pins).
-    pins: PathBuf,
-    underlay_ip: &'static str,
-    /// None while "the daemon" is down.
-    dp: Option<Datapath>,
-    overlay: Overlay,
-    containers: Vec<Container>,
-}
-
-/// Runs `f` on a thread inside the namespace at `ns`, with a netlink connection there.
-fn in_netns<T: Send>(ns: &Path, f: impl FnOnce(&tokio::runtime::Runtime, &Netlink) -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            netns::enter(ns).expect("entering the host namespace");
-            // Current-thread: netlink sockets and their tasks stay in this namespace.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let nl = rt.block_on(async { Netlink::current() }).unwrap();
-            f(&rt, &nl)
-        })
-        .join()
-        .expect("namespace thread")
-    })
-}
-
-fn no_ipv6(ns: &Path) {
-    must(in_ns(ns, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]));
-}
-
-/// Two hosts on an underlay bridge, each with its containers on the overlay; every host
-/// knows the other's containers as remote endpoints.
-fn two_hosts(lab: &Lab, a: &[(&'static str, &'static str)], b: &[(&'static str, &'static str)]) -> [Host; 2] {
-    let underlay = lab.add_ns("underlay");
-    no_ipv6(&underlay);
-    must(in_ns(&underlay, "ip", &["link", "add", "br0", "type", "bridge"]));
-    must(in_ns(&underlay, "ip", &["link", "set", "br0", "up"]));
-    let mut hosts = vec![];
-    for (tag, underlay_ip, containers) in [("a", "192.168.77.1", a), ("b", "192.168.77.2", b)] {
-        let ns = lab.add_ns(&format!("host-{tag}"));
-        no_ipv6(&ns);
-        let port = format!("ul-{tag}");
-        let peer_ns = ns.display().to_string();
-        must(in_ns(
-            &underlay,
-            "ip",
-            &["link", "add", &port, "mtu", "1500", "type", "veth", "peer", "name", "eth1", "netns", &peer_ns],
-        ));
-        must(in_ns(&underlay, "ip", &["link", "set", &port, "master", "br0", "up"]));
-        must(in_ns(&ns, "ip", &["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth1"]));
-        must(in_ns(&ns, "ip", &["link", "set", "eth1", "up"]));
-        let containers: Vec<Container> = containers
-            .iter()
-            .map(|(name, addr)| {
-                let cns = lab.add_ns(name);
-                no_ipv6(&cns);
-                Container {
-                    name,
-                    ip: addr,
-                    ns: cns,
-                    host_if: format!("v{name}"),
-                    mac: netpath::ipam::mac_for(ip(addr)),
-                }
-            })
-            .collect();
-        let pins = lab.dir.join(format!("bpf-{tag}"));
-        let (dp, overlay) = in_netns(&ns, |rt, nl| {
-            let pins = &pins;
-            let br = rt.block_on(nl.ensure_bridge(BRIDGE, ip(GW), 24, Some(OVERLAY_MTU))).unwrap();
-            let mut dp = Datapath::load(pins).expect("loading the datapath");
-            dp.set_network(SUBNET.parse().unwrap(), NET, ip(GW), net_flags::MASQUERADE | net_flags::OVERLAY).unwrap();
-            dp.sync_host_addrs(&[ip(GW), ip(underlay_ip)]).unwrap();
-            let overlay = dp.overlay().unwrap();
-            overlay.overlay_set_network(VNI, NET).unwrap();
-            for c in &containers {
-                rt.block_on(nl.create_veth(&c.host_if, br, &c.ns, "eth0", c.mac, Some(OVERLAY_MTU))).unwrap();
-                let ifindex = rt.block_on(nl.require_link(&c.host_if)).unwrap();
-                dp.set_endpoint(ip(c.ip), ifindex, NET, c.mac, netpath::ipam::mac_for(ip(GW))).unwrap();
-                dp.attach_endpoint(&c.host_if, ifindex).unwrap();
-                overlay.overlay_add_local(VNI, ip(c.ip), ifindex, c.mac).unwrap();
-            }
-            rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("making the VXLAN device");
-            (dp, overlay)
-        });
-        for c in &containers {
-            must(in_ns(&c.ns, "ip", &["addr", "add", &format!("{}/24", c.ip), "dev", "eth0"]));
-            must(in_ns(&c.ns, "ip", &["link", "set", "eth0", "up"]));
-            must(in_ns(&c.ns, "ip", &["route", "add", "default", "via", GW]));
-        }
-        hosts.push(Host { ns, pins, underlay_ip, dp: Some(dp), overlay, containers });
-    }
-    let [a, b]: [Host; 2] = hosts.try_into().unwrap_or_else(|_| unreachable!());
-    for (from, to) in [(&a, &b), (&b, &a)] {
-        for c in &to.containers {
-            let ep = RemoteEndpoint { vni: VNI, ip: ip(c.ip), mac: c.mac, node_ip: ip(to.underlay_ip) };
-            from.overlay.overlay_add_remote(&ep).unwrap();
-        }
-    }
-    [a, b]
-}
-
-impl Host {
-    fn container(&self, name: &str) -> &Container {
-        self.containers.iter().find(|c| c.name == name).unwrap()
-    }
-
-    /// What a daemon restart does: the datapath is dropped (its pinned maps and links keep
-    /// forwarding meanwhile, `during` runs then), loaded again, and the endpoints and the VXLAN
-    /// device claimed again; what nobody claimed is released.
-    fn reload(&mut self, during: impl FnOnce()) {
-        drop(self.dp.take());
-        during();
-        let mut dp = Datapath::load(&self.pins).expect("a second datapath");
-        let containers = &self.containers;
-        self.overlay = in_netns(&self.ns, |rt, nl| {
-            for c in containers {
-                let ifindex = rt.block_on(nl.require_link(&c.host_if)).unwrap();
-                dp.attach_endpoint(&c.host_if, ifindex).unwrap();
-            }
-            let overlay = dp.overlay().unwrap();
-            rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("claiming the VXLAN device");
-            dp.release_unclaimed();
-            overlay
-        });
-        self.dp = Some(dp);
-    }
-
-    fn dp(&mut self) -> &mut Datapath {
-        self.dp.as_mut().expect("a loaded datapath")
-    }
-
-    /// Packets link `dev` of this host received, as the kernel counts them.
-    fn rx_packets(&self, dev: &str) -> u64 {
-        let out = must(in_ns(&self.ns, "ip", &["-j", "-s", "link", "show", "dev", dev]));
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or_else(|| panic!("no rx counter in {out}"))
-    }
-
-    /// The datapath's drops with a count, by reason.
-    fn drops(&mut self) -> Vec<(&'static str, u64)> {
-        self.dp().counters().unwrap().drops.into_iter().filter(|(_, n)| *n > 0).collect()
-    }
-}
-
 fn ping(from: &Path, to: &str, args: &[&str]) -> std::process::Output {
-    let mut a = vec!["-n", "-c", "3", "-i", "0.2", "-W", "2"];
+    // A generous wait: the lab shares its CPUs with every other test running.
+    let mut a = vec!["-n", "-c", "3", "-i", "0.2", "-W", "5"];
     a.extend_from_slice(args);
     a.push(to);
     in_ns(from, "ping", &a).output().unwrap()
@@ -197,14 +37,15 @@ fn ping(from: &Path, to: &str, args: &[&str]) -> std::process::Output {
 #[test]
 fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
     let lab = Lab::without_daemon("overlay-dp");
-    let [mut a, mut b] = two_hosts(&lab, &[("a1", "10.210.0.2")], &[("b1", "10.210.0.3")]);
+    let [mut a, mut b] = two_hosts(&lab, Kind::Netpath, &[("a1", "10.210.0.2")], &[("b1", "10.210.0.3")]);
     let (a1, b1) = (a.container("a1"), b.container("b1"));
     let (bridge_a, bridge_b) = (a.rx_packets(BRIDGE), b.rx_packets(BRIDGE));
     let (tunnel_a, tunnel_b) = (a.rx_packets(VXLAN_DEV), b.rx_packets(VXLAN_DEV));
 
     // Ping across: three requests arrive on b's tunnel, three replies on a's.
     let out = ping(&a1.ns, b1.ip, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("3 received"), "{summary}");
     assert_eq!(b.rx_packets(VXLAN_DEV) - tunnel_b, 3, "only the echo requests crossed to b");
     assert_eq!(a.rx_packets(VXLAN_DEV) - tunnel_a, 3, "only the echo replies crossed to a");
     // Each container asked ARP for the other and got the remote container's own MAC, answered
@@ -260,7 +101,7 @@ fn containers_on_two_hosts_talk_through_the_tunnel_with_arp_answered_locally() {
 #[test]
 fn decapsulation_delivers_only_a_known_vni_to_its_own_containers() {
     let lab = Lab::without_daemon("overlay-vni");
-    let [a, mut b] = two_hosts(&lab, &[("va1", "10.210.0.2")], &[("vb1", "10.210.0.3")]);
+    let [a, mut b] = two_hosts(&lab, Kind::Netpath, &[("va1", "10.210.0.2")], &[("vb1", "10.210.0.3")]);
     let b1 = b.container("vb1");
     let b1_ns = b1.ns.clone();
     let b1_ip = b1.ip;
@@ -319,7 +160,7 @@ fn decapsulation_delivers_only_a_known_vni_to_its_own_containers() {
 #[test]
 fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapath_reload() {
     let lab = Lab::without_daemon("overlay-svc");
-    let [mut a, b] = two_hosts(&lab, &[("sa1", "10.210.0.2")], &[("sb1", "10.210.0.3")]);
+    let [mut a, b] = two_hosts(&lab, Kind::Netpath, &[("sa1", "10.210.0.2")], &[("sb1", "10.210.0.3")]);
     let b1 = b.container("sb1");
     // A service VIP on host a (the host holds the address, as the daemon does), whose only
     // backend is b1 on host b.
@@ -339,7 +180,7 @@ fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapa
     let a1 = a.container("sa1");
     let a1_ns = a1.ns.clone();
     let a1_to_b1 = |what: &str| {
-        let out = ping(&a1_ns, b1.ip, &["-c", "1"]);
+        let out = ping(&a1_ns, b1.ip, &["-c", "2"]);
         assert!(out.status.success(), "{what}: ping a1 → b1: {}", String::from_utf8_lossy(&out.stdout));
     };
     // The reply only reaches a1's socket with the VIP as its source: vxlan_in translated it.
@@ -369,6 +210,20 @@ fn a_service_on_one_host_balances_to_the_other_and_the_overlay_survives_a_datapa
     let mut b = b;
     assert_eq!(a.drops(), vec![]);
     assert_eq!(b.drops(), vec![]);
+}
+
+/// The benchmark's baseline (`cargo xtask bench -- --overlay only`) builds the same lab with the
+/// kernel's VXLAN instead: it must carry the same traffic, or the comparison means nothing.
+#[test]
+fn the_kernel_vxlan_baseline_carries_the_same_traffic() {
+    let lab = Lab::without_daemon("overlay-kernel");
+    let [a, b] = two_hosts(&lab, Kind::Kernel, &[("ka1", "10.210.0.2")], &[("kb1", "10.210.0.3")]);
+    let (a1, b1) = (a.container("ka1"), b.container("kb1"));
+    let out = ping(&a1.ns, b1.ip, &["-M", "do", "-s", "1422"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let neigh = must(in_ns(&a1.ns, "ip", &["neigh", "show", b1.ip]));
+    assert!(neigh.contains(&netpath::ipam::format_mac(&b1.mac)), "proxy ARP answered for b1: {neigh}");
+    assert!(a.dp.is_none() && !lab.links(&a.ns).iter().any(|l| l == VXLAN_DEV), "no netpath here");
 }
 
 struct KillOnDrop(std::process::Child);

@@ -1,0 +1,147 @@
+//! The overlay section: a container on one host to a container on another (two lab hosts on
+//! an underlay bridge, MTU 1500, overlay MTU 1450), through netpath's VXLAN datapath (eBPF on
+//! the container's veth sets the tunnel key and redirects to an external-mode VXLAN device;
+//! `vxlan_in` delivers straight to the veth) against the kernel's VXLAN as Docker's overlay
+//! driver builds it (a bridge with a VXLAN port, static FDB and proxy-ARP neighbour entries;
+//! Flannel's vxlan backend is the same device with static entries), in the same run: TCP
+//! throughput (iperf3, one stream) and TCP round trips (sockperf ping-pong, p50 and p99).
+//!
+//! netpath's side is its datapath without a daemon (loaded and programmed by the code the
+//! daemon uses, `netpath_tests::overlay_lab`): the cluster plumbing adds nothing per packet.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use netpath_tests::overlay_lab::{Host, Kind, two_hosts};
+use netpath_tests::{Lab, in_ns};
+
+use crate::figures::{parse_iperf_tcp, parse_sockperf_percentile};
+use crate::serve::{CONN_PORT, IPERF_PORT, SOCKPERF_PORT};
+use crate::stats::median;
+use crate::util::{check, stop_child, stop_requested, tail};
+
+const CLIENT: (&str, &str) = ("ov-c1", "10.210.0.2");
+const SERVER: (&str, &str) = ("ov-s1", "10.210.0.3");
+
+struct OverlayLab {
+    kind: Kind,
+    server: Child,
+    // Dropped after the server is stopped: the hosts (datapath handles), then the lab.
+    hosts: Option<[Host; 2]>,
+    _lab: Lab,
+}
+
+impl Drop for OverlayLab {
+    fn drop(&mut self) {
+        stop_child(&mut self.server);
+        self.hosts.take();
+    }
+}
+
+impl OverlayLab {
+    fn client_ns(&self) -> &Path {
+        &self.hosts.as_ref().expect("hosts")[0].containers[0].ns
+    }
+}
+
+fn name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Netpath => "netpath (eBPF)",
+        Kind::Kernel => "kernel VXLAN + FDB + bridge",
+    }
+}
+
+fn setup(exe: &Path, kind: Kind) -> Result<OverlayLab> {
+    let lab = Lab::without_daemon(if kind == Kind::Netpath { "bench-ov-np" } else { "bench-ov-k" });
+    // The lab helpers assert as they go: a failure here becomes this section's error.
+    let hosts = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| two_hosts(&lab, kind, &[CLIENT], &[SERVER])))
+        .map_err(|p| {
+            anyhow!("setting up the two hosts: {}", p.downcast_ref::<String>().map_or("a panic", |s| s.as_str()))
+        })?;
+    let server =
+        in_ns(&hosts[1].containers[0].ns, exe.to_str().context("exe path")?, &["__serve", "--max-secs", "3600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the servers")?;
+    let l = OverlayLab { kind, server, hosts: Some(hosts), _lab: lab };
+    let probe = in_ns(
+        l.client_ns(),
+        exe.to_str().context("exe path")?,
+        &["__probe", &format!("{}:{CONN_PORT}", SERVER.1), "--timeout-secs", "30"],
+    );
+    check(probe, None, Duration::from_secs(40)).context("the server across the overlay never answered")?;
+    Ok(l)
+}
+
+/// One repetition: (TCP Gbit/s, RTT p50 µs, RTT p99 µs).
+fn measure(l: &OverlayLab, secs: u32) -> Result<(f64, f64, f64)> {
+    let limit = Duration::from_secs(u64::from(secs) + 30);
+    let t = secs.to_string();
+    let iperf = ["-c", SERVER.1, "-p", &IPERF_PORT.to_string(), "-t", &t, "-J"];
+    let out = check(in_ns(l.client_ns(), "iperf3", &iperf), None, limit)?;
+    let gbps = parse_iperf_tcp(&out)?;
+    let pp = ["pp", "--tcp", "-i", SERVER.1, "-p", &SOCKPERF_PORT.to_string(), "-t", &t, "--full-rtt"];
+    let out = check(in_ns(l.client_ns(), "sockperf", &pp), None, limit)?;
+    let p = |q: &str| parse_sockperf_percentile(&out, q).with_context(|| format!("no p{q} in {}", tail(&out)));
+    Ok((gbps, p("50.000")?, p("99.000")?))
+}
+
+/// Runs the overlay section; returns its markdown.
+pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
+    let started = Instant::now();
+    let mut labs = vec![];
+    for kind in [Kind::Netpath, Kind::Kernel] {
+        eprintln!("bench: overlay: setting up {}", name(kind));
+        labs.push(setup(exe, kind)?);
+    }
+    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![vec![]; labs.len()];
+    // Round-robin over the variants in each repetition, so drift hits both alike.
+    for rep in 0..reps {
+        for (i, l) in labs.iter().enumerate() {
+            if stop_requested() {
+                bail!("interrupted");
+            }
+            let r = measure(l, secs).with_context(|| format!("measuring {}", name(l.kind)))?;
+            eprintln!(
+                "bench: overlay: {}, rep {}: {:.2} Gbit/s, RTT p50 {:.1} µs, p99 {:.1} µs",
+                name(l.kind),
+                rep + 1,
+                r.0,
+                r.1,
+                r.2
+            );
+            results[i].push(r);
+        }
+    }
+    let med = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+        median(&v.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let mut md = String::from("## Overlay (cross-host)\n\n");
+    md.push_str(&format!("- {reps} repetition(s), {secs}s per run; took {:.0}s\n\n", started.elapsed().as_secs_f64()));
+    md.push_str("| overlay datapath | TCP Gbit/s ↑ | RTT p50 µs ↓ | RTT p99 µs ↓ |\n| --- | ---: | ---: | ---: |\n");
+    let mut cells = vec![];
+    for (l, r) in labs.iter().zip(&results) {
+        let c = (med(r, |x| x.0), med(r, |x| x.1), med(r, |x| x.2));
+        md.push_str(&format!("| {} | {:.2} | {:.1} | {:.1} |\n", name(l.kind), c.0, c.1, c.2));
+        cells.push(c);
+    }
+    if let [np, k] = cells[..] {
+        md.push_str(&format!(
+            "\nnetpath: {:.2}× the kernel VXLAN's TCP throughput (target ≥ 1.0×), {:.2}× its p50 round trip.\n",
+            np.0 / k.0,
+            np.1 / k.1
+        ));
+    }
+    md.push_str(
+        "\nMethod: two host namespaces on an underlay bridge (MTU 1500), a container on each (MTU 1450), \
+         iperf3 (one TCP stream) and sockperf ping-pong over TCP from one to the other. netpath: its eBPF \
+         object and VXLAN device without a daemon, programmed through the daemon's overlay API. kernel: a \
+         bridge with a VXLAN port (nolearning, proxy ARP) and static FDB and neighbour entries, as Docker's \
+         overlay driver programs them. Cells are medians over repetitions.\n",
+    );
+    Ok(md)
+}

@@ -1,0 +1,268 @@
+//! Two lab "hosts" joined by an underlay bridge, with containers on an overlay network that
+//! spans them: through netpath's datapath without a daemon (the real eBPF object loaded by
+//! `Datapath::load`, the maps programmed through the `Overlay` API, as the daemon does), or
+//! through the kernel's own VXLAN as Docker's overlay driver builds it (a bridge with a VXLAN
+//! port, static FDB and proxy-ARP neighbour entries) for the benchmark's comparison. The
+//! namespaces belong to a [`Lab`], which removes them (and the bpffs mounts) when dropped.
+//!
+//! IPv6 is off in every namespace, so the only frames on the links are the test's own.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use netpath::datapath::{Datapath, Overlay, RemoteEndpoint, VXLAN_OVERHEAD, VXLAN_PORT};
+use netpath::netlink::{Netlink, netns};
+use netpath_common::net_flags;
+
+use crate::{Lab, in_ns, must};
+
+/// The overlay network, the same on both hosts: its datapath id, VNI, subnet and gateway.
+pub const NET: u32 = 1;
+pub const VNI: u32 = 4097;
+pub const SUBNET: &str = "10.210.0.0/24";
+pub const GW: &str = "10.210.0.1";
+/// Each host's bridge for the overlay network.
+pub const BRIDGE: &str = "np-ov1";
+pub const UNDERLAY_MTU: u32 = 1500;
+pub const OVERLAY_MTU: u32 = UNDERLAY_MTU - VXLAN_OVERHEAD;
+/// The kernel variant's VXLAN device (a bridge port).
+pub const KERNEL_VXLAN: &str = "vxlan0";
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+pub struct Container {
+    pub name: &'static str,
+    pub ip: &'static str,
+    pub ns: PathBuf,
+    /// Its veth's host side (in its host's namespace).
+    pub host_if: String,
+    pub mac: [u8; 6],
+}
+
+pub struct Host {
+    pub ns: PathBuf,
+    /// Its datapath's bpffs dir (maps and link pins).
+    pub pins: PathBuf,
+    pub underlay_ip: &'static str,
+    /// netpath's datapath (None for the kernel variant, and while "the daemon" is down).
+    pub dp: Option<Datapath>,
+    pub overlay: Option<Overlay>,
+    pub containers: Vec<Container>,
+}
+
+/// Which datapath carries the overlay.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Netpath,
+    /// Kernel VXLAN with static FDB entries and a Linux bridge (Docker's overlay driver).
+    Kernel,
+}
+
+/// Runs `f` on a thread inside the namespace at `ns`, with a netlink connection there.
+pub fn in_netns<T: Send>(ns: &Path, f: impl FnOnce(&tokio::runtime::Runtime, &Netlink) -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns::enter(ns).expect("entering the host namespace");
+            // Current-thread: netlink sockets and their tasks stay in this namespace.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let nl = rt.block_on(async { Netlink::current() }).unwrap();
+            f(&rt, &nl)
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+fn no_ipv6(ns: &Path) {
+    must(in_ns(ns, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]));
+}
+
+/// Two hosts on an underlay bridge, each with its containers (name, address) on the overlay;
+/// every host knows the other's containers.
+pub fn two_hosts(
+    lab: &Lab,
+    kind: Kind,
+    a: &[(&'static str, &'static str)],
+    b: &[(&'static str, &'static str)],
+) -> [Host; 2] {
+    let underlay = lab.add_ns("underlay");
+    no_ipv6(&underlay);
+    must(in_ns(&underlay, "ip", &["link", "add", "br0", "type", "bridge"]));
+    must(in_ns(&underlay, "ip", &["link", "set", "br0", "up"]));
+    let mut hosts = vec![];
+    for (tag, underlay_ip, containers) in [("a", "192.168.77.1", a), ("b", "192.168.77.2", b)] {
+        let ns = lab.add_ns(&format!("host-{tag}"));
+        no_ipv6(&ns);
+        let port = format!("ul-{tag}");
+        let peer_ns = ns.display().to_string();
+        let mtu = UNDERLAY_MTU.to_string();
+        must(in_ns(
+            &underlay,
+            "ip",
+            &["link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth1", "netns", &peer_ns],
+        ));
+        must(in_ns(&underlay, "ip", &["link", "set", &port, "master", "br0", "up"]));
+        must(in_ns(&ns, "ip", &["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth1"]));
+        must(in_ns(&ns, "ip", &["link", "set", "eth1", "up"]));
+        let containers: Vec<Container> = containers
+            .iter()
+            .map(|(name, addr)| {
+                let cns = lab.add_ns(name);
+                no_ipv6(&cns);
+                Container {
+                    name,
+                    ip: addr,
+                    ns: cns,
+                    host_if: format!("v{name}"),
+                    mac: netpath::ipam::mac_for(ip(addr)),
+                }
+            })
+            .collect();
+        let pins = lab.dir.join(format!("bpf-{tag}"));
+        let (dp, overlay) = match kind {
+            Kind::Netpath => {
+                let (dp, overlay) = netpath_host(&ns, &pins, underlay_ip, &containers);
+                (Some(dp), Some(overlay))
+            }
+            Kind::Kernel => {
+                kernel_host(&ns, underlay_ip, &containers);
+                (None, None)
+            }
+        };
+        for c in &containers {
+            must(in_ns(&c.ns, "ip", &["addr", "add", &format!("{}/24", c.ip), "dev", "eth0"]));
+            must(in_ns(&c.ns, "ip", &["link", "set", "eth0", "up"]));
+            must(in_ns(&c.ns, "ip", &["route", "add", "default", "via", GW]));
+        }
+        hosts.push(Host { ns, pins, underlay_ip, dp, overlay, containers });
+    }
+    let [a, b]: [Host; 2] = hosts.try_into().unwrap_or_else(|_| unreachable!());
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        for c in &to.containers {
+            match &from.overlay {
+                Some(o) => {
+                    let ep = RemoteEndpoint { vni: VNI, ip: ip(c.ip), mac: c.mac, node_ip: ip(to.underlay_ip) };
+                    o.overlay_add_remote(&ep).unwrap();
+                }
+                None => {
+                    // What Docker's overlay driver programs for a remote endpoint.
+                    let mac = netpath::ipam::format_mac(&c.mac);
+                    let fdb = ["fdb", "append", &mac, "dev", KERNEL_VXLAN, "dst", to.underlay_ip, "self", "permanent"];
+                    must(in_ns(&from.ns, "bridge", &fdb));
+                    let neigh = ["neigh", "replace", c.ip, "lladdr", &mac, "dev", KERNEL_VXLAN, "nud", "permanent"];
+                    must(in_ns(&from.ns, "ip", &neigh));
+                }
+            }
+        }
+    }
+    [a, b]
+}
+
+/// netpath's side of a host: the bridge, the containers' veths with the container program, the
+/// overlay's maps and the VXLAN device, as the daemon makes them.
+fn netpath_host(ns: &Path, pins: &Path, underlay_ip: &str, containers: &[Container]) -> (Datapath, Overlay) {
+    in_netns(ns, |rt, nl| {
+        let br = rt.block_on(nl.ensure_bridge(BRIDGE, ip(GW), 24, Some(OVERLAY_MTU))).unwrap();
+        let mut dp = Datapath::load(pins).expect("loading the datapath");
+        dp.set_network(SUBNET.parse().unwrap(), NET, ip(GW), net_flags::MASQUERADE | net_flags::OVERLAY).unwrap();
+        dp.sync_host_addrs(&[ip(GW), ip(underlay_ip)]).unwrap();
+        let overlay = dp.overlay().unwrap();
+        overlay.overlay_set_network(VNI, NET).unwrap();
+        for c in containers {
+            rt.block_on(nl.create_veth(&c.host_if, br, &c.ns, "eth0", c.mac, Some(OVERLAY_MTU))).unwrap();
+            let ifindex = rt.block_on(nl.require_link(&c.host_if)).unwrap();
+            dp.set_endpoint(ip(c.ip), ifindex, NET, c.mac, netpath::ipam::mac_for(ip(GW))).unwrap();
+            dp.attach_endpoint(&c.host_if, ifindex).unwrap();
+            overlay.overlay_add_local(VNI, ip(c.ip), ifindex, c.mac).unwrap();
+        }
+        rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("making the VXLAN device");
+        (dp, overlay)
+    })
+}
+
+/// The kernel's side: a bridge with a VXLAN port (the VNI, no learning, proxy ARP from its
+/// neighbour table, the overlay's MTU) and the containers' veths, no eBPF at all.
+fn kernel_host(ns: &Path, underlay_ip: &str, containers: &[Container]) {
+    let mtu = OVERLAY_MTU.to_string();
+    let ip_ns = |args: &[&str]| must(in_ns(ns, "ip", args));
+    ip_ns(&["link", "add", BRIDGE, "mtu", &mtu, "type", "bridge"]);
+    ip_ns(&["addr", "add", &format!("{GW}/24"), "dev", BRIDGE]);
+    ip_ns(&["link", "set", BRIDGE, "up"]);
+    let (vni, port) = (VNI.to_string(), VXLAN_PORT.to_string());
+    ip_ns(&[
+        "link",
+        "add",
+        KERNEL_VXLAN,
+        "mtu",
+        &mtu,
+        "type",
+        "vxlan",
+        "id",
+        &vni,
+        "dstport",
+        &port,
+        "local",
+        underlay_ip,
+        "nolearning",
+        "proxy",
+    ]);
+    ip_ns(&["link", "set", KERNEL_VXLAN, "master", BRIDGE, "up"]);
+    for c in containers {
+        let cns = c.ns.display().to_string();
+        ip_ns(&["link", "add", &c.host_if, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", &cns]);
+        ip_ns(&["link", "set", &c.host_if, "master", BRIDGE, "up"]);
+        let mac = netpath::ipam::format_mac(&c.mac);
+        must(in_ns(&c.ns, "ip", &["link", "set", "eth0", "address", &mac, "mtu", &mtu]));
+    }
+}
+
+impl Host {
+    pub fn container(&self, name: &str) -> &Container {
+        self.containers.iter().find(|c| c.name == name).unwrap()
+    }
+
+    /// netpath's overlay handle (not the kernel variant's).
+    pub fn overlay(&self) -> &Overlay {
+        self.overlay.as_ref().expect("a netpath host")
+    }
+
+    pub fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().expect("a loaded datapath")
+    }
+
+    /// What a daemon restart does: the datapath is dropped (its pinned maps and links keep
+    /// forwarding meanwhile, `during` runs then), loaded again, and the endpoints and the VXLAN
+    /// device claimed again; what nobody claimed is released.
+    pub fn reload(&mut self, during: impl FnOnce()) {
+        drop(self.dp.take());
+        during();
+        let mut dp = Datapath::load(&self.pins).expect("a second datapath");
+        let containers = &self.containers;
+        let overlay = in_netns(&self.ns, |rt, nl| {
+            for c in containers {
+                let ifindex = rt.block_on(nl.require_link(&c.host_if)).unwrap();
+                dp.attach_endpoint(&c.host_if, ifindex).unwrap();
+            }
+            let overlay = dp.overlay().unwrap();
+            rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("claiming the VXLAN device");
+            dp.release_unclaimed();
+            overlay
+        });
+        self.overlay = Some(overlay);
+        self.dp = Some(dp);
+    }
+
+    /// Packets link `dev` of this host received, as the kernel counts them.
+    pub fn rx_packets(&self, dev: &str) -> u64 {
+        let out = must(in_ns(&self.ns, "ip", &["-j", "-s", "link", "show", "dev", dev]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or_else(|| panic!("no rx counter in {out}"))
+    }
+
+    /// The datapath's drops with a count, by reason.
+    pub fn drops(&mut self) -> Vec<(&'static str, u64)> {
+        self.dp().counters().unwrap().drops.into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+}
