@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use netpath_tests::cluster::ClusterLab;
-use netpath_tests::{Lab, in_ns, must};
+use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
 
 /// `getent hosts NAME` inside a container: the addresses it printed (empty if not found).
 fn getent(lab: &Lab, ctr: &str, name: &str) -> Vec<String> {
@@ -449,6 +449,61 @@ fn service_networks_follow_updates_across_nodes() {
     }
     // back is unused now: it can go.
     c.wait_for(10, "back removable", || c.node(1).try_np(&["network", "rm", "back"]).status.success());
+
+    // mode=host: the port answers only on the node running the task, to that task; the
+    // client keeps its own address.
+    c.node(0).np(&[
+        "service",
+        "create",
+        "--name",
+        "hp",
+        "--network",
+        "front",
+        "--replicas",
+        "1",
+        "--publish",
+        "published=8088,target=80,mode=host",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    c.wait_for(30, "hp's task running", || (0..2).map(|i| running_tasks(c.node(i), "hp").len()).sum::<usize>() == 1);
+    let with = (0..2).find(|i| running_tasks(c.node(*i), "hp").len() == 1).unwrap();
+    let t = running_tasks(c.node(with), "hp").remove(0);
+    c.wait_for(10, "the task listening", || listening(c.node(with), &t));
+    let ask = |i: usize| {
+        in_ns(
+            &c.node(i).client_ns,
+            "socat",
+            &["-u", "-T", "3", &format!("TCP:{HOST_ETH0_IP}:8088,connect-timeout=3"), "-"],
+        )
+        .output()
+        .unwrap()
+    };
+    let mut got = String::new();
+    c.wait_for(10, "the port answering on the task's node", || {
+        let o = ask(with);
+        got = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        o.status.success() && !got.is_empty()
+    });
+    assert_eq!(got, CLIENT_IP, "the task sees the client's own address");
+    assert!(!ask(1 - with).status.success(), "mode=host answers only where a task runs");
+    let e = c.node(0).np_fails(&[
+        "service",
+        "create",
+        "--name",
+        "ing",
+        "--network",
+        "front",
+        "--publish",
+        "8089:80",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert!(e.contains("routing mesh") && e.contains("mode=host"), "{e}");
+    c.node(1).np(&["service", "rm", "hp"]);
 
     c.node(1).np(&["service", "rm", "api"]);
     c.wait_for(20, "api gone everywhere", || (0..2).all(|i| !c.node(i).np(&["ps", "-a"]).contains("api.")));

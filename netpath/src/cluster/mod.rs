@@ -158,6 +158,9 @@ pub struct ServiceRecord {
     pub cmd: Vec<String>,
     pub endpoint_mode: String,
     pub created: u64,
+    /// Published ports (`mode=host` only so far: the routing mesh is not there yet).
+    #[serde(default)]
+    pub ports: Vec<crate::state::ServicePort>,
 }
 
 /// Where a task (a service's slot) runs.

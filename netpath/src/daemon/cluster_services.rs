@@ -115,11 +115,24 @@ impl Daemon {
             }
             out
         };
-        if !ports.is_empty() {
+        if ports.iter().any(|p| p.published.is_some() && !p.host_mode) {
             return Err(bad_request!(
-                "published ports of services across nodes (the routing mesh) are not supported yet: reach the \
-                 service by its VIP or name on its overlay networks"
+                "published ports of services across nodes in ingress mode (the routing mesh) are not supported \
+                 yet: publish with mode=host (only nodes running a task answer), or reach the service by its VIP \
+                 or name on its overlay networks"
             ));
+        }
+        {
+            // This node's own published ports; the others check theirs when they run a task.
+            let st = self.state();
+            for p in ports.iter().filter_map(|p| Some((p.published?, p.proto))) {
+                let mine = crate::ports::Binding { host_ip: None, host_port: p.0, container_port: p.0, proto: p.1 };
+                if st.container_bindings().iter().any(|b| b.clashes(&mine))
+                    || st.services().any(|o| o.ports.iter().any(|q| q.published == Some(p.0) && q.proto == p.1))
+                {
+                    return Err(conflict!("port {}/{} is already published on this node", p.0, p.1.as_str()));
+                }
+            }
         }
         if only_single_host {
             return Err(bad_request!(
@@ -159,6 +172,7 @@ impl Daemon {
                     cmd: cmd.to_vec(),
                     endpoint_mode: endpoint_mode.clone(),
                     created: state::now(),
+                    ports: ports.clone(),
                 })
             })
             .await?;
@@ -309,7 +323,19 @@ impl Daemon {
                                 },
                             })
                             .collect();
-                        Service { replicas: Some(rec.replicas), here: Some(here), vips, ..s }
+                        let host_slot = match (s.host_slot, rec.ports.iter().any(|p| p.host_mode)) {
+                            (Some(h), true) => Some(h),
+                            (None, true) => st.free_slots(1, MAX_SERVICE_SLOTS).and_then(|v| v.first().copied()),
+                            (_, false) => None,
+                        };
+                        Service {
+                            replicas: Some(rec.replicas),
+                            here: Some(here),
+                            vips,
+                            host_slot,
+                            ports: rec.ports.clone(),
+                            ..s
+                        }
                     }
                     None => {
                         if let Some(other) = st.service(&rec.name).filter(|s| s.name == rec.name) {
@@ -319,10 +345,12 @@ impl Daemon {
                             );
                             continue;
                         }
-                        let Some(slots) = st.free_slots(rec.vips.len(), MAX_SERVICE_SLOTS) else {
+                        let host = usize::from(rec.ports.iter().any(|p| p.host_mode));
+                        let Some(mut slots) = st.free_slots(rec.vips.len() + host, MAX_SERVICE_SLOTS) else {
                             warn!("cluster service {}: no free service slot on this node", rec.name);
                             continue;
                         };
+                        let host_slot = if host == 1 { slots.pop() } else { None };
                         let vips = rec
                             .vips
                             .iter()
@@ -340,13 +368,14 @@ impl Daemon {
                             replicas: Some(rec.replicas),
                             cmd: rec.cmd.clone(),
                             backends: vec![],
-                            ports: vec![],
+                            ports: rec.ports.clone(),
                             endpoint_mode: rec.endpoint_mode.clone(),
                             affinity: "none".into(),
                             health_tcp: None,
                             created: rec.created,
                             phase: Phase::Ready,
                             here: Some(here),
+                            host_slot,
                         }
                     }
                 };
@@ -420,6 +449,7 @@ mod tests {
             cmd: vec!["sleep".into()],
             endpoint_mode: "vip".into(),
             created: 0,
+            ports: vec![],
         }
     }
 

@@ -54,7 +54,7 @@ pub fn parse_port(spec: &str) -> Result<ServicePort> {
         || bad_request!("invalid publish spec {spec:?}: use published=P,target=T[,protocol=tcp|udp] or P:T[/udp]");
     let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
     if spec.contains('=') {
-        let (mut published, mut target, mut proto) = (None, None, Proto::Tcp);
+        let (mut published, mut target, mut proto, mut host_mode) = (None, None, Proto::Tcp, false);
         for kv in spec.split(',') {
             let (k, v) = kv.split_once('=').ok_or_else(bad)?;
             match k {
@@ -67,12 +67,13 @@ pub fn parse_port(spec: &str) -> Result<ServicePort> {
                         _ => return Err(bad()),
                     }
                 }
-                "mode" if v == "ingress" => {}
-                "mode" => return Err(bad_request!("publish mode {v:?} is not supported (only ingress)")),
+                "mode" if v == "ingress" => host_mode = false,
+                "mode" if v == "host" => host_mode = true,
+                "mode" => return Err(bad_request!("invalid publish mode {v:?}: use ingress or host")),
                 _ => return Err(bad()),
             }
         }
-        return Ok(ServicePort { published, target: target.ok_or_else(bad)?, proto });
+        return Ok(ServicePort { published, target: target.ok_or_else(bad)?, proto, host_mode });
     }
     let (rest, proto) = match spec.rsplit_once('/') {
         Some((r, "tcp")) => (r, Proto::Tcp),
@@ -81,8 +82,8 @@ pub fn parse_port(spec: &str) -> Result<ServicePort> {
         None => (spec, Proto::Tcp),
     };
     match rest.split_once(':') {
-        Some((p, t)) => Ok(ServicePort { published: Some(port(p)?), target: port(t)?, proto }),
-        None => Ok(ServicePort { published: None, target: port(rest)?, proto }),
+        Some((p, t)) => Ok(ServicePort { published: Some(port(p)?), target: port(t)?, proto, host_mode: false }),
+        None => Ok(ServicePort { published: None, target: port(rest)?, proto, host_mode: false }),
     }
 }
 
@@ -256,6 +257,7 @@ impl Daemon {
                 created: state::now(),
                 phase: Phase::Ready,
                 here: None,
+                host_slot: None,
             };
             self.check_service(&st, &s)?;
             st.put_service(s);
@@ -552,12 +554,38 @@ impl Daemon {
                     want_entries.insert((v.vip, 0, proto.number()), info);
                 }
                 // Published ports: on every host address, to the tasks of its first network.
+                // A cluster service's `mode=host` ports go to this node's tasks only (below).
                 if i == 0 {
-                    for p in s.ports.iter().filter(|p| p.published.is_some()) {
+                    for p in s.ports.iter().filter(|p| p.published.is_some() && !(p.host_mode && s.here.is_some())) {
                         let info = ServiceInfo { target_port: p.target.to_be(), ..info };
                         want_entries.insert((Ipv4Addr::UNSPECIFIED, p.published.unwrap_or(0), p.proto.number()), info);
                     }
                 }
+            }
+        }
+        // `mode=host` ports of cluster services: only where a task runs, to the local tasks.
+        for s in services.iter().filter(|s| s.phase == Phase::Ready && s.here.is_some()) {
+            let (Some(slot), Some(first)) = (s.host_slot, s.vips.first()) else { continue };
+            let local: Vec<Ipv4Addr> = {
+                let st = self.state();
+                let mut b: Vec<Ipv4Addr> = s
+                    .replica_names()
+                    .iter()
+                    .filter_map(|t| st.container(t).filter(|c| c.name == *t))
+                    .filter(|c| self.healthy(c))
+                    .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == first.network_id)?.ipv4)
+                    .collect();
+                b.sort();
+                b
+            };
+            if local.is_empty() {
+                continue; // no task here: the port does not answer here
+            }
+            let info = ServiceInfo { slot, target_port: 0, backends: local.len() as u16, flags: 0 };
+            want_tables.insert(slot, local);
+            for p in s.ports.iter().filter(|p| p.host_mode) {
+                let info = ServiceInfo { target_port: p.target.to_be(), ..info };
+                want_entries.insert((Ipv4Addr::UNSPECIFIED, p.published.unwrap_or(0), p.proto.number()), info);
             }
         }
         self.dns.set_services(self.service_names(&services));
@@ -800,7 +828,8 @@ impl Daemon {
 }
 
 fn port_json(p: &ServicePort) -> Value {
-    json!({ "Protocol": p.proto.as_str(), "TargetPort": p.target, "PublishedPort": p.published, "PublishMode": "ingress" })
+    let mode = if p.host_mode { "host" } else { "ingress" };
+    json!({ "Protocol": p.proto.as_str(), "TargetPort": p.target, "PublishedPort": p.published, "PublishMode": mode })
 }
 
 fn tasks_json(d: &Daemon, st: &State, s: &Service) -> Value {
@@ -852,8 +881,10 @@ mod tests {
         let p = parse_port("9090:90/udp").unwrap();
         assert_eq!((p.published, p.target, p.proto), (Some(9090), 90, Proto::Udp));
         assert_eq!(parse_port("80").unwrap().published, None);
+        let p = parse_port("published=8080,target=80,mode=host").unwrap();
+        assert!(p.host_mode && !parse_port("8080:80").unwrap().host_mode);
         for bad in
-            ["published=1", "target=0", "x=1,target=2", "8080:80/sctp", "a:b", "published=8080,target=80,mode=host"]
+            ["published=1", "target=0", "x=1,target=2", "8080:80/sctp", "a:b", "published=8080,target=80,mode=bogus"]
         {
             assert!(parse_port(bad).is_err(), "{bad}");
         }
@@ -875,6 +906,7 @@ mod tests {
             created: 0,
             phase: Phase::Ready,
             here: None,
+            host_slot: None,
         };
         assert_eq!(s.replica_names(), ["web.1", "web.2"]);
         assert!(s.is_replica_name("web.7"));

@@ -380,6 +380,10 @@ pub struct ServicePort {
     pub published: Option<u16>,
     pub target: u16,
     pub proto: crate::ports::Proto,
+    /// `mode=host`: across nodes, the port answers only on nodes running a task, to their
+    /// own tasks (on one host both modes are the same).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_mode: bool,
 }
 
 /// A service (Docker swarm's, on one host): a VIP per network spreading connections over its
@@ -411,6 +415,9 @@ pub struct Service {
     /// None: a service of this host alone, which runs every slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub here: Option<BTreeSet<u32>>,
+    /// A cluster service with `mode=host` ports: the Maglev slot of this node's own tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_slot: Option<u32>,
 }
 
 impl Service {
@@ -513,7 +520,8 @@ impl State {
     }
     /// The lowest Maglev slot no service holds.
     pub fn free_slots(&self, n: usize, max: u32) -> Option<Vec<u32>> {
-        let taken: BTreeSet<u32> = self.services.values().flat_map(|s| s.vips.iter().map(|v| v.slot)).collect();
+        let taken: BTreeSet<u32> =
+            self.services.values().flat_map(|s| s.vips.iter().map(|v| v.slot).chain(s.host_slot)).collect();
         let free: Vec<u32> = (0..max).filter(|i| !taken.contains(i)).take(n).collect();
         (free.len() == n).then_some(free)
     }
