@@ -120,6 +120,15 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
         c.node(node).try_np(&["rm", "-f", &format!("pinned{node}")]);
     }
 
+    // Docker's Peers: the nodes with containers on the overlay, seen from a node with none.
+    let peers: Vec<String> = c.node(2).inspect_network("ov")["Peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| format!("{} {}", p["Name"].as_str().unwrap(), p["IP"].as_str().unwrap()))
+        .collect();
+    assert_eq!(peers, ["node0 192.0.2.1", "node1 192.0.2.2"]);
+
     // Overlay MTU: the underlay's (1500) less the VXLAN overhead.
     let sb = c.node(0).sandbox("c0x0");
     let link = must(in_ns(&sb, "ip", &["-o", "link", "show", "eth0"]));
@@ -199,8 +208,8 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
     let doomed_ip = c.node(2).ip_of("doomed", "ov");
     c.wait_for(10, "doomed resolving on node0", || getent(c.node(0), "c0x0", "doomed") == vec![doomed_ip.clone()]);
     c.destroy_node(2);
-    // TTL 5 s, plus etcd's expiry sweep (it checks leases twice a second) and the watch.
-    c.wait_for(12, "node2 down on node0", || c.node_ls(0).contains(&("node2".into(), "down".into())));
+    // TTL 5 s, plus etcd's expiry sweep (twice a second), the watch, and a loaded machine.
+    c.wait_for(15, "node2 down on node0", || c.node_ls(0).contains(&("node2".into(), "down".into())));
     c.wait_for(5, "doomed gone from node0's names", || getent(c.node(0), "c0x0", "doomed").is_empty());
     assert!(c.node_ls(1).contains(&("node2".into(), "down".into())));
 

@@ -64,7 +64,16 @@ impl Daemon {
                 options.insert("netpath.macvlan.host_address".into(), json!(ip.to_string()));
             }
         }
-        json!({
+        let mut peers = None;
+        if let (Some(_), Some(c)) = (&n.opts.overlay, &self.cluster) {
+            // Docker's Peers: the nodes with containers on this overlay (alive ones).
+            let snap = c.snapshot();
+            let nodes: std::collections::BTreeSet<&str> =
+                snap.endpoints.values().filter(|e| e.network_id == n.id).map(|e| e.node.as_str()).collect();
+            let list = nodes.into_iter().filter_map(|name| snap.alive.get(name));
+            peers = Some(list.map(|p| json!({ "Name": p.name, "IP": p.addr.to_string() })).collect::<Vec<_>>());
+        }
+        let mut v = json!({
             "Name": n.name,
             "Id": n.id,
             "Created": rfc3339(n.created),
@@ -76,7 +85,11 @@ impl Daemon {
             "Containers": containers,
             "Options": options,
             "Labels": n.opts.labels,
-        })
+        });
+        if let Some(p) = peers {
+            v["Peers"] = Value::Array(p);
+        }
+        v
     }
 
     /// A container as `ps` lists it: the fields of `inspect` it shows, in the same shape.
