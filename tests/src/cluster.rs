@@ -40,17 +40,25 @@ impl ClusterLab {
         let mut c = ClusterLab { nodes: vec![], etcd: None, etcd_data, infra };
         c.start_etcd();
         for i in 0..n {
-            let mut lab = Lab::without_daemon(&format!("{tag}-n{i}"));
-            let peer = format!("ulp{i}");
-            let infra_ns = c.infra.host_ns.display().to_string();
-            must(lab.host("ip", &["link", "add", "ul0", "type", "veth", "peer", "name", &peer, "netns", &infra_ns]));
-            must(c.infra.host("ip", &["link", "set", &peer, "master", "ul", "up"]));
-            must(lab.host("ip", &["addr", "add", &format!("{}/24", node_ip(i)), "dev", "ul0"]));
-            must(lab.host("ip", &["link", "set", "ul0", "up"]));
-            lab.start_daemon_with(&Self::daemon_opts(i));
-            c.nodes.push(Some(lab));
+            c.add_node(tag, &Self::daemon_opts(i));
         }
         c
+    }
+
+    /// Another host on the underlay (address [`node_ip`] of its index), its daemon started
+    /// with `opts`; returns its index.
+    pub fn add_node(&mut self, tag: &str, opts: &DaemonOpts) -> usize {
+        let i = self.nodes.len();
+        let mut lab = Lab::without_daemon(&format!("{tag}-n{i}"));
+        let peer = format!("ulp{i}");
+        let infra_ns = self.infra.host_ns.display().to_string();
+        must(lab.host("ip", &["link", "add", "ul0", "type", "veth", "peer", "name", &peer, "netns", &infra_ns]));
+        must(self.infra.host("ip", &["link", "set", &peer, "master", "ul", "up"]));
+        must(lab.host("ip", &["addr", "add", &format!("{}/24", node_ip(i)), "dev", "ul0"]));
+        must(lab.host("ip", &["link", "set", "ul0", "up"]));
+        lab.start_daemon_with(opts);
+        self.nodes.push(Some(lab));
+        i
     }
 
     /// The flags that join node `i` to the cluster.

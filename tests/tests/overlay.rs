@@ -230,6 +230,16 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     c.node(0).np(&["run", "-d", "--name", "a", "--network", "ov", "--", "sleep", "600"]);
     let ip_a = c.node(0).ip_of("a", "ov");
 
+    // A second daemon claiming node0's name (another address) is refused, and says why.
+    let mut opts = ClusterLab::daemon_opts(0);
+    let at = opts.args.iter().position(|a| a == "--node-ip").unwrap() + 1;
+    opts.args[at] = netpath_tests::cluster::node_ip(2);
+    let dup = c.add_node("ov-etcd", &opts);
+    let e = c.node(dup).np_fails(&["network", "create", "-d", "overlay", "x"]);
+    assert!(e.contains("node name node0 is in use by the live node at 192.0.2.1"), "{e}");
+    assert!(all_ready(&c, 1, 2), "node0 keeps its name and keys");
+    c.destroy_node(dup);
+
     c.stop_etcd();
     // Changes that need the cluster fail with a clear error (after the daemon notices).
     c.wait_for(20, "node0 to notice etcd is gone", || {

@@ -500,6 +500,18 @@ impl Cluster {
             joined: crate::state::now(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
+        // Another live daemon with this name would have its keys taken (and its addresses
+        // deleted as "no longer owned"): refuse. The same address is this node restarting.
+        if let Some(kv) = client.get(Key::Node(me.name.clone()).path(), None).await?.kvs().first()
+            && let Ok(other) = serde_json::from_slice::<NodeRecord>(kv.value())
+            && other.addr != me.addr
+        {
+            bail!(
+                "node name {} is in use by the live node at {}: give this daemon another --node-name",
+                me.name,
+                other.addr
+            );
+        }
         let v = serde_json::to_vec(&me)?;
         client.put(Key::NodeInfo(me.name.clone()).path(), v.clone(), None).await?;
         client.put(Key::Node(me.name.clone()).path(), v, Some(PutOptions::new().with_lease(lease))).await?;
