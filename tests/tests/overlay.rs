@@ -433,6 +433,8 @@ fn service_networks_follow_updates_across_nodes() {
         "SYSTEM:echo $SOCAT_SOCKADDR",
     ]);
     c.wait_for(30, "a task on each node", || (0..2).all(|i| running_tasks(c.node(i), "api").len() == 1));
+    let e = c.node(1).np_fails(&["network", "rm", "back"]);
+    assert!(e.contains("in use by service api"), "{e}");
     c.node(1).np(&["run", "-d", "--name", "fclient", "--network", "front", "--", "sleep", "600"]);
 
     // --network-add: every task joins front, wherever it runs; the VIP there balances over both.

@@ -235,6 +235,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, ServiceRecord>,
     /// (service id, slot) → (placement, its key's mod revision for compare-and-swap).
     pub tasks: BTreeMap<(String, u32), (TaskRecord, i64)>,
+    /// The etcd revision this copy reflects.
+    pub revision: i64,
     /// The mod revision of `networks-serial` (0: never written).
     pub serial_rev: i64,
     /// The same for `services-serial`.
@@ -362,6 +364,9 @@ pub struct Cluster {
     owned: Mutex<Owned>,
     /// Bumped after every change of the snapshot (and at each resync).
     changed: watch::Sender<u64>,
+    /// The revision of this daemon's last write: a watched copy older than that does not
+    /// have it yet, and must not undo what the write's caller already made of it.
+    floor: AtomicI64,
 }
 
 /// A change that needs the cluster, while etcd cannot be reached.
@@ -384,6 +389,7 @@ impl Cluster {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             owned: Mutex::new(Owned::default()),
             changed: watch::channel(0).0,
+            floor: AtomicI64::new(0),
         })
     }
 
@@ -405,6 +411,20 @@ impl Cluster {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// True when `snap` is at least as new as this daemon's own last write (see `floor`).
+    pub fn current(&self, snap: &Snapshot) -> bool {
+        snap.revision >= self.floor.load(Ordering::SeqCst)
+    }
+
+    /// A transaction; its revision becomes the floor.
+    async fn txn(&self, client: &mut Client, txn: Txn) -> crate::error::Result<etcd_client::TxnResponse> {
+        let resp = self.timed(client.txn(txn)).await?;
+        if let Some(h) = resp.header() {
+            self.floor.fetch_max(h.revision(), Ordering::SeqCst);
+        }
+        Ok(resp)
     }
 
     /// The client of the current session, or the clear error a user gets while etcd is away.
@@ -519,7 +539,7 @@ impl Cluster {
         // The full snapshot, then the watch from the revision right after it.
         let resp = client.get(PREFIX, Some(GetOptions::new().with_prefix())).await.context("reading the cluster")?;
         let rev = resp.header().map_or(0, |h| h.revision());
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot { revision: rev, ..Default::default() };
         for kv in resp.kvs() {
             snap.apply(kv.key(), Some(kv.value()), kv.mod_revision());
         }
@@ -551,6 +571,12 @@ impl Cluster {
                         bail!("no lease keep-alive answer for {} s", 3 * LEASE_TTL_SECS);
                     }
                     keeper.keep_alive().await.context("lease keep-alive")?;
+                    // Our copy is older than our own last write, and no event of ours may come
+                    // (a failed transaction; others' writes outside the prefix in a shared etcd):
+                    // ask where the store is.
+                    if self.snapshot().revision < self.floor.load(Ordering::SeqCst) {
+                        watch.request_progress().await.context("watch progress")?;
+                    }
                 }
                 m = ka.message() => {
                     let m = m.context("lease keep-alive")?.context("lease keep-alive stream ended")?;
@@ -564,10 +590,20 @@ impl Cluster {
                     if m.canceled() {
                         bail!("watch cancelled ({}): resyncing", m.cancel_reason());
                     }
+                    let rev = m.header().map_or(0, |h| h.revision());
                     if m.events().is_empty() {
+                        // A progress answer: nothing changed up to `rev`.
+                        if rev > self.snapshot().revision {
+                            let snap = Snapshot { revision: rev, ..(*self.snapshot()).clone() };
+                            *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+                            self.changed.send_modify(|g| *g += 1);
+                        }
                         continue;
                     }
                     let mut snap = (*self.snapshot()).clone();
+                    if let Some(h) = m.header() {
+                        snap.revision = snap.revision.max(h.revision());
+                    }
                     for ev in m.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let value = (ev.event_type() == EventType::Put).then(|| kv.value());
@@ -642,7 +678,7 @@ impl Cluster {
                     TxnOp::put(serial_key(), net.id.clone(), None),
                     TxnOp::put(Key::Network(net.id.clone()).path(), v, None),
                 ]);
-            if self.timed(client.txn(txn)).await?.succeeded() {
+            if self.txn(&mut client, txn).await?.succeeded() {
                 return Ok(net);
             }
         }
@@ -655,6 +691,12 @@ impl Cluster {
             let mut client = self.client().await?;
             let snap = self.read_all(&mut client).await?;
             let Some(net) = snap.networks.get(id) else { return Ok(()) };
+            if let Some(s) = snap.services.values().find(|s| s.vips.iter().any(|(n, _)| n == id)) {
+                return Err(crate::error::Error::Conflict(format!(
+                    "network {} is in use by service {}",
+                    net.name, s.name
+                )));
+            }
             let mut users: Vec<String> = snap
                 .endpoints
                 .values()
@@ -675,7 +717,7 @@ impl Cluster {
                     TxnOp::delete(Key::Network(id.into()).path(), None),
                     TxnOp::delete(format!("{PREFIX}ipam/{id}/"), Some(etcd_client::DeleteOptions::new().with_prefix())),
                 ]);
-            if self.timed(client.txn(txn)).await?.succeeded() {
+            if self.txn(&mut client, txn).await?.succeeded() {
                 return Ok(());
             }
         }
@@ -709,7 +751,7 @@ impl Cluster {
                 when.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
                 ops.push(TxnOp::put(k, holder.clone(), None));
             }
-            if self.timed(client.txn(Txn::new().when(when).and_then(ops))).await?.succeeded() {
+            if self.txn(&mut client, Txn::new().when(when).and_then(ops)).await?.succeeded() {
                 return Ok(rec);
             }
         }
@@ -751,7 +793,7 @@ impl Cluster {
             for (net, vip) in real(&old).into_iter().filter(|x| !real(&new).contains(x)) {
                 ops.push(TxnOp::delete(Key::Claim(net, vip).path(), None));
             }
-            if self.timed(client.txn(Txn::new().when(when).and_then(ops))).await?.succeeded() {
+            if self.txn(&mut client, Txn::new().when(when).and_then(ops)).await?.succeeded() {
                 return Ok(new);
             }
         }
@@ -771,7 +813,7 @@ impl Cluster {
         for (net, vip) in rec.vips.iter().filter(|(_, v)| !v.is_unspecified()) {
             ops.push(TxnOp::delete(Key::Claim(net.clone(), *vip).path(), None));
         }
-        self.timed(client.txn(Txn::new().and_then(ops))).await?;
+        self.txn(&mut client, Txn::new().and_then(ops)).await?;
         Ok(())
     }
 
@@ -787,7 +829,7 @@ impl Cluster {
             Compare::mod_revision(key.clone(), CompareOp::Equal, seen_rev)
         };
         let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, v, None)]);
-        Ok(self.timed(client.txn(txn)).await?.succeeded())
+        Ok(self.txn(&mut client, txn).await?.succeeded())
     }
 
     /// Drops the placement of a slot the service no longer has (scaled down).
@@ -797,7 +839,7 @@ impl Cluster {
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen_rev)])
             .and_then([TxnOp::delete(key, None)]);
-        self.timed(client.txn(txn)).await?;
+        self.txn(&mut client, txn).await?;
         Ok(())
     }
 
@@ -810,7 +852,7 @@ impl Cluster {
     /// A fresh, consistent read of everything (not the watch's copy, which may lag).
     async fn read_all(&self, client: &mut Client) -> crate::error::Result<Snapshot> {
         let resp = self.timed(client.get(PREFIX, Some(GetOptions::new().with_prefix()))).await?;
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot { revision: resp.header().map_or(0, |h| h.revision()), ..Default::default() };
         for kv in resp.kvs() {
             snap.apply(kv.key(), Some(kv.value()), kv.mod_revision());
         }

@@ -290,6 +290,11 @@ impl Daemon {
         let mut changed = vec![];
         {
             let mut st = self.state();
+            // Checked under the state lock, which a request making a local copy after its own
+            // write also takes: an older copy never undoes that.
+            if self.cluster.as_ref().is_some_and(|c| !c.current(snap)) {
+                return;
+            }
             for rec in snap.services.values() {
                 let here: BTreeSet<u32> = snap
                     .tasks

@@ -149,7 +149,7 @@ impl Daemon {
     /// from the cluster, then here (the other nodes follow their watch).
     pub(super) async fn remove_overlay_network(&self, net: &Network) -> Result<()> {
         self.cluster()?.remove_network(&net.id).await?;
-        self.dematerialize(&net.id).await;
+        self.dematerialize(&net.id, None).await;
         Ok(())
     }
 
@@ -229,10 +229,16 @@ impl Daemon {
 
     /// Removes the local copy of a network the cluster no longer has, unless containers of
     /// this node still use it (they keep working; it goes with the last of them).
-    async fn dematerialize(&self, id: &str) {
+    /// `seen`: the copy of the cluster that says it is gone (None: the user's own removal).
+    async fn dematerialize(&self, id: &str, seen: Option<&crate::cluster::Snapshot>) {
         let _lock = self.locks.lock(id).await;
         let net = {
             let st = self.state();
+            if let (Some(snap), Some(c)) = (seen, &self.cluster)
+                && (!c.current(snap) || snap.networks.contains_key(id))
+            {
+                return; // an older copy than this node's own last write
+            }
             match st.network_by_id(id) {
                 Some(n) if n.driver == DriverKind::Overlay && st.member_count(id) == 0 => n.clone(),
                 _ => return,
@@ -459,6 +465,9 @@ impl Daemon {
             }
             self.wait_ready().await;
             let snap = cluster.snapshot();
+            if !cluster.current(&snap) {
+                continue; // older than our own last write: its watch event is on the way
+            }
             for on in snap.networks.values() {
                 if let Err(e) = self.materialize(on).await {
                     warn!("overlay network {}: {e}", on.name);
@@ -473,7 +482,7 @@ impl Daemon {
                     .map(|n| n.id.clone())
                     .collect();
                 for id in gone {
-                    self.dematerialize(&id).await;
+                    self.dematerialize(&id, Some(&snap)).await;
                 }
             }
             remote_dns = self.feed_remote_names(&snap, remote_dns);
