@@ -33,7 +33,9 @@ impl ClusterLab {
     /// `n` hosts, etcd running, each daemon joined with `--cluster-store`.
     pub fn new(tag: &str, n: usize) -> ClusterLab {
         let infra = Lab::without_daemon(&format!("{tag}-infra"));
-        must(infra.host("ip", &["link", "add", "ul", "type", "bridge"]));
+        // A fixed MAC: a bridge without one takes the lowest of its ports' and changes it as
+        // nodes come and go, and the nodes' neighbour entries for etcd then point nowhere.
+        must(infra.host("ip", &["link", "add", "ul", "address", "02:00:c0:00:02:fe", "type", "bridge"]));
         must(infra.host("ip", &["addr", "add", &format!("{ETCD_IP}/24"), "dev", "ul"]));
         must(infra.host("ip", &["link", "set", "ul", "up"]));
         let etcd_data = infra.dir.join("etcd");
@@ -72,6 +74,8 @@ impl ClusterLab {
                 "--node-name".into(),
                 format!("node{i}"),
             ],
+            // Each failed (re)connection attempt, for the log of a failing test.
+            env: vec![("NETPATH_LOG".into(), "info,netpath::cluster=debug".into())],
             ..Default::default()
         }
     }
@@ -146,6 +150,23 @@ impl ClusterLab {
                 (v["Name"].as_str().unwrap_or("").to_string(), v["Status"].as_str().unwrap_or("").to_string())
             })
             .collect()
+    }
+
+    /// The underlay as node `i` sees it (neighbours, sockets to etcd, a ping), for a failure
+    /// message.
+    pub fn underlay_report(&self, i: usize) -> String {
+        let ns = &self.node(i).host_ns;
+        let run = |prog: &str, args: &[&str]| {
+            let o = in_ns(ns, prog, args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            format!("$ {prog} {}\n{}", args.join(" "), o.unwrap_or_default())
+        };
+        [
+            run("ip", &["neigh"]),
+            run("ip", &["route"]),
+            run("ss", &["-tan", "dst", ETCD_IP]),
+            run("ping", &["-c", "1", "-W", "1", ETCD_IP]),
+        ]
+        .join("")
     }
 
     /// Waits (up to `secs`) until `f` holds; panics with `what` otherwise.

@@ -256,9 +256,11 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
 
     c.start_etcd();
     c.wait_for(20, "both nodes ready again", || all_ready(&c, 1, 2));
-    c.wait_for(20, "node0 reconnected", || {
-        c.node(0).try_np(&["run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "600"]).status.success()
-    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !c.node(0).try_np(&["run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "600"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "node0 did not reconnect:\n{}", c.underlay_report(0));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let ip_b = c.node(0).ip_of("b", "ov");
     assert_ne!(ip_a, ip_b, "a's address stayed claimed across the outage");
     c.node(1).np(&["network", "create", "-d", "overlay", "--attachable", "ov2"]);

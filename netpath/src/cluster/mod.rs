@@ -71,6 +71,8 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 /// rather than hanging while etcd is away.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// The whole of joining (connect, lease, register, re-put, read, watch).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// VNIs of overlay networks: 4096 + n, as Docker swarm; at most 24 bits.
 pub const FIRST_VNI: u32 = 4096;
 pub const MAX_VNI: u32 = (1 << 24) - 1;
@@ -369,6 +371,17 @@ pub struct Cluster {
     floor: AtomicI64,
 }
 
+/// A session's handles, once joined.
+struct Joined {
+    client: Client,
+    lease: i64,
+    /// The revision of the snapshot read.
+    rev: i64,
+    watch: etcd_client::WatchStream,
+    keeper: etcd_client::LeaseKeeper,
+    ka: etcd_client::LeaseKeepAliveStream,
+}
+
 /// A change that needs the cluster, while etcd cannot be reached.
 pub fn unavailable(cfg: &ClusterConfig, why: &str) -> crate::error::Error {
     crate::error::Error::Unavailable(format!(
@@ -504,6 +517,66 @@ impl Cluster {
     }
 
     async fn session(&self) -> anyhow::Result<std::convert::Infallible> {
+        // Every step has its own timeout, but a request can also wait for a connection that
+        // never comes (a channel stuck on an endpoint that went away): the whole join is
+        // bounded, and a join that did not finish starts again with a new client.
+        let Joined { client, lease, rev, mut watch, mut keeper, mut ka } =
+            tokio::time::timeout(JOIN_TIMEOUT, self.join())
+                .await
+                .with_context(|| format!("joining: no answer within {} s", JOIN_TIMEOUT.as_secs()))??;
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client);
+        self.lease.store(lease, Ordering::SeqCst);
+        self.connected.store(true, Ordering::SeqCst);
+        self.changed.send_modify(|g| *g += 1);
+        info!(
+            "cluster store {}: joined as {} ({}), lease {lease:x} ({LEASE_TTL_SECS} s), resynced at revision {rev}",
+            self.cfg.store, self.cfg.node_name, self.cfg.node_ip
+        );
+
+        let mut tick = tokio::time::interval(KEEPALIVE_EVERY);
+        let mut last_ack = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    // A lease that expired is reported (TTL 0) and a dead connection fails
+                    // the HTTP/2 keep-alive; this only catches a server that answers nothing
+                    // else. Generous: a daemon stalled for a few seconds (tick and answer
+                    // both late) must not drop a lease that is still alive.
+                    if last_ack.elapsed() > Duration::from_secs(3 * LEASE_TTL_SECS as u64) {
+                        bail!("no lease keep-alive answer for {} s", 3 * LEASE_TTL_SECS);
+                    }
+                    tokio::time::timeout(REQUEST_TIMEOUT, keeper.keep_alive())
+                        .await
+                        .context("lease keep-alive: stuck")?
+                        .context("lease keep-alive")?;
+                    // Our copy is older than our own last write, and no event of ours may come
+                    // (a failed transaction; others' writes outside the prefix in a shared etcd):
+                    // ask where the store is.
+                    if self.snapshot().revision < self.floor.load(Ordering::SeqCst) {
+                        tokio::time::timeout(REQUEST_TIMEOUT, watch.request_progress())
+                            .await
+                            .context("watch progress: stuck")?
+                            .context("watch progress")?;
+                    }
+                }
+                m = ka.message() => {
+                    let m = m.context("lease keep-alive")?.context("lease keep-alive stream ended")?;
+                    if m.ttl() <= 0 {
+                        bail!("lease {lease:x} expired");
+                    }
+                    last_ack = tokio::time::Instant::now();
+                }
+                m = watch.message() => {
+                    let m = m.context("watch")?.context("watch stream ended")?;
+                    self.apply_watch(&m)?;
+                }
+            }
+        }
+    }
+
+    /// Connects, takes a lease, registers this node, puts its own keys again, reads the
+    /// snapshot and starts the watch and the keep-alive.
+    async fn join(&self) -> anyhow::Result<Joined> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
@@ -543,77 +616,40 @@ impl Cluster {
         for kv in resp.kvs() {
             snap.apply(kv.key(), Some(kv.value()), kv.mod_revision());
         }
-        let mut watch = client
+        let watch = client
             .watch(PREFIX, Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)))
             .await
             .context("watching the cluster")?;
-        let (mut keeper, mut ka) = client.lease_keep_alive(lease).await.context("keeping the lease alive")?;
+        let (keeper, ka) = client.lease_keep_alive(lease).await.context("keeping the lease alive")?;
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
-        *self.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client);
-        self.lease.store(lease, Ordering::SeqCst);
-        self.connected.store(true, Ordering::SeqCst);
-        self.changed.send_modify(|g| *g += 1);
-        info!(
-            "cluster store {}: joined as {} ({}), lease {lease:x} ({LEASE_TTL_SECS} s), resynced at revision {rev}",
-            self.cfg.store, self.cfg.node_name, self.cfg.node_ip
-        );
+        Ok(Joined { client, lease, rev, watch, keeper, ka })
+    }
 
-        let mut tick = tokio::time::interval(KEEPALIVE_EVERY);
-        let mut last_ack = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    // A lease that expired is reported (TTL 0) and a dead connection fails
-                    // the HTTP/2 keep-alive; this only catches a server that answers nothing
-                    // else. Generous: a daemon stalled for a few seconds (tick and answer
-                    // both late) must not drop a lease that is still alive.
-                    if last_ack.elapsed() > Duration::from_secs(3 * LEASE_TTL_SECS as u64) {
-                        bail!("no lease keep-alive answer for {} s", 3 * LEASE_TTL_SECS);
-                    }
-                    keeper.keep_alive().await.context("lease keep-alive")?;
-                    // Our copy is older than our own last write, and no event of ours may come
-                    // (a failed transaction; others' writes outside the prefix in a shared etcd):
-                    // ask where the store is.
-                    if self.snapshot().revision < self.floor.load(Ordering::SeqCst) {
-                        watch.request_progress().await.context("watch progress")?;
-                    }
-                }
-                m = ka.message() => {
-                    let m = m.context("lease keep-alive")?.context("lease keep-alive stream ended")?;
-                    if m.ttl() <= 0 {
-                        bail!("lease {lease:x} expired");
-                    }
-                    last_ack = tokio::time::Instant::now();
-                }
-                m = watch.message() => {
-                    let m = m.context("watch")?.context("watch stream ended")?;
-                    if m.canceled() {
-                        bail!("watch cancelled ({}): resyncing", m.cancel_reason());
-                    }
-                    let rev = m.header().map_or(0, |h| h.revision());
-                    if m.events().is_empty() {
-                        // A progress answer: nothing changed up to `rev`.
-                        if rev > self.snapshot().revision {
-                            let snap = Snapshot { revision: rev, ..(*self.snapshot()).clone() };
-                            *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
-                            self.changed.send_modify(|g| *g += 1);
-                        }
-                        continue;
-                    }
-                    let mut snap = (*self.snapshot()).clone();
-                    if let Some(h) = m.header() {
-                        snap.revision = snap.revision.max(h.revision());
-                    }
-                    for ev in m.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                        snap.apply(kv.key(), value, kv.mod_revision());
-                    }
-                    *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
-                    self.changed.send_modify(|g| *g += 1);
-                }
-            }
+    /// One watch message: a progress answer, a cancellation (resync), or events.
+    fn apply_watch(&self, m: &etcd_client::WatchResponse) -> anyhow::Result<()> {
+        if m.canceled() {
+            bail!("watch cancelled ({}): resyncing", m.cancel_reason());
         }
+        let rev = m.header().map_or(0, |h| h.revision());
+        if m.events().is_empty() {
+            // A progress answer: nothing changed up to `rev`.
+            if rev > self.snapshot().revision {
+                let snap = Snapshot { revision: rev, ..(*self.snapshot()).clone() };
+                *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+                self.changed.send_modify(|g| *g += 1);
+            }
+            return Ok(());
+        }
+        let mut snap = (*self.snapshot()).clone();
+        snap.revision = snap.revision.max(rev);
+        for ev in m.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+            snap.apply(kv.key(), value, kv.mod_revision());
+        }
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+        self.changed.send_modify(|g| *g += 1);
+        Ok(())
     }
 
     /// Puts this node's claims and endpoints under `lease` again, and deletes keys of its own
