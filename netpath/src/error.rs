@@ -13,6 +13,8 @@ pub enum Error {
     Conflict(String),
     /// Something failed while carrying out a valid request: HTTP 500.
     Internal(anyhow::Error),
+    /// A service the request needs cannot be reached (the cluster store): HTTP 503.
+    Unavailable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -24,6 +26,7 @@ impl Error {
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
             Error::Internal(_) => 500,
+            Error::Unavailable(_) => 503,
         }
     }
 }
@@ -31,7 +34,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::BadRequest(m) | Error::NotFound(m) | Error::Conflict(m) => f.write_str(m),
+            Error::BadRequest(m) | Error::NotFound(m) | Error::Conflict(m) | Error::Unavailable(m) => f.write_str(m),
             Error::Internal(e) => write!(f, "{e:#}"),
         }
     }

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod cni;
 pub mod daemon;
 pub mod datapath;

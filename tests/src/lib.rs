@@ -8,6 +8,7 @@
 //! removes the directory; `Lab::new` first sweeps labs left by killed runs.
 //! Traffic only ever goes to addresses of namespaces the lab made.
 
+pub mod cluster;
 pub mod dns;
 pub mod overlay_lab;
 pub mod packet;

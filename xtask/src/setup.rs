@@ -27,6 +27,11 @@ const APT_PACKAGES: &[&str] = &[
     // package: the binary only, no system service).
     "dnsutils",
     "dnsmasq-base",
+    // The cluster store of multi-host (overlay) networks: the overlay tests start a real etcd
+    // inside their lab; protoc builds the etcd-client crate's gRPC stubs.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// Only the benchmarks need these: the baselines netpath is measured against (podman's

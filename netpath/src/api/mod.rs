@@ -29,6 +29,9 @@ pub struct NetworkCreate {
     /// `--aux-address NAME=IP`: addresses IPAM must not hand out.
     #[serde(default)]
     pub aux_addresses: std::collections::BTreeMap<String, String>,
+    /// `--attachable` (overlay): standalone containers may join, not only services' tasks.
+    #[serde(default)]
+    pub attachable: bool,
 }
 
 /// `service create`.

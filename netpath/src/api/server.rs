@@ -139,6 +139,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/services/{name}/tasks", get(service_tasks))
         .route("/firewall/rules", get(list_rules).post(add_rules))
         .route("/firewall/rules/{name}", axum::routing::delete(remove_rule))
+        .route("/nodes", get(list_nodes))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -195,6 +196,10 @@ async fn add_rules(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Jso
 async fn remove_rule(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
     d.remove_firewall_rule(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_nodes(State(d): State<Shared>) -> Result<Json> {
+    Ok(axum::Json(d.nodes()?))
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {

@@ -64,7 +64,20 @@ enum Cmd {
         /// FORWARD rules (iptables, nftables) still see them. Costs throughput.
         #[arg(long)]
         keep_host_firewall: bool,
+        /// Join a cluster whose state is in etcd (v3 API): overlay networks spanning hosts.
+        /// Without it the daemon is single-host on its own state.
+        #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]", requires = "node_ip")]
+        cluster_store: Option<String>,
+        /// This node's underlay address: where the other nodes send its VXLAN traffic.
+        #[arg(long, value_name = "IP", requires = "cluster_store")]
+        node_ip: Option<std::net::Ipv4Addr>,
+        /// This node's name in the cluster (default: the hostname).
+        #[arg(long, value_name = "NAME", requires = "cluster_store")]
+        node_name: Option<String>,
     },
+    /// Cluster nodes (with --cluster-store).
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Versions: this CLI, its embedded eBPF object and, if one answers, the daemon's.
     Version,
     /// Manage networks.
@@ -93,6 +106,17 @@ enum Cmd {
         pid_file: Option<PathBuf>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List the cluster's nodes: name, underlay address, liveness (its etcd lease).
+    #[command(alias = "list")]
+    Ls {
+        /// `json`: one JSON object per node and line.
+        #[arg(long, value_parser = parse_format, default_value = "table")]
+        format: Format,
     },
 }
 
@@ -132,7 +156,14 @@ pub fn main() -> ExitCode {
             ebpf_object,
             docker_plugin_socket,
             keep_host_firewall,
+            cluster_store,
+            node_ip,
+            node_name,
         } => {
+            let cluster = match cluster_config(cluster_store, node_ip, node_name) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("NETPATH_LOG").unwrap_or_else(|_| "info".into()),
@@ -150,6 +181,7 @@ pub fn main() -> ExitCode {
                 ebpf_object,
                 docker_plugin_socket,
                 keep_host_firewall,
+                cluster,
             };
             // Much of the daemon's work is syscalls that wait out RCU grace periods (mounts,
             // link and program changes): more workers than CPUs keep a few such waits from
@@ -190,6 +222,24 @@ pub fn main() -> ExitCode {
             }
             Ok(0)
         }),
+        Cmd::Node(NodeCmd::Ls { format }) => run_client(&cli.socket, |c| async move {
+            let v = c.get("/nodes").await?;
+            let nodes = v.as_array().cloned().unwrap_or_default();
+            if format == Format::Json {
+                json_lines(&nodes);
+                return Ok(0);
+            }
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            let rows = nodes
+                .iter()
+                .map(|n| {
+                    let name = if n["Self"] == true { format!("{} *", s(&n["Name"])) } else { s(&n["Name"]) };
+                    vec![name, s(&n["Addr"]), s(&n["Status"]), s(&n["Version"])]
+                })
+                .collect();
+            table(&["NAME", "ADDRESS", "STATUS", "VERSION"], rows);
+            Ok(0)
+        }),
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),
         Cmd::Service(sc) => run_client(&cli.socket, |c| async move { service::run(&c, sc).await }),
         Cmd::Firewall(f) => run_client(&cli.socket, |c| async move { firewall::run(&c, f).await }),
@@ -207,6 +257,26 @@ pub fn main() -> ExitCode {
         }),
         Cmd::Container(cc) => run_client(&cli.socket, |c| async move { container::run(&c, cc).await }),
     }
+}
+
+/// `--cluster-store`, `--node-ip`, `--node-name` → the cluster's configuration (None without
+/// a store).
+fn cluster_config(
+    store: Option<String>,
+    node_ip: Option<std::net::Ipv4Addr>,
+    node_name: Option<String>,
+) -> anyhow::Result<Option<crate::cluster::ClusterConfig>> {
+    let Some(store) = store else { return Ok(None) };
+    let endpoints = crate::cluster::parse_store_url(&store)?;
+    let node_ip = node_ip.ok_or_else(|| anyhow::anyhow!("--cluster-store needs --node-ip"))?;
+    let node_name = match node_name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    if !crate::dns::valid_name(&node_name) || node_name.contains('/') {
+        anyhow::bail!("invalid --node-name {node_name:?}: use letters, digits, '-' and '.'");
+    }
+    Ok(Some(crate::cluster::ClusterConfig { store, endpoints, node_name, node_ip }))
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {

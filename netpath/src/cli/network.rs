@@ -31,7 +31,9 @@ pub enum NetworkCmd {
         /// netpath.default_deny=true (new flows between its containers need a `netpath
         /// firewall` rule allowing them). macvlan: parent=IFACE[.VID], macvlan_mode=bridge|private|vepa|passthru,
         /// netpath.macvlan.host_access=true (the host reaches the containers).
-        #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_opt)]
+        /// overlay (needs the daemon's --cluster-store): none; `encrypted` is refused (this
+        /// kernel has neither ESP nor WireGuard).
+        #[arg(short, long = "opt", value_name = "KEY=VALUE", value_parser = parse_driver_opt)]
         opt: Vec<(String, String)>,
         /// No traffic leaves the network or enters it from outside (bridge).
         #[arg(long)]
@@ -42,6 +44,9 @@ pub enum NetworkCmd {
         /// An address of the subnet IPAM must not hand out, NAME=IP (repeatable).
         #[arg(long = "aux-address", value_name = "NAME=IP", value_parser = parse_opt)]
         aux_addresses: Vec<(String, String)>,
+        /// overlay: standalone containers (`run --network`) may join, not only services' tasks.
+        #[arg(long)]
+        attachable: bool,
         name: String,
     },
     /// Remove every user-defined network no container uses.
@@ -95,6 +100,12 @@ fn parse_opt(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `-o KEY=VALUE`, and Docker's valueless overlay flag `-o encrypted` (the daemon refuses it
+/// with the reason).
+fn parse_driver_opt(s: &str) -> Result<(String, String), String> {
+    if s == "encrypted" { Ok((s.to_string(), String::new())) } else { parse_opt(s) }
+}
+
 /// Docker takes `--label K` as K with an empty value.
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').unwrap_or((s, ""));
@@ -107,7 +118,18 @@ fn s(v: &Value) -> String {
 
 pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
     match cmd {
-        NetworkCmd::Create { driver, subnet, gateway, ip_range, opt, internal, labels, aux_addresses, name } => {
+        NetworkCmd::Create {
+            driver,
+            subnet,
+            gateway,
+            ip_range,
+            opt,
+            internal,
+            labels,
+            aux_addresses,
+            attachable,
+            name,
+        } => {
             let req = NetworkCreate {
                 name,
                 driver: Some(driver),
@@ -118,6 +140,7 @@ pub async fn run(c: &Client, cmd: NetworkCmd) -> Result<u8> {
                 internal,
                 labels: labels.into_iter().collect(),
                 aux_addresses: aux_addresses.into_iter().collect(),
+                attachable,
             };
             let v = c.post("/networks", &req).await?;
             println!("{}", s(&v["Id"]));

@@ -54,7 +54,7 @@ pub(super) fn plan_endpoint(
             aliases: vec![],
         });
     };
-    if net.driver == DriverKind::Bridge && st.member_count(&net.id) >= MAX_BRIDGE_ENDPOINTS {
+    if net.driver.is_bridged() && st.member_count(&net.id) >= MAX_BRIDGE_ENDPOINTS {
         return Err(conflict!(
             "network {} has {MAX_BRIDGE_ENDPOINTS} endpoints, the most a Linux bridge takes: use another network",
             net.name
@@ -80,7 +80,7 @@ pub(super) fn plan_endpoint(
     let id = state::new_id();
     Ok(Endpoint {
         // A macvlan endpoint has no host side.
-        host_ifname: (net.driver == DriverKind::Bridge).then(|| format!("veth{}", &id[..8])),
+        host_ifname: net.driver.is_bridged().then(|| format!("veth{}", &id[..8])),
         id,
         network_id: net.id.clone(),
         ifname,
@@ -225,7 +225,11 @@ impl Daemon {
         // Nobody else knows this id yet: the lock is free, and taking it before the container
         // is visible makes every other request on it wait until it is built.
         let _lock = self.locks.lock(&id).await;
-        let c = {
+        // An overlay address is the cluster's: claimed in etcd first, then reserved here.
+        let claimed =
+            self.claim_for(req.network.as_deref().unwrap_or("bridge"), &req.name, &id, req.ip.as_deref()).await?;
+        let ip_arg = claimed.as_ref().map(|(_, ip)| ip.to_string()).or(req.ip.clone());
+        let reserved = (|| -> Result<Container> {
             let mut st = self.state();
             if st.container(&req.name).is_some_and(|c| c.name == req.name) {
                 return Err(conflict!("container name {} is already in use", req.name));
@@ -236,7 +240,7 @@ impl Daemon {
             }
             let dns_opts = dns::check_options(&req, &net)?; // --alias, --dns, --dns-search, --hostname
             let ports = plan_ports(&st, &req, &net, &mut warnings)?;
-            let mut ep = plan_endpoint(&st, &net, &[], req.ip.as_deref(), &host_addrs)?;
+            let mut ep = plan_endpoint(&st, &net, &[], ip_arg.as_deref(), &host_addrs)?;
             ep.aliases = dns_opts.aliases;
             if let Some(ifname) = &req.ifname {
                 ep.ifname = ifname.clone();
@@ -262,7 +266,16 @@ impl Daemon {
                 ingress_allow,
             };
             st.put_container(c.clone());
-            c
+            Ok(c)
+        })();
+        let c = match reserved {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some((net_id, ip)) = claimed {
+                    self.release_overlay_address(&net_id, ip).await;
+                }
+                return Err(e);
+            }
         };
         laps.lap("reserve");
         if let Err(e) = self.persist_container(&id).await {
@@ -369,6 +382,8 @@ impl Daemon {
             self.attach_endpoint(&net, ep, name, idx)?;
         }
         laps.lap("datapath");
+        self.overlay_endpoint_up(c, ep, &net).await; // the other nodes learn where it is
+        laps.lap("cluster");
         tracing::debug!("wire {} {}: {laps}", c.name, ep.ifname);
         Ok(())
     }
@@ -379,6 +394,10 @@ impl Daemon {
         self.links.attach(host_if, idx)?;
         if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
             self.dp().set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
+            // Packets from other nodes for this address come out of the VXLAN device here.
+            if let (Some(ov), Some(o)) = (&net.opts.overlay, &self.overlay_dp) {
+                o.overlay_add_local(ov.vni, ip, idx, mac)?;
+            }
         }
         Ok(())
     }
@@ -386,8 +405,17 @@ impl Daemon {
     /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth
     /// goes first: its program goes with it, which spares it a detach (an RCU grace period
     /// under the RTNL lock).
-    async fn unwire(&self, sandbox: &Sandbox, ep: &Endpoint) -> anyhow::Result<()> {
+    async fn unwire(&self, container_id: &str, sandbox: &Sandbox, ep: &Endpoint) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
+        let net = self.state().network_by_id(&ep.network_id).cloned();
+        if let (Some(ov), Some(o), Some(ip)) =
+            (net.as_ref().and_then(|n| n.opts.overlay.as_ref()), &self.overlay_dp, ep.ipv4)
+        {
+            let _ = o.overlay_remove_local(ov.vni, ip);
+        }
+        if let Some(net) = net {
+            self.overlay_endpoint_down(container_id, ep, &net).await; // record and address claim go
+        }
         let idx = match ep.host_ifname.as_deref() {
             Some(name) => self.nl.link_index(name).await?,
             None => None,
@@ -425,7 +453,7 @@ impl Daemon {
     async fn teardown(&self, c: &Container, sweep: bool) -> Vec<String> {
         let mut errs = vec![];
         for ep in &c.endpoints {
-            if let Err(e) = self.unwire(&c.sandbox, ep).await {
+            if let Err(e) = self.unwire(&c.id, &c.sandbox, ep).await {
                 errs.push(format!("endpoint {}: {e:#}", ep.ifname));
             }
         }
@@ -673,11 +701,13 @@ impl Daemon {
         let id = self.container_id(&req.container)?;
         let host_addrs = self.host_addrs_for(network).await?;
         let _lock = self.locks.lock(&id).await;
-        let (c, ep) = {
+        let claimed = self.claim_for(network, &req.container, &id, req.ip.as_deref()).await?;
+        let ip_arg = claimed.as_ref().map(|(_, ip)| ip.to_string()).or(req.ip.clone());
+        let planned = (|| -> Result<(Container, Endpoint)> {
             let mut st = self.state();
             let c = st.container_by_id(&id).ok_or_else(|| not_found!("container {} not found", req.container))?;
             let net = usable(&st, network)?;
-            if !matches!(net.driver, DriverKind::Bridge | DriverKind::Macvlan) {
+            if !matches!(net.driver, DriverKind::Bridge | DriverKind::Macvlan | DriverKind::Overlay) {
                 return Err(bad_request!("container cannot be connected to the {} network", net.name));
             }
             for e in &c.endpoints {
@@ -694,12 +724,21 @@ impl Daemon {
             }
             let aliases = dns::check_aliases(&req.aliases, net)?;
             let taken: Vec<String> = c.endpoints.iter().map(|e| e.ifname.clone()).collect();
-            let mut ep = plan_endpoint(&st, net, &taken, req.ip.as_deref(), &host_addrs)?;
+            let mut ep = plan_endpoint(&st, net, &taken, ip_arg.as_deref(), &host_addrs)?;
             ep.aliases = aliases;
             ep.phase = Phase::Creating;
             let c = c.clone();
             st.update_container(&id, |x| x.endpoints.push(ep.clone()));
-            (c, ep)
+            Ok((c, ep))
+        })();
+        let (c, ep) = match planned {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some((net_id, ip)) = claimed {
+                    self.release_overlay_address(&net_id, ip).await;
+                }
+                return Err(e);
+            }
         };
         let undo = |this: &Self| {
             this.state().update_container(&id, |x| x.endpoints.retain(|e| e.id != ep.id));
@@ -710,7 +749,7 @@ impl Daemon {
         }
         crash::point("connect:reserved");
         if let Err(e) = self.wire(&c, &ep, c.endpoints.is_empty()).await {
-            let _ = self.unwire(&c.sandbox, &ep).await;
+            let _ = self.unwire(&c.id, &c.sandbox, &ep).await;
             undo(self);
             let _ = self.persist_container(&id).await;
             return Err(e.into());
@@ -718,7 +757,7 @@ impl Daemon {
         crash::point("connect:wired");
         self.state().update_container(&id, |x| x.endpoints.iter_mut().for_each(|e| e.phase = Phase::Ready));
         if let Err(e) = self.persist_container(&id).await {
-            let _ = self.unwire(&c.sandbox, &ep).await;
+            let _ = self.unwire(&c.id, &c.sandbox, &ep).await;
             undo(self);
             return Err(e);
         }
@@ -761,7 +800,7 @@ impl Daemon {
     /// Unwires an endpoint marked `Removing` and drops it from the record; published ports
     /// follow the primary address, which may change. Also used by reconcile.
     pub(super) async fn finish_disconnect(&self, c: &Container, ep: &Endpoint) -> Result<()> {
-        self.unwire(&c.sandbox, ep).await?;
+        self.unwire(&c.id, &c.sandbox, ep).await?;
         crash::point("disconnect:unwired");
         self.withdraw_published(c);
         self.state().update_container(&c.id, |x| x.endpoints.retain(|e| e.id != ep.id));

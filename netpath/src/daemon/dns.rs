@@ -69,7 +69,7 @@ pub(super) fn check_options(req: &ContainerCreate, net: &Network) -> Result<DnsO
 
 /// Names resolve on user-defined networks; the default `bridge` has no name resolution.
 fn resolves(net: &Network) -> bool {
-    !net.builtin && matches!(net.driver, DriverKind::Bridge | DriverKind::Macvlan)
+    !net.builtin && matches!(net.driver, DriverKind::Bridge | DriverKind::Macvlan | DriverKind::Overlay)
 }
 
 impl Daemon {

@@ -15,6 +15,7 @@
 //! knows what to undo or finish (see `state`).
 
 mod attachments;
+mod cluster_services;
 mod containers;
 pub mod crash;
 mod dns;
@@ -25,6 +26,7 @@ mod host;
 mod locks;
 pub mod metrics;
 mod networks;
+mod overlay;
 pub mod process;
 mod reconcile;
 mod services;
@@ -67,6 +69,8 @@ pub struct Config {
     pub docker_plugin_socket: Option<PathBuf>,
     /// Known flows take the kernel's forwarding path, so the host's FORWARD rules see them.
     pub keep_host_firewall: bool,
+    /// `--cluster-store`: multi-host through etcd (None: single host, as before).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 pub struct Daemon {
@@ -98,6 +102,10 @@ pub struct Daemon {
     svc_unhealthy: Mutex<std::collections::HashSet<String>>,
     /// What the datapath holds for the firewall.
     firewall: firewall::Firewall,
+    /// The cluster store, with `--cluster-store`.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The overlay maps and VXLAN device (None: an eBPF object from before overlays).
+    overlay_dp: Option<crate::datapath::Overlay>,
 }
 
 pub type Shared = Arc<Daemon>;
@@ -170,6 +178,13 @@ impl Daemon {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
         let ct_table = Arc::new(datapath.flow_table()?);
+        let overlay_dp = match datapath.overlay() {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!("no overlay datapath in this eBPF object: {e:#}");
+                None
+            }
+        };
         let links = crate::datapath::EndpointLinks::new(&datapath);
         let d = Arc::new(Self {
             flusher: spawn_flusher(ct_table.clone()),
@@ -191,6 +206,8 @@ impl Daemon {
             services_kick: Default::default(),
             svc_unhealthy: Default::default(),
             firewall: Default::default(),
+            cluster: cfg.cluster.clone().map(crate::cluster::Cluster::new),
+            overlay_dp,
         });
         d.firewall_preload();
         // An object from before the switch has the fast paths only: fine unless asked for.
@@ -218,6 +235,8 @@ impl Daemon {
         if let Err(e) = self.refresh_host().await {
             tracing::warn!("refreshing host interfaces: {e:#}");
         }
+        // The VXLAN device's program is claimed before the release below would drop it.
+        self.reconcile_vxlan().await;
         // Programs a former state attached (and this one no longer wants) stop now.
         self.dp().release_unclaimed();
         let ms = t.elapsed().as_millis() as u64;
@@ -227,6 +246,7 @@ impl Daemon {
         tokio::spawn(trim_memory_every(std::time::Duration::from_secs(10)));
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
+        self.start_cluster(); // after reconcile: the state says what this node owns
         let n = self.state().container_count();
         info!("reconciled {n} containers in {ms} ms");
     }
@@ -429,6 +449,7 @@ impl Daemon {
             "StateDir": self.cfg.state_dir,
             "Bpffs": self.cfg.bpffs,
             "Version": env!("CARGO_PKG_VERSION"),
+            "Cluster": self.cluster_status(),
         })
     }
 

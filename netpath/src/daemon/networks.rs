@@ -190,9 +190,14 @@ impl Daemon {
     /// or veth, and their subnet (the host's own) must not look like a container network to
     /// the uplink programs on the parent.
     pub(super) fn publish_network(&self, net: &Network) -> anyhow::Result<()> {
-        if let (DriverKind::Bridge, Some(ipam)) = (net.driver, net.ipam) {
-            let flags = datapath_flags(net) | self.firewall_flags(net.index);
+        if let (true, Some(ipam)) = (net.driver.is_bridged(), net.ipam) {
+            let overlay = net.opts.overlay.as_ref().map(|o| o.vni);
+            let flags =
+                datapath_flags(net) | self.firewall_flags(net.index) | overlay.map_or(0, |_| net_flags::OVERLAY);
             self.dp().set_network(ipam.subnet, net.index, ipam.gateway, flags)?;
+            if let (Some(vni), Some(o)) = (overlay, &self.overlay_dp) {
+                o.overlay_set_network(vni, net.index)?;
+            }
         }
         Ok(())
     }
@@ -233,7 +238,10 @@ impl Daemon {
         valid_name("network", &req.name)?;
         let d = req.driver.as_deref().unwrap_or("bridge");
         let kind = DriverKind::parse(d)
-            .ok_or_else(|| bad_request!("unknown driver {d:?}: use bridge, macvlan, host or none"))?;
+            .ok_or_else(|| bad_request!("unknown driver {d:?}: use bridge, macvlan, overlay, host or none"))?;
+        if kind == DriverKind::Overlay {
+            return self.create_overlay_network(req).await;
+        }
         if matches!(kind, DriverKind::Host | DriverKind::None) {
             return Err(bad_request!(
                 "only one instance of the {} network is allowed: it exists already as {:?}",
@@ -408,6 +416,7 @@ impl Daemon {
                     aux_addresses: aux,
                     macvlan,
                     default_deny: o.default_deny,
+                    overlay: None,
                 },
             };
             st.put_network(net.clone());
@@ -487,7 +496,11 @@ impl Daemon {
 
     pub async fn remove_network(&self, name: &str) -> Result<()> {
         self.wait_ready().await;
-        let id = lookup(&self.state(), name)?.id.clone();
+        let net = lookup(&self.state(), name)?.clone();
+        if net.driver == DriverKind::Overlay {
+            return self.remove_overlay_network(&net).await;
+        }
+        let id = net.id;
         let _lock = self.locks.lock(&id).await;
         let net = {
             let mut st = self.state();
@@ -555,8 +568,11 @@ impl Daemon {
         if let Err(e) = driver(net.driver).remove_network(&self.nl, net).await {
             warn!("network {}: {e:#}", net.name);
         }
-        if let (DriverKind::Bridge, Some(ipam)) = (net.driver, net.ipam) {
+        if let (true, Some(ipam)) = (net.driver.is_bridged(), net.ipam) {
             let _ = self.dp().remove_network(ipam.subnet);
+        }
+        if let (Some(ov), Some(o)) = (&net.opts.overlay, &self.overlay_dp) {
+            let _ = o.overlay_remove_network(ov.vni);
         }
         // A VLAN link goes with the last network on it, and only if netpath made it.
         if let Some(mv) = &net.opts.macvlan

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{Daemon, lo_up, process};
 use crate::drivers::driver;
 use crate::netlink::{LinkSummary, netns};
-use crate::state::{Container, DriverKind, Network, Phase, Sandbox};
+use crate::state::{Container, Network, Phase, Sandbox};
 
 /// Containers rewired from scratch at once (each needs netlink round trips in its namespace).
 const PARALLEL_REPAIRS: usize = 16;
@@ -138,7 +138,7 @@ fn network_intact(net: &Network, links: &HashMap<&str, &LinkSummary>, addrs: &[(
         return vlan_ok && shim_ok;
     }
     let (Some(bridge), Some(ipam)) = (net.bridge.as_deref(), net.ipam) else { return true };
-    net.driver != DriverKind::Bridge
+    !net.driver.is_bridged()
         || links.get(bridge).is_some_and(|l| {
             l.up && l.mac.as_deref() == Some(&crate::ipam::mac_for(ipam.gateway)[..])
                 && addrs.iter().any(|(i, a, _)| *i == l.index && *a == ipam.gateway)

@@ -41,6 +41,10 @@ impl Daemon {
             })
             .collect();
         let mut options = Map::new();
+        if let Some(o) = &n.opts.overlay {
+            // Docker's name for it; the local bridge is named below like a bridge network's.
+            options.insert("com.docker.network.driver.overlay.vxlanid_list".into(), json!(o.vni.to_string()));
+        }
         if let Some(b) = &n.bridge {
             options.insert("com.docker.network.bridge.name".into(), json!(b));
             options.insert(crate::state::GATEWAY_MODE_OPT.into(), json!(n.gateway_mode.as_str()));
@@ -63,18 +67,32 @@ impl Daemon {
                 options.insert("netpath.macvlan.host_address".into(), json!(ip.to_string()));
             }
         }
-        json!({
+        let mut peers = None;
+        if let (Some(_), Some(c)) = (&n.opts.overlay, &self.cluster) {
+            // Docker's Peers: the nodes with containers on this overlay (alive ones).
+            let snap = c.snapshot();
+            let nodes: std::collections::BTreeSet<&str> =
+                snap.endpoints.values().filter(|e| e.network_id == n.id).map(|e| e.node.as_str()).collect();
+            let list = nodes.into_iter().filter_map(|name| snap.alive.get(name));
+            peers = Some(list.map(|p| json!({ "Name": p.name, "IP": p.addr.to_string() })).collect::<Vec<_>>());
+        }
+        let mut v = json!({
             "Name": n.name,
             "Id": n.id,
             "Created": rfc3339(n.created),
-            "Scope": "local",
+            "Scope": if n.opts.overlay.is_some() { "swarm" } else { "local" },
+            "Attachable": n.opts.overlay.as_ref().is_some_and(|o| o.attachable),
             "Driver": n.driver.as_str(),
             "IPAM": { "Driver": "default", "Config": config },
             "Internal": n.opts.internal,
             "Containers": containers,
             "Options": options,
             "Labels": n.opts.labels,
-        })
+        });
+        if let Some(p) = peers {
+            v["Peers"] = Value::Array(p);
+        }
+        v
     }
 
     /// A container as `ps` lists it: the fields of `inspect` it shows, in the same shape.

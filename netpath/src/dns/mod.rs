@@ -221,6 +221,17 @@ impl Dns {
         self.inner.table.write().unwrap().replace_service_names(old, new);
     }
 
+    /// A container of another node (on an overlay network): only its names, no files or
+    /// server here.
+    pub fn remote_up(&self, c: ContainerView) {
+        self.inner.table.write().unwrap().upsert(c);
+    }
+
+    /// A container of another node is gone: its names stop resolving.
+    pub fn remote_gone(&self, id: &str) {
+        self.inner.table.write().unwrap().remove(id);
+    }
+
     /// A container is gone: its names stop resolving at once, its server stops, its files go.
     pub fn container_gone(&self, id: &str) {
         self.inner.table.write().unwrap().remove(id);

@@ -4,6 +4,7 @@
 
 mod bridge;
 mod macvlan;
+pub mod overlay;
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -35,6 +36,7 @@ pub fn driver(kind: DriverKind) -> &'static dyn Driver {
     match kind {
         DriverKind::Bridge => &bridge::Bridge,
         DriverKind::Macvlan => &macvlan::Macvlan,
+        DriverKind::Overlay => &overlay::Overlay,
         DriverKind::Host | DriverKind::None => &Unwired,
     }
 }

@@ -29,6 +29,8 @@ pub enum DriverKind {
     Host,
     None,
     Macvlan,
+    /// Multi-host: defined in the cluster store, a local bridge on every node plus a VNI.
+    Overlay,
 }
 
 impl DriverKind {
@@ -38,6 +40,7 @@ impl DriverKind {
             "macvlan" => Some(Self::Macvlan),
             "host" => Some(Self::Host),
             "none" | "null" => Some(Self::None),
+            "overlay" => Some(Self::Overlay),
             _ => None,
         }
     }
@@ -47,7 +50,12 @@ impl DriverKind {
             Self::Host => "host",
             Self::None => "none",
             Self::Macvlan => "macvlan",
+            Self::Overlay => "overlay",
         }
+    }
+    /// Containers sit on a local Linux bridge behind a veth (bridge, and overlay on each node).
+    pub fn is_bridged(self) -> bool {
+        matches!(self, Self::Bridge | Self::Overlay)
     }
 }
 
@@ -159,6 +167,18 @@ pub struct NetOpts {
     /// allowing it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default_deny: bool,
+    /// The overlay driver's (cluster-wide) settings.
+    #[serde(default)]
+    pub overlay: Option<Overlay>,
+}
+
+/// What an overlay network is across the cluster (a copy of its cluster record).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Overlay {
+    /// The VXLAN network identifier, the same on every node.
+    pub vni: u32,
+    /// Standalone containers (`run --network`) may join, not only services' tasks.
+    pub attachable: bool,
 }
 
 fn yes() -> bool {
@@ -176,6 +196,7 @@ impl Default for NetOpts {
             aux_addresses: BTreeMap::new(),
             macvlan: None,
             default_deny: false,
+            overlay: None,
         }
     }
 }
@@ -483,12 +504,26 @@ pub struct Service {
     pub health_tcp: Option<u16>,
     pub created: u64,
     pub phase: Phase,
+    /// A service across nodes (defined in the cluster store): the slots placed on this node.
+    /// None: a service of this host alone, which runs every slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub here: Option<BTreeSet<u32>>,
+    /// A cluster service with `mode=host` ports: the Maglev slot of this node's own tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_slot: Option<u32>,
 }
 
 impl Service {
-    /// The replica task names it wants now.
+    /// The replica task names it wants now (on this node).
     pub fn replica_names(&self) -> Vec<String> {
-        (1..=self.replicas.unwrap_or(0)).map(|i| format!("{}.{i}", self.name)).collect()
+        (1..=self.replicas.unwrap_or(0))
+            .filter(|n| self.wants_replica(*n))
+            .map(|i| format!("{}.{i}", self.name))
+            .collect()
+    }
+    /// True when this node should run replica `n`.
+    pub fn wants_replica(&self, n: u32) -> bool {
+        n >= 1 && n <= self.replicas.unwrap_or(0) && self.here.as_ref().is_none_or(|h| h.contains(&n))
     }
     /// True when `container` is one of its replicas, wanted or not (NAME.<number>).
     pub fn is_replica_name(&self, container: &str) -> bool {
@@ -580,7 +615,8 @@ impl State {
     }
     /// The lowest Maglev slot no service holds.
     pub fn free_slots(&self, n: usize, max: u32) -> Option<Vec<u32>> {
-        let taken: BTreeSet<u32> = self.services.values().flat_map(|s| s.vips.iter().map(|v| v.slot)).collect();
+        let taken: BTreeSet<u32> =
+            self.services.values().flat_map(|s| s.vips.iter().map(|v| v.slot).chain(s.host_slot)).collect();
         let free: Vec<u32> = (0..max).filter(|i| !taken.contains(i)).take(n).collect();
         (free.len() == n).then_some(free)
     }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use netpath_tests::cluster::{ClusterLab, ETCD_IP, ETCD_PORT, node_ip};
 use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
 
 fn step(title: &str) {
@@ -339,7 +340,112 @@ fn main() {
     np(&lab, &["network", "rm", "demo-net", "demo-mv", "demo-int"]);
     drop(lab);
     println!("lab removed: no namespaces, links or pins left behind");
-    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left || !balanced || !firewall_ok {
+
+    let multi_host = multi_host();
+    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left || !balanced || !firewall_ok || !multi_host
+    {
         std::process::exit(1);
     }
+}
+
+/// Two hosts, a real etcd, an overlay network across them and a service spread over both.
+/// True when everything answered as it should.
+fn multi_host() -> bool {
+    step("Multi-host: two hosts on an underlay network, each with its daemon, and a real etcd");
+    let c = ClusterLab::new("demo-mh", 2);
+    let ready = |i: usize| c.node(i).np(&["node", "ls"]).lines().filter(|l| l.contains("ready")).count() == 2;
+    for _ in 0..100 {
+        if ready(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "(daemons started with --cluster-store etcd://{ETCD_IP}:{ETCD_PORT} --node-ip {} / {})",
+        node_ip(0),
+        node_ip(1)
+    );
+    np(c.node(0), &["node", "ls"]);
+
+    step("An overlay network made on host A is on host B too (a VNI, MTU = underlay - 50)");
+    np(c.node(0), &["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.60.0.0/24", "ov"]);
+    for _ in 0..100 {
+        if c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    np(c.node(1), &["network", "ls"]);
+
+    step("A container on host A, reached by name from host B through the VXLAN tunnel");
+    np(
+        c.node(0),
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web-a",
+            "--network",
+            "ov",
+            "--",
+            "socat",
+            "TCP-LISTEN:80,fork,reuseaddr",
+            "SYSTEM:echo hello from host A",
+        ],
+    );
+    np(c.node(1), &["run", "-d", "--name", "client-b", "--network", "ov", "--", "sleep", "600"]);
+    let mut answer = String::new();
+    for _ in 0..100 {
+        let out = c.node(1).try_np(&["exec", "client-b", "--", "socat", "-T", "2", "-", "TCP:web-a:80"]);
+        answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if answer == "hello from host A" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("host B$ netpath exec client-b -- socat - TCP:web-a:80\n{answer}");
+    let reached = answer == "hello from host A";
+
+    step("A service across both hosts: one VIP, balanced over the tasks of both");
+    np(
+        c.node(1),
+        &[
+            "service",
+            "create",
+            "--name",
+            "hello",
+            "--network",
+            "ov",
+            "--replicas",
+            "2",
+            "--",
+            "socat",
+            "TCP-LISTEN:80,fork,reuseaddr",
+            "SYSTEM:echo $SOCAT_SOCKADDR",
+        ],
+    );
+    let spread = "for i in $(seq 1 20); do socat -u -T 2 TCP:hello:80,connect-timeout=2 - ; done | sort | uniq -c";
+    let run = || {
+        String::from_utf8_lossy(&c.node(1).try_np(&["exec", "client-b", "--", "sh", "-c", spread]).stdout).into_owned()
+    };
+    // Both tasks answering first (they start on their hosts in parallel), then the tour's run.
+    for _ in 0..100 {
+        if run().lines().count() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run();
+    println!("host B$ netpath exec client-b -- sh -c '{spread}'\n{out}");
+    let balanced = out.lines().count() == 2;
+    np(c.node(0), &["service", "ps", "hello"]);
+    np(c.node(1), &["service", "rm", "hello"]);
+    drop(c);
+    println!("cluster lab removed");
+    println!(
+        "across hosts: by name {}, service balanced over both hosts {}",
+        if reached { "yes" } else { "NO" },
+        if balanced { "yes" } else { "NO" }
+    );
+    reached && balanced
 }

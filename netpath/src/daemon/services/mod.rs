@@ -90,7 +90,12 @@ fn replicas(n: Option<i64>) -> Result<Option<u32>> {
 fn service_network<'a>(st: &'a State, name: &str) -> Result<&'a state::Network> {
     let n = usable(st, name)?;
     if n.driver != DriverKind::Bridge || n.pool().is_none() {
-        return Err(bad_request!("network {}: services need a bridge network", n.name));
+        let what = if n.driver == DriverKind::Overlay {
+            "a service on an overlay network is a cluster service: its networks must all be overlays"
+        } else {
+            "services need a bridge network (or overlay networks, across nodes)"
+        };
+        return Err(bad_request!("network {}: {what}", n.name));
     }
     Ok(n)
 }
@@ -112,7 +117,7 @@ fn plan_vips(st: &State, nets: &[state::Network], keep: &[ServiceVip]) -> Result
 }
 
 impl Daemon {
-    async fn persist_service(&self, id: &str) -> Result<()> {
+    pub(super) async fn persist_service(&self, id: &str) -> Result<()> {
         let (rec, rev) = {
             let mut st = self.state();
             let rev = st.next_rev();
@@ -192,6 +197,20 @@ impl Daemon {
             return Err(bad_request!("invalid --health-cmd-tcp 0: give the port the tasks serve"));
         }
         let ports = req.publish.iter().map(|p| parse_port(p)).collect::<Result<Vec<_>>>()?;
+        if self.on_overlay(&req.networks) {
+            let only_single_host = !req.backends.is_empty() || req.health_tcp.is_some() || affinity != "none";
+            return self
+                .create_cluster_service(
+                    &req.name,
+                    &req.networks,
+                    &req.cmd,
+                    only_single_host,
+                    replicas,
+                    endpoint_mode,
+                    ports,
+                )
+                .await;
+        }
         let id = state::new_id();
         {
             let mut st = self.state();
@@ -228,6 +247,8 @@ impl Daemon {
                 health_tcp: req.health_tcp.filter(|p| *p != 0),
                 created: state::now(),
                 phase: Phase::Ready,
+                here: None,
+                host_slot: None,
             };
             self.check_service(&st, &s)?;
             st.put_service(s);
@@ -247,6 +268,10 @@ impl Daemon {
     pub async fn update_service(self: &Arc<Self>, name: &str, req: ServiceUpdate) -> Result<Value> {
         self.wait_ready().await;
         let replicas = replicas(req.replicas)?;
+        let cluster_svc = lookup(&self.state(), name)?.here.is_some();
+        if cluster_svc {
+            return self.update_cluster_service(name, req, replicas).await;
+        }
         let (id, old) = {
             let mut st = self.state();
             let old = lookup(&st, name)?.clone();
@@ -319,6 +344,11 @@ impl Daemon {
 
     pub async fn remove_service(self: &Arc<Self>, name: &str) -> Result<()> {
         self.wait_ready().await;
+        let cluster_svc = lookup(&self.state(), name)?.clone();
+        if cluster_svc.here.is_some() {
+            // Gone from the cluster first: every node (this one below) removes its tasks.
+            self.cluster_handle()?.remove_service(&cluster_svc.id).await?;
+        }
         let id = {
             let mut st = self.state();
             let s = lookup(&st, name)?.clone();
@@ -533,6 +563,8 @@ mod tests {
             health_tcp: None,
             created: 0,
             phase: Phase::Ready,
+            here: None,
+            host_slot: None,
         };
         assert_eq!(s.replica_names(), ["web.1", "web.2"]);
         assert!(s.is_replica_name("web.7"));

@@ -60,6 +60,9 @@ pub struct Programmed {
     restarts: HashMap<String, Instant>,
     /// Services to look at again on the next tick.
     retry: HashSet<String>,
+    /// Cluster services: looked at on every tick, as their tasks on other nodes come and go
+    /// with the cluster store, not with anything of this node's.
+    cluster: HashSet<String>,
     /// False until the first sync after start: it looks at everything and also removes what
     /// no record claims.
     swept: bool,
@@ -116,6 +119,12 @@ impl Daemon {
         h.finish()
     }
 
+    /// Services the cluster changed here (a local copy updated): the next sync looks at them.
+    pub(in crate::daemon) fn services_changed(&self, ids: &[String]) {
+        self.services.dirty.lock().unwrap().extend(ids.iter().cloned());
+        self.services_kick.notify_one();
+    }
+
     /// Syncs after a request changed service `id`: it is looked at whatever else changed.
     pub(super) async fn sync_service(self: &Arc<Self>, id: &str) {
         self.services.dirty.lock().unwrap().insert(id.to_string());
@@ -130,6 +139,7 @@ impl Daemon {
         let mut look: BTreeSet<String> =
             std::mem::take(&mut *self.services.dirty.lock().unwrap()).into_iter().collect();
         look.extend(prog.retry.drain());
+        look.extend(prog.cluster.iter().cloned());
         {
             let st = self.state();
             if full {
@@ -166,6 +176,10 @@ impl Daemon {
                 _ => Wanted::default(),
             };
             let written = self.write(&mut prog, id, wanted).await;
+            match s {
+                Some(s) if s.here.is_some() && s.phase == Phase::Ready => prog.cluster.insert(id.clone()),
+                _ => prog.cluster.remove(id),
+            };
             if s.is_none() {
                 prog.by_service.remove(id); // nothing left to remember
             } else if !(ok && written) {
@@ -200,7 +214,10 @@ impl Daemon {
             .flatten()
             .filter(|s| {
                 let wanted = if s.phase == Phase::Ready { s.replicas.unwrap_or(0) } else { 0 };
-                full || wanted < prog.by_service.get(&s.id).map_or(0, |w| w.replicas) || s.phase == Phase::Removing
+                // A cluster service's slots move between nodes whatever its count does.
+                full || wanted < prog.by_service.get(&s.id).map_or(0, |w| w.replicas)
+                    || s.phase == Phase::Removing
+                    || s.here.is_some()
             })
             .map(|s| (s.name.as_str(), s))
             .collect();
@@ -214,7 +231,7 @@ impl Daemon {
                 let (prefix, n) = c.name.rsplit_once('.')?;
                 let s = scan.get(prefix)?;
                 let n: u32 = n.parse().ok().filter(|_| s.is_replica_name(&c.name))?;
-                let wanted = s.phase == Phase::Ready && n >= 1 && n <= s.replicas.unwrap_or(0);
+                let wanted = s.phase == Phase::Ready && s.wants_replica(n);
                 (!wanted).then(|| (s.name.clone(), c.name.clone()))
             })
             .collect();
@@ -321,6 +338,7 @@ impl Daemon {
                 .filter(|c| self.healthy(c))
                 .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == v.network_id)?.ipv4)
                 .collect();
+            backends.extend(self.remote_task_addrs(s, &v.network_id)); // tasks on other nodes
             // DNS: `NAME` (the VIP, or with dnsrr the tasks' addresses) and `tasks.NAME`.
             let own = if s.endpoint_mode == "vip" { vec![v.vip] } else { backends.clone() };
             w.names.push((v.network_id.clone(), name.clone(), own));
@@ -339,12 +357,32 @@ impl Daemon {
                 w.entries.insert((v.vip, 0, proto.number()), info);
             }
             // Published ports: on every host address, to the tasks of its first network. On
-            // one host, `mode=host` reaches the same tasks (all of them run here).
+            // one host, `mode=host` reaches the same tasks (all of them run here); a cluster
+            // service's `mode=host` ports are below.
             if i == 0 {
-                for p in s.ports.iter() {
+                for p in s.ports.iter().filter(|p| !(p.host_mode && s.here.is_some())) {
                     let Some(published) = p.published else { continue };
                     let info = ServiceInfo { target_port: p.target.to_be(), ..info };
                     w.entries.insert((Ipv4Addr::UNSPECIFIED, published, p.proto.number()), info);
+                }
+            }
+        }
+        // `mode=host` ports of a cluster service: only where a task runs, to the local tasks.
+        if let (Some(slot), Some(first), Some(_)) = (s.host_slot, s.vips.first(), &s.here) {
+            let mut local: Vec<Ipv4Addr> = s
+                .replica_names()
+                .iter()
+                .filter_map(|t| st.container(t).filter(|c| c.name == *t))
+                .filter(|c| self.healthy(c))
+                .filter_map(|c| c.endpoints.iter().find(|e| e.network_id == first.network_id)?.ipv4)
+                .collect();
+            local.sort();
+            if !local.is_empty() {
+                let info = ServiceInfo { slot, target_port: 0, backends: local.len() as u16, flags: 0 };
+                w.tables.insert(slot, local);
+                for p in s.ports.iter().filter(|p| p.host_mode) {
+                    let info = ServiceInfo { target_port: p.target.to_be(), ..info };
+                    w.entries.insert((Ipv4Addr::UNSPECIFIED, p.published.unwrap_or(0), p.proto.number()), info);
                 }
             }
         }

@@ -1,0 +1,545 @@
+//! Multi-host: three daemons in three lab hosts on one underlay segment, a real etcd started
+//! inside the lab, overlay networks created on one node and used from the others.
+
+use std::collections::BTreeSet;
+
+use netpath_tests::cluster::ClusterLab;
+use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
+
+/// `getent hosts NAME` inside a container: the addresses it printed (empty if not found).
+fn getent(lab: &Lab, ctr: &str, name: &str) -> Vec<String> {
+    let out = lab.try_np(&["exec", ctr, "--", "getent", "hosts", name]);
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect()
+}
+
+fn all_ready(c: &ClusterLab, from: usize, n: usize) -> bool {
+    let ls = c.node_ls(from);
+    ls.len() == n && ls.iter().all(|(_, s)| s == "ready")
+}
+
+#[test]
+fn overlay_needs_a_cluster_store() {
+    let lab = Lab::new("ov-single");
+    let e = lab.np_fails(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
+    assert!(e.contains("need a cluster store") && e.contains("--cluster-store"), "{e}");
+    let e = lab.np_fails(&["node", "ls"]);
+    assert!(e.contains("not part of a cluster"), "{e}");
+    assert!(!lab.np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"), "nothing was made");
+}
+
+#[test]
+fn cluster_nodes_overlay_networks_addresses_and_names() {
+    let mut c = ClusterLab::new("ov-cluster", 3);
+    c.wait_for(20, "3 nodes ready on node0", || all_ready(&c, 0, 3));
+    let table = c.node(1).np(&["node", "ls"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("node1 *") && table.contains("192.0.2.2") && table.contains("ready"), "{table}");
+
+    // Bad input: a clear error, nothing made anywhere.
+    let e = c.node(0).np_fails(&["network", "create", "-d", "overlay", "-o", "encrypted", "sec"]);
+    assert!(e.contains("neither IPsec ESP") && e.contains("WireGuard"), "{e}");
+    let e = c.node(0).np_fails(&["network", "create", "-d", "overlay", "-o", "mtu=1", "x"]);
+    assert!(e.contains("unsupported network option"), "{e}");
+
+    // Created on node0, visible on every node with the same id, subnet and VNI.
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.77.0.0/24", "ov"]);
+    let a = c.node(0).inspect_network("ov");
+    assert_eq!(a["Driver"], "overlay");
+    assert_eq!(a["Scope"], "swarm");
+    assert_eq!(a["Attachable"], true);
+    let vni = a["Options"]["com.docker.network.driver.overlay.vxlanid_list"].as_str().unwrap().to_string();
+    assert_eq!(vni, "4096", "the first overlay gets the first VNI");
+    for i in 1..3 {
+        c.wait_for(10, "ov on every node", || c.node(i).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+        let b = c.node(i).inspect_network("ov");
+        assert_eq!((b["Id"].clone(), b["IPAM"].clone()), (a["Id"].clone(), a["IPAM"].clone()));
+        assert_eq!(b["Options"]["com.docker.network.driver.overlay.vxlanid_list"], vni.as_str());
+    }
+    // One name cluster-wide; subnets do not overlap.
+    let e = c.node(2).np_fails(&["network", "create", "-d", "overlay", "ov"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = c.node(1).np_fails(&["network", "create", "-d", "overlay", "--subnet", "10.77.0.128/25", "ov2"]);
+    assert!(e.contains("overlaps with overlay network ov"), "{e}");
+    // Not attachable: standalone containers are refused.
+    c.node(1).np(&["network", "create", "-d", "overlay", "svcs"]);
+    let e = c.node(1).np_fails(&["run", "-d", "--name", "x", "--network", "svcs", "--", "sleep", "60"]);
+    assert!(e.contains("not attachable"), "{e}");
+
+    // Concurrent runs on two nodes: every address handed out once.
+    let n = 6;
+    let runs: Vec<_> = (0..2)
+        .flat_map(|node| (0..n).map(move |k| (node, format!("c{node}x{k}"))))
+        .map(|(node, name)| {
+            let cmd = c.node(node).np_cmd(&["run", "-d", "--name", &name, "--network", "ov", "--", "sleep", "600"]);
+            (node, name, cmd)
+        })
+        .collect();
+    let threads: Vec<_> = runs
+        .into_iter()
+        .map(|(node, name, mut cmd)| {
+            std::thread::spawn(move || {
+                let out = cmd.output().expect("running netpath");
+                assert!(out.status.success(), "run {name}: {}", String::from_utf8_lossy(&out.stderr));
+                (node, name)
+            })
+        })
+        .collect();
+    let started: Vec<(usize, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut ips = BTreeSet::new();
+    for (node, name) in &started {
+        let ip = c.node(*node).ip_of(name, "ov");
+        assert!(ip.starts_with("10.77.0."), "{name}: {ip}");
+        assert!(ips.insert(ip.clone()), "{ip} was handed out twice (second: {name} on node{node})");
+    }
+    assert_eq!(ips.len(), 2 * n);
+    // The same --ip asked on two nodes at once: exactly one gets it.
+    let both: Vec<_> = (0..2)
+        .map(|node| {
+            let name = format!("pinned{node}");
+            let mut cmd = c.node(node).np_cmd(&[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                "ov",
+                "--ip",
+                "10.77.0.200",
+                "--",
+                "sleep",
+                "600",
+            ]);
+            std::thread::spawn(move || cmd.output().expect("running netpath"))
+        })
+        .collect();
+    let outs: Vec<_> = both.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(outs.iter().filter(|o| o.status.success()).count(), 1, "{outs:?}");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(String::from_utf8_lossy(&lost.stderr).contains("10.77.0.200 is in use"), "{lost:?}");
+    for node in 0..2 {
+        c.node(node).try_np(&["rm", "-f", &format!("pinned{node}")]);
+    }
+
+    // Docker's Peers: the nodes with containers on the overlay, seen from a node with none.
+    let peers: Vec<String> = c.node(2).inspect_network("ov")["Peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| format!("{} {}", p["Name"].as_str().unwrap(), p["IP"].as_str().unwrap()))
+        .collect();
+    assert_eq!(peers, ["node0 192.0.2.1", "node1 192.0.2.2"]);
+
+    // Overlay MTU: the underlay's (1500) less the VXLAN overhead.
+    let sb = c.node(0).sandbox("c0x0");
+    let link = must(in_ns(&sb, "ip", &["-o", "link", "show", "eth0"]));
+    assert!(link.contains("mtu 1450"), "{link}");
+
+    // Names of containers on other nodes resolve (the embedded DNS learns them from etcd).
+    let ip_remote = c.node(1).ip_of("c1x0", "ov");
+    c.wait_for(10, "c1x0 resolving on node0", || getent(c.node(0), "c0x0", "c1x0") == vec![ip_remote.clone()]);
+    // Traffic across hosts by name: ping, and TCP to a server on node1 that sees the
+    // client's own overlay address (no NAT on the way).
+    let ip_local = c.node(0).ip_of("c0x0", "ov");
+    let ping = c.node(0).np(&["exec", "c0x0", "--", "ping", "-c", "2", "-W", "2", "c1x0"]);
+    assert!(ping.contains("2 received"), "{ping}");
+    c.node(1).np(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "ov",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    c.wait_for(10, "srv resolving on node0", || !getent(c.node(0), "c0x0", "srv").is_empty());
+    let mut seen = String::new();
+    c.wait_for(10, "a TCP answer from srv on node1", || {
+        let out = c.node(0).try_np(&["exec", "c0x0", "--", "socat", "-T", "3", "-", "TCP:srv:80"]);
+        seen = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        out.status.success() && !seen.is_empty()
+    });
+    assert_eq!(seen, ip_local, "the server sees the client's overlay address");
+    // And from node2, a third host, to node0.
+    c.node(2).np(&["run", "-d", "--name", "c2", "--network", "ov", "--", "sleep", "600"]);
+    let ping = c.node(2).np(&["exec", "c2", "--", "ping", "-c", "1", "-W", "2", &ip_local]);
+    assert!(ping.contains("1 received"), "{ping}");
+
+    // Isolation across hosts: a container of another overlay (on node2) does not reach ov's
+    // containers on node0, nor a bridge network's container on its own node; connected to ov
+    // as well (`network connect` on an attachable overlay), it does.
+    c.node(2).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.78.0.0/24", "other"]);
+    c.wait_for(10, "other on node0", || c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "other"));
+    c.node(2).np(&["run", "-d", "--name", "o2", "--network", "other", "--", "sleep", "600"]);
+    c.node(0).np(&["run", "-d", "--name", "o0", "--network", "other", "--", "sleep", "600"]);
+    let o0 = c.node(0).ip_of("o0", "other");
+    let ping = c.node(2).np(&["exec", "o2", "--", "ping", "-c", "1", "-W", "2", &o0]);
+    assert!(ping.contains("1 received"), "same overlay, across hosts: {ping}");
+    c.node(2).np(&["network", "create", "--subnet", "10.79.0.0/24", "br2"]);
+    c.node(2).np(&["run", "-d", "--name", "b2", "--network", "br2", "--", "sleep", "600"]);
+    let b2 = c.node(2).ip_of("b2", "br2");
+    let ping = c.node(2).np(&["exec", "b2", "--", "ping", "-c", "1", "-W", "2", "10.79.0.1"]);
+    assert!(ping.contains("1 received"), "b2 is up: {ping}");
+    for target in [ip_local.as_str(), b2.as_str()] {
+        let out = c.node(2).try_np(&["exec", "o2", "--", "ping", "-c", "1", "-W", "1", target]);
+        assert!(!out.status.success(), "o2 (overlay other) reached {target}");
+    }
+    c.node(2).np(&["network", "connect", "ov", "o2"]);
+    let ping = c.node(2).np(&["exec", "o2", "--", "ping", "-c", "1", "-W", "2", &ip_local]);
+    assert!(ping.contains("1 received"), "connected to ov too: {ping}");
+    for (node, name) in [(2, "c2"), (2, "o2"), (0, "o0"), (2, "b2")] {
+        c.node(node).np(&["rm", "-f", name]);
+    }
+    c.node(0).np(&["network", "rm", "other"]);
+    c.node(1).np(&["rm", "-f", "srv"]);
+
+    // Removing a network in use on another node is refused.
+    let e = c.node(2).np_fails(&["network", "rm", "ov"]);
+    assert!(e.contains("in use") && e.contains("node1"), "{e}");
+
+    // A node that dies (daemon killed, namespaces gone): down within the lease TTL, its
+    // endpoints gone from the others (names, the in-use check).
+    for k in 0..n {
+        c.node(1).np(&["rm", "-f", &format!("c1x{k}")]);
+    }
+    c.node(2).np(&["run", "-d", "--name", "doomed", "--network", "ov", "--", "sleep", "600"]);
+    let doomed_ip = c.node(2).ip_of("doomed", "ov");
+    c.wait_for(10, "doomed resolving on node0", || getent(c.node(0), "c0x0", "doomed") == vec![doomed_ip.clone()]);
+    c.destroy_node(2);
+    // TTL 5 s, plus etcd's expiry sweep (twice a second), the watch, and a loaded machine.
+    c.wait_for(15, "node2 down on node0", || c.node_ls(0).contains(&("node2".into(), "down".into())));
+    c.wait_for(5, "doomed gone from node0's names", || getent(c.node(0), "c0x0", "doomed").is_empty());
+    assert!(c.node_ls(1).contains(&("node2".into(), "down".into())));
+
+    // Addresses come back: rm frees them cluster-wide, and the network goes when unused.
+    for k in 0..n {
+        c.node(0).np(&["rm", "-f", &format!("c0x{k}")]);
+    }
+    c.node(1).np(&["network", "rm", "ov"]);
+    c.wait_for(10, "ov gone from node0", || !c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+}
+
+#[test]
+fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
+    let mut c = ClusterLab::new("ov-etcd", 2);
+    c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
+    c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+    c.node(0).np(&["run", "-d", "--name", "a", "--network", "ov", "--", "sleep", "600"]);
+    let ip_a = c.node(0).ip_of("a", "ov");
+
+    // A second daemon claiming node0's name (another address) is refused, and says why.
+    let mut opts = ClusterLab::daemon_opts(0);
+    let at = opts.args.iter().position(|a| a == "--node-ip").unwrap() + 1;
+    opts.args[at] = netpath_tests::cluster::node_ip(2);
+    let dup = c.add_node("ov-etcd", &opts);
+    let e = c.node(dup).np_fails(&["network", "create", "-d", "overlay", "x"]);
+    assert!(e.contains("node name node0 is in use by the live node at 192.0.2.1"), "{e}");
+    assert!(all_ready(&c, 1, 2), "node0 keeps its name and keys");
+    c.destroy_node(dup);
+
+    c.stop_etcd();
+    // Changes that need the cluster fail with a clear error (after the daemon notices).
+    c.wait_for(20, "node0 to notice etcd is gone", || {
+        let out = c.node(0).try_np(&["run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "600"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cluster store")
+    });
+    let e = c.node(1).np_fails(&["network", "create", "-d", "overlay", "ov2"]);
+    assert!(e.contains("unreachable"), "{e}");
+    // Local work goes on: containers on overlays and bridges, new bridge networks.
+    c.node(0).np(&["network", "create", "local1"]);
+    c.node(0).np(&["run", "-d", "--name", "l", "--network", "local1", "--", "sleep", "600"]);
+    assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
+    assert_eq!(c.node(0).inspect("a")["State"]["Running"], true, "a still runs");
+
+    c.start_etcd();
+    c.wait_for(20, "both nodes ready again", || all_ready(&c, 1, 2));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !c.node(0).try_np(&["run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "600"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "node0 did not reconnect:\n{}", c.underlay_report(0));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ip_b = c.node(0).ip_of("b", "ov");
+    assert_ne!(ip_a, ip_b, "a's address stayed claimed across the outage");
+    c.node(1).np(&["network", "create", "-d", "overlay", "--attachable", "ov2"]);
+    c.wait_for(10, "ov2 on node0", || c.node(0).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov2"));
+    // node1 sees a's record again (re-put by node0's new session), and reaches it.
+    c.node(1).np(&["run", "-d", "--name", "q", "--network", "ov", "--", "sleep", "600"]);
+    c.wait_for(10, "a resolving on node1", || getent(c.node(1), "q", "a") == vec![ip_a.clone()]);
+    let ping = c.node(1).np(&["exec", "q", "--", "ping", "-c", "1", "-W", "2", "a"]);
+    assert!(ping.contains("1 received"), "{ping}");
+
+    // A node whose daemon restarts comes back: same containers, records, datapath.
+    c.node_mut(0).stop_daemon();
+    c.node_mut(0).start_daemon_with(&ClusterLab::daemon_opts(0));
+    c.wait_for(20, "node0 ready again", || all_ready(&c, 1, 2));
+    assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
+    let ping = c.node(0).np(&["exec", "a", "--", "ping", "-c", "1", "-W", "2", "q"]);
+    assert!(ping.contains("1 received"), "{ping}");
+    c.wait_for(10, "a still resolving on node1", || getent(c.node(1), "q", "a") == vec![ip_a.clone()]);
+    // Its claims survived the restart: a new container does not get a's or b's address.
+    c.node(1).np(&["run", "-d", "--name", "r", "--network", "ov", "--", "sleep", "600"]);
+    let ip_r = c.node(1).ip_of("r", "ov");
+    assert!(ip_r != ip_a && ip_r != ip_b, "{ip_r} handed out twice");
+}
+
+/// Names of a service's running tasks on one node (`service inspect` lists the node's own).
+fn running_tasks(lab: &Lab, svc: &str) -> Vec<String> {
+    let out = lab.try_np(&["service", "inspect", svc]);
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return vec![] };
+    v[0]["Tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t["State"] == "running")
+        .map(|t| t["Name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn service_vip(lab: &Lab, svc: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&lab.np(&["service", "inspect", svc])).unwrap();
+    v[0]["Endpoint"]["VirtualIPs"][0]["Addr"].as_str().unwrap().split('/').next().unwrap().to_string()
+}
+
+/// `count` connections from `client` to ip:80, each answered with the task address reached;
+/// the answers counted.
+fn spread(lab: &Lab, client: &str, ip: &str, count: usize) -> std::collections::BTreeMap<String, usize> {
+    let script =
+        format!("for i in $(seq 1 {count}); do socat -u -T 5 TCP:{ip}:80,connect-timeout=5 - || echo failed; done");
+    let out = lab.np(&["exec", client, "--", "sh", "-c", &script]);
+    let mut m = std::collections::BTreeMap::new();
+    for l in out.lines() {
+        *m.entry(l.trim().to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Waits until every task listens on port 80 (from inside it).
+fn listening(lab: &Lab, task: &str) -> bool {
+    lab.try_np(&["exec", task, "--", "sh", "-c", "ss -ltn | grep -q ':80 '"]).status.success()
+}
+
+#[test]
+fn a_service_spreads_over_nodes_balances_across_them_and_moves_off_a_dead_node() {
+    let mut c = ClusterLab::new("ov-svc", 3);
+    c.wait_for(20, "3 nodes ready", || all_ready(&c, 0, 3));
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.88.0.0/24", "svcnet"]);
+    for i in 1..3 {
+        c.wait_for(10, "svcnet everywhere", || c.node(i).np(&["network", "ls", "-q"]).lines().any(|n| n == "svcnet"));
+    }
+    // Published ports (the routing mesh) are not there yet: a clear error, nothing made.
+    let e = c.node(1).np_fails(&[
+        "service",
+        "create",
+        "--name",
+        "pub",
+        "--network",
+        "svcnet",
+        "--publish",
+        "8080:80",
+        "--replicas",
+        "1",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert!(e.contains("routing mesh"), "{e}");
+    c.node(1).np(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "svcnet",
+        "--replicas",
+        "3",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_SOCKADDR",
+    ]);
+    // One task per node: the scheduler spreads them.
+    c.wait_for(30, "one running task on every node", || (0..3).all(|i| running_tasks(c.node(i), "web").len() == 1));
+    let vip = service_vip(c.node(0), "web");
+    assert_eq!(service_vip(c.node(2), "web"), vip, "one VIP cluster-wide");
+    let mut tasks = vec![];
+    for i in 0..3 {
+        let t = running_tasks(c.node(i), "web").remove(0);
+        c.wait_for(10, "the task listening", || listening(c.node(i), &t));
+        tasks.push(c.node(i).ip_of(&t, "svcnet"));
+    }
+    let tasks: BTreeSet<String> = tasks.into_iter().collect();
+    assert_eq!(tasks.len(), 3, "{tasks:?}");
+
+    // The VIP (and the service's name) balances over the tasks of every node.
+    c.node(0).np(&["run", "-d", "--name", "client", "--network", "svcnet", "--", "sleep", "600"]);
+    c.wait_for(10, "web resolving to its VIP", || getent(c.node(0), "client", "web") == vec![vip.clone()]);
+    let m = spread(c.node(0), "client", &vip, 60);
+    assert_eq!(m.keys().cloned().collect::<BTreeSet<_>>(), tasks, "every task answers, nothing else: {m:?}");
+
+    // node2 dies: its task is started on a live node, and the VIP leaves it.
+    c.destroy_node(2);
+    c.wait_for(30, "3 tasks on the 2 live nodes", || {
+        running_tasks(c.node(0), "web").len() + running_tasks(c.node(1), "web").len() == 3
+    });
+    let mut live = BTreeSet::new();
+    for i in 0..2 {
+        for t in running_tasks(c.node(i), "web") {
+            c.wait_for(10, "the task listening", || listening(c.node(i), &t));
+            live.insert(c.node(i).ip_of(&t, "svcnet"));
+        }
+    }
+    c.wait_for(15, "the VIP balancing over the live tasks only", || {
+        spread(c.node(0), "client", &vip, 30).keys().cloned().collect::<BTreeSet<_>>() == live
+    });
+
+    // Scale and rm act on every node.
+    c.node(0).np(&["service", "scale", "web=1"]);
+    c.wait_for(20, "one task left", || {
+        running_tasks(c.node(0), "web").len() + running_tasks(c.node(1), "web").len() == 1
+    });
+    c.node(1).np(&["service", "rm", "web"]);
+    c.wait_for(20, "web gone everywhere", || {
+        (0..2).all(|i| {
+            !c.node(i).np(&["ps", "-a"]).contains("web.")
+                && c.node(i).try_np(&["service", "inspect", "web"]).status.code() != Some(0)
+        })
+    });
+}
+
+/// The seed tutorial (service create, update --network-add / --network-rm, rm) on overlays,
+/// its tasks on two nodes.
+#[test]
+fn service_networks_follow_updates_across_nodes() {
+    let c = ClusterLab::new("ov-tut", 2);
+    c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
+    for (net, subnet) in [("front", "10.91.0.0/24"), ("back", "10.92.0.0/24")] {
+        c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", subnet, net]);
+        c.wait_for(10, "the overlay on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == net));
+    }
+    c.node(0).np(&[
+        "service",
+        "create",
+        "--name",
+        "api",
+        "--network",
+        "back",
+        "--replicas",
+        "2",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_SOCKADDR",
+    ]);
+    c.wait_for(30, "a task on each node", || (0..2).all(|i| running_tasks(c.node(i), "api").len() == 1));
+    let e = c.node(1).np_fails(&["network", "rm", "back"]);
+    assert!(e.contains("in use by service api"), "{e}");
+    c.node(1).np(&["run", "-d", "--name", "fclient", "--network", "front", "--", "sleep", "600"]);
+
+    // --network-add: every task joins front, wherever it runs; the VIP there balances over both.
+    c.node(1).np(&["service", "update", "--network-add", "front", "api"]);
+    let v: serde_json::Value = serde_json::from_str(&c.node(0).np(&["service", "inspect", "api"])).unwrap();
+    let vips = v[0]["Endpoint"]["VirtualIPs"].as_array().cloned().unwrap();
+    let front_vip = vips.iter().find(|x| x["Network"] == "front").expect("a VIP on front")["Addr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut on_front = BTreeSet::new();
+    for i in 0..2 {
+        let t = running_tasks(c.node(i), "api").remove(0);
+        c.wait_for(20, "the task on front", || {
+            c.node(i).inspect(&t)["NetworkSettings"]["Networks"]["front"]["IPAddress"].is_string()
+        });
+        c.wait_for(10, "the task listening", || listening(c.node(i), &t));
+        on_front.insert(c.node(i).ip_of(&t, "front"));
+    }
+    c.wait_for(15, "front's VIP balancing over both nodes' tasks", || {
+        spread(c.node(1), "fclient", &front_vip, 30).keys().cloned().collect::<BTreeSet<_>>() == on_front
+    });
+    c.wait_for(10, "api resolving on front", || getent(c.node(1), "fclient", "api") == vec![front_vip.clone()]);
+
+    // --network-rm: the tasks leave back on every node.
+    c.node(0).np(&["service", "update", "--network-rm", "back", "api"]);
+    for i in 0..2 {
+        let t = running_tasks(c.node(i), "api").remove(0);
+        c.wait_for(20, "the task off back", || c.node(i).inspect(&t)["NetworkSettings"]["Networks"]["back"].is_null());
+    }
+    // back is unused now: it can go.
+    c.wait_for(10, "back removable", || c.node(1).try_np(&["network", "rm", "back"]).status.success());
+
+    // mode=host: the port answers only on the node running the task, to that task; the
+    // client keeps its own address.
+    c.node(0).np(&[
+        "service",
+        "create",
+        "--name",
+        "hp",
+        "--network",
+        "front",
+        "--replicas",
+        "1",
+        "--publish",
+        "published=8088,target=80,mode=host",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    c.wait_for(30, "hp's task running", || (0..2).map(|i| running_tasks(c.node(i), "hp").len()).sum::<usize>() == 1);
+    let with = (0..2).find(|i| running_tasks(c.node(*i), "hp").len() == 1).unwrap();
+    let t = running_tasks(c.node(with), "hp").remove(0);
+    c.wait_for(10, "the task listening", || listening(c.node(with), &t));
+    let ask = |i: usize| {
+        in_ns(
+            &c.node(i).client_ns,
+            "socat",
+            &["-u", "-T", "3", &format!("TCP:{HOST_ETH0_IP}:8088,connect-timeout=3"), "-"],
+        )
+        .output()
+        .unwrap()
+    };
+    let mut got = String::new();
+    c.wait_for(10, "the port answering on the task's node", || {
+        let o = ask(with);
+        got = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        o.status.success() && !got.is_empty()
+    });
+    assert_eq!(got, CLIENT_IP, "the task sees the client's own address");
+    assert!(!ask(1 - with).status.success(), "mode=host answers only where a task runs");
+    let e = c.node(0).np_fails(&[
+        "service",
+        "create",
+        "--name",
+        "ing",
+        "--network",
+        "front",
+        "--publish",
+        "8089:80",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert!(e.contains("routing mesh") && e.contains("mode=host"), "{e}");
+    c.node(1).np(&["service", "rm", "hp"]);
+
+    c.node(1).np(&["service", "rm", "api"]);
+    c.wait_for(20, "api gone everywhere", || (0..2).all(|i| !c.node(i).np(&["ps", "-a"]).contains("api.")));
+    let out = c.node(1).try_np(&[
+        "exec",
+        "fclient",
+        "--",
+        "socat",
+        "-u",
+        "-T",
+        "2",
+        &format!("TCP:{front_vip}:80,connect-timeout=2"),
+        "-",
+    ]);
+    assert!(!out.status.success(), "the VIP still answers after rm");
+}
