@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use netpath_tests::cluster::ClusterLab;
+use netpath_tests::cluster::{ClusterLab, node_ip};
 use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
 
 /// `getent hosts NAME` inside a container: the addresses it printed (empty if not found).
@@ -330,23 +330,6 @@ fn a_service_spreads_over_nodes_balances_across_them_and_moves_off_a_dead_node()
     for i in 1..3 {
         c.wait_for(10, "svcnet everywhere", || c.node(i).np(&["network", "ls", "-q"]).lines().any(|n| n == "svcnet"));
     }
-    // Published ports (the routing mesh) are not there yet: a clear error, nothing made.
-    let e = c.node(1).np_fails(&[
-        "service",
-        "create",
-        "--name",
-        "pub",
-        "--network",
-        "svcnet",
-        "--publish",
-        "8080:80",
-        "--replicas",
-        "1",
-        "--",
-        "sleep",
-        "600",
-    ]);
-    assert!(e.contains("routing mesh"), "{e}");
     c.node(1).np(&[
         "service",
         "create",
@@ -512,20 +495,49 @@ fn service_networks_follow_updates_across_nodes() {
     });
     assert_eq!(got, CLIENT_IP, "the task sees the client's own address");
     assert!(!ask(1 - with).status.success(), "mode=host answers only where a task runs");
-    let e = c.node(0).np_fails(&[
+    // The routing mesh (mode=ingress, the default): the port answers on every node. The node
+    // running the task hands it the client's own address; another node reaches it through
+    // the tunnel from its own underlay address, as Docker's ingress network does.
+    c.node(0).np(&[
         "service",
         "create",
         "--name",
         "ing",
         "--network",
         "front",
+        "--replicas",
+        "1",
         "--publish",
         "8089:80",
         "--",
-        "sleep",
-        "1",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_PEERADDR",
     ]);
-    assert!(e.contains("routing mesh") && e.contains("mode=host"), "{e}");
+    c.wait_for(30, "ing's task running", || (0..2).map(|i| running_tasks(c.node(i), "ing").len()).sum::<usize>() == 1);
+    let with = (0..2).find(|i| running_tasks(c.node(*i), "ing").len() == 1).unwrap();
+    let t = running_tasks(c.node(with), "ing").remove(0);
+    c.wait_for(10, "ing's task listening", || listening(c.node(with), &t));
+    let ask = |i: usize| {
+        let o = in_ns(
+            &c.node(i).client_ns,
+            "socat",
+            &["-u", "-T", "3", &format!("TCP:{HOST_ETH0_IP}:8089,connect-timeout=3"), "-"],
+        )
+        .output()
+        .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    for (i, want) in [(with, CLIENT_IP.to_string()), (1 - with, node_ip(1 - with))] {
+        let mut got = String::new();
+        c.wait_for(10, &format!("the mesh answering on node{i}"), || {
+            let (ok, out) = ask(i);
+            got = out;
+            ok && !got.is_empty()
+        });
+        assert_eq!(got, want, "node{i}: the address the task sees");
+    }
+    c.node(1).np(&["service", "rm", "ing"]);
     c.node(1).np(&["service", "rm", "hp"]);
 
     c.node(1).np(&["service", "rm", "api"]);

@@ -115,13 +115,6 @@ impl Daemon {
             }
             out
         };
-        if ports.iter().any(|p| p.published.is_some() && !p.host_mode) {
-            return Err(bad_request!(
-                "published ports of services across nodes in ingress mode (the routing mesh) are not supported \
-                 yet: publish with mode=host (only nodes running a task answer), or reach the service by its VIP \
-                 or name on its overlay networks"
-            ));
-        }
         {
             // This node's own published ports; the others check theirs when they run a task.
             let st = self.state();

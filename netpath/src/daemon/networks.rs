@@ -565,6 +565,7 @@ impl Daemon {
     /// Removes what a network made (kernel objects, datapath entry, record); used by `rm`, by
     /// a failed `create` and by reconcile for operations a dead daemon left half done.
     pub(super) async fn finish_network_removal(&self, net: &Network) {
+        self.detach_overlay_bridge(net).await;
         if let Err(e) = driver(net.driver).remove_network(&self.nl, net).await {
             warn!("network {}: {e:#}", net.name);
         }

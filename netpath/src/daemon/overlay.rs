@@ -207,7 +207,8 @@ impl Daemon {
         let built = async {
             driver(net.driver).ensure_network(&self.nl, &net).await?;
             self.publish_network(&net)?;
-            self.ensure_vxlan().await
+            self.ensure_vxlan().await?;
+            self.attach_overlay_bridge(&net).await
         }
         .await;
         if let Err(e) = built {
@@ -258,10 +259,39 @@ impl Daemon {
     /// After a (re)start: the VXLAN device and its program, if overlays are here (adopting
     /// what the last daemon left: decapsulation goes on across the restart).
     pub(super) async fn reconcile_vxlan(&self) {
-        if self.state().networks().any(|n| n.driver == DriverKind::Overlay)
-            && let Err(e) = self.ensure_vxlan().await
-        {
+        let overlays: Vec<state::Network> =
+            self.state().networks().filter(|n| n.driver == DriverKind::Overlay).cloned().collect();
+        if overlays.is_empty() {
+            return;
+        }
+        if let Err(e) = self.ensure_vxlan().await {
             warn!("VXLAN device: {e:#}");
+        }
+        for net in &overlays {
+            if let Err(e) = self.attach_overlay_bridge(net).await {
+                warn!("overlay network {}: {e:#}", net.name);
+            }
+        }
+    }
+
+    /// The program on an overlay network's bridge that sends this host's own packets for
+    /// containers on other nodes through the tunnel (from the node's underlay address), and
+    /// answers the host's ARP for them. Idempotent; after a restart it claims the pinned link.
+    async fn attach_overlay_bridge(&self, net: &state::Network) -> anyhow::Result<()> {
+        let (Some(o), Some(bridge)) = (&self.overlay_dp, net.bridge.as_deref()) else { return Ok(()) };
+        let idx = self.nl.require_link(bridge).await?;
+        o.overlay_attach_bridge(bridge, idx).await
+    }
+
+    /// Takes [`Self::attach_overlay_bridge`]'s program (and its pin) off a bridge about to go.
+    pub(super) async fn detach_overlay_bridge(&self, net: &state::Network) {
+        let (Some(o), Some(bridge), Some(_)) = (&self.overlay_dp, net.bridge.as_deref(), &net.opts.overlay) else {
+            return;
+        };
+        if let Ok(Some(idx)) = self.nl.link_index(bridge).await
+            && let Err(e) = o.overlay_detach_bridge(idx).await
+        {
+            warn!("overlay network {}: {e:#}", net.name);
         }
     }
 
@@ -273,6 +303,8 @@ impl Daemon {
         };
         let mtu = self.underlay_mtu().await;
         o.ensure_vxlan(&self.nl, mtu).await?;
+        // The routing mesh and host processes reach other nodes' containers from this address.
+        o.overlay_set_node_ip(self.cluster.as_ref().map(|c| c.config().node_ip))?;
         Ok(())
     }
 
