@@ -170,6 +170,23 @@ fn datapath_flags(net: &Network) -> u32 {
 }
 
 /// A network by name or id, as a user names it.
+/// The labels and addressing flags of a `network create`, every driver's: (gateway, IP range,
+/// subnet), checked on their own (not yet against the host or other networks).
+pub(super) fn addressing(
+    req: &NetworkCreate,
+) -> Result<(Option<std::net::Ipv4Addr>, Option<ipnet::Ipv4Net>, Option<ipnet::Ipv4Net>)> {
+    if req.labels.keys().any(|k| k.is_empty()) {
+        return Err(bad_request!("invalid --label: the key is empty"));
+    }
+    let gateway = req.gateway.as_deref().map(|g| parse_ip("gateway", g)).transpose()?;
+    let ip_range = req.ip_range.as_deref().map(ipam::parse_subnet).transpose()?;
+    let subnet = req.subnet.as_deref().map(ipam::parse_subnet).transpose()?;
+    if subnet.is_none() && (gateway.is_some() || ip_range.is_some() || !req.aux_addresses.is_empty()) {
+        return Err(bad_request!("--gateway, --ip-range and --aux-address need --subnet"));
+    }
+    Ok((gateway, ip_range, subnet))
+}
+
 pub(super) fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Network> {
     st.network(name).ok_or_else(|| not_found!("network {name} not found"))
 }
@@ -253,17 +270,7 @@ impl Daemon {
         if req.internal && kind == DriverKind::Macvlan {
             return Err(bad_request!("--internal is supported on bridge networks only"));
         }
-        for k in req.labels.keys() {
-            if k.is_empty() {
-                return Err(bad_request!("invalid --label: the key is empty"));
-            }
-        }
-        let gateway = req.gateway.as_deref().map(|g| parse_ip("gateway", g)).transpose()?;
-        let ip_range = req.ip_range.as_deref().map(ipam::parse_subnet).transpose()?;
-        let subnet = req.subnet.as_deref().map(ipam::parse_subnet).transpose()?;
-        if subnet.is_none() && (gateway.is_some() || ip_range.is_some() || !req.aux_addresses.is_empty()) {
-            return Err(bad_request!("--gateway, --ip-range and --aux-address need --subnet"));
-        }
+        let (gateway, ip_range, subnet) = addressing(&req)?;
         if kind == DriverKind::Macvlan && subnet.is_none() {
             return Err(bad_request!("a macvlan network needs --subnet: the subnet of the parent's network"));
         }

@@ -51,17 +51,7 @@ impl Daemon {
         if let Some(k) = req.options.keys().next() {
             return Err(bad_request!("unsupported network option {k:?} for an overlay network (supported: none)"));
         }
-        for k in req.labels.keys() {
-            if k.is_empty() {
-                return Err(bad_request!("invalid --label: the key is empty"));
-            }
-        }
-        let gateway = req.gateway.as_deref().map(|g| parse_ip("gateway", g)).transpose()?;
-        let ip_range = req.ip_range.as_deref().map(ipam::parse_subnet).transpose()?;
-        let subnet = req.subnet.as_deref().map(ipam::parse_subnet).transpose()?;
-        if subnet.is_none() && (gateway.is_some() || ip_range.is_some() || !req.aux_addresses.is_empty()) {
-            return Err(bad_request!("--gateway, --ip-range and --aux-address need --subnet"));
-        }
+        let (gateway, ip_range, subnet) = super::networks::addressing(&req)?;
         let mut aux = BTreeMap::new();
         for (n, a) in &req.aux_addresses {
             aux.insert(n.clone(), parse_ip(&format!("--aux-address {n}"), a)?);
