@@ -28,6 +28,30 @@ fn overlay_needs_a_cluster_store() {
 }
 
 #[test]
+fn the_docker_plugin_scope_is_global_in_a_cluster() {
+    // dockerd keeps one copy of a global-scope network for the whole cluster, as with its own
+    // overlay driver: a clustered netpath says so; a single-host one says local.
+    let mut c = ClusterLab::new("ov-dock", 0);
+    let sock = c.infra.dir.join("docker.sock");
+    let mut opts = ClusterLab::daemon_opts(0);
+    opts.args.extend(["--docker-plugin-socket".to_string(), sock.display().to_string()]);
+    c.add_node("ov-dock", &opts);
+    let out = must({
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--unix-socket"]).arg(&sock).args([
+            "-X",
+            "POST",
+            "--data-binary",
+            "null",
+            "http://plugin/NetworkDriver.GetCapabilities",
+        ]);
+        cmd
+    });
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["Scope"].as_str(), v["ConnectivityScope"].as_str()), (Some("global"), Some("global")), "{out}");
+}
+
+#[test]
 fn cluster_nodes_overlay_networks_addresses_and_names() {
     let mut c = ClusterLab::new("ov-cluster", 3);
     c.wait_for(20, "3 nodes ready on node0", || all_ready(&c, 0, 3));

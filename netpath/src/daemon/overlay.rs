@@ -246,6 +246,11 @@ impl Daemon {
         }
     }
 
+    /// Whether this daemon is part of a cluster (`--cluster-store`).
+    pub fn clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     /// After a (re)start: the VXLAN device and its program, if overlays are here (adopting
     /// what the last daemon left: decapsulation goes on across the restart).
     pub(super) async fn reconcile_vxlan(&self) {

@@ -145,7 +145,12 @@ pub async fn serve(daemon: Shared, socket: &Path) -> anyhow::Result<()> {
 async fn dispatch(State(p): State<Plug>, UrlPath(method): UrlPath<String>, b: Bytes) -> Response {
     let r = match method.as_str() {
         "Plugin.Activate" => ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
-        "NetworkDriver.GetCapabilities" => ok(json!({ "Scope": "local", "ConnectivityScope": "local" })),
+        "NetworkDriver.GetCapabilities" => {
+            // In a cluster (etcd) the networks are the cluster's: dockerd then keeps one network
+            // for every node, as with its own overlay driver.
+            let scope = if p.daemon.clustered() { "global" } else { "local" };
+            ok(json!({ "Scope": scope, "ConnectivityScope": scope }))
+        }
         "NetworkDriver.CreateNetwork" => p.create_network(&b).await,
         "NetworkDriver.DeleteNetwork" => p.delete_network(&b).await,
         "NetworkDriver.CreateEndpoint" => p.create_endpoint(&b),
