@@ -649,3 +649,28 @@ fn a_dnsrr_service_has_no_vip_and_its_name_answers_the_tasks() {
         assert_eq!(got.trim(), a);
     }
 }
+
+#[test]
+fn a_backend_leaving_one_service_keeps_the_flows_another_service_gave_it() {
+    let lab = Lab::new("svcflush");
+    lab.np(&["network", "create", "app"]);
+    backends(&lab, "b", 1, "app");
+    for s in ["one", "two"] {
+        lab.np(&["service", "create", "--name", s, "--network", "app", "--backend", "b1"]);
+    }
+    lab.np(&["run", "-d", "--name", "client", "--network", "app", "--", "sleep", "600"]);
+    let (v1, v2) = (vip(&lab, "one", "app"), vip(&lab, "two", "app"));
+    // One connection through each VIP; closed flows stay tracked for a while (10 s).
+    for v in [&v1, &v2] {
+        let to = format!("TCP:{v}:80,connect-timeout=3");
+        let out = lab.np(&["exec", "client", "--", "socat", "-u", "-T", "3", &to, "-"]);
+        assert!(!out.trim().is_empty(), "no answer through {v}");
+    }
+    let flows = lab.np(&["system", "flows"]);
+    assert!(flows.contains(&format!("\"{v1}:")) && flows.contains(&format!("\"{v2}:")), "{flows}");
+    // b1 leaves `one`: the flows `one` balanced onto it go; `two`'s stay.
+    lab.np(&["service", "update", "--rm-backend", "b1", "one"]);
+    let flows = lab.np(&["system", "flows"]);
+    assert!(!flows.contains(&format!("\"{v1}:")), "one's flow to b1 stayed: {flows}");
+    assert!(flows.contains(&format!("\"{v2}:")), "two's flow to b1 went with one's: {flows}");
+}

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::super::Daemon;
 use crate::api::ContainerCreate;
+use crate::datapath::wire_addr;
 use crate::ports::Proto;
 use crate::state::{self, Phase, Service, State};
 use netpath_common::{MAGLEV_M, ServiceInfo, svc_flags};
@@ -395,6 +396,16 @@ impl Daemon {
     async fn write(&self, prog: &mut Programmed, id: &str, want: Wanted) -> bool {
         let mut ok = true;
         let mut had = prog.by_service.remove(id).unwrap_or_default();
+        // Where this service's flows were addressed, before and after: its VIPs, and its
+        // published ports (on every host address).
+        let flow_vips: HashSet<u32> = had.vips.keys().chain(want.vips.keys()).map(|a| wire_addr(*a)).collect();
+        let flow_ports: HashSet<(u16, u8)> = had
+            .entries
+            .keys()
+            .chain(want.entries.keys())
+            .filter(|k| k.0.is_unspecified())
+            .map(|k| (k.1.to_be(), k.2))
+            .collect();
         // VIP addresses on their bridges: the host answers ARP for them.
         for (vip, bridge) in &want.vips {
             if had.vips.contains_key(vip) {
@@ -497,12 +508,31 @@ impl Daemon {
             prog.by_task.entry(t.clone()).or_default().insert(id.to_string());
         }
         had.tasks = want.tasks;
-        prog.by_service.insert(id.to_string(), had);
-        // Flows to backends that left must not keep using them.
-        for ip in gone_backends {
-            self.flush_flows(ip).await;
+        // Flows to backends that left must not keep using them: those this service made (to
+        // its VIPs or published ports), not the backend's other flows.
+        if !gone_backends.is_empty() {
+            let backends = gone_backends.iter().map(|a| wire_addr(*a)).collect();
+            self.flush_service_flows(flow_vips, flow_ports, backends).await;
         }
+        prog.by_service.insert(id.to_string(), had);
         ok
+    }
+
+    /// Forgets the flows a service balanced onto one of `backends`: those addressed to one of
+    /// its `vips` or its published `ports` ((port, protocol), wire order).
+    async fn flush_service_flows(&self, vips: HashSet<u32>, ports: HashSet<(u16, u8)>, backends: HashSet<u32>) {
+        let table = self.ct_table.clone();
+        let gone = tokio::task::spawn_blocking(move || {
+            table.flush_where(|k, e| {
+                backends.contains(&e.xlate.daddr) && (vips.contains(&k.daddr) || ports.contains(&(k.dport, k.proto)))
+            })
+        })
+        .await;
+        match gone {
+            Ok(Ok(gone)) => self.flows_expired(&gone),
+            Ok(Err(e)) => warn!("flushing a service's flows: {e:#}"),
+            Err(e) => warn!("flushing a service's flows: {e}"),
+        }
     }
 
     /// After a start: removes the service entries the pins hold and the VIP addresses a dead
