@@ -201,6 +201,7 @@ impl Daemon {
     /// Also returns the warnings for the user (options accepted but ignored).
     pub(super) async fn create_container_record(&self, req: ContainerCreate) -> Result<(Container, Vec<String>)> {
         self.wait_ready().await;
+        self.wait_networks_created(&req.network).await;
         let mut laps = super::Laps::new();
         valid_name("container", &req.name)?;
         if req.detach && req.cmd.is_empty() {

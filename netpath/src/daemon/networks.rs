@@ -191,6 +191,30 @@ pub(super) fn lookup<'a>(st: &'a State, name: &str) -> Result<&'a Network> {
     st.network(name).ok_or_else(|| not_found!("network {name} not found"))
 }
 
+/// How long a request naming a network waits for it while it is being created (a network
+/// made on another node of a cluster is built here a moment later; a burst of requests
+/// races the one creating it).
+const CREATING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Daemon {
+    /// Waits (bounded) until none of `names` is still being created, so that a request made
+    /// right after `network create` (here, or on another node) finds it ready rather than
+    /// failing; [`usable`] then says what is wrong, if anything still is.
+    pub(super) async fn wait_networks_created<'a>(&self, names: impl IntoIterator<Item = &'a String> + Clone) {
+        let deadline = std::time::Instant::now() + CREATING_WAIT;
+        while std::time::Instant::now() < deadline {
+            let creating = {
+                let st = self.state();
+                names.clone().into_iter().any(|n| st.network(n).is_some_and(|n| n.phase == Phase::Creating))
+            };
+            if !creating {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// A network that requests may use: not being created or removed.
 pub(super) fn usable<'a>(st: &'a State, name: &str) -> Result<&'a Network> {
     let n = lookup(st, name)?;

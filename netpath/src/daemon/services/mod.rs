@@ -180,6 +180,7 @@ impl Daemon {
 
     pub async fn create_service(self: &Arc<Self>, req: ServiceCreate) -> Result<Value> {
         self.wait_ready().await;
+        self.wait_networks_created(&req.networks).await;
         valid_name("service", &req.name)?;
         if req.networks.is_empty() {
             return Err(bad_request!("a service needs at least one --network"));
@@ -267,6 +268,7 @@ impl Daemon {
 
     pub async fn update_service(self: &Arc<Self>, name: &str, req: ServiceUpdate) -> Result<Value> {
         self.wait_ready().await;
+        self.wait_networks_created(&req.network_add).await;
         let replicas = replicas(req.replicas)?;
         let cluster_svc = lookup(&self.state(), name)?.here.is_some();
         if cluster_svc {
