@@ -440,12 +440,56 @@ fn multi_host() -> bool {
     let balanced = out.lines().count() == 2;
     np(c.node(0), &["service", "ps", "hello"]);
     np(c.node(1), &["service", "rm", "hello"]);
+
+    step("The routing mesh: a published service port answers on every host, wherever its task runs");
+    np(
+        c.node(0),
+        &[
+            "service",
+            "create",
+            "--name",
+            "mesh",
+            "--network",
+            "ov",
+            "--replicas",
+            "1",
+            "-p",
+            "8090:80",
+            "--",
+            "socat",
+            "TCP-LISTEN:80,fork,reuseaddr",
+            "SYSTEM:echo task sees $SOCAT_PEERADDR",
+        ],
+    );
+    let ask = |i: usize| {
+        let to = format!("TCP:{HOST_ETH0_IP}:8090,connect-timeout=2");
+        let out = in_ns(&c.node(i).client_ns, "socat", &["-u", "-T", "2", &to, "-"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let mut meshed = false;
+    for _ in 0..100 {
+        if (0..2).all(|i| !ask(i).is_empty()) {
+            meshed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..2 {
+        let host = if i == 0 { "A" } else { "B" };
+        println!("client of host {host}$ socat - TCP:{HOST_ETH0_IP}:8090   -> {}", ask(i));
+    }
+    println!(
+        "(the host running the task hands it the client's own address, {CLIENT_IP}; the other \
+         reaches it through the tunnel from its own address, as Docker's ingress network does)"
+    );
+    np(c.node(1), &["service", "rm", "mesh"]);
     drop(c);
     println!("cluster lab removed");
     println!(
-        "across hosts: by name {}, service balanced over both hosts {}",
+        "across hosts: by name {}, service balanced over both hosts {}, routing mesh {}",
         if reached { "yes" } else { "NO" },
-        if balanced { "yes" } else { "NO" }
+        if balanced { "yes" } else { "NO" },
+        if meshed { "yes" } else { "NO" }
     );
-    reached && balanced
+    reached && balanced && meshed
 }
