@@ -10,7 +10,7 @@
 //! fillers and the allow in DOCKER-USER, behind the usual ESTABLISHED,RELATED shortcut.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use netpath_tests::{CLIENT_IP, DaemonOpts, HOST_ETH0_IP, Lab, in_ns};
 
 use crate::serve::{CONN_PORT, IPERF_PORT};
 use crate::stats::median;
-use crate::util::{check, ns_check, stop_child, stop_requested};
+use crate::util::{check, conn_rate, iperf_tcp, ns_check, stop_child, stop_requested};
 use crate::variants::docker;
 use crate::variants::{PortMap, Proto};
 
@@ -133,32 +133,6 @@ fn iptables_lab(exe: &Path, rules: u32) -> Result<FwLab> {
     Ok(FwLab { lab, servers: vec![server] })
 }
 
-/// New connections per second from the lab's client to the published port.
-fn conn_rate(exe: &Path, l: &FwLab, secs: u32) -> Result<f64> {
-    let addr = format!("{HOST_ETH0_IP}:{HOST_PORT}");
-    let ns: &PathBuf = &l.lab.client_ns;
-    let probe = in_ns(ns, exe.to_str().context("exe path")?, &["__probe", &addr, "--timeout-secs", "30"]);
-    check(probe, None, Duration::from_secs(40))?;
-    let c = in_ns(ns, exe.to_str().context("exe path")?, &["__conn-client", &addr, "--secs", &secs.to_string()]);
-    let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
-    let j: serde_json::Value = serde_json::from_str(out.trim()).context("conn client JSON")?;
-    let conns = j["conns"].as_f64().context("conns")?;
-    let errors = j["errors"].as_f64().context("errors")?;
-    if conns == 0.0 || errors > conns / 100.0 {
-        bail!("{errors} of {} connections failed (first: {})", conns + errors, j["first_error"]);
-    }
-    Ok(conns / j["secs"].as_f64().context("secs")?)
-}
-
-/// One iperf3 TCP stream from the lab's client to the published iperf3 port: Gbit/s received.
-fn tcp_rate(l: &FwLab, secs: u32) -> Result<f64> {
-    let args = ["-c", HOST_ETH0_IP, "-p", &IPERF_PORT.to_string(), "-t", &secs.to_string(), "-J"].map(String::from);
-    let out = check(in_ns(&l.lab.client_ns, "iperf3", &args.each_ref().map(String::as_str)), None, T)?;
-    let j: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().context("no end.sum_received.bits_per_second")?;
-    Ok(bps / 1e9)
-}
-
 /// (datapath, rules, conn/s per repetition, Gbit/s per repetition, setup seconds)
 type Row = (&'static str, u32, Vec<f64>, Vec<f64>, f64);
 
@@ -195,8 +169,8 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
             if stop_requested() {
                 bail!("interrupted");
             }
-            let r = conn_rate(exe, lab, secs)?;
-            let g = tcp_rate(lab, secs)?;
+            let r = conn_rate(exe, &lab.lab.client_ns, &format!("{HOST_ETH0_IP}:{HOST_PORT}"), secs)?;
+            let g = iperf_tcp(&lab.lab.client_ns, HOST_ETH0_IP, IPERF_PORT, secs)?;
             eprintln!("bench: firewall: {}, {} rules, rep {}: {r:.0} conn/s, {g:.2} Gbit/s", row.0, row.1, rep + 1);
             row.2.push(r);
             row.3.push(g);

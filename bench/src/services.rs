@@ -20,7 +20,7 @@ use netpath_tests::{Lab, in_ns, netpath_bin};
 
 use crate::serve::CONN_PORT;
 use crate::stats::median;
-use crate::util::{check, ns_check, stop_child, stop_requested};
+use crate::util::{check, conn_rate, iperf_tcp, ns_check, stop_child, stop_requested};
 
 const T: Duration = Duration::from_secs(600);
 
@@ -158,33 +158,6 @@ fn iptables_lab(exe: &Path, services: u32) -> Result<SvcLab> {
     Ok(SvcLab { _lab: lab, client_ns, vip: vip_of(services - 1), direct: None, servers })
 }
 
-/// New connections per second from the lab's client to its VIP.
-fn conn_rate(exe: &Path, l: &SvcLab, secs: u32) -> Result<f64> {
-    let addr = format!("{}:{CONN_PORT}", l.vip);
-    // Wait until every backend answers (servers start asynchronously).
-    let probe = in_ns(&l.client_ns, exe.to_str().context("exe path")?, &["__probe", &addr, "--timeout-secs", "30"]);
-    check(probe, None, Duration::from_secs(40))?;
-    let c =
-        in_ns(&l.client_ns, exe.to_str().context("exe path")?, &["__conn-client", &addr, "--secs", &secs.to_string()]);
-    let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
-    let j: serde_json::Value = serde_json::from_str(out.trim()).context("conn client JSON")?;
-    let conns = j["conns"].as_f64().context("conns")?;
-    let errors = j["errors"].as_f64().context("errors")?;
-    if conns == 0.0 || errors > conns / 100.0 {
-        bail!("{errors} of {} connections failed (first: {})", conns + errors, j["first_error"]);
-    }
-    Ok(conns / j["secs"].as_f64().context("secs")?)
-}
-
-/// One iperf3 TCP stream from the lab's client to `ip`, Gbit/s (the backends' `__serve` runs
-/// iperf3 -s; through the VIP the stream lands on whichever backend the table picks).
-fn tcp_throughput(l: &SvcLab, ip: &str, secs: u32) -> Result<f64> {
-    let port = crate::serve::IPERF_PORT.to_string();
-    let c = in_ns(&l.client_ns, "iperf3", &["-c", ip, "-p", &port, "-t", &secs.to_string(), "-J"]);
-    let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
-    crate::figures::parse_iperf_tcp(&out)
-}
-
 /// Runs the services section; returns its markdown.
 pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
@@ -206,11 +179,13 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
             let setup = t.elapsed().as_secs_f64();
             let mut v = vec![];
             for rep in 0..reps {
-                let r = conn_rate(exe, &lab, secs)?;
+                let r = conn_rate(exe, &lab.client_ns, &format!("{}:{CONN_PORT}", lab.vip), secs)?;
                 eprintln!("bench: services: {kind}, {n} services, rep {}: {r:.0} conn/s", rep + 1);
                 v.push(r);
                 if let Some((vip, direct)) = &lab.direct {
-                    let (via, to) = (tcp_throughput(&lab, vip, secs)?, tcp_throughput(&lab, direct, secs)?);
+                    // iperf3 -s runs in every backend's `__serve`.
+                    let tput = |ip: &str| iperf_tcp(&lab.client_ns, ip, crate::serve::IPERF_PORT, secs);
+                    let (via, to) = (tput(vip)?, tput(direct)?);
                     eprintln!("bench: services: TCP through the VIP {via:.1} Gbit/s, to a backend {to:.1} Gbit/s");
                     throughput.push((via, to));
                 }

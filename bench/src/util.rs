@@ -137,6 +137,32 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// New TCP connections per second from namespace `ns` to `addr` (this binary's
+/// `__conn-client`, once `__probe` finds every backend answering). Fails when more than 1% of
+/// the connections failed.
+pub fn conn_rate(exe: &Path, ns: &Path, addr: &str, secs: u32) -> Result<f64> {
+    let exe = exe.to_str().context("exe path")?;
+    // Servers start asynchronously: wait until they answer.
+    let probe = netpath_tests::in_ns(ns, exe, &["__probe", addr, "--timeout-secs", "30"]);
+    check(probe, None, Duration::from_secs(40))?;
+    let c = netpath_tests::in_ns(ns, exe, &["__conn-client", addr, "--secs", &secs.to_string()]);
+    let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
+    let j: serde_json::Value = serde_json::from_str(out.trim()).context("conn client JSON")?;
+    let conns = j["conns"].as_f64().context("conns")?;
+    let errors = j["errors"].as_f64().context("errors")?;
+    if conns == 0.0 || errors > conns / 100.0 {
+        bail!("{errors} of {} connections failed (first: {})", conns + errors, j["first_error"]);
+    }
+    Ok(conns / j["secs"].as_f64().context("secs")?)
+}
+
+/// One iperf3 TCP stream from namespace `ns` to `ip:port`: Gbit/s received.
+pub fn iperf_tcp(ns: &Path, ip: &str, port: u16, secs: u32) -> Result<f64> {
+    let c = netpath_tests::in_ns(ns, "iperf3", &["-c", ip, "-p", &port.to_string(), "-t", &secs.to_string(), "-J"]);
+    let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
+    crate::figures::parse_iperf_tcp(&out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
