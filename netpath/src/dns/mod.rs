@@ -89,7 +89,8 @@ struct Servers {
     /// Server key → its sockets.
     listeners: HashMap<u64, server::Listener>,
     /// Server key → the containers it answers for, in the order they came.
-    members: HashMap<u64, Vec<String>>,
+    /// (Shared with the queries being answered: a query takes the list without copying it.)
+    members: HashMap<u64, Arc<Vec<String>>>,
     /// Namespace inode → the key of the server in it.
     by_netns: HashMap<u64, u64>,
     /// Container id → the key of the server it is a member of.
@@ -102,7 +103,7 @@ impl Servers {
     fn leave(&mut self, id: &str) {
         let Some(key) = self.key_of.remove(id) else { return };
         let Some(m) = self.members.get_mut(&key) else { return };
-        m.retain(|x| x != id);
+        Arc::make_mut(m).retain(|x| x != id);
         if m.is_empty() {
             self.members.remove(&key);
             if let Some(l) = self.listeners.remove(&key)
@@ -194,7 +195,7 @@ impl Dns {
         s.leave(&id);
         // Another record of the same namespace already has a server there: join it.
         if let Some(&k) = inode.and_then(|n| s.by_netns.get(&n)) {
-            s.members.entry(k).or_default().push(id.clone());
+            Arc::make_mut(s.members.entry(k).or_default()).push(id.clone());
             s.key_of.insert(id, k);
             return files;
         }
@@ -206,7 +207,7 @@ impl Dns {
                     s.by_netns.insert(n, k);
                 }
                 s.listeners.insert(k, l);
-                s.members.insert(k, vec![id.clone()]);
+                s.members.insert(k, Arc::new(vec![id.clone()]));
                 s.key_of.insert(id, k);
             }
             Err(e) => warn!("container {}: no embedded DNS: {e:#}", &id[..12]),
@@ -279,7 +280,7 @@ impl Inner {
 
     /// The containers server `key` answers for (one, unless a runtime gave their namespace
     /// several interfaces).
-    fn members(&self, key: u64) -> Vec<String> {
+    fn members(&self, key: u64) -> Arc<Vec<String>> {
         self.servers.lock().unwrap().members.get(&key).cloned().unwrap_or_default()
     }
 

@@ -40,12 +40,15 @@ struct Written {
     entries: HashMap<EntryKey, ServiceInfo>,
     /// VIP → index of the bridge it was added to.
     vips: HashMap<Ipv4Addr, u32>,
-    /// (network id, DNS name) pairs it answers.
-    names: Vec<(String, String)>,
+    /// (network id, DNS name, addresses) it answers.
+    names: Vec<(String, String, Vec<Ipv4Addr>)>,
     /// The task container names it was balanced over (the reverse index's entries).
     tasks: Vec<String>,
     /// Replicas it ran: scaling below this looks for replicas to remove.
     replicas: u32,
+    /// A cluster service's slots on this node when it last ran them: when they move, replicas
+    /// here may have to go.
+    here: Option<BTreeSet<u32>>,
 }
 
 /// What the datapath holds for services, per service, as last written (so that what did not
@@ -215,10 +218,11 @@ impl Daemon {
             .flatten()
             .filter(|s| {
                 let wanted = if s.phase == Phase::Ready { s.replicas.unwrap_or(0) } else { 0 };
-                // A cluster service's slots move between nodes whatever its count does.
-                full || wanted < prog.by_service.get(&s.id).map_or(0, |w| w.replicas)
+                let had = prog.by_service.get(&s.id);
+                full || wanted < had.map_or(0, |w| w.replicas)
                     || s.phase == Phase::Removing
-                    || s.here.is_some()
+                    // A cluster service's slots move between nodes whatever its count does.
+                    || (s.here.is_some() && had.map(|w| &w.here) != Some(&s.here))
             })
             .map(|s| (s.name.as_str(), s))
             .collect();
@@ -296,7 +300,9 @@ impl Daemon {
                 }
             }
         }
-        prog.by_service.entry(s.id.clone()).or_default().replicas = s.replicas.unwrap_or(0);
+        let w = prog.by_service.entry(s.id.clone()).or_default();
+        w.replicas = s.replicas.unwrap_or(0);
+        w.here = s.here.clone();
         done
     }
 
@@ -397,15 +403,20 @@ impl Daemon {
         let mut ok = true;
         let mut had = prog.by_service.remove(id).unwrap_or_default();
         // Where this service's flows were addressed, before and after: its VIPs, and its
-        // published ports (on every host address).
-        let flow_vips: HashSet<u32> = had.vips.keys().chain(want.vips.keys()).map(|a| wire_addr(*a)).collect();
-        let flow_ports: HashSet<(u16, u8)> = had
-            .entries
-            .keys()
-            .chain(want.entries.keys())
-            .filter(|k| k.0.is_unspecified())
-            .map(|k| (k.1.to_be(), k.2))
-            .collect();
+        // published ports (on every host address). Only backends leaving a table need them.
+        let (flow_vips, flow_ports): (HashSet<u32>, HashSet<(u16, u8)>) = if had.tables == want.tables {
+            Default::default()
+        } else {
+            let vips = had.vips.keys().chain(want.vips.keys()).map(|a| wire_addr(*a)).collect();
+            let ports = had
+                .entries
+                .keys()
+                .chain(want.entries.keys())
+                .filter(|k| k.0.is_unspecified())
+                .map(|k| (k.1.to_be(), k.2))
+                .collect();
+            (vips, ports)
+        };
         // VIP addresses on their bridges: the host answers ARP for them.
         for (vip, bridge) in &want.vips {
             if had.vips.contains_key(vip) {
@@ -490,10 +501,12 @@ impl Daemon {
             }
             had.vips.remove(&vip);
         }
-        // DNS: this service's names only.
-        let names: Vec<(String, String)> = want.names.iter().map(|(n, q, _)| (n.clone(), q.clone())).collect();
-        self.dns.replace_service_names(&had.names, want.names);
-        had.names = names;
+        // DNS: this service's names only, when they changed.
+        if had.names != want.names {
+            let old: Vec<(String, String)> = had.names.iter().map(|(n, q, _)| (n.clone(), q.clone())).collect();
+            self.dns.replace_service_names(&old, want.names.clone());
+            had.names = want.names;
+        }
         // The reverse index: which services each task container balances.
         for t in had.tasks.iter().filter(|t| !want.tasks.contains(t)) {
             if let Some(set) = prog.by_task.get_mut(t) {
