@@ -56,6 +56,30 @@ impl fmt::Display for Binding {
     }
 }
 
+/// Ports a container says it serves (`--expose`, Docker's `ExposedPorts`), a range per flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exposed {
+    pub from: u16,
+    pub to: u16,
+    pub proto: Proto,
+}
+
+impl Exposed {
+    pub fn covers(&self, port: u16, proto: Proto) -> bool {
+        self.proto == proto && (self.from..=self.to).contains(&port)
+    }
+}
+
+impl fmt::Display for Exposed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.from == self.to {
+            write!(f, "{}/{}", self.from, self.proto.as_str())
+        } else {
+            write!(f, "{}-{}/{}", self.from, self.to, self.proto.as_str())
+        }
+    }
+}
+
 /// A `-p` request before host ports are picked: `host_ports` None means "any free ones".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {

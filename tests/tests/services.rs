@@ -309,6 +309,8 @@ fn bad_input_is_refused_and_changes_nothing() {
     lab.np(&["network", "create", "app"]);
     lab.np(&["run", "-d", "--name", "pub", "--network", "app", "-p", "8080:80", "--", "sleep", "600"]);
     lab.np(&["service", "create", "--name", "one", "--network", "app", "--publish", "published=9090,target=80"]);
+    let expose = ["--expose", "8000-8010", "--expose", "53/udp"];
+    lab.np(&[&["run", "-d", "--name", "web", "--network", "app"][..], &expose, &["--", "sleep", "600"]].concat());
     let before_ls = lab.np(&["service", "ls"]);
     let before_ps = lab.np(&["ps", "-a"]);
     let cases: &[(&[&str], &str)] = &[
@@ -331,6 +333,15 @@ fn bad_input_is_refused_and_changes_nothing() {
             &["--name", "x", "--network", "app", "--endpoint-mode", "dnsrr", "-p", "7070:70"],
             "dnsrr service cannot publish",
         ),
+        // Backends that declare their ports (`-p`, `--expose`) must serve the service's targets.
+        (
+            &["--name", "x", "--network", "app", "--backend", "pub", "--publish", "published=7171,target=81"],
+            "container pub does not serve target port 81/tcp of service x (it exposes 80/tcp)",
+        ),
+        (
+            &["--name", "x", "--network", "app", "--backend", "web", "--publish", "target=53"],
+            "container web does not serve target port 53/tcp of service x (it exposes 8000-8010/tcp, 53/udp)",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["service", "create"];
@@ -343,8 +354,32 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(lab.np_fails(&["service", "update", "--network-rm", "app", "one"]).contains("no network"));
     assert!(lab.np_fails(&["service", "update", "--rm-backend", "pub", "one"]).contains("not a backend"));
     assert!(lab.np_fails(&["service", "rm", "nope"]).contains("service nope not found"));
+    let err = lab.np_fails(&["service", "update", "--add-backend", "web", "one"]);
+    assert!(err.contains("container web does not serve target port 80/tcp of service one"), "{err}");
+    // `run --service` joining a service it cannot serve leaves no container behind.
+    let err =
+        lab.np_fails(&["run", "-d", "--name", "late", "--service", "one", "--expose", "81", "--", "sleep", "600"]);
+    assert!(err.contains("container late does not serve target port 80/tcp"), "{err}");
     assert_eq!(lab.np(&["service", "ls"]), before_ls);
     assert_eq!(lab.np(&["ps", "-a"]), before_ps);
+    // What it declares is Docker's `Config.ExposedPorts`, and a target it covers is accepted.
+    let v: serde_json::Value = serde_json::from_str(&lab.np(&["inspect", "web"])).unwrap();
+    let exposed = v[0]["Config"]["ExposedPorts"].as_object().unwrap();
+    assert_eq!(exposed.len(), 12, "{exposed:?}");
+    assert!(exposed.contains_key("8005/tcp") && exposed.contains_key("53/udp"), "{exposed:?}");
+    lab.np(&[
+        "service",
+        "create",
+        "--name",
+        "dns",
+        "--network",
+        "app",
+        "--backend",
+        "web",
+        "--publish",
+        "target=53,protocol=udp",
+    ]);
+    lab.np(&["service", "create", "--name", "alt", "--network", "app", "--backend", "web", "--publish", "target=8005"]);
 }
 
 #[test]

@@ -241,6 +241,14 @@ impl Daemon {
             }
             let dns_opts = dns::check_options(&req, &net)?; // --alias, --dns, --dns-search, --hostname
             let ports = plan_ports(&st, &req, &net, &mut warnings)?;
+            let exposed = req
+                .expose
+                .iter()
+                .map(|s| {
+                    let p = ports::parse_expose(s)?;
+                    Ok(ports::Exposed { from: p.container_ports.0, to: p.container_ports.1, proto: p.proto })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let mut ep = plan_endpoint(&st, &net, &[], ip_arg.as_deref(), &host_addrs)?;
             ep.aliases = dns_opts.aliases;
             if let Some(ifname) = &req.ifname {
@@ -265,6 +273,7 @@ impl Daemon {
                 dns_search: dns_opts.dns_search,
                 labels: req.labels.clone(),
                 ingress_allow,
+                exposed,
             };
             st.put_container(c.clone());
             Ok(c)

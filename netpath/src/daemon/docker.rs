@@ -80,6 +80,7 @@ impl Daemon {
                 dns_search: vec![],
                 labels: BTreeMap::from([(LABEL_DOCKER_ENDPOINT.to_string(), endpoint_id.to_string())]),
                 ingress_allow: vec![],
+                exposed: vec![],
             };
             st.put_container(c.clone());
             (c, net)

@@ -225,11 +225,26 @@ impl Daemon {
                 "Detached": p.is_some_and(|p| p.detached),
                 "Hostname": c.hostname(),
                 "Labels": c.labels,
+                "ExposedPorts": exposed_ports(c),
             },
             "LogPath": self.store.log_path(&c.id).display().to_string(),
             "NetworkSettings": { "SandboxKey": sandbox_key, "Networks": networks, "Ports": ports },
         })
     }
+}
+
+/// Docker's `Config.ExposedPorts`: `{"80/tcp": {}}` for each `--expose`d and published port.
+fn exposed_ports(c: &Container) -> Value {
+    let mut m = Map::new();
+    for e in &c.exposed {
+        for p in e.from..=e.to {
+            m.insert(format!("{p}/{}", e.proto.as_str()), json!({}));
+        }
+    }
+    for b in &c.ports {
+        m.insert(format!("{}/{}", b.container_port, b.proto.as_str()), json!({}));
+    }
+    Value::Object(m)
 }
 
 /// An endpoint's counters from the container's side (like `docker stats`): `Rx` is what the

@@ -351,6 +351,10 @@ pub struct Container {
     /// the firewall lets through).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_allow: Vec<IngressAllow>,
+    /// `--expose`: the ports it says it serves (with its published ones, what a service
+    /// may send it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed: Vec<crate::ports::Exposed>,
 }
 
 /// One `run --ingress-allow FROM[:PORT]`: sources in `from` may open connections to the
@@ -455,6 +459,30 @@ impl Container {
 
     pub fn short_id(&self) -> &str {
         &self.id[..12]
+    }
+
+    /// Whether it serves `port`: `None` when it declares nothing (`--expose` or `-p`), as
+    /// Docker cannot tell either; else whether one of its declarations covers the port.
+    pub fn serves(&self, port: u16, proto: crate::ports::Proto) -> Option<bool> {
+        if self.exposed.is_empty() && self.ports.is_empty() {
+            return None;
+        }
+        Some(
+            self.exposed.iter().any(|e| e.covers(port, proto))
+                || self.ports.iter().any(|b| b.container_port == port && b.proto == proto),
+        )
+    }
+
+    /// Its declared ports for messages: `80/tcp, 53/udp`.
+    pub fn declared_ports(&self) -> String {
+        let mut v: Vec<String> = self.exposed.iter().map(|e| e.to_string()).collect();
+        for b in &self.ports {
+            let s = format!("{}/{}", b.container_port, b.proto.as_str());
+            if !v.contains(&s) {
+                v.push(s);
+            }
+        }
+        v.join(", ")
     }
 }
 
@@ -861,6 +889,7 @@ pub(crate) mod tests {
             dns_search: vec![],
             labels: Default::default(),
             ingress_allow: vec![],
+            exposed: vec![],
         }
     }
 
@@ -941,5 +970,21 @@ pub(crate) mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, new_id());
+    }
+
+    #[test]
+    fn a_container_serves_what_it_declares_and_nothing_is_known_without_declarations() {
+        use crate::ports::{Exposed, Proto};
+        let net = network("n", "10.1.0.0/24");
+        let mut c = container("c", &net, "10.1.0.2", None);
+        assert_eq!(c.serves(80, Proto::Tcp), None);
+        c.exposed = vec![Exposed { from: 8000, to: 8010, proto: Proto::Tcp }];
+        assert_eq!(c.serves(8010, Proto::Tcp), Some(true));
+        assert_eq!(c.serves(8010, Proto::Udp), Some(false));
+        assert_eq!(c.serves(80, Proto::Tcp), Some(false));
+        let published = container("p", &net, "10.1.0.3", Some(8080));
+        assert_eq!(published.serves(80, Proto::Tcp), Some(true));
+        c.ports = published.ports.clone();
+        assert_eq!(c.declared_ports(), "8000-8010/tcp, 80/tcp");
     }
 }

@@ -139,6 +139,16 @@ impl Daemon {
             if !c.endpoints.iter().any(|e| s.vips.iter().any(|v| v.network_id == e.network_id)) {
                 return Err(bad_request!("container {b} is on none of service {}'s networks", s.name));
             }
+            // A backend that declares its ports (`--expose`, `-p`) must serve the targets.
+            if let Some(p) = s.ports.iter().find(|p| c.serves(p.target, p.proto) == Some(false)) {
+                return Err(bad_request!(
+                    "container {b} does not serve target port {}/{} of service {} (it exposes {})",
+                    p.target,
+                    p.proto.as_str(),
+                    s.name,
+                    c.declared_ports()
+                ));
+            }
         }
         let mut seen = HashSet::new();
         for p in &s.ports {
