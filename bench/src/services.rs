@@ -224,7 +224,7 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
         ));
     }
     md.push_str(
-        "\nMethod: the client (`netpath-bench __conn-client`, one thread) connects to VIP:8080, reads one byte and \
+        "\nMethod: the client (`netpath-bench __conn-client`, two threads) connects to VIP:8080, reads one byte and \
          closes with an RST, in a loop; 3 backends run the accept-and-close server. netpath: one `service create` \
          per service (its own VIP on the network, its own Maglev table, the same 3 backends), the client a \
          container on that network. iptables: kube-proxy's chains (KUBE-SERVICES → KUBE-SVC-n with `-m statistic \
