@@ -11,8 +11,8 @@
 //! container's replies (addressed to this node) go back through the tunnel, where
 //! `vxlan_in` translates them back (see [`decap`]).
 
-use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, bpf_tunnel_key};
-use aya_ebpf::helpers::{bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
+use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_REDIRECT, bpf_tunnel_key};
+use aya_ebpf::helpers::{bpf_redirect_peer, bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
 use netpath_common::{OverlayKey, OverlayRemote, Tuple, drop_reason, hook, overlay_config, proto};
@@ -337,7 +337,7 @@ fn deliver(ctx: &mut TcContext, p: &Packet, vni: u32, to: &Tuple, may_leave: boo
         if set_dst_mac(ctx, &ep.mac).is_err() {
             return drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
         }
-        return redirect(p, DECAP_HOOK, ep.ifindex);
+        return into_container(ctx, p, ep.ifindex);
     }
     if !may_leave {
         return drop(p, DECAP_HOOK, drop_reason::ISOLATION);
@@ -354,6 +354,28 @@ fn deliver(ctx: &mut TcContext, p: &Packet, vni: u32, to: &Tuple, may_leave: boo
         return TC_ACT_OK as i32;
     }
     nat::route_out(ctx, p, to, DECAP_HOOK)
+}
+
+/// Hands a decapsulated frame (addressed to the container's MAC) straight to the container
+/// end of the veth whose host end is `host_veth`: into its namespace's ingress, as if it had
+/// arrived there (bpf_redirect_peer, as Cilium delivers to its endpoints). A redirect to the
+/// host end's egress instead goes through the veth's transmit and one more trip through the
+/// CPU's backlog queue per packet. The frame was classified on the VXLAN device (not addressed
+/// to it: PACKET_OTHERHOST) and is not classified again on the way: it is marked for the host
+/// it is going to, or the container's IP layer would drop it. Overlay endpoints are always
+/// veths in another namespace, which is what the helper needs.
+#[inline(always)]
+fn into_container(ctx: &mut TcContext, p: &Packet, host_veth: u32) -> i32 {
+    // SAFETY: helpers on the program's own skb / with plain arguments.
+    unsafe {
+        if bpf_skb_change_type(ctx.skb.skb as *mut _, PACKET_HOST) != 0 {
+            return drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+        }
+        if bpf_redirect_peer(host_veth, 0) == i64::from(TC_ACT_REDIRECT) {
+            return TC_ACT_REDIRECT as i32;
+        }
+    }
+    drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED)
 }
 
 /// Addresses the frame to `mac` unless it is already (what the sender's ARP answer made it,
