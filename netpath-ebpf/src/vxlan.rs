@@ -11,11 +11,15 @@
 //! container's replies (addressed to this node) go back through the tunnel, where
 //! `vxlan_in` translates them back (see [`decap`]).
 
-use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_REDIRECT, bpf_tunnel_key};
-use aya_ebpf::helpers::{bpf_redirect_peer, bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
+use aya_ebpf::bindings::{
+    BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_REDIRECT, bpf_check_mtu_ret, bpf_tunnel_key,
+};
+use aya_ebpf::helpers::{
+    bpf_check_mtu, bpf_redirect_peer, bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
-use netpath_common::{OverlayKey, OverlayRemote, Tuple, drop_reason, hook, overlay_config, proto};
+use netpath_common::{OverlayKey, OverlayRemote, Tuple, VXLAN_OVERHEAD, drop_reason, hook, overlay_config, proto};
 
 use crate::maps::{
     ENDPOINTS, HOST_ADDRS, NETWORKS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS,
@@ -99,6 +103,29 @@ pub fn back_to_node(ctx: &mut TcContext, p: &Packet, src_net: Option<u32>) -> i3
     };
     tunnel(ctx, p, vni, p.daddr, HOOK)
 }
+
+/// The overlay's MTU (the VXLAN device's less [`VXLAN_OVERHEAD`]) when the packet this node is
+/// about to route into the tunnel does not fit in it and may not be fragmented (DF): the
+/// sender must be told, as the kernel's VXLAN device tells it (ICMP fragmentation needed)
+/// instead of fragmenting the tunnel's packets. None when it fits, or may be fragmented (the
+/// device then fragments the outer packet, as the kernel's does), or for GSO packets (TCP
+/// whose segments fit: its MSS follows the overlay's MTU).
+#[inline(always)]
+pub fn too_big(ctx: &TcContext) -> Option<u16> {
+    let dev = OVERLAY_CONFIG.get(overlay_config::VXLAN_IFINDEX).copied().filter(|i| *i != 0)?;
+    let mut mtu = 0u32;
+    // SAFETY: helper on the program's own skb; mtu 0 checks the packet as it is, grown by
+    // the encapsulation.
+    let rc = unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, dev, &mut mtu, VXLAN_OVERHEAD as i32, 0) };
+    if rc != i64::from(bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED) {
+        return None;
+    }
+    let frag = ctx.load::<u8>(ETH_LEN + 6).ok()?;
+    (frag & IP_DF != 0).then(|| mtu.saturating_sub(VXLAN_OVERHEAD) as u16)
+}
+
+/// IPv4's don't-fragment flag (in the byte at header offset 6).
+const IP_DF: u8 = 0x40;
 
 /// Hands `p` to the VXLAN device with the tunnel key (`vni`, `node_ip`).
 #[inline(always)]
