@@ -86,13 +86,13 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             }
         }
     };
-    // The routing mesh from a container outside the backend's overlay (next): a packet that
-    // does not fit the tunnel and may not be fragmented is answered before it is translated
+    // The routing mesh from a container outside the backend's overlay (next): a TCP segment
+    // that does not fit the tunnel and may not be fragmented is answered before it is translated
     // (ICMP fragmentation needed, quoting it as the container sent it).
     if vxlan::node_ip() == Some(xlate.saddr)
         && vxlan::remote(src_net, xlate.daddr).is_none()
         && vxlan::remote_of(xlate.daddr).is_some()
-        && let Some(mtu) = vxlan::too_big(ctx)
+        && let Some(mtu) = vxlan::too_big(ctx, &p)
     {
         return icmp::frag_needed(ctx, &p, mtu, HOOK);
     }

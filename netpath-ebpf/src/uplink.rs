@@ -82,11 +82,11 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     };
     // A backend on another node (the routing mesh): this node routes the packet on into the
     // tunnel, a hop like any forward (a TTL that would expire is dropped, as route_out does).
-    // A packet that does not fit the tunnel and may not be fragmented is answered (ICMP
-    // fragmentation needed), as the kernel's VXLAN answers it.
+    // A TCP segment that does not fit the tunnel and may not be fragmented is answered (ICMP
+    // fragmentation needed), as the kernel's VXLAN answers it (see vxlan::too_big for UDP).
     let remote = vxlan::remote_of(xlate.daddr);
     if remote.is_some() {
-        if let Some(mtu) = vxlan::too_big(ctx) {
+        if let Some(mtu) = vxlan::too_big(ctx, &p) {
             return icmp::frag_needed(ctx, &p, mtu, IN);
         }
         if nat::take_hop(ctx).is_err() {

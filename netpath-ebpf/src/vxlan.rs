@@ -104,14 +104,23 @@ pub fn back_to_node(ctx: &mut TcContext, p: &Packet, src_net: Option<u32>) -> i3
     tunnel(ctx, p, vni, p.daddr, HOOK)
 }
 
-/// The overlay's MTU (the VXLAN device's less [`VXLAN_OVERHEAD`]) when the packet this node is
-/// about to route into the tunnel does not fit in it and may not be fragmented (DF): the
-/// sender must be told, as the kernel's VXLAN device tells it (ICMP fragmentation needed)
-/// instead of fragmenting the tunnel's packets. None when it fits, or may be fragmented (the
-/// device then fragments the outer packet, as the kernel's does), or for GSO packets (TCP
-/// whose segments fit: its MSS follows the overlay's MTU).
+/// The overlay's MTU (the VXLAN device's less [`VXLAN_OVERHEAD`]) when `p`, a TCP segment this
+/// node is about to route into the tunnel, does not fit in it and may not be fragmented (DF):
+/// its sender must be told (ICMP fragmentation needed), as the kernel's VXLAN device tells
+/// it, and sends smaller segments. None when it fits, for GSO packets (whose segments fit:
+/// TCP's MSS follows the overlay's MTU, so this is for a sender that ignored it), and for
+/// everything but TCP.
+///
+/// UDP and ICMP are carried whole instead and the device fragments the outer packet (the far
+/// node reassembles it before decapsulation). The kernel would answer a DF datagram too, but
+/// its sender would then fragment the datagram itself (IP_PMTUDISC_WANT, Linux's default), and
+/// netpath translates no IPv4 fragments (the kernel's conntrack reassembles them before its
+/// NAT): the answer would turn a datagram that arrives into one that never does.
 #[inline(always)]
-pub fn too_big(ctx: &TcContext) -> Option<u16> {
+pub fn too_big(ctx: &TcContext, p: &Packet) -> Option<u16> {
+    if p.tuple.proto != proto::TCP {
+        return None;
+    }
     let dev = OVERLAY_CONFIG.get(overlay_config::VXLAN_IFINDEX).copied().filter(|i| *i != 0)?;
     let mut mtu = 0u32;
     // SAFETY: helper on the program's own skb; mtu 0 checks the packet as it is, grown by

@@ -630,7 +630,7 @@ fn a_container_reaches_a_service_port_published_here_whose_backend_is_on_another
 }
 
 #[test]
-fn a_packet_too_big_for_the_tunnel_that_may_not_be_fragmented_is_answered_with_fragmentation_needed() {
+fn a_tcp_segment_too_big_for_the_tunnel_is_answered_with_fragmentation_needed_and_udp_is_carried_whole() {
     use netpath_tests::packet::{csum, ipv4_addrs, refresh_ipv4_checksum};
     let mut f = Fixture::new("mesh-pmtu");
     let uplink = f.published_service(O9);
@@ -638,14 +638,20 @@ fn a_packet_too_big_for_the_tunnel_that_may_not_be_fragmented_is_answered_with_f
     f.inner.dp().set_service(Ipv4Addr::UNSPECIFIED, 8080, proto::UDP, info).unwrap();
     f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
     let (client_mac, uplink_mac) = ([0x02, 0, 0, 0, 0, 0x77], [0x02, 0, 0, 0, 0, 0x99]);
-    let udp = |sport: u16, len: usize| {
-        let mut p = Ipv4Packet::udp(CLIENT, sport, UPLINK_IP, 8080, &vec![7u8; len]);
+    let packet = |tcp: bool, sport: u16, len: usize| {
+        let payload = vec![7u8; len];
+        let mut p = if tcp {
+            Ipv4Packet::tcp(CLIENT, sport, UPLINK_IP, 8080, &payload)
+        } else {
+            Ipv4Packet::udp(CLIENT, sport, UPLINK_IP, 8080, &payload)
+        };
         (p.src_mac, p.dst_mac) = (client_mac, uplink_mac);
         p.build()
     };
-    // A full-size datagram from a 1500-byte network (DF set, as Linux sends UDP): 1500 + 50
-    // does not fit the 1500-byte underlay.
-    let big = udp(40000, 1472);
+    // A full-size TCP segment from a 1500-byte network (DF, as TCP always sends), from a
+    // client that ignored the MSS the backend announced: 1500 + 50 does not fit the 1500-byte
+    // underlay.
+    let big = packet(true, 40000, 1460);
     assert_eq!(big.len(), 14 + 1500);
     assert_eq!(big[14 + 6] & 0x40, 0x40, "DF");
     let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &big);
@@ -659,20 +665,24 @@ fn a_packet_too_big_for_the_tunnel_that_may_not_be_fragmented_is_answered_with_f
     assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1450, "the overlay's MTU");
     assert_eq!(&out[42..], &big[14..42], "quoting the packet as the client sent it");
     assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
-    // Without DF it may be fragmented: through the tunnel (the device fragments the outer
-    // packet, as the kernel's VXLAN does).
-    let mut no_df = udp(40000, 1472);
+    // One that fits (1450 bytes): through the tunnel.
+    let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &packet(true, 40000, 1410));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "encapsulated");
+    // A full-size UDP datagram, DF or not, is carried whole (the device fragments the outer
+    // packet): netpath could not translate the fragments its sender would make of it.
+    let big = packet(false, 40001, 1472);
+    let mut no_df = big.clone();
     no_df[14 + 6] = 0;
     refresh_ipv4_checksum(&mut no_df);
-    let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &no_df);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "encapsulated");
-    // One that fits (1450 bytes): through the tunnel.
-    let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &udp(40001, 1422));
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "encapsulated");
+    for (what, pkt) in [("DF", big), ("no DF", no_df)] {
+        let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{what}");
+        assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "{what}: encapsulated");
+        assert_eq!(out.len(), pkt.len(), "{what}: whole");
+    }
     // A container of a bridge network (MTU 1500) reaching the same port: answered back into it.
-    let mut p = Ipv4Packet::udp(A1, 40002, UPLINK_IP, 8080, &[7u8; 1472]);
+    let mut p = Ipv4Packet::tcp(A1, 40002, UPLINK_IP, 8080, &[7u8; 1460]);
     (p.src_mac, p.dst_mac) = (A1_MAC, gw_mac(GW_A));
     let big = p.build();
     let (verdict, out) = f.from(A1, &big);
