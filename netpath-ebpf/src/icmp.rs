@@ -164,7 +164,26 @@ fn build_frag_needed(ctx: &mut TcContext, p: &Packet, mtu: u16) -> Result<(), ()
     let c = fold(sum).to_be_bytes();
     let l = len.to_be_bytes();
     let ip = [
-        0x45, 0, l[0], l[1], 0, 0, 0, 0, IPDEFTTL, proto::ICMP, c[0], c[1], s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3],
+        0x45,
+        0,
+        l[0],
+        l[1],
+        0,
+        0,
+        0,
+        0,
+        IPDEFTTL,
+        proto::ICMP,
+        c[0],
+        c[1],
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
     ];
     // ICMP type 3 code 4 with the next hop's MTU; its checksum covers the quoted bytes too.
     let mut sum = u32::from(u16::from_be_bytes([crate::parse::ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED])) + u32::from(mtu);

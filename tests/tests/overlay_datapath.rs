@@ -317,7 +317,8 @@ fn a_full_size_udp_datagram_crosses_the_routing_mesh_whole() {
     let info = netpath_common::ServiceInfo { slot: 0, target_port: 80u16.to_be(), backends: 1, flags: 0 };
     a.dp().set_service(Ipv4Addr::UNSPECIFIED, 8080, UDP, info).unwrap();
     // b1 answers with the size of the datagram it got.
-    let udp = in_ns(&b1.ns, "socat", &[&format!("UDP-RECVFROM:80,bind={},fork", b1.ip), "SYSTEM:wc -c"]).spawn().unwrap();
+    let udp =
+        in_ns(&b1.ns, "socat", &[&format!("UDP-RECVFROM:80,bind={},fork", b1.ip), "SYSTEM:wc -c"]).spawn().unwrap();
     let _udp = KillOnDrop(udp);
     let answers = in_netns(&client, |_, _| {
         // Until the server answers a small datagram (it starts asynchronously; a busy machine

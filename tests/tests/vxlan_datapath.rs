@@ -666,7 +666,8 @@ fn a_tcp_segment_too_big_for_the_tunnel_is_answered_with_fragmentation_needed_an
     assert_eq!(&out[42..], &big[14..42], "quoting the packet as the client sent it");
     assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
     // One that fits (1450 bytes): through the tunnel.
-    let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &packet(true, 40000, 1410));
+    let (verdict, out) =
+        f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &packet(true, 40000, 1410));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "encapsulated");
     // A full-size UDP datagram, DF or not, is carried whole (the device fragments the outer
