@@ -9,6 +9,7 @@ mod dns;
 mod figures;
 mod firewall;
 mod overlay;
+mod overlay_cluster;
 mod report;
 mod scale;
 mod serve;
@@ -139,6 +140,15 @@ enum Internal {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// In a container: asks its DNS server for NAME until it answers and NAME:PORT accepts a
+    /// connection; prints `asking`, then the wall-clock time (µs) of that answer.
+    #[command(name = "__name-probe", hide = true)]
+    NameProbe {
+        name: String,
+        port: u16,
+        #[arg(long, default_value_t = 20)]
+        timeout_secs: u64,
+    },
     /// Waits until the accept server answers at ADDR.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -163,6 +173,9 @@ fn main() -> ExitCode {
         }
         Some(Internal::DnsClient { server, secs, window, threads, names }) => {
             dns::dns_client(server, &names, secs, window, threads).map(|_| ExitCode::SUCCESS)
+        }
+        Some(Internal::NameProbe { name, port, timeout_secs }) => {
+            overlay_cluster::name_probe(&name, port, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
         }
         Some(Internal::Probe { addr, timeout_secs }) => {
             serve::probe(addr, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)

@@ -85,6 +85,11 @@ pub mod config {
     pub const MAX: u32 = 3;
 }
 
+/// What VXLAN over IPv4 adds to a frame: outer IPv4 (20), UDP (8), VXLAN (8) and the inner
+/// Ethernet header (14). Overlay interfaces get the underlay's MTU minus this, and the
+/// programs answer a packet bigger than that, that may not be fragmented, with ICMP.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
 /// Slots of the `OVERLAY_CONFIG` array.
 pub mod overlay_config {
     /// Ifindex of the host's VXLAN device (external mode), where encapsulated packets are

@@ -214,6 +214,13 @@ fn ttl_word(ctx: &TcContext) -> Option<[u8; 2]> {
     (word[0] > 1).then_some(word)
 }
 
+/// Takes one routing hop off the packet's TTL, as the stack forwarding it would; Err when the
+/// TTL would expire (1 or 0) or cannot be written.
+#[inline(always)]
+pub fn take_hop(ctx: &mut TcContext) -> Result<(), ()> {
+    hop(ctx, ttl_word(ctx).ok_or(())?)
+}
+
 /// Takes the TTL down by one, as forwarding does.
 #[inline(always)]
 fn hop(ctx: &mut TcContext, word: [u8; 2]) -> Result<(), ()> {

@@ -80,10 +80,23 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
             }
         },
     };
+    // A backend on another node (the routing mesh): this node routes the packet on into the
+    // tunnel, a hop like any forward (a TTL that would expire is dropped, as route_out does).
+    // A TCP segment that does not fit the tunnel and may not be fragmented is answered (ICMP
+    // fragmentation needed), as the kernel's VXLAN answers it (see vxlan::too_big for UDP).
+    let remote = vxlan::remote_of(xlate.daddr);
+    if remote.is_some() {
+        if let Some(mtu) = vxlan::too_big(ctx, &p) {
+            return icmp::frag_needed(ctx, &p, mtu, IN);
+        }
+        if nat::take_hop(ctx).is_err() {
+            return drop(&p, IN, drop_reason::REWRITE_FAILED);
+        }
+    }
     if nat::rewrite(ctx, &p, &xlate).is_err() {
         return drop(&p, IN, drop_reason::REWRITE_FAILED);
     }
-    if let Some((vni, remote)) = vxlan::remote_of(xlate.daddr) {
+    if let Some((vni, remote)) = remote {
         return vxlan::encap(ctx, &p, vni, &remote, IN);
     }
     nat::forward_to_endpoint(ctx, &p, xlate.daddr)

@@ -11,11 +11,15 @@
 //! container's replies (addressed to this node) go back through the tunnel, where
 //! `vxlan_in` translates them back (see [`decap`]).
 
-use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, bpf_tunnel_key};
-use aya_ebpf::helpers::{bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key};
+use aya_ebpf::bindings::{
+    BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_REDIRECT, bpf_check_mtu_ret, bpf_tunnel_key,
+};
+use aya_ebpf::helpers::{
+    bpf_check_mtu, bpf_redirect_peer, bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
-use netpath_common::{OverlayKey, OverlayRemote, Tuple, drop_reason, hook, overlay_config, proto};
+use netpath_common::{OverlayKey, OverlayRemote, Tuple, VXLAN_OVERHEAD, drop_reason, hook, overlay_config, proto};
 
 use crate::maps::{
     ENDPOINTS, HOST_ADDRS, NETWORKS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS,
@@ -99,6 +103,38 @@ pub fn back_to_node(ctx: &mut TcContext, p: &Packet, src_net: Option<u32>) -> i3
     };
     tunnel(ctx, p, vni, p.daddr, HOOK)
 }
+
+/// The overlay's MTU (the VXLAN device's less [`VXLAN_OVERHEAD`]) when `p`, a TCP segment this
+/// node is about to route into the tunnel, does not fit in it and may not be fragmented (DF):
+/// its sender must be told (ICMP fragmentation needed), as the kernel's VXLAN device tells
+/// it, and sends smaller segments. None when it fits, for GSO packets (whose segments fit:
+/// TCP's MSS follows the overlay's MTU, so this is for a sender that ignored it), and for
+/// everything but TCP.
+///
+/// UDP and ICMP are carried whole instead and the device fragments the outer packet (the far
+/// node reassembles it before decapsulation). The kernel would answer a DF datagram too, but
+/// its sender would then fragment the datagram itself (IP_PMTUDISC_WANT, Linux's default), and
+/// netpath translates no IPv4 fragments (the kernel's conntrack reassembles them before its
+/// NAT): the answer would turn a datagram that arrives into one that never does.
+#[inline(always)]
+pub fn too_big(ctx: &TcContext, p: &Packet) -> Option<u16> {
+    if p.tuple.proto != proto::TCP {
+        return None;
+    }
+    let dev = OVERLAY_CONFIG.get(overlay_config::VXLAN_IFINDEX).copied().filter(|i| *i != 0)?;
+    let mut mtu = 0u32;
+    // SAFETY: helper on the program's own skb; mtu 0 checks the packet as it is, grown by
+    // the encapsulation.
+    let rc = unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, dev, &mut mtu, VXLAN_OVERHEAD as i32, 0) };
+    if rc != i64::from(bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED) {
+        return None;
+    }
+    let frag = ctx.load::<u8>(ETH_LEN + 6).ok()?;
+    (frag & IP_DF != 0).then(|| mtu.saturating_sub(VXLAN_OVERHEAD) as u16)
+}
+
+/// IPv4's don't-fragment flag (in the byte at header offset 6).
+const IP_DF: u8 = 0x40;
 
 /// Hands `p` to the VXLAN device with the tunnel key (`vni`, `node_ip`).
 #[inline(always)]
@@ -337,7 +373,7 @@ fn deliver(ctx: &mut TcContext, p: &Packet, vni: u32, to: &Tuple, may_leave: boo
         if set_dst_mac(ctx, &ep.mac).is_err() {
             return drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
         }
-        return redirect(p, DECAP_HOOK, ep.ifindex);
+        return into_container(ctx, p, ep.ifindex);
     }
     if !may_leave {
         return drop(p, DECAP_HOOK, drop_reason::ISOLATION);
@@ -354,6 +390,28 @@ fn deliver(ctx: &mut TcContext, p: &Packet, vni: u32, to: &Tuple, may_leave: boo
         return TC_ACT_OK as i32;
     }
     nat::route_out(ctx, p, to, DECAP_HOOK)
+}
+
+/// Hands a decapsulated frame (addressed to the container's MAC) straight to the container
+/// end of the veth whose host end is `host_veth`: into its namespace's ingress, as if it had
+/// arrived there (bpf_redirect_peer, as Cilium delivers to its endpoints). A redirect to the
+/// host end's egress instead goes through the veth's transmit and one more trip through the
+/// CPU's backlog queue per packet. The frame was classified on the VXLAN device (not addressed
+/// to it: PACKET_OTHERHOST) and is not classified again on the way: it is marked for the host
+/// it is going to, or the container's IP layer would drop it. Overlay endpoints are always
+/// veths in another namespace, which is what the helper needs.
+#[inline(always)]
+fn into_container(ctx: &mut TcContext, p: &Packet, host_veth: u32) -> i32 {
+    // SAFETY: helpers on the program's own skb / with plain arguments.
+    unsafe {
+        if bpf_skb_change_type(ctx.skb.skb as *mut _, PACKET_HOST) != 0 {
+            return drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED);
+        }
+        if bpf_redirect_peer(host_veth, 0) == i64::from(TC_ACT_REDIRECT) {
+            return TC_ACT_REDIRECT as i32;
+        }
+    }
+    drop(p, DECAP_HOOK, drop_reason::REWRITE_FAILED)
 }
 
 /// Addresses the frame to `mac` unless it is already (what the sender's ARP answer made it,

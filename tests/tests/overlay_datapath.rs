@@ -300,6 +300,71 @@ fn the_routing_mesh_reaches_a_backend_on_the_other_host_for_tcp_and_udp() {
     assert_eq!(b.drops(), vec![]);
 }
 
+/// A full-size UDP datagram from a client on a 1500-byte network, through the routing mesh to
+/// a backend on the other host: it does not fit the tunnel (1500 + 50), and arrives whole
+/// (the VXLAN device fragments the outer packet, b reassembles it before decapsulating), with
+/// the client's default don't-fragment flag and without it.
+#[test]
+fn a_full_size_udp_datagram_crosses_the_routing_mesh_whole() {
+    use netpath_common::proto::UDP;
+    let lab = Lab::without_daemon("overlay-mesh-mtu");
+    let [mut a, b] = two_hosts(&lab, Kind::Netpath, &[], &[("mm1", "10.210.0.3")]);
+    let client = a.add_client(&lab, "mtu-client");
+    a.set_node_ip();
+    b.set_node_ip();
+    let b1 = b.container("mm1");
+    a.dp().set_maglev(0, &vec![ip(b1.ip); netpath_common::MAGLEV_M as usize]).unwrap();
+    let info = netpath_common::ServiceInfo { slot: 0, target_port: 80u16.to_be(), backends: 1, flags: 0 };
+    a.dp().set_service(Ipv4Addr::UNSPECIFIED, 8080, UDP, info).unwrap();
+    // b1 answers with the size of the datagram it got.
+    let udp =
+        in_ns(&b1.ns, "socat", &[&format!("UDP-RECVFROM:80,bind={},fork", b1.ip), "SYSTEM:wc -c"]).spawn().unwrap();
+    let _udp = KillOnDrop(udp);
+    let answers = in_netns(&client, |_, _| {
+        // Until the server answers a small datagram (it starts asynchronously; a busy machine
+        // may take seconds).
+        let s = UdpSocket::bind((ip(CLIENT_IP), 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.connect((ip(UPLINK_IP), 8080)).unwrap();
+        let mut buf = [0u8; 64];
+        let ready = (0..60).any(|_| s.send(b"hi").is_ok() && s.recv(&mut buf).is_ok());
+        assert!(ready, "the server never answered a small datagram");
+        let mut answers = vec![];
+        for pmtudisc in [libc::IP_PMTUDISC_WANT, libc::IP_PMTUDISC_DONT] {
+            let s = UdpSocket::bind((ip(CLIENT_IP), 0)).unwrap();
+            let v: libc::c_int = pmtudisc;
+            // SAFETY: a valid socket and a correctly sized option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.connect((ip(UPLINK_IP), 8080)).unwrap();
+            let mut answer = None;
+            for _ in 0..3 {
+                s.send(&[b'x'; 1472]).unwrap();
+                if let Ok(n) = s.recv(&mut buf) {
+                    answer = Some(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                    break;
+                }
+            }
+            answers.push(answer);
+        }
+        answers
+    });
+    let drops = a.drops();
+    assert_eq!(answers, vec![Some("1472".to_string()); 2], "DF (Linux's default) and not: {drops:?}");
+    let mut b = b;
+    assert_eq!(a.drops(), vec![]);
+    assert_eq!(b.drops(), vec![]);
+}
+
 /// A process of host a reaches b's container by its overlay address (ARP answered on a, the
 /// packets through the tunnel from a's underlay address, the answers up a's stack), and only
 /// once the overlay's bridge has its program.

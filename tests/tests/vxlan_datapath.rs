@@ -427,6 +427,18 @@ fn tcp_ports(src: &str, sport: u16, dst: &str, dport: u16, src_mac: [u8; 6]) -> 
     p.build()
 }
 
+/// `frame` with its IPv4 TTL set to `ttl` (header checksum recomputed).
+fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    frame[14 + 8] = ttl;
+    netpath_tests::packet::refresh_ipv4_checksum(&mut frame);
+    frame
+}
+
+/// The IPv4 TTL of `frame` (after its Ethernet header).
+fn ttl_of(frame: &[u8]) -> u8 {
+    frame[14 + 8]
+}
+
 fn wire(a: &str, ap: u16, b: &str, bp: u16, proto_nr: u8) -> Tuple {
     Tuple::new(wire_addr(ip(a)), wire_addr(ip(b)), ap.to_be(), bp.to_be(), proto_nr)
 }
@@ -474,8 +486,10 @@ fn a_published_service_port_balanced_to_another_node_goes_through_the_tunnel_fro
     for round in ["first packet", "next packet"] {
         let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &pkt);
         assert_eq!(verdict, TC_ACT_REDIRECT, "{round}: encapsulated");
-        // From this node's underlay address to O9's port 80, addressed to O9's MAC.
-        assert_eq!(out, to_mac(O9_MAC, tcp_ports(NODE_A, 40000, O9, 80, client_mac)), "{round}");
+        // From this node's underlay address to O9's port 80, addressed to O9's MAC, one hop
+        // down: this node routed it from its uplink into the tunnel.
+        assert_eq!(ttl_of(&out), 63, "{round}: the forward step takes a hop");
+        assert_eq!(out, to_mac(O9_MAC, with_ttl(tcp_ports(NODE_A, 40000, O9, 80, client_mac), 63)), "{round}");
         assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
     }
     // Tracked at the uplink, its replies (from O9 to this node) at vxlan_in, back to what
@@ -487,6 +501,10 @@ fn a_published_service_port_balanced_to_another_node_goes_through_the_tunnel_fro
     assert_eq!(flows.get(&orig), Some(&(x, netpath_common::hook::UPLINK_IN)), "{flows:?}");
     assert_eq!(flows.get(&x.reversed()), Some(&(orig.reversed(), netpath_common::hook::VXLAN_IN)), "{flows:?}");
     assert_eq!(f.drops(), BTreeMap::from([("rewrite-failed", 1)]), "no new drops");
+    // A packet whose TTL would expire on this hop is not forwarded into the tunnel.
+    let (verdict, _) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &with_ttl(pkt, 1));
+    assert_eq!(verdict, TC_ACT_SHOT, "TTL 1 does not cross the mesh");
+    assert_eq!(f.drops(), BTreeMap::from([("rewrite-failed", 2)]));
 }
 
 #[test]
@@ -594,7 +612,8 @@ fn a_container_reaches_a_service_port_published_here_whose_backend_is_on_another
     for round in ["first packet", "next packet"] {
         let (verdict, out) = f.from(A1, &pkt);
         assert_eq!(verdict, TC_ACT_REDIRECT, "{round}: encapsulated");
-        assert_eq!(out, to_mac(O9_MAC, tcp_ports(NODE_A, 40000, O9, 80, A1_MAC)), "{round}");
+        // Routed by this node from the bridge network into the tunnel: one hop.
+        assert_eq!(out, to_mac(O9_MAC, with_ttl(tcp_ports(NODE_A, 40000, O9, 80, A1_MAC), 63)), "{round}");
         assert!(ipv4_header_ok(&out) && l4_checksum_ok(&out));
     }
     let flows: std::collections::HashMap<Tuple, (Tuple, u8)> =
@@ -607,5 +626,71 @@ fn a_container_reaches_a_service_port_published_here_whose_backend_is_on_another
     let (verdict, out) = f.from(O1, &pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(out, to_mac(O9_MAC, tcp_ports(O1, 40001, O9, 80, O1_MAC)));
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+#[test]
+fn a_tcp_segment_too_big_for_the_tunnel_is_answered_with_fragmentation_needed_and_udp_is_carried_whole() {
+    use netpath_tests::packet::{csum, ipv4_addrs, refresh_ipv4_checksum};
+    let mut f = Fixture::new("mesh-pmtu");
+    let uplink = f.published_service(O9);
+    let info = ServiceInfo { slot: 0, target_port: 80u16.to_be(), backends: 1, flags: 0 };
+    f.inner.dp().set_service(Ipv4Addr::UNSPECIFIED, 8080, proto::UDP, info).unwrap();
+    f.overlay.overlay_set_node_ip(Some(ip(NODE_A))).unwrap();
+    let (client_mac, uplink_mac) = ([0x02, 0, 0, 0, 0, 0x77], [0x02, 0, 0, 0, 0, 0x99]);
+    let packet = |tcp: bool, sport: u16, len: usize| {
+        let payload = vec![7u8; len];
+        let mut p = if tcp {
+            Ipv4Packet::tcp(CLIENT, sport, UPLINK_IP, 8080, &payload)
+        } else {
+            Ipv4Packet::udp(CLIENT, sport, UPLINK_IP, 8080, &payload)
+        };
+        (p.src_mac, p.dst_mac) = (client_mac, uplink_mac);
+        p.build()
+    };
+    // A full-size TCP segment from a 1500-byte network (DF, as TCP always sends), from a
+    // client that ignored the MSS the backend announced: 1500 + 50 does not fit the 1500-byte
+    // underlay.
+    let big = packet(true, 40000, 1460);
+    assert_eq!(big.len(), 14 + 1500);
+    assert_eq!(big[14 + 6] & 0x40, 0x40, "DF");
+    let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &big);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the error goes back out of the uplink");
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "{out:02x?}");
+    assert_eq!((&out[..6], &out[6..12]), (&client_mac[..], &uplink_mac[..]), "to the client's MAC, from ours");
+    assert_eq!(ipv4_addrs(&out), (ip(UPLINK_IP), ip(CLIENT)), "from the address it sent to");
+    assert!(ipv4_header_ok(&out));
+    assert_eq!(out[14 + 9], proto::ICMP);
+    assert_eq!((out[34], out[35]), (3, 4), "destination unreachable, fragmentation needed");
+    assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1450, "the overlay's MTU");
+    assert_eq!(&out[42..], &big[14..42], "quoting the packet as the client sent it");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    // One that fits (1450 bytes): through the tunnel.
+    let (verdict, out) =
+        f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &packet(true, 40000, 1410));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "encapsulated");
+    // A full-size UDP datagram, DF or not, is carried whole (the device fragments the outer
+    // packet): netpath could not translate the fragments its sender would make of it.
+    let big = packet(false, 40001, 1472);
+    let mut no_df = big.clone();
+    no_df[14 + 6] = 0;
+    refresh_ipv4_checksum(&mut no_df);
+    for (what, pkt) in [("DF", big), ("no DF", no_df)] {
+        let (verdict, out) = f.inner.run_on(Some(uplink), netpath_common::prog_names::UPLINK_IN, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{what}");
+        assert_eq!(ipv4_addrs(&out), (ip(NODE_A), ip(O9)), "{what}: encapsulated");
+        assert_eq!(out.len(), pkt.len(), "{what}: whole");
+    }
+    // A container of a bridge network (MTU 1500) reaching the same port: answered back into it.
+    let mut p = Ipv4Packet::tcp(A1, 40002, UPLINK_IP, 8080, &[7u8; 1460]);
+    (p.src_mac, p.dst_mac) = (A1_MAC, gw_mac(GW_A));
+    let big = p.build();
+    let (verdict, out) = f.from(A1, &big);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[..6], &out[6..12]), (&A1_MAC[..], &gw_mac(GW_A)[..]));
+    assert_eq!(ipv4_addrs(&out), (ip(UPLINK_IP), ip(A1)));
+    assert!(ipv4_header_ok(&out) && csum(&out[34..], 0) == 0);
+    assert_eq!(&out[42..], &big[14..42]);
     assert!(f.drops().is_empty(), "{:?}", f.drops());
 }

@@ -631,23 +631,26 @@ impl Cluster {
             bail!("watch cancelled ({}): resyncing", m.cancel_reason());
         }
         let rev = m.header().map_or(0, |h| h.revision());
+        // Changed in place: the snapshot is copied only while a reader still holds the
+        // previous one (copy on write), not once per watch message.
+        let mut guard = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
         if m.events().is_empty() {
             // A progress answer: nothing changed up to `rev`.
-            if rev > self.snapshot().revision {
-                let snap = Snapshot { revision: rev, ..(*self.snapshot()).clone() };
-                *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+            if rev > guard.revision {
+                Arc::make_mut(&mut guard).revision = rev;
+                drop(guard);
                 self.changed.send_modify(|g| *g += 1);
             }
             return Ok(());
         }
-        let mut snap = (*self.snapshot()).clone();
+        let snap = Arc::make_mut(&mut guard);
         snap.revision = snap.revision.max(rev);
         for ev in m.events() {
             let Some(kv) = ev.kv() else { continue };
             let value = (ev.event_type() == EventType::Put).then(|| kv.value());
             snap.apply(kv.key(), value, kv.mod_revision());
         }
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+        drop(guard);
         self.changed.send_modify(|g| *g += 1);
         Ok(())
     }

@@ -32,9 +32,7 @@ use crate::netlink::Netlink;
 pub const VXLAN_DEV: &str = "np-vxlan0";
 /// VXLAN's IANA port (RFC 7348).
 pub const VXLAN_PORT: u16 = 4789;
-/// What VXLAN over IPv4 adds to a frame: outer IPv4 (20), UDP (8), VXLAN (8) and the inner
-/// Ethernet header (14). Overlay interfaces get the underlay's MTU minus this.
-pub const VXLAN_OVERHEAD: u32 = 50;
+pub use netpath_common::VXLAN_OVERHEAD;
 
 /// A container of an overlay network on another node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
