@@ -138,6 +138,7 @@ fn type_name(t: u32) -> &'static str {
         map_type::LRU_HASH => "LRU hash",
         map_type::LPM_TRIE => "LPM trie",
         map_type::RINGBUF => "ring buffer",
+        map_type::DEVMAP_HASH => "device hash",
         _ => "map",
     }
 }

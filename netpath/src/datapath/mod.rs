@@ -23,12 +23,13 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier};
+use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, NetworkInfo, PortKey, Tuple, config, ct_stat, drop_reason, map_names, prog_names,
+    Backend, CtEntry, EndpointInfo, NetworkInfo, PortKey, Tuple, XdpUplink, config, ct_stat, drop_reason, map_names,
+    prog_names,
 };
 use tracing::{info, warn};
 
@@ -182,6 +183,13 @@ impl Datapath {
                 .try_into()?;
             retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
         }
+        for name in [prog_names::UPLINK_XDP, prog_names::XDP_PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
+        }
         for name in prog_names::SOCK {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -301,6 +309,9 @@ impl Datapath {
         mac: [u8; 6],
         gw_mac: [u8; 6],
     ) -> Result<()> {
+        // First the veth as a redirect target of uplink_xdp, then the address that leads there.
+        let mut ports: DevMapHash<_> = self.map(map_names::XDP_PORTS)?;
+        ports.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding veth {ifindex} to XDP_PORTS"))?;
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
         m.insert(wire_addr(addr), EndpointInfo { ifindex, net_id, mac, gw_mac }, 0).context("adding endpoint")?;
         Ok(())
@@ -308,8 +319,32 @@ impl Datapath {
 
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
+        let ifindex = m.get(&wire_addr(addr), 0).ok().map(|ep| ep.ifindex);
         let _ = m.remove(&wire_addr(addr));
+        // The kernel also drops a devmap entry when its device goes away.
+        if let Some(ifindex) = ifindex {
+            let mut ports: DevMapHash<_> = self.map(map_names::XDP_PORTS)?;
+            let _ = ports.remove(ifindex);
+        }
         Ok(())
+    }
+
+    /// Uplink `ifindex` (MAC `mac`) runs uplink_xdp: frames to that MAC are the host's to
+    /// forward. None: it no longer does.
+    pub fn set_xdp_uplink(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> Result<()> {
+        let mut m: BpfHashMap<_, u32, XdpUplink> = self.map(map_names::XDP_UPLINKS)?;
+        match mac {
+            Some(mac) => m.insert(ifindex, XdpUplink { mac, _pad: [0; 2] }, 0).context("adding an XDP uplink")?,
+            None => {
+                let _ = m.remove(&ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    /// An XDP program, for tests that drive it with `test_run`.
+    pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?)
     }
 
     pub fn set_network(&mut self, subnet: Ipv4Net, net_id: u32, gateway: Ipv4Addr, flags: u32) -> Result<()> {
