@@ -122,9 +122,6 @@ pub mod prog_names {
     /// XDP on an uplink (`netpath daemon --xdp`): uplink_in's work for what it can finish
     /// before the stack (redirect to a container's veth, drops); the rest passes to uplink_in.
     pub const UPLINK_XDP: &str = "uplink_xdp";
-    /// XDP_PASS, nothing else: on a container's end of its veth, so that the veth accepts
-    /// frames redirected to it in native XDP (the kernel wants XDP or NAPI on the receiver).
-    pub const XDP_PASS: &str = "xdp_pass";
 }
 
 /// IP protocol numbers the datapath translates.

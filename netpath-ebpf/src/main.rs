@@ -20,7 +20,6 @@ mod uplink;
 mod vxlan;
 mod xdp;
 
-use aya_ebpf::bindings::xdp_action::XDP_PASS;
 use aya_ebpf::macros::{cgroup_sock_addr, classifier, xdp};
 use aya_ebpf::programs::{SockAddrContext, TcContext, XdpContext};
 
@@ -40,12 +39,6 @@ pub fn uplink_in(mut ctx: TcContext) -> i32 {
 #[xdp]
 pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
     xdp::uplink(&mut ctx)
-}
-
-/// On a container's end of its veth in native XDP mode: lets the veth take redirected frames.
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    XDP_PASS
 }
 
 /// TC egress on an uplink.

@@ -5,7 +5,8 @@
 //! would drop is dropped here, counted under the same reasons at the same hook. Everything
 //! else passes unchanged to TC, which then finds the flow already tracked (conntrack is
 //! shared): ICMP errors and echo, IP options, frames for another MAC, expiring TTLs, packets
-//! over the container link's MTU, backends on other nodes and `--keep-host-firewall`.
+//! over the container link's MTU, packets whose checksum a local stack left to offload (see
+//! [`partial_checksum`]), backends on other nodes and `--keep-host-firewall`.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::helpers::bpf_check_mtu;
@@ -58,6 +59,9 @@ fn to_endpoint(ctx: &mut XdpContext, p: &Packet, x: &Tuple) -> u32 {
     if XDP_PORTS.get_ifindex(ep.ifindex).is_none() || !for_this_host(ctx, p.ifindex) {
         return XDP_PASS;
     }
+    if partial_checksum(ctx, p) {
+        return XDP_PASS;
+    }
     let Some(ttl) = nat::ttl_word(ctx) else { return XDP_PASS };
     let mut mtu_len = 0u32;
     // SAFETY: helper on the program's own context; mtu_len 0 checks the frame as it is.
@@ -84,4 +88,32 @@ fn for_this_host(ctx: &XdpContext, ifindex: u32) -> bool {
     // SAFETY: plain lookup, value copied.
     let Some(mac) = (unsafe { XDP_UPLINKS.get(&ifindex) }).copied() else { return false };
     ctx.load::<[u8; 6]>(0).is_ok_and(|dst| dst == mac.mac)
+}
+
+/// True when the L4 checksum field holds only the pseudo-header's sum: what a stack on this
+/// machine leaves there when it sends with checksum offload (CHECKSUM_PARTIAL, kept across a
+/// veth), for the device to complete. TC's helpers see that state and update such a field as
+/// it must be; XDP sees only the bytes, and a frame redirected as they are would reach the
+/// container with a checksum that never gets completed. So these take TC. Frames from a wire
+/// carry full checksums, equal to the pseudo-header sum once in 65536 at random: such a
+/// frame takes TC too, which costs speed, never correctness.
+#[inline(always)]
+fn partial_checksum(ctx: &XdpContext, p: &Packet) -> bool {
+    let Ok(field) = ctx.load::<u16>(p.csum_off) else { return true };
+    // Words as they lie in the packet (network order), read natively like the field.
+    let l4_len = (p.end - p.l4) as u16;
+    let sum = u64::from(p.saddr & 0xffff)
+        + u64::from(p.saddr >> 16)
+        + u64::from(p.daddr & 0xffff)
+        + u64::from(p.daddr >> 16)
+        + u64::from(u16::from_ne_bytes([0, p.tuple.proto]))
+        + u64::from(u16::from_ne_bytes(l4_len.to_be_bytes()));
+    fold(sum) == field
+}
+
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }

@@ -144,6 +144,7 @@ impl Fixture {
                 _ => GW_N,
             };
             f.dp().set_endpoint(ip(addr), ifindex, net, mac, gw_mac(gw)).unwrap();
+            f.dp().set_xdp_port(ifindex, true).unwrap();
             f.veths.insert(ip(addr), ifindex);
         }
         let dp = f.dp();
@@ -1302,9 +1303,35 @@ fn uplink_xdp_passes_to_uplink_in_what_it_does_not_finish() {
     f.assert_xdp_passes(&bad, "IHL below 5");
     f.assert_xdp_passes(&host(cut_l4(&Ipv4Packet::tcp(CLIENT, 40006, HOST, PUB, b"").build(), 14)), "a cut TCP header");
     f.assert_xdp_passes(&[0u8; 14], "an Ethernet header alone");
+    for pkt in [tcp(CLIENT, 40007, HOST, PUB), udp(CLIENT, 5355, HOST, PUB)] {
+        f.assert_xdp_passes(&host(partial_checksum(pkt)), "a checksum left to offload (CHECKSUM_PARTIAL)");
+    }
     // Without the uplink's MAC it cannot tell frames for the host from others.
     f.dp().set_xdp_uplink(LO, None).unwrap();
     f.assert_xdp_passes(&host(tcp(CLIENT, 40000, HOST, PUB)), "an uplink without its MAC");
+}
+
+/// `pkt` as a stack on this machine sends it with checksum offload: the L4 checksum field holds
+/// the pseudo-header's sum only.
+fn partial_checksum(mut pkt: Vec<u8>) -> Vec<u8> {
+    let csum_off = 14 + 20 + if pkt[23] == proto::TCP { 16 } else { 6 };
+    let mut ph = pkt[26..34].to_vec();
+    ph.extend_from_slice(&[0, pkt[23]]);
+    ph.extend_from_slice(&((pkt.len() - 34) as u16).to_be_bytes());
+    let partial = !csum(&ph, 0);
+    pkt[csum_off..csum_off + 2].copy_from_slice(&partial.to_be_bytes());
+    pkt
+}
+
+#[test]
+fn a_checksum_left_to_offload_is_completed_by_uplink_in_not_uplink_xdp() {
+    // uplink_in's helpers know the skb's checksum state (test_run's skbs have none).
+    let mut f = Fixture::published("xdp-partial");
+    let pkt = for_this_host(partial_checksum(tcp(CLIENT, 40000, HOST, PUB)));
+    assert_eq!(f.run_xdp(&pkt), (XDP_PASS, pkt.clone()));
+    assert_eq!(f.flows().len(), 2, "the flow is tracked once, by whichever program sees it first");
+    let (verdict, _) = f.inner.run(UPLINK_IN, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
 }
 
 // ---- malformed and odd packets toward a published port ----

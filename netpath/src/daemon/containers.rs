@@ -381,6 +381,7 @@ impl Daemon {
         laps.lap("driver");
         if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
             self.attach_endpoint(&net, ep, name, idx)?;
+            self.xdp_endpoint(&c.sandbox, ep, idx);
         }
         laps.lap("datapath");
         self.overlay_endpoint_up(c, ep, &net).await; // the other nodes learn where it is
@@ -401,6 +402,26 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Makes the endpoint's veth (host side `idx`) a target of uplink_xdp's redirects where
+    /// it can take them: with `--xdp` native (or auto) only once its container end has NAPI
+    /// (GRO on). Where that fails, uplink_xdp leaves the endpoint's flows to TC, as before.
+    pub(super) fn xdp_endpoint(&self, sandbox: &Sandbox, ep: &Endpoint, idx: u32) {
+        let setting = self.dp().xdp_setting();
+        if setting == crate::datapath::XdpSetting::Off {
+            return;
+        }
+        if setting.needs_peer_napi() {
+            let Sandbox::Netns { path, .. } = sandbox else { return };
+            if let Err(e) = crate::netlink::ethtool::enable_gro(path, &ep.ifname) {
+                tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
+                return;
+            }
+        }
+        if let Err(e) = self.dp().set_xdp_port(idx, true) {
+            tracing::warn!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
+        }
     }
 
     /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth

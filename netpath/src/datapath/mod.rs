@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
 pub use events::FlowEventRing;
+pub use links::XdpMode;
 pub use overlay::{LocalEndpoint, Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
 pub use pins::map_pin;
 
@@ -84,6 +85,43 @@ pub struct Datapath {
     ct_capacity: u32,
     /// Drop counters at the last pressure check (see [`Datapath::check_pressure`]).
     last_drops: HashMap<u32, u64>,
+    /// `netpath daemon --xdp`.
+    xdp: XdpSetting,
+}
+
+/// `netpath daemon --xdp`: whether uplink_xdp runs ahead of uplink_in on the uplinks, and how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpSetting {
+    /// TC only.
+    #[default]
+    Off,
+    /// Native where the uplink's driver supports it, generic elsewhere.
+    Auto,
+    /// Native only: an uplink whose driver lacks it keeps TC alone (and the log says so).
+    Native,
+    /// Generic XDP (in the stack, once the socket buffer is built) on every uplink.
+    Generic,
+}
+
+impl XdpSetting {
+    /// The modes to try on an uplink, in order.
+    fn modes(self) -> &'static [XdpMode] {
+        match self {
+            XdpSetting::Off => &[],
+            XdpSetting::Auto => &[XdpMode::Native, XdpMode::Generic],
+            XdpSetting::Native => &[XdpMode::Native],
+            XdpSetting::Generic => &[XdpMode::Generic],
+        }
+    }
+
+    /// Whether a frame uplink_xdp redirects to a container's veth needs NAPI on the veth's
+    /// container end: in native mode the frame is handed over as an XDP frame, which a veth
+    /// takes only with XDP or GRO (NAPI) on its receiving end. Generic XDP hands over a socket
+    /// buffer, which needs neither.
+    pub fn needs_peer_napi(self) -> bool {
+        matches!(self, XdpSetting::Auto | XdpSetting::Native)
+    }
 }
 
 /// Datapath-wide counters for `netpath info`-style reporting.
@@ -100,6 +138,14 @@ pub struct Counters {
     pub ct_capacity: u32,
     /// Whether the programs write flow events now (someone follows them).
     pub flow_events: bool,
+    /// `--xdp`, and the mode uplink_xdp runs in on each uplink (absent: TC only there).
+    pub xdp: XdpStatus,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct XdpStatus {
+    pub setting: XdpSetting,
+    pub uplinks: std::collections::BTreeMap<String, XdpMode>,
 }
 
 impl Datapath {
@@ -158,7 +204,7 @@ impl Datapath {
         if adopted > 0 {
             info!("datapath {object_id}: took over {adopted} attached links");
         }
-        Ok(Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new() })
+        Ok(Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new(), xdp: XdpSetting::Off })
     }
 
     fn load_object(object: &[u8], plans: &[migrate::MapPlan], max_entries: &[(String, u32)]) -> Result<Ebpf> {
@@ -183,12 +229,11 @@ impl Datapath {
                 .try_into()?;
             retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
         }
-        for name in [prog_names::UPLINK_XDP, prog_names::XDP_PASS] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
+        // An object from before XDP (--ebpf-object) has no uplink_xdp: TC alone.
+        if let Some(p) = ebpf.program_mut(prog_names::UPLINK_XDP) {
+            let prog: &mut Xdp = p.try_into()?;
+            retry_interrupted(|| prog.load())
+                .with_context(|| format!("verifying program {}", prog_names::UPLINK_XDP))?;
         }
         for name in prog_names::SOCK {
             let prog: &mut CgroupSockAddr = ebpf
@@ -309,9 +354,6 @@ impl Datapath {
         mac: [u8; 6],
         gw_mac: [u8; 6],
     ) -> Result<()> {
-        // First the veth as a redirect target of uplink_xdp, then the address that leads there.
-        let mut ports: DevMapHash<_> = self.map(map_names::XDP_PORTS)?;
-        ports.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding veth {ifindex} to XDP_PORTS"))?;
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
         m.insert(wire_addr(addr), EndpointInfo { ifindex, net_id, mac, gw_mac }, 0).context("adding endpoint")?;
         Ok(())
@@ -323,8 +365,7 @@ impl Datapath {
         let _ = m.remove(&wire_addr(addr));
         // The kernel also drops a devmap entry when its device goes away.
         if let Some(ifindex) = ifindex {
-            let mut ports: DevMapHash<_> = self.map(map_names::XDP_PORTS)?;
-            let _ = ports.remove(ifindex);
+            self.set_xdp_port(ifindex, false)?;
         }
         Ok(())
     }
@@ -543,6 +584,8 @@ impl Datapath {
         c.ct_capacity = self.ct_capacity;
         // An object from before flow events has no switch: off.
         c.flow_events = self.flow_events_on().unwrap_or(false);
+        c.xdp.setting = self.xdp;
+        c.xdp.uplinks = self.links().xdp_links(prog_names::UPLINK_XDP).into_iter().collect();
         Ok(c)
     }
 
@@ -609,17 +652,80 @@ impl Datapath {
     }
 
     /// Attaches the NAT programs to an uplink and records the address masqueraded traffic
-    /// leaves with. Idempotent; a new address replaces the old one.
-    pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<()> {
+    /// leaves with; with `--xdp`, uplink_xdp too (`mac`: the uplink's). Idempotent; a new
+    /// address replaces the old one.
+    pub fn attach_uplink(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        addr: Option<Ipv4Addr>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<()> {
         self.set_uplink_addr(ifindex, addr)?;
-        attach_pair(&self.links, ifname, ifindex, UPLINK_PROGS)
+        attach_pair(&self.links, ifname, ifindex, UPLINK_PROGS)?;
+        self.attach_uplink_xdp(ifname, ifindex, mac);
+        Ok(())
+    }
+
+    /// `--xdp` (before the uplinks are attached).
+    pub fn set_xdp(&mut self, setting: XdpSetting) {
+        self.xdp = setting;
+    }
+
+    pub fn xdp_setting(&self) -> XdpSetting {
+        self.xdp
+    }
+
+    /// uplink_xdp on an uplink, in the first mode of the setting its driver takes. XDP only
+    /// speeds up what TC does, so an uplink it cannot run on keeps TC alone, with a warning.
+    fn attach_uplink_xdp(&mut self, ifname: &str, ifindex: u32, mac: Option<[u8; 6]>) {
+        let modes = self.xdp.modes();
+        if modes.is_empty() {
+            return;
+        }
+        let Some(mac) = mac else {
+            warn!("uplink {ifname}: no MAC address, so no XDP (TC alone)");
+            return;
+        };
+        if let Err(e) = self.set_xdp_uplink(ifindex, Some(mac)) {
+            warn!("uplink {ifname}: {e:#}; TC alone");
+            return;
+        }
+        let mut errors = vec![];
+        for &mode in modes {
+            match links::attach_xdp(&self.links, ifname, ifindex, prog_names::UPLINK_XDP, mode) {
+                Ok(made) => {
+                    if made {
+                        info!("uplink {ifname}: XDP in {} mode", mode.name());
+                    }
+                    return;
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        warn!("uplink {ifname}: no XDP ({}); TC alone", errors.join("; "));
+        let _ = self.set_xdp_uplink(ifindex, None);
     }
 
     /// Detaches the NAT programs from an uplink and forgets its address.
     pub fn detach_uplink(&mut self, ifindex: u32) -> Result<()> {
-        let pins = self.links().take_ifindex(ifindex, &UPLINK_PROGS);
+        let pins = self.links().take_ifindex(ifindex, &[UPLINK_PROGS[0], UPLINK_PROGS[1], prog_names::UPLINK_XDP]);
         links::drop_pins(&pins, true);
+        let _ = self.set_xdp_uplink(ifindex, None);
         self.set_uplink_addr(ifindex, None)
+    }
+
+    /// Container veth `ifindex` (host side) as a target of uplink_xdp's redirects, or not.
+    /// The daemon makes it one once the veth can take them (see XdpSetting::needs_peer_napi);
+    /// until then uplink_xdp leaves its flows to TC.
+    pub fn set_xdp_port(&mut self, ifindex: u32, on: bool) -> Result<()> {
+        let mut ports: DevMapHash<_> = self.map(map_names::XDP_PORTS)?;
+        if on {
+            ports.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding veth {ifindex} to XDP_PORTS"))?;
+        } else {
+            let _ = ports.remove(ifindex);
+        }
+        Ok(())
     }
 
     /// The ifindexes of the interfaces the uplink programs are attached to.
