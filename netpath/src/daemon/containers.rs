@@ -409,17 +409,20 @@ impl Daemon {
     /// (GRO on). Where that fails, uplink_xdp leaves the endpoint's flows to TC, as before.
     pub(super) fn xdp_endpoint(&self, sandbox: &Sandbox, ep: &Endpoint, idx: u32) {
         let setting = self.dp().xdp_setting();
-        if setting == crate::datapath::XdpSetting::Off {
-            return;
-        }
-        if setting.needs_peer_napi() {
-            let Sandbox::Netns { path, .. } = sandbox else { return };
-            if let Err(e) = crate::netlink::ethtool::enable_gro(path, &ep.ifname) {
-                tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
-                return;
-            }
-        }
-        if let Err(e) = self.dp().set_xdp_port(idx, true) {
+        let ready = match (setting, sandbox) {
+            (crate::datapath::XdpSetting::Off, _) => false,
+            (s, _) if !s.needs_peer_napi() => true,
+            (_, Sandbox::Netns { path, .. }) => match crate::netlink::ethtool::enable_gro(path, &ep.ifname) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
+                    false
+                }
+            },
+            (_, Sandbox::Host) => false,
+        };
+        // Not ready: an entry an earlier daemon made (in another mode) goes.
+        if let Err(e) = self.dp().set_xdp_port(idx, ready) {
             tracing::warn!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
         }
     }
