@@ -16,6 +16,7 @@ mod services;
 mod stats;
 mod util;
 mod variants;
+mod xdp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ struct Cli {
     #[arg(long)]
     secs: Option<u32>,
     /// Variants to run (comma-separated): direct, netpath-direct, netpath-macvlan, iptables,
-    /// netavark, cni, netpath, netpath-cni (attach figure only).
+    /// netavark, cni, netpath, netpath-xdp, netpath-cni (attach figure only).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Figures to run (comma-separated): tcp1, tcp4, udp, latency, conn, attach, restart.
@@ -89,6 +90,11 @@ struct Cli {
     /// skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     firewall: String,
+    /// The XDP section (netpath with `--xdp native` beside netpath and direct: UDP 64 B
+    /// packets/s, TCP 1 stream, RTT; and a flood to a closed container address during a
+    /// ping-pong): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    xdp: String,
     /// Rule counts for the firewall section.
     #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     firewall_rules: Vec<u32>,
@@ -139,6 +145,14 @@ enum Internal {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Sends 64-byte frames (18 B of UDP payload) to ADDR as fast as one thread can, for SECS;
+    /// prints how many it sent (JSON).
+    #[command(name = "__udp-flood", hide = true)]
+    UdpFlood {
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Waits until the accept server answers at ADDR.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -164,6 +178,10 @@ fn main() -> ExitCode {
         Some(Internal::DnsClient { server, secs, window, threads, names }) => {
             dns::dns_client(server, &names, secs, window, threads).map(|_| ExitCode::SUCCESS)
         }
+        Some(Internal::UdpFlood { addr, secs }) => xdp::flood(addr, secs).map(|sent| {
+            println!("{}", serde_json::json!({ "sent": sent, "secs": secs }));
+            ExitCode::SUCCESS
+        }),
         Some(Internal::Probe { addr, timeout_secs }) => {
             serve::probe(addr, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
         }
@@ -261,6 +279,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         eprintln!("bench: wrote {}/firewall.md", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
+    if cli.xdp == "only" {
+        let md = xdp::run(&exe, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("xdp.md"), &md)?;
+        eprintln!("bench: wrote {}/xdp.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.dns == "only" {
         let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
@@ -287,11 +313,12 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     // Setup: one lab per row. Failures and missing features become rows without figures.
     let mut rows = Vec::new();
     let mut setup_notes = Vec::new();
-    if plan
-        .configs
-        .iter()
-        .any(|c| matches!(c.kind, Kind::Netpath | Kind::NetpathDirect | Kind::NetpathMacvlan | Kind::NetpathCni))
-        && let Some(w) = variants::stale_binary_warning()
+    if plan.configs.iter().any(|c| {
+        matches!(
+            c.kind,
+            Kind::Netpath | Kind::NetpathXdp | Kind::NetpathDirect | Kind::NetpathMacvlan | Kind::NetpathCni
+        )
+    }) && let Some(w) = variants::stale_binary_warning()
     {
         eprintln!("bench: warning: {w}");
         setup_notes.push(format!("warning: {w}"));
@@ -404,6 +431,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}"));
             }
             Err(e) => md.push_str(&format!("\n## Firewall\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.xdp == "include" && !interrupted {
+        match xdp::run(&exe, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("xdp.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## XDP\n\nnot run: {e:#}\n")),
         }
     }
     if cli.scale == "include" && !interrupted {

@@ -484,3 +484,17 @@ fn a_connection_survives_xdp_switched_on_and_off() {
     drop(input);
     let _ = client.wait();
 }
+
+#[test]
+fn generic_xdp_serves_published_ports_too() {
+    // Native XDP is what nat_xdp.rs runs everything with; generic (any driver) hands the
+    // redirected socket buffer to the veth instead of a frame.
+    let mut lab = lab("xdpgeneric");
+    lab.set_daemon_args(&["--xdp", "generic"]);
+    lab.restart_daemon();
+    lab.client_sends_full_checksums();
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP);
+    let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+    assert_eq!(dp["xdp"]["uplinks"]["eth0"], "generic", "{}", dp["xdp"]);
+}

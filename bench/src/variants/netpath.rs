@@ -37,18 +37,37 @@ pub struct Netpath {
     lab: Lab,
 }
 
+/// How a netpath row wires its container and runs its daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    Bridge,
+    Macvlan,
+    /// Bridge, attach figure through the CNI plugin.
+    Cni,
+    /// Bridge, `netpath daemon --xdp native`, a client sending full checksums.
+    Xdp,
+}
+
 impl Netpath {
-    pub fn setup(label: String, publish: Option<Publish>, macvlan: bool, cni: bool, ctx: &Ctx) -> Result<Netpath> {
+    pub fn setup(label: String, publish: Option<Publish>, flavour: Flavour, ctx: &Ctx) -> Result<Netpath> {
+        let (macvlan, cni) = (flavour == Flavour::Macvlan, flavour == Flavour::Cni);
         let bin = binary()?;
         if cni && !bin.with_file_name("netpath-cni").is_file() {
             bail!("no netpath-cni next to {}: run `cargo build --release -p netpath`", bin.display());
         }
-        let tag = match (&publish, macvlan) {
+        let tag = match (&publish, flavour) {
+            (_, Flavour::Xdp) => "bench-netpath-xdp",
             (Some(_), _) => "bench-netpath",
-            (None, false) => "bench-netpath-direct",
-            (None, true) => "bench-netpath-macvlan",
+            (None, Flavour::Macvlan) => "bench-netpath-macvlan",
+            (None, _) => "bench-netpath-direct",
         };
-        let lab = Lab::new(tag);
+        let lab = if flavour == Flavour::Xdp {
+            let lab = Lab::with_daemon_args(tag, &["--xdp", "native"]);
+            lab.client_sends_full_checksums();
+            lab
+        } else {
+            Lab::new(tag)
+        };
         forwarding(&lab.host_ns)?;
         // Routed rows reach the container by its address: the network must let them in
         // (Docker's default gateway mode, `nat`, only opens published host ports).
@@ -161,6 +180,10 @@ fn np(lab: &Lab, args: &[&str]) -> Result<String> {
 impl Variant for Netpath {
     fn label(&self) -> String {
         self.label.clone()
+    }
+
+    fn datapath_counters(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&np(&self.lab, &["system", "datapath"])?)?)
     }
 
     fn target(&self) -> Target {

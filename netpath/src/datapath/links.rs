@@ -440,3 +440,22 @@ impl Links {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_link_pins_name_their_mode_and_read_back() {
+        for mode in XdpMode::ALL {
+            let name = Pins::link_name("eth0.100", &mode.pin_prog(prog_names::UPLINK_XDP));
+            let (target, pin_prog) = Pins::parse_link_name(&name).unwrap();
+            assert_eq!(target, "eth0.100");
+            assert_eq!(XdpMode::parse_pin_prog(pin_prog), Some((prog_names::UPLINK_XDP, mode)));
+            assert_eq!(attach_type(prog_names::UPLINK_XDP), Some(bpf_attach_type::BPF_XDP as u32));
+        }
+        // tcx pins carry no mode: their program name is whole.
+        assert_eq!(XdpMode::parse_pin_prog(prog_names::UPLINK_IN), None);
+        assert_eq!(XdpMode::parse_pin_prog("uplink_xdp-turbo"), None);
+    }
+}
