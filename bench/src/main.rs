@@ -316,7 +316,12 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     if plan.configs.iter().any(|c| {
         matches!(
             c.kind,
-            Kind::Netpath | Kind::NetpathXdp | Kind::NetpathDirect | Kind::NetpathMacvlan | Kind::NetpathCni
+            Kind::Netpath
+                | Kind::NetpathXdp
+                | Kind::NetpathXdpGeneric
+                | Kind::NetpathDirect
+                | Kind::NetpathMacvlan
+                | Kind::NetpathCni
         )
     }) && let Some(w) = variants::stale_binary_warning()
     {

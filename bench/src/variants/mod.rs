@@ -109,6 +109,8 @@ pub enum Kind {
     /// The same with `netpath daemon --xdp native`: uplink_xdp ahead of TC on the uplink. Its
     /// client sends full checksums (as frames off a wire carry; see `Lab::client_sends_full_checksums`).
     NetpathXdp,
+    /// `--xdp generic` (the XDP section only: not in [`Kind::ALL`]).
+    NetpathXdpGeneric,
     /// The netpath daemon, container reached by its address (routing, no NAT).
     NetpathDirect,
     /// The netpath daemon, container on a macvlan network of the host's eth0: on the client's
@@ -140,6 +142,7 @@ impl Kind {
             Kind::Cni => "cni",
             Kind::Netpath => "netpath",
             Kind::NetpathXdp => "netpath-xdp",
+            Kind::NetpathXdpGeneric => "netpath-xdp-generic",
             Kind::NetpathDirect => "netpath-direct",
             Kind::NetpathMacvlan => "netpath-macvlan",
             Kind::NetpathCni => "netpath-cni",
@@ -159,7 +162,13 @@ impl Kind {
     pub fn publishes(self) -> bool {
         matches!(
             self,
-            Kind::Iptables | Kind::Netavark | Kind::Cni | Kind::Netpath | Kind::NetpathXdp | Kind::NetpathCni
+            Kind::Iptables
+                | Kind::Netavark
+                | Kind::Cni
+                | Kind::Netpath
+                | Kind::NetpathXdp
+                | Kind::NetpathXdpGeneric
+                | Kind::NetpathCni
         )
     }
 }
@@ -295,6 +304,9 @@ pub fn setup(cfg: Config, ctx: &Ctx) -> Result<Box<dyn Variant>> {
                 Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::Bridge, ctx)?)
             }
             Kind::NetpathXdp => Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::Xdp, ctx)?),
+            Kind::NetpathXdpGeneric => {
+                Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::XdpGeneric, ctx)?)
+            }
             Kind::NetpathMacvlan => Box::new(netpath::Netpath::setup(label, None, netpath::Flavour::Macvlan, ctx)?),
             Kind::NetpathCni => Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::Cni, ctx)?),
         })

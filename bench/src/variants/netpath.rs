@@ -46,6 +46,8 @@ pub enum Flavour {
     Cni,
     /// Bridge, `netpath daemon --xdp native`, a client sending full checksums.
     Xdp,
+    /// The same with `--xdp generic`.
+    XdpGeneric,
 }
 
 impl Netpath {
@@ -56,13 +58,18 @@ impl Netpath {
             bail!("no netpath-cni next to {}: run `cargo build --release -p netpath`", bin.display());
         }
         let tag = match (&publish, flavour) {
-            (_, Flavour::Xdp) => "bench-netpath-xdp",
+            (_, Flavour::Xdp | Flavour::XdpGeneric) => "bench-netpath-xdp",
             (Some(_), _) => "bench-netpath",
             (None, Flavour::Macvlan) => "bench-netpath-macvlan",
             (None, _) => "bench-netpath-direct",
         };
-        let lab = if flavour == Flavour::Xdp {
-            let lab = Lab::with_daemon_args(tag, &["--xdp", "native"]);
+        let xdp = match flavour {
+            Flavour::Xdp => Some("native"),
+            Flavour::XdpGeneric => Some("generic"),
+            _ => None,
+        };
+        let lab = if let Some(mode) = xdp {
+            let lab = Lab::with_daemon_args(tag, &["--xdp", mode]);
             lab.client_sends_full_checksums();
             lab
         } else {
