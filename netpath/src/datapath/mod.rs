@@ -681,6 +681,8 @@ impl Datapath {
     fn attach_uplink_xdp(&mut self, ifname: &str, ifindex: u32, mac: Option<[u8; 6]>) {
         let modes = self.xdp.modes();
         if modes.is_empty() {
+            // An earlier daemon's: its link is released with the other unclaimed ones.
+            let _ = self.set_xdp_uplink(ifindex, None);
             return;
         }
         let Some(mac) = mac else {
