@@ -17,6 +17,7 @@ mod stats;
 mod util;
 mod variants;
 mod xdp;
+mod xdpgen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -145,11 +146,26 @@ enum Internal {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Sends 64-byte frames (18 B of UDP payload) to ADDR as fast as one thread can, for SECS;
-    /// prints how many it sent (JSON).
-    #[command(name = "__udp-flood", hide = true)]
-    UdpFlood {
-        addr: SocketAddr,
+    /// The XDP-native generator (see xdpgen.rs): 64-byte UDP frames from SRC to DST out of
+    /// IFNAME by BPF_PROG_RUN live frames, for SECS; prints how many it handed over (JSON).
+    #[command(name = "__xdp-gen", hide = true)]
+    XdpGen {
+        ifname: String,
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long)]
+        src: std::net::SocketAddrV4,
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// Counts UDP datagrams received on PORT for SECS (prints JSON).
+    #[command(name = "__udp-sink", hide = true)]
+    UdpSink {
+        port: u16,
         #[arg(long)]
         secs: f64,
     },
@@ -178,10 +194,28 @@ fn main() -> ExitCode {
         Some(Internal::DnsClient { server, secs, window, threads, names }) => {
             dns::dns_client(server, &names, secs, window, threads).map(|_| ExitCode::SUCCESS)
         }
-        Some(Internal::UdpFlood { addr, secs }) => xdp::flood(addr, secs).map(|sent| {
-            println!("{}", serde_json::json!({ "sent": sent, "secs": secs }));
-            ExitCode::SUCCESS
-        }),
+        Some(Internal::XdpGen { ifname, dst_mac, src, dst, threads, secs }) => {
+            xdpgen::run(&ifname, &dst_mac, src, dst, threads, secs).map(|(sent, took)| {
+                println!("{}", serde_json::json!({ "sent": sent, "secs": took }));
+                ExitCode::SUCCESS
+            })
+        }
+        Some(Internal::UdpSink { port, secs }) => {
+            let before = xdpgen::udp_snmp().unwrap_or_default();
+            xdpgen::sink(port, secs).map(|got| {
+                // The namespace's UDP counters over the run (RcvbufErrors: the socket's queue was full).
+                let snmp: std::collections::BTreeMap<_, _> = xdpgen::udp_snmp()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let d = v.saturating_sub(before.get(&k).copied().unwrap_or(0));
+                        (k, d)
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({ "received": got, "secs": secs, "snmp": snmp }));
+                ExitCode::SUCCESS
+            })
+        }
         Some(Internal::Probe { addr, timeout_secs }) => {
             serve::probe(addr, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
         }

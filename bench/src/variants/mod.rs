@@ -66,6 +66,15 @@ pub trait Variant {
     fn datapath_counters(&self) -> Result<serde_json::Value> {
         bail!("{} has no netpath datapath", self.label())
     }
+    /// The lab host's namespace (its `eth0` is the uplink the client's frames arrive on).
+    fn uplink_ns(&self) -> Result<&Path> {
+        bail!("{} has no lab host namespace", self.label())
+    }
+    /// A command run inside the measured container (its namespace, the host's files).
+    fn container_cmd(&self, prog: &str, args: &[&str]) -> Result<Command> {
+        let _ = (prog, args);
+        bail!("{} cannot run commands in its container", self.label())
+    }
     /// Stops the variant's daemon and starts it again (see [`Variant::host_ns`]).
     fn restart(&mut self) -> Result<()> {
         bail!("{} has no daemon to restart", self.label())

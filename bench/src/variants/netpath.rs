@@ -236,6 +236,17 @@ impl Variant for Netpath {
         Some(&self.lab.host_ns)
     }
 
+    fn uplink_ns(&self) -> Result<&Path> {
+        Ok(&self.lab.host_ns)
+    }
+
+    /// `netpath exec`, as a user would.
+    fn container_cmd(&self, prog: &str, args: &[&str]) -> Result<std::process::Command> {
+        let mut a = vec!["exec", SERVER, "--", prog];
+        a.extend_from_slice(args);
+        Ok(self.lab.np_cmd(&a))
+    }
+
     /// SIGTERM, then a new daemon: the pinned datapath keeps forwarding meanwhile.
     fn restart(&mut self) -> Result<()> {
         self.lab.stop_daemon();
