@@ -498,3 +498,25 @@ fn generic_xdp_serves_published_ports_too() {
     let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
     assert_eq!(dp["xdp"]["uplinks"]["eth0"], "generic", "{}", dp["xdp"]);
 }
+
+#[test]
+fn xdp_auto_leaves_a_veth_uplink_to_tc() {
+    // `auto` attaches native XDP only where frames arrive without a socket buffer (a NIC
+    // driver's); a veth's mostly come from a local stack, so it keeps TC alone. A native link
+    // an earlier daemon left on it goes.
+    let mut lab = lab("xdpauto");
+    lab.client_sends_full_checksums();
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    for (args, uplinks) in
+        [(["--xdp", "native"], serde_json::json!({"eth0": "native"})), (["--xdp", "auto"], serde_json::json!({}))]
+    {
+        lab.set_daemon_args(&args);
+        lab.restart_daemon();
+        let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+        assert_eq!(dp["xdp"]["setting"], args[1], "{}", dp["xdp"]);
+        assert_eq!(dp["xdp"]["uplinks"], uplinks, "{args:?}: {}", dp["xdp"]);
+        let redirects = lab.uplink_xdp_redirects();
+        assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP, "{args:?}");
+        assert_eq!(lab.uplink_xdp_redirects() > redirects, args[1] == "native", "{args:?}: XDP redirects");
+    }
+}

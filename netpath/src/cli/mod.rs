@@ -66,8 +66,9 @@ enum Cmd {
         keep_host_firewall: bool,
         /// XDP on the uplinks, ahead of TC: published ports and known flows go straight to the
         /// container's veth and what TC would drop is dropped before the stack sees it; the
-        /// rest passes to TC unchanged. `auto`: native where the uplink's driver supports it,
-        /// generic elsewhere. Switching (a restart with another value) keeps every flow.
+        /// rest passes to TC unchanged. `auto`: native on uplinks whose driver has native XDP,
+        /// except veths (their frames mostly come from a local stack); TC alone elsewhere.
+        /// Switching (a restart with another value) keeps every flow.
         #[arg(long, value_enum, default_value_t = crate::datapath::XdpSetting::Off)]
         xdp: crate::datapath::XdpSetting,
         /// Join a cluster whose state is in etcd (v3 API): overlay networks spanning hosts.
