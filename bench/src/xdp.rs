@@ -7,9 +7,9 @@
 //! from a NIC driver; the uplink has GRO on, which gives its veth the NAPI such frames need
 //! (with no XDP program the veth builds an skb from each: kernel routing, TC):
 //! - UDP 64 B: one generator thread to the published port (direct: the container's address),
-//!   counted by a UDP socket in the container (`__udp-sink`, recvmmsg);
+//!   counted by a UDP socket in the container (`__udp-sink`, recvmmsg, busy-polling);
 //! - flood: 64 B UDP to the container's address (closed in `nat` mode: both datapaths drop it
-//!   as `direct-access`) from a generator thread per CPU, what each datapath drops per second
+//!   as `direct-access`) from the same one thread, what each datapath drops per second
 //!   (its counter), and a sockperf ping-pong's p99 on the published port meanwhile.
 //!
 //! TCP 1 stream and the RTT use ordinary sockets (iperf3, sockperf) and a client sending full
