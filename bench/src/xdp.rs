@@ -42,6 +42,9 @@ const GEN_SRC_PORT: u16 = 7000;
 /// container's reader's and the ping-pong's.
 const GEN_THREADS: usize = 1;
 
+/// A row: its label, kind, lab, samples, and the MAC of its lab host's uplink.
+type Row = (String, Kind, Box<dyn Variant>, Samples, String);
+
 #[derive(Default)]
 struct Samples {
     udp_sent_kpps: Vec<f64>,
@@ -165,7 +168,7 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     let d = Durations { secs };
     let ctx = Ctx { exe: exe.to_path_buf(), setup_timeout: Duration::from_secs(240), cni_max_ports: 1000 };
     let kinds = [Kind::Direct, Kind::Netpath, Kind::NetpathXdp, Kind::NetpathXdpGeneric];
-    let mut rows: Vec<(String, Kind, Box<dyn Variant>, Samples, String)> = vec![];
+    let mut rows: Vec<Row> = vec![];
     for kind in kinds {
         if stop_requested() {
             bail!("interrupted");

@@ -62,7 +62,7 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 /// forwarded frame has a new MAC header, a lower TTL, NAT's addresses), so every run writes
 /// the frame again, as xdp-trafficgen's program does.
 fn tx_prog(frame: &[u8]) -> Vec<[u8; 8]> {
-    assert!(frame.len() % 4 == 0, "the frame is written 4 bytes at a time");
+    assert!(frame.len().is_multiple_of(4), "the frame is written 4 bytes at a time");
     let words = frame.len() / 4;
     let mut p = vec![
         insn(0x61, 2, 1, 0, 0),                  // r2 = ctx->data
