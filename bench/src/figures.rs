@@ -270,6 +270,9 @@ pub fn tcp_throughput(v: &dyn Variant, streams: u32, d: Durations) -> Result<f64
 
 pub fn parse_iperf_tcp(json: &str) -> Result<f64> {
     let j: Value = serde_json::from_str(json).context("iperf3 JSON")?;
+    if let Some(e) = j["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
     let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().context("no end.sum_received.bits_per_second")?;
     Ok(bps / 1e9)
 }
@@ -297,6 +300,9 @@ pub fn udp_rate(v: &dyn Variant, d: Durations) -> Result<f64> {
 
 pub fn parse_iperf_udp(json: &str) -> Result<f64> {
     let j: Value = serde_json::from_str(json).context("iperf3 JSON")?;
+    if let Some(e) = j["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
     // iperf 3.12: end.sum_received is the server's view (packets = sequence numbers seen up to
     // the last one, lost_packets = gaps); older versions only have end.sum with the same fields.
     let sum = if j["end"]["sum_received"].is_object() { &j["end"]["sum_received"] } else { &j["end"]["sum"] };

@@ -17,6 +17,8 @@ mod services;
 mod stats;
 mod util;
 mod variants;
+mod xdp;
+mod xdpgen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,7 +51,7 @@ struct Cli {
     #[arg(long)]
     secs: Option<u32>,
     /// Variants to run (comma-separated): direct, netpath-direct, netpath-macvlan, iptables,
-    /// netavark, cni, netpath, netpath-cni (attach figure only).
+    /// netavark, cni, netpath, netpath-xdp, netpath-cni (attach figure only).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Figures to run (comma-separated): tcp1, tcp4, udp, latency, conn, attach, restart.
@@ -90,6 +92,11 @@ struct Cli {
     /// skip, or only.
     #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
     firewall: String,
+    /// The XDP section (netpath with `--xdp native` beside netpath and direct: UDP 64 B
+    /// packets/s, TCP 1 stream, RTT; and a flood to a closed container address during a
+    /// ping-pong): include, skip, or only.
+    #[arg(long, default_value = "include", value_parser = ["include", "skip", "only"])]
+    xdp: String,
     /// Rule counts for the firewall section.
     #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     firewall_rules: Vec<u32>,
@@ -149,6 +156,29 @@ enum Internal {
         #[arg(long, default_value_t = 20)]
         timeout_secs: u64,
     },
+    /// The XDP-native generator (see xdpgen.rs): 64-byte UDP frames from SRC to DST out of
+    /// IFNAME by BPF_PROG_RUN live frames, for SECS; prints how many it handed over (JSON).
+    #[command(name = "__xdp-gen", hide = true)]
+    XdpGen {
+        ifname: String,
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long)]
+        src: std::net::SocketAddrV4,
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// Counts UDP datagrams received on PORT for SECS (prints JSON).
+    #[command(name = "__udp-sink", hide = true)]
+    UdpSink {
+        port: u16,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Waits until the accept server answers at ADDR.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -176,6 +206,28 @@ fn main() -> ExitCode {
         }
         Some(Internal::NameProbe { name, port, timeout_secs }) => {
             overlay_cluster::name_probe(&name, port, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
+        }
+        Some(Internal::XdpGen { ifname, dst_mac, src, dst, threads, secs }) => {
+            xdpgen::run(&ifname, &dst_mac, src, dst, threads, secs).map(|(sent, took)| {
+                println!("{}", serde_json::json!({ "sent": sent, "secs": took }));
+                ExitCode::SUCCESS
+            })
+        }
+        Some(Internal::UdpSink { port, secs }) => {
+            let before = xdpgen::udp_snmp().unwrap_or_default();
+            xdpgen::sink(port, secs).map(|got| {
+                // The namespace's UDP counters over the run (RcvbufErrors: the socket's queue was full).
+                let snmp: std::collections::BTreeMap<_, _> = xdpgen::udp_snmp()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let d = v.saturating_sub(before.get(&k).copied().unwrap_or(0));
+                        (k, d)
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({ "received": got, "secs": secs, "snmp": snmp }));
+                ExitCode::SUCCESS
+            })
         }
         Some(Internal::Probe { addr, timeout_secs }) => {
             serve::probe(addr, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
@@ -274,6 +326,14 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         eprintln!("bench: wrote {}/firewall.md", cli.out.display());
         return Ok(ExitCode::SUCCESS);
     }
+    if cli.xdp == "only" {
+        let md = xdp::run(&exe, plan.reps, plan.durations.secs)?;
+        println!("{md}");
+        std::fs::create_dir_all(&cli.out)?;
+        std::fs::write(cli.out.join("xdp.md"), &md)?;
+        eprintln!("bench: wrote {}/xdp.md", cli.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.dns == "only" {
         let md = dns::run(&exe, plan.reps, plan.durations.secs)?;
         println!("{md}");
@@ -300,11 +360,17 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     // Setup: one lab per row. Failures and missing features become rows without figures.
     let mut rows = Vec::new();
     let mut setup_notes = Vec::new();
-    if plan
-        .configs
-        .iter()
-        .any(|c| matches!(c.kind, Kind::Netpath | Kind::NetpathDirect | Kind::NetpathMacvlan | Kind::NetpathCni))
-        && let Some(w) = variants::stale_binary_warning()
+    if plan.configs.iter().any(|c| {
+        matches!(
+            c.kind,
+            Kind::Netpath
+                | Kind::NetpathXdp
+                | Kind::NetpathXdpGeneric
+                | Kind::NetpathDirect
+                | Kind::NetpathMacvlan
+                | Kind::NetpathCni
+        )
+    }) && let Some(w) = variants::stale_binary_warning()
     {
         eprintln!("bench: warning: {w}");
         setup_notes.push(format!("warning: {w}"));
@@ -417,6 +483,16 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
                 md.push_str(&format!("\n{d}"));
             }
             Err(e) => md.push_str(&format!("\n## Firewall\n\nnot run: {e:#}\n")),
+        }
+    }
+    if cli.xdp == "include" && !interrupted {
+        match xdp::run(&exe, plan.reps, plan.durations.secs) {
+            Ok(d) => {
+                std::fs::create_dir_all(&cli.out)?;
+                std::fs::write(cli.out.join("xdp.md"), &d)?;
+                md.push_str(&format!("\n{d}"));
+            }
+            Err(e) => md.push_str(&format!("\n## XDP\n\nnot run: {e:#}\n")),
         }
     }
     if cli.scale == "include" && !interrupted {

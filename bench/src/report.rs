@@ -193,6 +193,7 @@ fn color(k: Kind) -> &'static str {
         Kind::Netavark => "#9467bd",
         Kind::Cni => "#ff7f0e",
         Kind::Netpath => "#1f77b4",
+        Kind::NetpathXdp | Kind::NetpathXdpGeneric => "#0b3d91",
         Kind::NetpathCni => "#17becf",
     }
 }

@@ -20,6 +20,7 @@ pub mod map_type {
     pub const LRU_HASH: u32 = 9;
     pub const LPM_TRIE: u32 = 11;
     /// Keys and values of size 0; `max_entries` is the ring's size in bytes.
+    pub const DEVMAP_HASH: u32 = 25;
     pub const RINGBUF: u32 = 27;
 }
 
@@ -84,6 +85,10 @@ pub const MAPS: &[MapLayout] = &[
     // → verdict; both longest-prefix tries (see crate::policy_target).
     map(n::POLICY_SRC, 1, LPM_TRIE, 16, 4, MAX_POLICY_SRC, NO_PREALLOC),
     map(n::POLICY_PORTS, 1, LPM_TRIE, 12, 12, MAX_POLICY_PORTS, NO_PREALLOC),
+    // XDP: container veths uplink_xdp may redirect to (ifindex → struct bpf_devmap_val), and
+    // the uplinks it runs on (ifindex → XdpUplink).
+    map(n::XDP_PORTS, 1, DEVMAP_HASH, 4, 8, MAX_ENDPOINTS, 0),
+    map(n::XDP_UPLINKS, 1, HASH, 4, 8, MAX_UPLINKS, 0),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -162,6 +167,9 @@ mod tests {
         assert_eq!(sizes(n::OVERLAY_CONFIG), (size_of::<u32>(), size_of::<u32>()));
         assert_eq!(sizes(n::POLICY_SRC), (4 + size_of::<PolicySrcKey>(), size_of::<u32>()));
         assert_eq!(sizes(n::POLICY_PORTS), (4 + size_of::<PolicyPortKey>(), size_of::<PolicyVerdict>()));
+        // struct bpf_devmap_val: the ifindex and a program fd/id (unused: 0).
+        assert_eq!(sizes(n::XDP_PORTS), (size_of::<u32>(), 8));
+        assert_eq!(sizes(n::XDP_UPLINKS), (size_of::<u32>(), size_of::<XdpUplink>()));
     }
 
     #[test]

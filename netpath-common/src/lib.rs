@@ -68,6 +68,8 @@ pub mod map_names {
     pub const OVERLAY_CONFIG: &str = "OVERLAY_CONFIG";
     pub const POLICY_SRC: &str = "POLICY_SRC";
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
+    pub const XDP_PORTS: &str = "XDP_PORTS";
+    pub const XDP_UPLINKS: &str = "XDP_UPLINKS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -122,6 +124,9 @@ pub mod prog_names {
     /// TC egress on an overlay network's bridge: the host's own packets (and ARP) for that
     /// overlay's containers on other nodes.
     pub const OVERLAY_BRIDGE_OUT: &str = "overlay_bridge_out";
+    /// XDP on an uplink (`netpath daemon --xdp`): uplink_in's work for what it can finish
+    /// before the stack (redirect to a container's veth, drops); the rest passes to uplink_in.
+    pub const UPLINK_XDP: &str = "uplink_xdp";
 }
 
 /// IP protocol numbers the datapath translates.
@@ -359,6 +364,15 @@ pub struct EndpointInfo {
     pub gw_mac: [u8; 6],
 }
 
+/// An uplink `uplink_xdp` runs on. Key: its ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpUplink {
+    /// Its MAC: only frames addressed to it are the host's to forward (TC: PACKET_HOST).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// A container network, found by longest-prefix match on an address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -527,6 +541,7 @@ const _: () = {
     assert!(core::mem::size_of::<PolicySrcKey>() == 12);
     assert!(core::mem::size_of::<PolicyPortKey>() == 8);
     assert!(core::mem::size_of::<PolicyVerdict>() == 12);
+    assert!(core::mem::size_of::<XdpUplink>() == 8);
     // The ring buffer hands out 8-byte aligned records.
     assert!(core::mem::align_of::<FlowEvent>() <= 8);
 };
@@ -550,4 +565,5 @@ mod pod {
     unsafe impl aya::Pod for super::PolicySrcKey {}
     unsafe impl aya::Pod for super::PolicyPortKey {}
     unsafe impl aya::Pod for super::PolicyVerdict {}
+    unsafe impl aya::Pod for super::XdpUplink {}
 }

@@ -7,6 +7,7 @@ mod conntrack;
 mod container;
 mod events;
 mod firewall;
+mod frame;
 mod icmp;
 mod lb;
 mod maps;
@@ -17,9 +18,10 @@ mod sock;
 mod stats;
 mod uplink;
 mod vxlan;
+mod xdp;
 
-use aya_ebpf::macros::{cgroup_sock_addr, classifier};
-use aya_ebpf::programs::{SockAddrContext, TcContext};
+use aya_ebpf::macros::{cgroup_sock_addr, classifier, xdp};
+use aya_ebpf::programs::{SockAddrContext, TcContext, XdpContext};
 
 /// TC ingress on the host side of a container's veth: traffic the container sends.
 #[classifier]
@@ -31,6 +33,12 @@ pub fn from_container(mut ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_in(mut ctx: TcContext) -> i32 {
     uplink::ingress(&mut ctx)
+}
+
+/// XDP on an uplink (`netpath daemon --xdp`): ahead of uplink_in, for what it can finish.
+#[xdp]
+pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
+    xdp::uplink(&mut ctx)
 }
 
 /// TC egress on an uplink.

@@ -4,13 +4,13 @@
 //! daemon restart. Addresses and ports in keys and values are in network byte order.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
     Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
     MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS,
     MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, OverlayKey, OverlayLocal, OverlayRemote, PolicyPortKey, PolicySrcKey,
-    PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey, SockRevValue, Tuple, config, drop_reason,
-    overlay_config,
+    PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey, SockRevValue, Tuple, XdpUplink, config,
+    drop_reason, overlay_config,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -142,3 +142,13 @@ pub static POLICY_SRC: LpmTrie<PolicySrcKey, u32> = LpmTrie::pinned(MAX_POLICY_S
 /// writes a set's entries before POLICY_SRC points at it; datapath reads after POLICY_SRC.
 #[map(name = "POLICY_PORTS")]
 pub static POLICY_PORTS: LpmTrie<PolicyPortKey, PolicyVerdict> = LpmTrie::pinned(MAX_POLICY_PORTS, 0);
+
+/// Container veths (host side) uplink_xdp may redirect to, keyed by ifindex. Daemon writes with
+/// ENDPOINTS; uplink_xdp reads (and redirects through it: the kernel batches the frames).
+#[map(name = "XDP_PORTS")]
+pub static XDP_PORTS: DevMapHash = DevMapHash::pinned(MAX_ENDPOINTS, 0);
+
+/// The uplinks uplink_xdp is attached to, by ifindex: their MACs. Daemon writes when it
+/// attaches XDP to an uplink; uplink_xdp reads to forward only frames addressed to the host.
+#[map(name = "XDP_UPLINKS")]
+pub static XDP_UPLINKS: HashMap<u32, XdpUplink> = HashMap::pinned(MAX_UPLINKS, 0);

@@ -1,22 +1,24 @@
 //! Packet rewriting: sets a packet's addresses and ports to a translated tuple, fixing the IPv4
-//! and L4 checksums incrementally with the kernel helpers (which also handle checksum offload).
+//! and L4 checksums incrementally (TC: with the kernel helpers, which also handle checksum
+//! offload; XDP: by hand, see crate::frame). Then the ways a translated packet leaves.
 
-use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT};
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT};
 use aya_ebpf::helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
 use netpath_common::{EndpointInfo, Tuple, config, drop_reason, hook, proto};
 
+use crate::frame::{CSUM_MANGLED_0, CSUM_PSEUDO_HDR, Frame};
 use crate::maps::{CONFIG, ENDPOINTS, UPLINKS};
 use crate::parse::{ETH_LEN, IP_CSUM, IP_DADDR, IP_SADDR, Packet, dport_off, sport_off};
 use crate::stats::drop;
 
 /// Rewrites `p` (parsed from `ctx`) so that it carries `to`.
 #[inline(always)]
-pub fn rewrite(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> Result<(), ()> {
+pub fn rewrite<C: Frame>(ctx: &mut C, p: &Packet, to: &Tuple) -> Result<(), ()> {
     let from = p.tuple;
     // UDP may carry no checksum (0): the helper must leave it at 0, or turn a computed 0 into 0xffff.
-    let mangled = if from.proto == proto::UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let mangled = if from.proto == proto::UDP { CSUM_MANGLED_0 } else { 0 };
     // The ICMP checksum covers no pseudo-header: address changes do not touch it.
     let l4_addr = from.proto != proto::ICMP;
     if to.saddr != from.saddr {
@@ -35,20 +37,27 @@ pub fn rewrite(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> Result<(), ()> {
 }
 
 #[inline(always)]
-fn set_addr(ctx: &mut TcContext, p: &Packet, off: usize, old: u32, new: u32, l4: bool, mangled: u64) -> Result<(), ()> {
-    ctx.store(off, &new, 0).map_err(|_| ())?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4).map_err(|_| ())?;
+fn set_addr<C: Frame>(
+    ctx: &mut C,
+    p: &Packet,
+    off: usize,
+    old: u32,
+    new: u32,
+    l4: bool,
+    mangled: u64,
+) -> Result<(), ()> {
+    ctx.store(off, &new)?;
+    ctx.l3_csum_replace(IP_CSUM, old, new, 4)?;
     if l4 {
-        let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
-        ctx.l4_csum_replace(p.csum_off, u64::from(old), u64::from(new), flags).map_err(|_| ())?;
+        ctx.l4_csum_replace(p.csum_off, old, new, CSUM_PSEUDO_HDR | mangled | 4)?;
     }
     Ok(())
 }
 
 #[inline(always)]
-fn set_port(ctx: &mut TcContext, p: &Packet, off: usize, old: u16, new: u16, mangled: u64) -> Result<(), ()> {
-    ctx.store(off, &new, 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(p.csum_off, u64::from(old), u64::from(new), mangled | 2).map_err(|_| ())
+fn set_port<C: Frame>(ctx: &mut C, p: &Packet, off: usize, old: u16, new: u16, mangled: u64) -> Result<(), ()> {
+    ctx.store(off, &new)?;
+    ctx.l4_csum_replace(p.csum_off, u32::from(old), u32::from(new), mangled | 2)
 }
 
 /// Hands a translated packet straight to a local container's veth when its destination is
@@ -123,8 +132,8 @@ pub fn forward_to_uplink(ctx: &mut TcContext, p: &Packet, to: &Tuple) -> i32 {
     }
     if rewrite(ctx, p, to).is_err()
         || hop(ctx, ttl).is_err()
-        || ctx.store(0, &fib.dmac, 0).is_err()
-        || ctx.store(6, &fib.smac, 0).is_err()
+        || Frame::store(ctx, 0, &fib.dmac).is_err()
+        || Frame::store(ctx, 6, &fib.smac).is_err()
     {
         return drop(p, hook::FROM_CONTAINER, drop_reason::REWRITE_FAILED);
     }
@@ -146,7 +155,10 @@ pub fn route_out(ctx: &mut TcContext, p: &Packet, to: &Tuple, hook: u8) -> i32 {
     let rc = unsafe { bpf_fib_lookup(ctx.skb.skb as *mut _, fib, core::mem::size_of::<FibParams>() as i32, 0) };
     let ifindex = fib.ifindex;
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        if hop(ctx, ttl).is_err() || ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
+        if hop(ctx, ttl).is_err()
+            || Frame::store(ctx, 0, &fib.dmac).is_err()
+            || Frame::store(ctx, 6, &fib.smac).is_err()
+        {
             return drop(p, hook, drop_reason::REWRITE_FAILED);
         }
         return redirect(p, hook, ifindex);
@@ -195,21 +207,21 @@ const AF_INET: u8 = 2;
 /// forwarded packets cross the host's netfilter FORWARD chain (translated already, as
 /// Docker's DOCKER-USER chain sees them).
 #[inline(always)]
-fn keep_host_firewall() -> bool {
+pub fn keep_host_firewall() -> bool {
     CONFIG.get(config::KEEP_HOST_FIREWALL).is_some_and(|v| *v != 0)
 }
 
 /// Addresses a frame to a container as its bridge would: its MAC, from its gateway's.
 #[inline(always)]
-fn set_macs(ctx: &mut TcContext, ep: &EndpointInfo) -> Result<(), ()> {
-    ctx.store(0, &ep.mac, 0).map_err(|_| ())?;
-    ctx.store(6, &ep.gw_mac, 0).map_err(|_| ())
+pub fn set_macs<C: Frame>(ctx: &mut C, ep: &EndpointInfo) -> Result<(), ()> {
+    ctx.store(0, &ep.mac)?;
+    ctx.store(6, &ep.gw_mac)
 }
 
 /// The IPv4 TTL/protocol word, if forwarding may take the TTL down by one (else the stack
 /// must handle the packet and send time-exceeded).
 #[inline(always)]
-fn ttl_word(ctx: &TcContext) -> Option<[u8; 2]> {
+pub fn ttl_word<C: Frame>(ctx: &C) -> Option<[u8; 2]> {
     let word = ctx.load::<[u8; 2]>(IP_TTL).ok()?;
     (word[0] > 1).then_some(word)
 }
@@ -223,11 +235,11 @@ pub fn take_hop(ctx: &mut TcContext) -> Result<(), ()> {
 
 /// Takes the TTL down by one, as forwarding does.
 #[inline(always)]
-fn hop(ctx: &mut TcContext, word: [u8; 2]) -> Result<(), ()> {
+pub fn hop<C: Frame>(ctx: &mut C, word: [u8; 2]) -> Result<(), ()> {
     let old = u16::from_ne_bytes(word);
     let new = u16::from_ne_bytes([word[0] - 1, word[1]]);
-    ctx.store(IP_TTL, &new, 0).map_err(|_| ())?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2).map_err(|_| ())
+    ctx.store(IP_TTL, &new)?;
+    ctx.l3_csum_replace(IP_CSUM, u32::from(old), u32::from(new), 2)
 }
 
 /// Redirects `p` (being handled at `hook`) to interface `ifindex`.

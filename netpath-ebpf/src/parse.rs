@@ -1,10 +1,11 @@
-//! Bounds-checked header parsing. Every read goes through `ctx.load` (bpf_skb_load_bytes),
-//! which fails cleanly past the end of the packet.
+//! Bounds-checked header parsing, for TC and XDP alike. Every read goes through
+//! [`Frame::load`], which fails cleanly past the end of the packet.
 
-use aya_ebpf::programs::TcContext;
 use netpath_common::{Tuple, proto};
 use network_types::eth::EthHdr;
 use network_types::ip::Ipv4Hdr;
+
+use crate::frame::Frame;
 
 pub const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
 const ETH_P_IP: u16 = 0x0800;
@@ -32,7 +33,7 @@ pub struct Packet {
     pub csum_off: usize,
     /// An ICMP error (unreachable, time exceeded, parameter problem) quoting another packet.
     pub icmp_error: bool,
-    /// The interface it is on (skb->ifindex), read once here: given several reads of a
+    /// The interface it is on (skb->ifindex, XDP's ingress_ifindex), read once here: given several reads of a
     /// context field, LLVM may compute its address once and load through that later, and the
     /// verifier refuses a load through a moved context pointer.
     pub ifindex: u32,
@@ -45,7 +46,7 @@ pub const IP_DADDR: usize = ETH_LEN + 16;
 
 /// Parses an Ethernet frame; `None` for anything that is not a well-formed IPv4 header.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Packet> {
+pub fn parse<C: Frame>(ctx: &C) -> Option<Packet> {
     let eth: EthHdr = ctx.load(0).ok()?;
     if u16::from_be(eth.ether_type) != ETH_P_IP {
         return None;
@@ -62,7 +63,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     // Ethernet pads short frames: bytes past the IPv4 total length are not L4 header. A zero
     // total length is IPv4 BIG TCP (GSO packets over 64 KiB); the frame length bounds those.
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let end = if tot_len == 0 { ctx.len() as usize } else { ETH_LEN + tot_len };
+    let end = if tot_len == 0 { ctx.len() } else { ETH_LEN + tot_len };
     let mut p = Packet {
         l4,
         end,
@@ -73,11 +74,10 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         tcp_flags: 0,
         csum_off: 0,
         icmp_error: false,
-        // SAFETY: the skb pointer is valid for the program run.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex: ctx.ifindex(),
     };
     // More-fragments set or a non-zero offset: ports are not in every piece.
-    if frags & 0x3fff != 0 || end > ctx.len() as usize || end < l4 + l4_min_len(ip.proto) {
+    if frags & 0x3fff != 0 || end > ctx.len() || end < l4 + l4_min_len(ip.proto) {
         return Some(p);
     }
     match ip.proto {
@@ -150,7 +150,7 @@ pub struct Quoted {
 
 /// Parses the packet quoted by the ICMP error `p`: TCP, UDP or an ICMP echo, unfragmented.
 #[inline(always)]
-pub fn quoted(ctx: &TcContext, p: &Packet) -> Option<Quoted> {
+pub fn quoted<C: Frame>(ctx: &C, p: &Packet) -> Option<Quoted> {
     let l3 = p.l4 + 8;
     let ip: Ipv4Hdr = ctx.load(l3).ok()?;
     let ihl = usize::from(ip.vihl & 0x0f) * 4;

@@ -35,50 +35,11 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     if p.icmp_error {
         return icmp_error(ctx, &p, IN, true);
     }
-    if !p.translatable {
-        return match policy::direct_access(&p) {
-            Direct::Denied => drop(&p, IN, drop_reason::DIRECT_ACCESS),
-            Direct::Internal => drop(&p, IN, drop_reason::INTERNAL),
-            Direct::Open => match firewall::denied(&p, p.daddr, 0, None) {
-                Some(rule) => drop_policy(&p, IN, rule),
-                None => TC_ACT_OK as i32,
-            },
-            Direct::NotContainer => TC_ACT_OK as i32,
-        };
-    }
-    let xlate = match conntrack::lookup(&p, IN) {
-        Some(x) => x,
-        None => match lb::choose(&p, lb::Scope::Published) {
-            // The firewall judges the backend the table picked, before the flow is tracked.
-            Some(Ok(x)) => match firewall::denied(&p, x.daddr, x.dport, None) {
-                Some(rule) => return drop_policy(&p, IN, rule),
-                None => match service_flow(&p, &x) {
-                    Ok(x) => x,
-                    Err(reason) => return drop(&p, IN, reason),
-                },
-            },
-            Some(Err(reason)) => return drop(&p, IN, reason),
-            None => {
-                let x = match published(&p) {
-                    Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
-                    // Tracked as is, like Linux conntrack does, so the container's replies are
-                    // recognised at egress and keep their address (not masqueraded as a new flow).
-                    None => match policy::direct_access(&p) {
-                        Direct::Open => p.tuple,
-                        Direct::Denied => return drop(&p, IN, drop_reason::DIRECT_ACCESS),
-                        Direct::Internal => return drop(&p, IN, drop_reason::INTERNAL),
-                        Direct::NotContainer => return TC_ACT_OK as i32,
-                    },
-                };
-                if let Some(rule) = firewall::denied(&p, x.daddr, x.dport, None) {
-                    return drop_policy(&p, IN, rule);
-                }
-                if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
-                    return drop(&p, IN, reason);
-                }
-                x
-            }
-        },
+    let xlate = match decide(&p) {
+        Verdict::Pass => return TC_ACT_OK as i32,
+        Verdict::Drop(reason) => return drop(&p, IN, reason),
+        Verdict::Deny(rule) => return drop_policy(&p, IN, rule),
+        Verdict::Translate(x) => x,
     };
     // A backend on another node (the routing mesh): this node routes the packet on into the
     // tunnel, a hop like any forward (a TTL that would expire is dropped, as route_out does).
@@ -100,6 +61,69 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return vxlan::encap(ctx, &p, vni, &remote, IN);
     }
     nat::forward_to_endpoint(ctx, &p, xlate.daddr)
+}
+
+/// What the uplink's ingress does with a packet from outside (not an ICMP error), decided the
+/// same way for TC and XDP (`uplink_xdp`): the flow is looked up, and a new one is balanced,
+/// judged by the firewall and tracked, here, once, whichever program sees it first.
+pub enum Verdict {
+    /// Not netpath's: the stack has it as it is.
+    Pass,
+    /// Dropped for a reason (netpath_common::drop_reason).
+    Drop(u32),
+    /// Dropped by firewall rule `rule`.
+    Deny(u32),
+    /// A tracked flow, to be rewritten to this tuple.
+    Translate(Tuple),
+}
+
+#[inline(always)]
+pub fn decide(p: &Packet) -> Verdict {
+    if !p.translatable {
+        return match policy::direct_access(p) {
+            Direct::Denied => Verdict::Drop(drop_reason::DIRECT_ACCESS),
+            Direct::Internal => Verdict::Drop(drop_reason::INTERNAL),
+            Direct::Open => match firewall::denied(p, p.daddr, 0, None) {
+                Some(rule) => Verdict::Deny(rule),
+                None => Verdict::Pass,
+            },
+            Direct::NotContainer => Verdict::Pass,
+        };
+    }
+    if let Some(x) = conntrack::lookup(p, IN) {
+        return Verdict::Translate(x);
+    }
+    match lb::choose(p, lb::Scope::Published) {
+        // The firewall judges the backend the table picked, before the flow is tracked.
+        Some(Ok(x)) => match firewall::denied(p, x.daddr, x.dport, None) {
+            Some(rule) => Verdict::Deny(rule),
+            None => match service_flow(p, &x) {
+                Ok(x) => Verdict::Translate(x),
+                Err(reason) => Verdict::Drop(reason),
+            },
+        },
+        Some(Err(reason)) => Verdict::Drop(reason),
+        None => {
+            let x = match published(p) {
+                Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
+                // Tracked as is, like Linux conntrack does, so the container's replies are
+                // recognised at egress and keep their address (not masqueraded as a new flow).
+                None => match policy::direct_access(p) {
+                    Direct::Open => p.tuple,
+                    Direct::Denied => return Verdict::Drop(drop_reason::DIRECT_ACCESS),
+                    Direct::Internal => return Verdict::Drop(drop_reason::INTERNAL),
+                    Direct::NotContainer => return Verdict::Pass,
+                },
+            };
+            if let Some(rule) = firewall::denied(p, x.daddr, x.dport, None) {
+                return Verdict::Deny(rule);
+            }
+            if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
+                return Verdict::Drop(reason);
+            }
+            Verdict::Translate(x)
+        }
+    }
 }
 
 /// Records a new flow to a published service port balanced to `x`: a backend here keeps the

@@ -54,6 +54,8 @@ pub struct Lab {
     /// unless a test sets one ([`Lab::set_upstreams`]), so no lab ever asks the machine's own.
     pub resolv_conf: PathBuf,
     daemon: Option<Child>,
+    /// `netpath daemon` flags every start of this lab's daemon gets (restarts included).
+    daemon_args: Vec<String>,
 }
 
 /// The second build of the eBPF programs the upgrade tests switch to (`cargo xtask build`
@@ -120,9 +122,38 @@ pub fn must(mut c: Command) -> String {
 impl Lab {
     /// Builds a lab (host + client namespaces, linked by a veth) and starts its daemon.
     pub fn new(tag: &str) -> Lab {
+        Self::with_daemon_args(tag, &[])
+    }
+
+    /// [`Lab::new`] with `netpath daemon` flags its every start gets (`--xdp native`: the same
+    /// tests with XDP on the uplink).
+    pub fn with_daemon_args(tag: &str, args: &[&str]) -> Lab {
         let mut lab = Self::without_daemon(tag);
+        lab.daemon_args = args.iter().map(|a| a.to_string()).collect();
         lab.start_daemon();
         lab
+    }
+
+    /// Makes the client send full L4 checksums, as frames off a wire carry, instead of leaving
+    /// them to (veth) offload: uplink_xdp passes those to TC (it cannot complete them).
+    pub fn client_sends_full_checksums(&self) {
+        must(in_ns(&self.client_ns, "ethtool", &["-K", "eth0", "tx", "off"]));
+    }
+
+    /// Frames XDP redirected from the uplink (the host's eth0, a veth: its own counters of
+    /// native XDP, `ethtool -S`).
+    pub fn uplink_xdp_redirects(&self) -> u64 {
+        must(in_ns(&self.host_ns, "ethtool", &["-S", "eth0"]))
+            .lines()
+            .filter_map(|l| l.trim().split_once(": "))
+            .filter(|(k, _)| k.ends_with("_xdp_redirect"))
+            .map(|(_, v)| v.parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// Replaces the flags the daemon's next starts get.
+    pub fn set_daemon_args(&mut self, args: &[&str]) {
+        self.daemon_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// Builds the namespaces only; call [`Lab::start_daemon`] yourself.
@@ -141,6 +172,7 @@ impl Lab {
             resolv_conf: dir.join("resolv.conf"),
             dir,
             daemon: None,
+            daemon_args: vec![],
         };
         lab.set_upstreams(&[]);
         // From here on, Drop cleans up whatever was made.
@@ -220,6 +252,7 @@ impl Lab {
             .arg(&self.bpffs)
             .arg("--resolv-conf")
             .arg(&self.resolv_conf)
+            .args(&self.daemon_args)
             .args(&opts.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

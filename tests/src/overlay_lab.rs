@@ -323,7 +323,7 @@ impl Host {
         let dp = self.dp.as_mut().expect("a loaded datapath");
         in_netns(&self.ns, |rt, nl| {
             let ifindex = rt.block_on(nl.require_link("eth0")).unwrap();
-            dp.attach_uplink("eth0", ifindex, Some(ip(UPLINK_IP))).unwrap();
+            dp.attach_uplink("eth0", ifindex, Some(ip(UPLINK_IP)), None).unwrap();
             dp.sync_host_addrs(&[ip(GW), ip(underlay), ip(UPLINK_IP)]).unwrap();
         });
         client

@@ -10,6 +10,11 @@ use netpath::datapath::{Datapath, LoadOptions};
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+/// XDP verdicts (`enum xdp_action`).
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
 /// test_run attaches the packet to the namespace's loopback device when no ifindex is given.
 pub const LO: u32 = 1;
 
@@ -71,6 +76,33 @@ impl PrivateDatapath {
         let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
+    }
+}
+
+impl PrivateDatapath {
+    /// Runs XDP program `prog` on `pkt`, as received on the namespace's loopback (ifindex 1).
+    pub fn run_xdp(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() };
+        let r = self.dp().xdp(prog).unwrap().test_run(opts).expect("test_run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// What the uplink's ingress does to `pkt` with XDP on: uplink_xdp, then uplink_in for what
+    /// it passes, which must be the packet unchanged. An XDP redirect or drop is returned as
+    /// TC's, so a test of uplink_in asserts the same of both paths.
+    pub fn run_uplink_with_xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, out) = self.run_xdp(netpath_common::prog_names::UPLINK_XDP, pkt);
+        match verdict {
+            XDP_PASS => {
+                assert_eq!(out, pkt, "uplink_xdp must pass packets unchanged");
+                self.run(netpath_common::prog_names::UPLINK_IN, pkt)
+            }
+            XDP_REDIRECT => (TC_ACT_REDIRECT, out),
+            XDP_DROP => (TC_ACT_SHOT, out),
+            v => panic!("uplink_xdp returned {v}"),
+        }
     }
 }
 

@@ -4,6 +4,9 @@
 //! the verdict, the `policy-denied` counter, the flow event naming the rule, that a denied
 //! flow leaves no conntrack entry, and that malformed packets meet only the rules they can.
 //!
+//! firewall_datapath_xdp.rs runs these cases again with every uplink_in packet through
+//! uplink_xdp first: its early drops must be the same drops, counted and reported the same.
+//!
 //! Each test runs in its own network namespace with the maps on a private bpffs (see
 //! netpath_tests::testrun), so nothing touches the machine.
 
@@ -17,6 +20,11 @@ use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN};
 use netpath_common::{FlowEvent, MAGLEV_M, ServiceInfo, drop_reason, flow_event, net_flags, policy_rule, proto};
 use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo, refresh_ipv4_checksum};
 use netpath_tests::testrun::{LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
+
+/// Whether uplink_in's packets go through uplink_xdp first: false here, true in
+/// firewall_datapath_xdp.rs, which includes this file as a module.
+#[allow(dead_code)]
+const XDP_FIRST: bool = false;
 
 const HOST: &str = "198.51.100.1";
 /// Clients outside: one in 10.1.0.0/16, one elsewhere in 10.0.0.0/8, one far away.
@@ -109,11 +117,13 @@ impl Fixture {
         ] {
             let ifindex = add_veth(name, 1500);
             f.dp().set_endpoint(ip(addr), ifindex, id, mac, gw_mac(gw)).unwrap();
+            f.dp().set_xdp_port(ifindex, true).unwrap();
             f.veths.insert(ip(addr), ifindex);
         }
         let dp = f.dp();
         dp.sync_host_addrs(&[ip(HOST), ip(GW_A), ip(GW_N)]).unwrap();
         dp.set_uplink_addr(LO, Some(ip(HOST))).unwrap();
+        dp.set_xdp_uplink(LO, Some([0; 6])).unwrap();
         dp.set_port(None, PUB, proto::TCP, ip(A1), BACK).unwrap();
         dp.set_port(None, PUB, proto::UDP, ip(A1), BACK).unwrap();
         dp.set_published(ip(N1), BACK, proto::TCP).unwrap();
@@ -146,6 +156,9 @@ impl Fixture {
     }
 
     fn run(&mut self, prog: &str, pkt: &[u8]) -> u32 {
+        if prog == UPLINK_IN && crate::XDP_FIRST {
+            return self.inner.run_uplink_with_xdp(pkt).0;
+        }
         self.inner.run(prog, pkt).0
     }
 

@@ -39,7 +39,7 @@ fn a_reload_adopts_links_and_gives_them_the_new_programs() {
     let x1 = add_veth("x1", 1500);
     let up = add_veth("up0", 1500);
     p.dp().attach_endpoint("x1", x1).unwrap();
-    p.dp().attach_uplink("up0", up, Some(UP_ADDR)).unwrap();
+    p.dp().attach_uplink("up0", up, Some(UP_ADDR), None).unwrap();
     let before = attached("x1", TcAttachType::Ingress);
     assert_eq!(before.len(), 1);
     assert_eq!(before[0].0, "from_container");
@@ -157,7 +157,7 @@ fn detach_all_leaves_nothing_attached_or_pinned() {
     let x1 = add_veth("x1", 1500);
     let up = add_veth("up0", 1500);
     p.dp().attach_endpoint("x1", x1).unwrap();
-    p.dp().attach_uplink("up0", up, Some(UP_ADDR)).unwrap();
+    p.dp().attach_uplink("up0", up, Some(UP_ADDR), None).unwrap();
     p.dp().detach_all();
     for ifname in ["x1", "up0"] {
         for dir in [TcAttachType::Ingress, TcAttachType::Egress] {

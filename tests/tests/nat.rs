@@ -1,9 +1,25 @@
 //! The NAT engine end to end: published ports (TCP, UDP), masquerade, hairpin, isolation.
 //! The client namespace doubles as "the outside": it sits behind the host's uplink eth0.
+//! nat_xdp.rs runs every one of these tests again with XDP on the uplink (`--xdp native`).
 
 mod common;
 
 use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
+
+/// `netpath daemon` flags of every lab here: none; nat_xdp.rs, which includes this file as a
+/// module, has its own.
+#[allow(dead_code)]
+const DAEMON_ARGS: &[&str] = &[];
+
+/// A lab whose daemon runs with this crate's DAEMON_ARGS. With XDP, the client sends full
+/// checksums, so that uplink_xdp handles its traffic rather than passing it all to TC.
+fn lab(tag: &str) -> Lab {
+    let lab = Lab::with_daemon_args(tag, crate::DAEMON_ARGS);
+    if !crate::DAEMON_ARGS.is_empty() {
+        lab.client_sends_full_checksums();
+    }
+    lab
+}
 
 /// A TCP server in the client namespace answering with the peer address it sees.
 fn outside_whoami(lab: &Lab, port: u16) -> std::process::Child {
@@ -31,7 +47,7 @@ fn tcp_from_client(lab: &Lab, ip: &str, port: u16) -> String {
 
 #[test]
 fn published_tcp_port_keeps_the_client_address() {
-    let lab = Lab::new("pubtcp");
+    let lab = lab("pubtcp");
     common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP);
     assert_eq!(lab.np(&["port", "web"]).trim(), "8/tcp -> 0.0.0.0:8080");
@@ -39,7 +55,7 @@ fn published_tcp_port_keeps_the_client_address() {
 
 #[test]
 fn masquerade_outbound_traffic_leaves_with_the_host_address() {
-    let lab = Lab::new("masq");
+    let lab = lab("masq");
     let mut srv = outside_whoami(&lab, 9000);
     lab.np(&["run", "-d", "--name", "c", "--", "sleep", "600"]);
     let seen = lab.np(&[
@@ -72,7 +88,7 @@ fn drops(lab: &Lab, reason: &str) -> u64 {
 fn outside_hosts_routing_to_a_nat_network_reach_published_host_ports_only() {
     // Docker's default gateway mode: a neighbour that routes the bridge subnet through the
     // host reaches no container port by the container's address, published or not.
-    let lab = Lab::new("routednat");
+    let lab = lab("routednat");
     common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     must(in_ns(&lab.client_ns, "ip", &["route", "add", "172.17.0.0/16", "via", HOST_ETH0_IP]));
     let ip = lab.ip_of("web", "bridge");
@@ -87,7 +103,7 @@ fn outside_hosts_routing_to_a_nat_network_reach_published_host_ports_only() {
 fn a_neighbour_routing_to_an_unprotected_network_is_answered_from_the_container_address() {
     // nat-unprotected: every container port is reachable by direct routing, and the
     // container's replies keep its own address (they are not masqueraded as a new flow).
-    let lab = Lab::new("routedin");
+    let lab = lab("routedin");
     lab.np(&[
         "network",
         "create",
@@ -105,7 +121,7 @@ fn a_neighbour_routing_to_an_unprotected_network_is_answered_from_the_container_
 
 #[test]
 fn a_routed_network_is_not_masqueraded_and_opens_published_container_ports() {
-    let lab = Lab::new("routedmode");
+    let lab = lab("routedmode");
     lab.np(&["network", "create", "--subnet", "10.78.0.0/24", "-o", &format!("{GATEWAY_MODE}=routed"), "flat"]);
     common::whoami_server_with(&lab, "web", &["--network", "flat", "-p", "8080:8"]);
     lab.np(&[
@@ -174,14 +190,14 @@ fn udp_from_client(lab: &Lab, port: u16, sport: u16) -> String {
 
 #[test]
 fn published_udp_port_keeps_the_client_address() {
-    let lab = Lab::new("pubudp");
+    let lab = lab("pubudp");
     udp_whoami(&lab, "dns", "5353:5353/udp");
     assert_eq!(udp_from_client(&lab, 5353, 40001), CLIENT_IP);
 }
 
 #[test]
 fn udp_client_reaches_a_recreated_container_with_a_new_address() {
-    let lab = Lab::new("udprecreate");
+    let lab = lab("udprecreate");
     udp_whoami(&lab, "dns", "5353:5353/udp");
     let first_ip = lab.ip_of("dns", "bridge");
     // The same client socket (fixed source port) before and after the re-create.
@@ -196,7 +212,7 @@ fn udp_client_reaches_a_recreated_container_with_a_new_address() {
 
 #[test]
 fn hairpin_reaches_published_ports_from_containers() {
-    let lab = Lab::new("hairpin");
+    let lab = lab("hairpin");
     common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     lab.np(&["run", "-d", "--name", "other", "--", "sleep", "600"]);
     let ask = |from: &str| {
@@ -247,7 +263,7 @@ fn wait_listening_udp(lab: &Lab, container: &str, port: u16) {
 
 #[test]
 fn networks_are_isolated_both_ways_and_counted() {
-    let lab = Lab::new("isolation");
+    let lab = lab("isolation");
     two_networks(&lab);
     lab.np(&["run", "-d", "--name", "both", "--network", "n1", "--", "sleep", "600"]);
     lab.np(&["network", "connect", "n2", "both"]);
@@ -270,7 +286,7 @@ const SEND_FORGED: &str = "import socket,struct,sys\ns=socket.socket(socket.AF_I
 fn a_container_cannot_forge_another_containers_address_past_isolation() {
     // Isolation trusts the source address; a container claiming a member of the other network
     // must be stopped at its own veth, as Docker's interface-based rules would stop it.
-    let lab = Lab::new("spoof");
+    let lab = lab("spoof");
     two_networks(&lab);
     lab.np(&["run", "-d", "--name", "sink", "--network", "n2", "--", "socat", "-u", "UDP-RECV:7000", "-"]);
     wait_listening_udp(&lab, "sink", 7000);
@@ -290,7 +306,7 @@ fn a_container_cannot_forge_another_containers_address_past_isolation() {
 
 #[test]
 fn conflicting_host_ports_are_refused_and_change_nothing() {
-    let lab = Lab::new("portclash");
+    let lab = lab("portclash");
     lab.np(&["run", "-d", "--name", "a", "-p", "8080:80", "--", "sleep", "600"]);
     let before = lab.np(&["ps", "-a"]);
     let err = lab.np_fails(&["run", "-d", "--name", "b", "-p", "8080:81", "--", "sleep", "600"]);
@@ -323,7 +339,7 @@ fn pinned_len(lab: &Lab, name: &str) -> usize {
 
 #[test]
 fn rm_removes_every_map_entry_it_added_and_no_iptables_rule_exists() {
-    let lab = Lab::new("rmmaps");
+    let lab = lab("rmmaps");
     lab.np(&["run", "-d", "--name", "web", "-p", "8000-8099:8000-8099", "-p", "53:53/udp", "--", "sleep", "600"]);
     assert_eq!(pinned_len(&lab, "PORTMAP"), 101);
     assert_eq!(pinned_len(&lab, "PUBLISHED"), 101);
@@ -345,7 +361,7 @@ fn rm_removes_every_map_entry_it_added_and_no_iptables_rule_exists() {
 
 #[test]
 fn host_processes_reach_published_ports_via_loopback_and_host_address() {
-    let lab = Lab::new("hostlocal");
+    let lab = lab("hostlocal");
     common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
     udp_whoami(&lab, "dns", "5353:5353/udp");
     let host_tcp = |ip: &str| {
@@ -378,7 +394,7 @@ const UDP_PROBE: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socke
 
 #[test]
 fn icmp_errors_about_translated_flows_are_translated_back() {
-    let lab = Lab::new("icmperr");
+    let lab = lab("icmperr");
     // Masqueraded flow: the outside answers "port unreachable" to the host address.
     lab.np(&["run", "-d", "--name", "c", "-p", "7777:7777/udp", "--", "sleep", "600"]);
     let out = lab.np(&["exec", "c", "--", "python3", "-c", UDP_PROBE, CLIENT_IP, "9999"]);
@@ -390,7 +406,7 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
 
 #[test]
 fn publish_all_picks_free_ports_and_ports_survive_a_daemon_restart() {
-    let mut lab = Lab::new("pubrestart");
+    let mut lab = lab("pubrestart");
     lab.np(&[
         "run",
         "-d",
@@ -418,4 +434,89 @@ fn publish_all_picks_free_ports_and_ports_survive_a_daemon_restart() {
     lab.restart_daemon();
     assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 49153), CLIENT_IP, "published port after restart");
     assert_eq!(lab.np(&["port", "web"]), ports);
+}
+
+/// A client in the client namespace holding one TCP connection: each line written to its stdin
+/// is sent, and the line the server answers is printed.
+const LINE_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = s.makefile("rw")
+for line in sys.stdin:
+    f.write(line); f.flush()
+    print(f.readline().strip(), flush=True)
+"#;
+
+#[test]
+fn a_connection_survives_xdp_switched_on_and_off() {
+    use std::io::{BufRead, Write};
+    let mut lab = lab("xdpswitch");
+    lab.client_sends_full_checksums();
+    lab.np(&["run", "-d", "--name", "echo", "-p", "8080:8", "--", "socat", "TCP-LISTEN:8,fork,reuseaddr", "EXEC:cat"]);
+    common::wait_listening(&lab, "echo", 8);
+    let mut client = in_ns(&lab.client_ns, "python3", &["-c", LINE_CLIENT, HOST_ETH0_IP, "8080"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut say = |msg: &str| {
+        writeln!(input, "{msg}").unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    // This crate's setting, the other one, and back: one connection throughout.
+    let other: &[&str] = if crate::DAEMON_ARGS.is_empty() { &["--xdp", "native"] } else { &["--xdp", "off"] };
+    assert_eq!(say("first"), "first");
+    for (step, args) in [("switched", other), ("switched back", crate::DAEMON_ARGS)] {
+        lab.set_daemon_args(args);
+        lab.restart_daemon();
+        let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+        let xdp_on = !dp["xdp"]["uplinks"].as_object().unwrap().is_empty();
+        assert_eq!(xdp_on, args.contains(&"native"), "{step}: {}", dp["xdp"]);
+        let redirects = lab.uplink_xdp_redirects();
+        assert_eq!(say(step), step, "the connection after XDP was {step}");
+        // Not just passed along: with XDP on, it took the flow's packets to the container.
+        assert_eq!(lab.uplink_xdp_redirects() > redirects, xdp_on, "{step}: XDP redirects");
+    }
+    drop(input);
+    let _ = client.wait();
+}
+
+#[test]
+fn generic_xdp_serves_published_ports_too() {
+    // Native XDP is what nat_xdp.rs runs everything with; generic (any driver) hands the
+    // redirected socket buffer to the veth instead of a frame.
+    let mut lab = lab("xdpgeneric");
+    lab.set_daemon_args(&["--xdp", "generic"]);
+    lab.restart_daemon();
+    lab.client_sends_full_checksums();
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP);
+    let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+    assert_eq!(dp["xdp"]["uplinks"]["eth0"], "generic", "{}", dp["xdp"]);
+}
+
+#[test]
+fn xdp_auto_leaves_a_veth_uplink_to_tc() {
+    // `auto` attaches native XDP only where frames arrive without a socket buffer (a NIC
+    // driver's); a veth's mostly come from a local stack, so it keeps TC alone. A native link
+    // an earlier daemon left on it goes.
+    let mut lab = lab("xdpauto");
+    lab.client_sends_full_checksums();
+    common::whoami_server_with(&lab, "web", &["-p", "8080:8"]);
+    for (args, uplinks) in
+        [(["--xdp", "native"], serde_json::json!({"eth0": "native"})), (["--xdp", "auto"], serde_json::json!({}))]
+    {
+        lab.set_daemon_args(&args);
+        lab.restart_daemon();
+        let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+        assert_eq!(dp["xdp"]["setting"], args[1], "{}", dp["xdp"]);
+        assert_eq!(dp["xdp"]["uplinks"], uplinks, "{args:?}: {}", dp["xdp"]);
+        let redirects = lab.uplink_xdp_redirects();
+        assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP, "{args:?}");
+        assert_eq!(lab.uplink_xdp_redirects() > redirects, args[1] == "native", "{args:?}: XDP redirects");
+    }
 }

@@ -8,6 +8,10 @@
 //! the same packets: none while switched off, one `new` per flow with both tuples, `closed`
 //! once per flow, a `drop` with the packet's tuple and reason, nothing for malformed packets.
 //!
+//! nat_datapath_xdp.rs runs every one of these cases again with XDP on the uplink: each packet
+//! for uplink_in goes through uplink_xdp first (see [`PrivateDatapath::run_uplink_with_xdp`]),
+//! and the same assertions hold, byte for byte.
+//!
 //! Each test runs in its own network namespace (entered by the test's thread) with the maps
 //! pinned on a private bpffs, so nothing touches the machine. test_run attaches the packet to
 //! the namespace's loopback (ifindex 1), which therefore plays the uplink for `uplink_out`.
@@ -16,7 +20,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use netpath::datapath::{Datapath, FlowEventRing, LoadOptions, wire_addr, wire_port};
-use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT};
+use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT, UPLINK_XDP};
 use netpath_common::{
     CtEntry, FlowEvent, MAGLEV_M, ServiceInfo, Tuple, ct_state, drop_reason, flow_event, hook, net_flags, proto,
 };
@@ -24,7 +28,14 @@ use netpath_tests::packet::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
     ipv4_addrs, ipv4_header_ok, l4_checksum_ok, l4_ports, refresh_ipv4_checksum, with_ip_options,
 };
-use netpath_tests::testrun::{LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
+use netpath_tests::testrun::{
+    LO, PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT, add_veth,
+};
+
+/// Whether uplink_in's packets go through uplink_xdp first. The crate's own: false here, true
+/// in nat_datapath_xdp.rs, which includes this file as a module.
+#[allow(dead_code)]
+const XDP_FIRST: bool = false;
 
 /// The uplink's address (also a host address).
 const HOST: &str = "198.51.100.1";
@@ -133,11 +144,14 @@ impl Fixture {
                 _ => GW_N,
             };
             f.dp().set_endpoint(ip(addr), ifindex, net, mac, gw_mac(gw)).unwrap();
+            f.dp().set_xdp_port(ifindex, true).unwrap();
             f.veths.insert(ip(addr), ifindex);
         }
         let dp = f.dp();
         dp.sync_host_addrs(&[ip(HOST), ip(HOST2), ip(GW_A), ip(GW_B), ip(GW_N)]).unwrap();
         dp.set_uplink_addr(LO, Some(ip(HOST))).unwrap();
+        // lo's MAC: all zeros (see for_this_host).
+        dp.set_xdp_uplink(LO, Some([0; 6])).unwrap();
         f
     }
 
@@ -163,8 +177,23 @@ impl Fixture {
     /// container whose address the packet comes from (any other program, and unknown
     /// sources, on lo).
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        if prog == UPLINK_IN && crate::XDP_FIRST {
+            return self.inner.run_uplink_with_xdp(pkt);
+        }
         let veth = if prog == FROM_CONTAINER { self.veths.get(&ipv4_addrs(pkt).0).copied() } else { None };
         self.inner.run_on(veth, prog, pkt)
+    }
+
+    /// Runs uplink_xdp alone on `pkt`, received on lo.
+    fn run_xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        self.inner.run_xdp(UPLINK_XDP, pkt)
+    }
+
+    /// Runs uplink_xdp and checks it passed the packet untouched (to uplink_in).
+    fn assert_xdp_passes(&mut self, pkt: &[u8], why: &str) {
+        let (verdict, out) = self.run_xdp(pkt);
+        assert_eq!(verdict, XDP_PASS, "{why}: verdict");
+        assert_eq!(out, pkt, "{why}: the packet must pass unchanged");
     }
 
     /// Runs from_container on `pkt` as sent from the veth of container `from`.
@@ -1182,6 +1211,127 @@ fn a_published_service_port_is_balanced_from_outside_and_replies_come_from_the_h
     // A container reaching the published port through a host address: balanced too.
     let (verdict, out) = f.run_from(A2, &tcp(A2, 45002, GW_A, PUB_SVC));
     assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &to_mac(A1_MAC, tcp(A2, 45002, A1, BACK))));
+}
+
+// ---- uplink_xdp on its own: what it finishes, what it leaves to uplink_in ----
+// (Its results composed with uplink_in's are checked by every uplink_in case above and below,
+// run again by nat_datapath_xdp.rs.)
+
+#[test]
+fn uplink_xdp_redirects_new_and_known_published_flows_to_the_containers_veth() {
+    let mut f = Fixture::published("xdp-dnat");
+    for (pkt, expected) in [
+        (tcp(CLIENT, 40000, HOST, PUB), tcp(CLIENT, 40000, A1, BACK)),
+        (udp(CLIENT, 5353, HOST, PUB), udp(CLIENT, 5353, A1, BACK)),
+    ] {
+        for round in ["new flow", "known flow"] {
+            let (verdict, out) = f.run_xdp(&for_this_host(pkt.clone()));
+            assert_eq!(verdict, XDP_REDIRECT, "{round}");
+            assert_eq!(out, one_hop_less(to_mac(A1_MAC, expected.clone())), "{round}: DNAT, TTL - 1, MACs");
+            assert_checksums(&out);
+        }
+    }
+    assert_eq!(f.flows().len(), 4, "one flow per protocol, tracked once");
+    let fwd = f.flow(tuple(CLIENT, 40000, HOST, PUB, proto::TCP));
+    assert_eq!((fwd.hook, fwd.xlate), (hook::UPLINK_IN, tuple(CLIENT, 40000, A1, BACK, proto::TCP)));
+    assert_eq!(f.counter("flows-created"), 2);
+}
+
+#[test]
+fn a_flow_tracked_by_uplink_in_continues_in_uplink_xdp_and_back() {
+    let mut f = Fixture::published("xdp-switch");
+    let pkt = for_this_host(tcp(CLIENT, 40000, HOST, PUB));
+    let expected = one_hop_less(to_mac(A1_MAC, tcp(CLIENT, 40000, A1, BACK)));
+    assert_eq!(f.inner.run(UPLINK_IN, &pkt), (TC_ACT_REDIRECT, expected.clone()), "TC alone");
+    assert_eq!(f.run_xdp(&pkt), (XDP_REDIRECT, expected.clone()), "XDP on: the same flow");
+    assert_eq!(f.inner.run(UPLINK_IN, &pkt), (TC_ACT_REDIRECT, expected), "XDP off again");
+    // The reply still leaves with the host's address: one flow, both ways.
+    let (_, out) = f.run(UPLINK_OUT, &tcp(A1, BACK, CLIENT, 40000));
+    assert_eq!(out, tcp(HOST, PUB, CLIENT, 40000));
+    assert_eq!(f.flows().len(), 2);
+    assert_eq!(f.counter("flows-created"), 1);
+}
+
+#[test]
+fn uplink_xdp_drops_direct_access_under_uplink_ins_reason() {
+    let mut f = Fixture::published("xdp-direct");
+    f.flow_events(true);
+    let pkt = for_this_host(tcp(CLIENT, 40000, A1, 80));
+    let (verdict, _) = f.run_xdp(&pkt);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(f.counter("direct-access"), 1);
+    let events = f.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].kind, events[0].hook, events[0].reason),
+        (flow_event::DROP, hook::UPLINK_IN, drop_reason::DIRECT_ACCESS)
+    );
+    // A fragment to it has no ports but is no more welcome.
+    let mut frag = pkt.clone();
+    frag[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+    refresh_ipv4_checksum(&mut frag);
+    assert_eq!(f.run_xdp(&frag).0, XDP_DROP);
+    assert_eq!(f.counter("direct-access"), 2);
+    assert!(f.flows().is_empty());
+}
+
+#[test]
+fn uplink_xdp_passes_to_uplink_in_what_it_does_not_finish() {
+    let mut f = Fixture::published("xdp-pass");
+    let host = |p: Vec<u8>| for_this_host(p);
+    f.assert_xdp_passes(&host(tcp(CLIENT, 40000, HOST, PUB + 1)), "an unpublished host port (the host's own)");
+    f.assert_xdp_passes(&host(tcp(CLIENT, 40000, NOT_HOST, PUB)), "another address");
+    f.assert_xdp_passes(&tcp(CLIENT, 40001, HOST, PUB), "a frame for another MAC");
+    f.assert_xdp_passes(&host(with_ip_options(&tcp(CLIENT, 40002, HOST, PUB), &[1, 1, 1, 0])), "IP options");
+    let mut frag = host(udp(CLIENT, 5353, HOST, PUB));
+    frag[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+    refresh_ipv4_checksum(&mut frag);
+    f.assert_xdp_passes(&frag, "a fragment");
+    let mut ttl_1 = host(tcp(CLIENT, 40003, HOST, PUB));
+    ttl_1[14 + 8] = 1;
+    refresh_ipv4_checksum(&mut ttl_1);
+    f.assert_xdp_passes(&ttl_1, "TTL 1 (the stack sends time-exceeded)");
+    a1_link_mtu(1000);
+    f.assert_xdp_passes(&host(Ipv4Packet::udp(CLIENT, 5354, HOST, PUB, &[7; 1200]).build()), "over the veth's MTU");
+    a1_link_mtu(1500);
+    f.assert_xdp_passes(&host(icmp_echo(CLIENT, HOST, ICMP_ECHO_REQUEST, 7, 1, b"ping")), "ICMP echo");
+    f.run_xdp(&host(tcp(CLIENT, 40004, HOST, PUB)));
+    let err = icmp_error(NOT_HOST, HOST, ICMP_DEST_UNREACH, 1, &tcp(HOST, PUB, CLIENT, 40004));
+    f.assert_xdp_passes(&host(err), "an ICMP error (its quote is translated too)");
+    let mut bad = host(tcp(CLIENT, 40005, HOST, PUB));
+    bad[14] = 0x44;
+    f.assert_xdp_passes(&bad, "IHL below 5");
+    f.assert_xdp_passes(&host(cut_l4(&Ipv4Packet::tcp(CLIENT, 40006, HOST, PUB, b"").build(), 14)), "a cut TCP header");
+    f.assert_xdp_passes(&[0u8; 14], "an Ethernet header alone");
+    for pkt in [tcp(CLIENT, 40007, HOST, PUB), udp(CLIENT, 5355, HOST, PUB)] {
+        f.assert_xdp_passes(&host(partial_checksum(pkt)), "a checksum left to offload (CHECKSUM_PARTIAL)");
+    }
+    // Without the uplink's MAC it cannot tell frames for the host from others.
+    f.dp().set_xdp_uplink(LO, None).unwrap();
+    f.assert_xdp_passes(&host(tcp(CLIENT, 40000, HOST, PUB)), "an uplink without its MAC");
+}
+
+/// `pkt` as a stack on this machine sends it with checksum offload: the L4 checksum field holds
+/// the pseudo-header's sum only.
+fn partial_checksum(mut pkt: Vec<u8>) -> Vec<u8> {
+    let csum_off = 14 + 20 + if pkt[23] == proto::TCP { 16 } else { 6 };
+    let mut ph = pkt[26..34].to_vec();
+    ph.extend_from_slice(&[0, pkt[23]]);
+    ph.extend_from_slice(&((pkt.len() - 34) as u16).to_be_bytes());
+    let partial = !csum(&ph, 0);
+    pkt[csum_off..csum_off + 2].copy_from_slice(&partial.to_be_bytes());
+    pkt
+}
+
+#[test]
+fn a_checksum_left_to_offload_is_completed_by_uplink_in_not_uplink_xdp() {
+    // uplink_in's helpers know the skb's checksum state (test_run's skbs have none).
+    let mut f = Fixture::published("xdp-partial");
+    let pkt = for_this_host(partial_checksum(tcp(CLIENT, 40000, HOST, PUB)));
+    assert_eq!(f.run_xdp(&pkt), (XDP_PASS, pkt.clone()));
+    assert_eq!(f.flows().len(), 2, "the flow is tracked once, by whichever program sees it first");
+    let (verdict, _) = f.inner.run(UPLINK_IN, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
 }
 
 // ---- malformed and odd packets toward a published port ----

@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "iputils-ping",
     "netcat-openbsd",
+    // The XDP tests make the lab's client send full checksums (`ethtool -K eth0 tx off`).
+    "ethtool",
     // The UDP clients of the end-to-end tests.
     "python3",
     // The DNS tests: dig in containers, dnsmasq as the lab's upstream resolver (the -base

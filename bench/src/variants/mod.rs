@@ -10,7 +10,7 @@
 mod cni;
 pub mod docker;
 pub mod netavark;
-mod netpath;
+pub mod netpath;
 
 pub use netpath::stale_binary_warning;
 mod plain;
@@ -62,6 +62,19 @@ pub trait Variant {
     fn attach_only(&self) -> bool {
         false
     }
+    /// The daemon's datapath counters (`netpath system datapath`), for rows that have one.
+    fn datapath_counters(&self) -> Result<serde_json::Value> {
+        bail!("{} has no netpath datapath", self.label())
+    }
+    /// The lab host's namespace (its `eth0` is the uplink the client's frames arrive on).
+    fn uplink_ns(&self) -> Result<&Path> {
+        bail!("{} has no lab host namespace", self.label())
+    }
+    /// A command run inside the measured container (its namespace, the host's files).
+    fn container_cmd(&self, prog: &str, args: &[&str]) -> Result<Command> {
+        let _ = (prog, args);
+        bail!("{} cannot run commands in its container", self.label())
+    }
     /// Stops the variant's daemon and starts it again (see [`Variant::host_ns`]).
     fn restart(&mut self) -> Result<()> {
         bail!("{} has no daemon to restart", self.label())
@@ -102,6 +115,11 @@ pub enum Kind {
     Cni,
     /// The netpath daemon, container published with `-p`.
     Netpath,
+    /// The same with `netpath daemon --xdp native`: uplink_xdp ahead of TC on the uplink. Its
+    /// client sends full checksums (as frames off a wire carry; see `Lab::client_sends_full_checksums`).
+    NetpathXdp,
+    /// `--xdp generic` (the XDP section only: not in [`Kind::ALL`]).
+    NetpathXdpGeneric,
     /// The netpath daemon, container reached by its address (routing, no NAT).
     NetpathDirect,
     /// The netpath daemon, container on a macvlan network of the host's eth0: on the client's
@@ -113,7 +131,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::NetpathDirect,
         Kind::NetpathMacvlan,
@@ -121,6 +139,7 @@ impl Kind {
         Kind::Netavark,
         Kind::Cni,
         Kind::Netpath,
+        Kind::NetpathXdp,
         Kind::NetpathCni,
     ];
 
@@ -131,6 +150,8 @@ impl Kind {
             Kind::Netavark => "netavark",
             Kind::Cni => "cni",
             Kind::Netpath => "netpath",
+            Kind::NetpathXdp => "netpath-xdp",
+            Kind::NetpathXdpGeneric => "netpath-xdp-generic",
             Kind::NetpathDirect => "netpath-direct",
             Kind::NetpathMacvlan => "netpath-macvlan",
             Kind::NetpathCni => "netpath-cni",
@@ -148,7 +169,16 @@ impl Kind {
 
     /// Whether the client reaches the server through published ports (DNAT).
     pub fn publishes(self) -> bool {
-        matches!(self, Kind::Iptables | Kind::Netavark | Kind::Cni | Kind::Netpath | Kind::NetpathCni)
+        matches!(
+            self,
+            Kind::Iptables
+                | Kind::Netavark
+                | Kind::Cni
+                | Kind::Netpath
+                | Kind::NetpathXdp
+                | Kind::NetpathXdpGeneric
+                | Kind::NetpathCni
+        )
     }
 }
 
@@ -280,10 +310,14 @@ pub fn setup(cfg: Config, ctx: &Ctx) -> Result<Box<dyn Variant>> {
             Kind::Netavark => Box::new(netavark::Netavark::setup(label, publish.expect("publishes"), ctx)?),
             Kind::Cni => Box::new(cni::Cni::setup(label, publish.expect("publishes"), ctx)?),
             Kind::Netpath | Kind::NetpathDirect => {
-                Box::new(netpath::Netpath::setup(label, publish, false, false, ctx)?)
+                Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::Bridge, ctx)?)
             }
-            Kind::NetpathMacvlan => Box::new(netpath::Netpath::setup(label, None, true, false, ctx)?),
-            Kind::NetpathCni => Box::new(netpath::Netpath::setup(label, publish, false, true, ctx)?),
+            Kind::NetpathXdp => Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::Xdp, ctx)?),
+            Kind::NetpathXdpGeneric => {
+                Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::XdpGeneric, ctx)?)
+            }
+            Kind::NetpathMacvlan => Box::new(netpath::Netpath::setup(label, None, netpath::Flavour::Macvlan, ctx)?),
+            Kind::NetpathCni => Box::new(netpath::Netpath::setup(label, publish, netpath::Flavour::Cni, ctx)?),
         })
     }));
     match r {

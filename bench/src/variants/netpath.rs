@@ -37,18 +37,44 @@ pub struct Netpath {
     lab: Lab,
 }
 
+/// How a netpath row wires its container and runs its daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    Bridge,
+    Macvlan,
+    /// Bridge, attach figure through the CNI plugin.
+    Cni,
+    /// Bridge, `netpath daemon --xdp native`, a client sending full checksums.
+    Xdp,
+    /// The same with `--xdp generic`.
+    XdpGeneric,
+}
+
 impl Netpath {
-    pub fn setup(label: String, publish: Option<Publish>, macvlan: bool, cni: bool, ctx: &Ctx) -> Result<Netpath> {
+    pub fn setup(label: String, publish: Option<Publish>, flavour: Flavour, ctx: &Ctx) -> Result<Netpath> {
+        let (macvlan, cni) = (flavour == Flavour::Macvlan, flavour == Flavour::Cni);
         let bin = binary()?;
         if cni && !bin.with_file_name("netpath-cni").is_file() {
             bail!("no netpath-cni next to {}: run `cargo build --release -p netpath`", bin.display());
         }
-        let tag = match (&publish, macvlan) {
+        let tag = match (&publish, flavour) {
+            (_, Flavour::Xdp | Flavour::XdpGeneric) => "bench-netpath-xdp",
             (Some(_), _) => "bench-netpath",
-            (None, false) => "bench-netpath-direct",
-            (None, true) => "bench-netpath-macvlan",
+            (None, Flavour::Macvlan) => "bench-netpath-macvlan",
+            (None, _) => "bench-netpath-direct",
         };
-        let lab = Lab::new(tag);
+        let xdp = match flavour {
+            Flavour::Xdp => Some("native"),
+            Flavour::XdpGeneric => Some("generic"),
+            _ => None,
+        };
+        let lab = if let Some(mode) = xdp {
+            let lab = Lab::with_daemon_args(tag, &["--xdp", mode]);
+            lab.client_sends_full_checksums();
+            lab
+        } else {
+            Lab::new(tag)
+        };
         forwarding(&lab.host_ns)?;
         // Routed rows reach the container by its address: the network must let them in
         // (Docker's default gateway mode, `nat`, only opens published host ports).
@@ -163,6 +189,10 @@ impl Variant for Netpath {
         self.label.clone()
     }
 
+    fn datapath_counters(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&np(&self.lab, &["system", "datapath"])?)?)
+    }
+
     fn target(&self) -> Target {
         match self.publish {
             Some(_) => Target::published(),
@@ -204,6 +234,17 @@ impl Variant for Netpath {
 
     fn host_ns(&self) -> Option<&Path> {
         Some(&self.lab.host_ns)
+    }
+
+    fn uplink_ns(&self) -> Result<&Path> {
+        Ok(&self.lab.host_ns)
+    }
+
+    /// `netpath exec`, as a user would.
+    fn container_cmd(&self, prog: &str, args: &[&str]) -> Result<std::process::Command> {
+        let mut a = vec!["exec", SERVER, "--", prog];
+        a.extend_from_slice(args);
+        Ok(self.lab.np_cmd(&a))
     }
 
     /// SIGTERM, then a new daemon: the pinned datapath keeps forwarding meanwhile.

@@ -74,6 +74,14 @@ impl Variant for Plain {
         &self.lab.client_ns
     }
 
+    fn uplink_ns(&self) -> Result<&Path> {
+        Ok(&self.lab.host_ns)
+    }
+
+    fn container_cmd(&self, prog: &str, args: &[&str]) -> Result<std::process::Command> {
+        Ok(in_ns(&self.ctr_ns, prog, args))
+    }
+
     fn attach_once(&mut self, n: usize) -> Result<Duration> {
         let host = self.lab.host_ns.clone();
         let ns = self.lab.add_ns(&format!("att{n}"));

@@ -64,6 +64,13 @@ enum Cmd {
         /// FORWARD rules (iptables, nftables) still see them. Costs throughput.
         #[arg(long)]
         keep_host_firewall: bool,
+        /// XDP on the uplinks, ahead of TC: published ports and known flows go straight to the
+        /// container's veth and what TC would drop is dropped before the stack sees it; the
+        /// rest passes to TC unchanged. `auto`: native on uplinks whose driver has native XDP,
+        /// except veths (their frames mostly come from a local stack); TC alone elsewhere.
+        /// Switching (a restart with another value) keeps every flow.
+        #[arg(long, value_enum, default_value_t = crate::datapath::XdpSetting::Off)]
+        xdp: crate::datapath::XdpSetting,
         /// Join a cluster whose state is in etcd (v3 API): overlay networks spanning hosts.
         /// Without it the daemon is single-host on its own state.
         #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]", requires = "node_ip")]
@@ -156,6 +163,7 @@ pub fn main() -> ExitCode {
             ebpf_object,
             docker_plugin_socket,
             keep_host_firewall,
+            xdp,
             cluster_store,
             node_ip,
             node_name,
@@ -181,6 +189,7 @@ pub fn main() -> ExitCode {
                 ebpf_object,
                 docker_plugin_socket,
                 keep_host_firewall,
+                xdp,
                 cluster,
             };
             // Much of the daemon's work is syscalls that wait out RCU grace periods (mounts,

@@ -390,6 +390,7 @@ impl Daemon {
         laps.lap("driver");
         if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
             self.attach_endpoint(&net, ep, name, idx)?;
+            self.xdp_endpoint(&c.sandbox, ep, idx);
         }
         laps.lap("datapath");
         self.overlay_endpoint_up(c, ep, &net).await; // the other nodes learn where it is
@@ -410,6 +411,29 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Makes the endpoint's veth (host side `idx`) a target of uplink_xdp's redirects where
+    /// it can take them: with `--xdp` native (or auto) only once its container end has NAPI
+    /// (GRO on). Where that fails, uplink_xdp leaves the endpoint's flows to TC, as before.
+    pub(super) fn xdp_endpoint(&self, sandbox: &Sandbox, ep: &Endpoint, idx: u32) {
+        let setting = self.dp().xdp_setting();
+        let ready = match (setting, sandbox) {
+            (crate::datapath::XdpSetting::Off, _) => false,
+            (s, _) if !s.needs_peer_napi() => true,
+            (_, Sandbox::Netns { path, .. }) => match crate::netlink::ethtool::enable_gro(path, &ep.ifname) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
+                    false
+                }
+            },
+            (_, Sandbox::Host) => false,
+        };
+        // Not ready: an entry an earlier daemon made (in another mode) goes.
+        if let Err(e) = self.dp().set_xdp_port(idx, ready) {
+            tracing::warn!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
+        }
     }
 
     /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth

@@ -97,7 +97,8 @@ impl Daemon {
         {
             let mut dp = self.dp();
             for l in &want {
-                match dp.attach_uplink(&l.name, l.index, first_addr.get(&l.index).copied()) {
+                let mac = l.mac.as_deref().and_then(|m| <[u8; 6]>::try_from(m).ok());
+                match dp.attach_uplink(&l.name, l.index, first_addr.get(&l.index).copied(), mac) {
                     Ok(()) => {
                         if attached.insert(l.index, l.name.clone()).is_none() {
                             info!("uplink {} (ifindex {}) attached", l.name, l.index);

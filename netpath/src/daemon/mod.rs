@@ -69,6 +69,8 @@ pub struct Config {
     pub docker_plugin_socket: Option<PathBuf>,
     /// Known flows take the kernel's forwarding path, so the host's FORWARD rules see them.
     pub keep_host_firewall: bool,
+    /// `--xdp`: XDP on the uplinks ahead of TC.
+    pub xdp: crate::datapath::XdpSetting,
     /// `--cluster-store`: multi-host through etcd (None: single host, as before).
     pub cluster: Option<crate::cluster::ClusterConfig>,
 }
@@ -165,6 +167,7 @@ impl Daemon {
         let opts = crate::datapath::LoadOptions { object, ..Default::default() };
         let mut datapath = Datapath::load_with(&cfg.bpffs, opts)
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
+        datapath.set_xdp(cfg.xdp);
         // Nobody follows flow events yet (a daemon that died may have left them on). An object
         // from before flow events (--ebpf-object) runs without them.
         let events = match datapath.set_flow_events(false).and_then(|_| datapath.flow_events()) {

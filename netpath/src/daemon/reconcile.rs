@@ -166,6 +166,7 @@ fn adopt(d: &Daemon, c: &Container, links: &HashMap<&str, &LinkSummary>) -> anyh
     }
     for (net, ep, idx) in wired {
         d.attach_endpoint(&net, ep, ep.host_ifname.as_deref().unwrap_or_default(), idx)?;
+        d.xdp_endpoint(&c.sandbox, ep, idx);
     }
     Ok(true)
 }

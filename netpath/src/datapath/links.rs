@@ -32,6 +32,7 @@ fn attach_type(prog: &str) -> Option<u32> {
         prog_names::SOCK_SENDMSG4 => BPF_CGROUP_UDP4_SENDMSG,
         prog_names::SOCK_RECVMSG4 => BPF_CGROUP_UDP4_RECVMSG,
         prog_names::SOCK_GETPEERNAME4 => BPF_CGROUP_INET4_GETPEERNAME,
+        prog_names::UPLINK_XDP => BPF_XDP,
         _ => return None,
     };
     Some(t as u32)
@@ -40,11 +41,53 @@ fn attach_type(prog: &str) -> Option<u32> {
 /// The target part of cgroup link pin names.
 const CGROUP: &str = "cgroup";
 
+/// How an XDP program runs on an interface: in its driver, or (for any device) in the stack
+/// once the socket buffer is built (generic XDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    Native,
+    Generic,
+}
+
+impl XdpMode {
+    const ALL: [XdpMode; 2] = [XdpMode::Native, XdpMode::Generic];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+
+    /// XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE.
+    fn flags(self) -> u32 {
+        match self {
+            XdpMode::Native => 1 << 2,
+            XdpMode::Generic => 1 << 1,
+        }
+    }
+
+    /// The program part of an XDP link's pin name: the kernel does not say which mode a link
+    /// runs in, so the pin does (a daemon started with another mode replaces the link).
+    fn pin_prog(self, prog: &str) -> String {
+        format!("{prog}-{}", self.name())
+    }
+
+    /// Splits an XDP pin's program part into the program and its mode.
+    fn parse_pin_prog(pin_prog: &str) -> Option<(&str, XdpMode)> {
+        let (prog, mode) = pin_prog.rsplit_once('-')?;
+        Some((prog, XdpMode::ALL.into_iter().find(|m| m.name() == mode)?))
+    }
+}
+
 struct Held {
     prog: String,
     target: LinkTarget,
     /// Asked for since this daemon started (adopted links start unclaimed).
     claimed: bool,
+    /// An XDP link's mode.
+    xdp: Option<XdpMode>,
 }
 
 pub struct Links {
@@ -93,7 +136,41 @@ pub fn attach_tcx(links: &SharedLinks, ifname: &str, ifindex: u32, prog: &str) -
     let _ = std::fs::remove_file(&path);
     sys::obj_pin(link.as_fd(), &path).with_context(|| format!("pinning link {}", path.display()))?;
     let target = LinkTarget::Tcx { ifindex, attach_type: t };
-    lock(links).held.insert(name, Held { prog: prog.to_string(), target, claimed: true });
+    lock(links).held.insert(name, Held { prog: prog.to_string(), target, claimed: true, xdp: None });
+    Ok(true)
+}
+
+/// Attaches XDP program `prog` to interface `ifname` (`ifindex`) in `mode` unless an adopted
+/// link in that mode is there already (then claims it). A link in the other mode goes first:
+/// an interface runs one XDP program. Returns true if it made a new link.
+pub fn attach_xdp(links: &SharedLinks, ifname: &str, ifindex: u32, prog: &str, mode: XdpMode) -> Result<bool> {
+    let name = Pins::link_name(ifname, &mode.pin_prog(prog));
+    let (fd, path) = {
+        let mut l = lock(links);
+        if let Some(h) = l.held.get_mut(&name) {
+            if h.target == (LinkTarget::Xdp { ifindex }) {
+                h.claimed = true;
+                return Ok(false);
+            }
+            l.detach(&name);
+        }
+        for other in XdpMode::ALL.into_iter().filter(|m| *m != mode) {
+            let other = Pins::link_name(ifname, &other.pin_prog(prog));
+            if l.held.contains_key(&other) {
+                info!("link {other}: XDP mode changes to {}; replacing it", mode.name());
+                l.detach(&other);
+            }
+        }
+        let fd = l.progs.get(prog).with_context(|| format!("program {prog} is not loaded"))?.try_clone()?;
+        (fd, l.pins.link(&name))
+    };
+    let t = attach_type(prog).context("not an XDP program")?;
+    let link = sys::link_create_flags(fd.as_fd(), AttachTo::Ifindex(ifindex), t, mode.flags())
+        .with_context(|| format!("attaching {prog} to {ifname} in {} mode", mode.name()))?;
+    let _ = std::fs::remove_file(&path);
+    sys::obj_pin(link.as_fd(), &path).with_context(|| format!("pinning link {}", path.display()))?;
+    let target = LinkTarget::Xdp { ifindex };
+    lock(links).held.insert(name, Held { prog: prog.to_string(), target, claimed: true, xdp: Some(mode) });
     Ok(true)
 }
 
@@ -106,7 +183,7 @@ pub fn prune_defunct(links: &SharedLinks) -> usize {
         .into_iter()
         .filter(|(_, path)| {
             let info = sys::obj_get(path).and_then(|fd| sys::link_info(fd.as_fd()));
-            matches!(info, Ok(i) if matches!(i.target, LinkTarget::Tcx { ifindex: 0, .. }))
+            matches!(info, Ok(i) if i.target.ifindex() == Some(0))
         })
         .map(|(n, _)| n)
         .collect();
@@ -202,10 +279,14 @@ impl Links {
         let path = self.pins.link(name);
         // Removing the pin alone would leave the link attached for as long as anything else
         // holds it: these are detached.
-        let Some((target, prog)) = Pins::parse_link_name(name) else {
+        let Some((target, pin_prog)) = Pins::parse_link_name(name) else {
             info!("detaching and removing unknown pin {}", path.display());
             self.detach(name);
             return Ok(false);
+        };
+        let (prog, xdp) = match XdpMode::parse_pin_prog(pin_prog) {
+            Some((prog, mode)) => (prog, Some(mode)),
+            None => (pin_prog, None),
         };
         let Some(want_type) = attach_type(prog) else {
             retired.push(name.to_string());
@@ -213,25 +294,38 @@ impl Links {
         };
         let fd = sys::obj_get(&path).with_context(|| format!("opening {}", path.display()))?;
         let li = sys::link_info(fd.as_fd()).context("reading link info")?;
-        match li.target {
+        let current = match li.target {
             LinkTarget::Tcx { ifindex, attach_type } if attach_type == want_type && target != CGROUP => {
-                let now = nix::net::if_::if_nametoindex(target.as_str()).unwrap_or(0);
-                if ifindex == 0 || now != ifindex {
-                    info!(
-                        "link {name}: interface {target} is gone or was replaced (link on ifindex {ifindex}, now {now}); removing it"
-                    );
-                    let _ = sys::link_detach(fd.as_fd());
-                    self.remove_pin(name);
-                    return Ok(false);
-                }
+                self.still_there(name, &target, ifindex, fd.as_fd())
             }
-            LinkTarget::Cgroup { attach_type, .. } if attach_type == want_type && target == CGROUP => {}
+            LinkTarget::Xdp { ifindex } if xdp.is_some() && target != CGROUP => {
+                self.still_there(name, &target, ifindex, fd.as_fd())
+            }
+            LinkTarget::Cgroup { attach_type, .. } if attach_type == want_type && target == CGROUP => true,
             t => anyhow::bail!("unexpected link target {t:?}"),
+        };
+        if !current {
+            return Ok(false);
         }
         let new = self.progs.get(prog).with_context(|| format!("program {prog} is not loaded"))?;
         sys::link_update(fd.as_fd(), new.as_fd()).context("replacing the link's program")?;
-        self.held.insert(name.to_string(), Held { prog: prog.to_string(), target: li.target, claimed: false });
+        self.held.insert(name.to_string(), Held { prog: prog.to_string(), target: li.target, claimed: false, xdp });
         Ok(true)
+    }
+
+    /// False, with link `name` (pin and attachment) removed, if its interface `target` is gone
+    /// or was replaced by another of the same name.
+    fn still_there(&self, name: &str, target: &str, ifindex: u32, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+        let now = nix::net::if_::if_nametoindex(target).unwrap_or(0);
+        if ifindex == 0 || now != ifindex {
+            info!(
+                "link {name}: interface {target} is gone or was replaced (link on ifindex {ifindex}, now {now}); removing it"
+            );
+            let _ = sys::link_detach(fd);
+            self.remove_pin(name);
+            return false;
+        }
+        true
     }
 
     /// Makes sure socket program `prog` is attached to the cgroup2 directory `cgroup`.
@@ -260,7 +354,7 @@ impl Links {
         let _ = std::fs::remove_file(&path);
         // Closing the only descriptor of an unpinned link detaches it.
         sys::obj_pin(fd.as_fd(), &path).with_context(|| format!("pinning link {}", path.display()))?;
-        self.held.insert(name.to_string(), Held { prog: prog.to_string(), target, claimed: true });
+        self.held.insert(name.to_string(), Held { prog: prog.to_string(), target, claimed: true, xdp: None });
         Ok(())
     }
 
@@ -285,7 +379,7 @@ impl Links {
             .held
             .iter()
             .filter(|(_, h)| progs.contains(&h.prog.as_str()))
-            .filter(|(_, h)| matches!(h.target, LinkTarget::Tcx { ifindex: i, .. } if i == ifindex))
+            .filter(|(_, h)| h.target.ifindex() == Some(ifindex))
             .map(|(n, _)| n.clone())
             .collect();
         doomed
@@ -299,21 +393,28 @@ impl Links {
 
     /// The ifindexes `prog` is attached to (claimed or not).
     pub fn ifindexes(&self, prog: &str) -> Vec<u32> {
+        self.held.values().filter(|h| h.prog == prog).filter_map(|h| h.target.ifindex()).collect()
+    }
+
+    /// The interfaces XDP program `prog` runs on, by name, with its mode.
+    pub fn xdp_links(&self, prog: &str) -> Vec<(String, XdpMode)> {
         self.held
-            .values()
-            .filter(|h| h.prog == prog)
-            .filter_map(|h| match h.target {
-                LinkTarget::Tcx { ifindex, .. } => Some(ifindex),
-                _ => None,
-            })
+            .iter()
+            .filter(|(_, h)| h.prog == prog)
+            .filter_map(|(n, h)| Some((Pins::parse_link_name(n)?.0, h.xdp?)))
             .collect()
+    }
+
+    /// The mode of `prog`'s XDP link on `ifindex`, if it has one.
+    pub fn xdp_mode(&self, ifindex: u32, prog: &str) -> Option<XdpMode> {
+        self.held.values().find(|h| h.prog == prog && h.target.ifindex() == Some(ifindex)).and_then(|h| h.xdp)
     }
 
     /// The tcx links held, by name and pin: what [`prune_defunct`] checks.
     fn tcx_pins(&self) -> Vec<(String, std::path::PathBuf)> {
         self.held
             .iter()
-            .filter(|(_, h)| matches!(h.target, LinkTarget::Tcx { .. }))
+            .filter(|(_, h)| h.target.ifindex().is_some())
             .map(|(n, _)| (n.clone(), self.pins.link(n)))
             .collect()
     }
@@ -337,5 +438,24 @@ impl Links {
             }
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_link_pins_name_their_mode_and_read_back() {
+        for mode in XdpMode::ALL {
+            let name = Pins::link_name("eth0.100", &mode.pin_prog(prog_names::UPLINK_XDP));
+            let (target, pin_prog) = Pins::parse_link_name(&name).unwrap();
+            assert_eq!(target, "eth0.100");
+            assert_eq!(XdpMode::parse_pin_prog(pin_prog), Some((prog_names::UPLINK_XDP, mode)));
+            assert_eq!(attach_type(prog_names::UPLINK_XDP), Some(bpf_attach_type::BPF_XDP as u32));
+        }
+        // tcx pins carry no mode: their program name is whole.
+        assert_eq!(XdpMode::parse_pin_prog(prog_names::UPLINK_IN), None);
+        assert_eq!(XdpMode::parse_pin_prog("uplink_xdp-turbo"), None);
     }
 }

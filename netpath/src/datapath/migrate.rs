@@ -52,12 +52,19 @@ pub fn object_layouts(object: &[u8], overrides: &[(String, u32)]) -> Result<Vec<
             key_size: m.key_size(),
             value_size: m.value_size(),
             max_entries,
-            flags: m.map_flags(),
+            flags: kernel_flags(m.map_type(), m.map_flags()),
         };
         wants.push(Want { name: name.clone(), rev: l.rev, info });
     }
     wants.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(wants)
+}
+
+/// The flags the kernel reports for a map made with `flags`: it makes device maps read-only
+/// to programs (their lookups return the kernel's own entry), so a pin of one matches.
+fn kernel_flags(map_type: u32, flags: u32) -> u32 {
+    const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+    if map_type == map_type::DEVMAP_HASH { flags | BPF_F_RDONLY_PROG } else { flags }
 }
 
 /// Converts one (key, value) of an old layout into the new one, or drops it (None).
@@ -138,6 +145,7 @@ fn type_name(t: u32) -> &'static str {
         map_type::LRU_HASH => "LRU hash",
         map_type::LPM_TRIE => "LPM trie",
         map_type::RINGBUF => "ring buffer",
+        map_type::DEVMAP_HASH => "device hash",
         _ => "map",
     }
 }

@@ -23,17 +23,19 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier};
+use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, NetworkInfo, PortKey, Tuple, config, ct_stat, drop_reason, map_names, prog_names,
+    Backend, CtEntry, EndpointInfo, NetworkInfo, PortKey, Tuple, XdpUplink, config, ct_stat, drop_reason, map_names,
+    prog_names,
 };
 use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
 pub use events::FlowEventRing;
+pub use links::XdpMode;
 pub use overlay::{LocalEndpoint, Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
 pub use pins::map_pin;
 
@@ -83,6 +85,48 @@ pub struct Datapath {
     ct_capacity: u32,
     /// Drop counters at the last pressure check (see [`Datapath::check_pressure`]).
     last_drops: HashMap<u32, u64>,
+    /// `netpath daemon --xdp`.
+    xdp: XdpSetting,
+}
+
+/// `netpath daemon --xdp`: whether uplink_xdp runs ahead of uplink_in on the uplinks, and how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpSetting {
+    /// TC only.
+    #[default]
+    Off,
+    /// Native on uplinks whose driver runs XDP before any socket buffer exists (a NIC
+    /// driver with native XDP); TC alone on veths (their frames mostly come from a local
+    /// stack as socket buffers, which native XDP on a veth converts and copies) and on drivers
+    /// without native XDP (generic XDP copies every socket buffer with less than 256 B of
+    /// headroom, as drivers build them). Both measured slower than TC (README, XDP).
+    Auto,
+    /// Native only: an uplink whose driver lacks it keeps TC alone (and the log says so).
+    Native,
+    /// Generic XDP (in the stack, once the socket buffer is built) on every uplink.
+    Generic,
+}
+
+impl XdpSetting {
+    /// The modes to try on an uplink whose driver is `driver` (None: unknown), in order.
+    fn modes(self, driver: Option<&str>) -> &'static [XdpMode] {
+        match self {
+            XdpSetting::Off => &[],
+            XdpSetting::Auto if driver.is_none_or(|d| d == "veth") => &[],
+            XdpSetting::Auto => &[XdpMode::Native],
+            XdpSetting::Native => &[XdpMode::Native],
+            XdpSetting::Generic => &[XdpMode::Generic],
+        }
+    }
+
+    /// Whether a frame uplink_xdp redirects to a container's veth needs NAPI on the veth's
+    /// container end: in native mode the frame is handed over as an XDP frame, which a veth
+    /// takes only with XDP or GRO (NAPI) on its receiving end. Generic XDP hands over a socket
+    /// buffer, which needs neither.
+    pub fn needs_peer_napi(self) -> bool {
+        matches!(self, XdpSetting::Auto | XdpSetting::Native)
+    }
 }
 
 /// Datapath-wide counters for `netpath info`-style reporting.
@@ -99,6 +143,14 @@ pub struct Counters {
     pub ct_capacity: u32,
     /// Whether the programs write flow events now (someone follows them).
     pub flow_events: bool,
+    /// `--xdp`, and the mode uplink_xdp runs in on each uplink (absent: TC only there).
+    pub xdp: XdpStatus,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct XdpStatus {
+    pub setting: XdpSetting,
+    pub uplinks: std::collections::BTreeMap<String, XdpMode>,
 }
 
 impl Datapath {
@@ -157,7 +209,7 @@ impl Datapath {
         if adopted > 0 {
             info!("datapath {object_id}: took over {adopted} attached links");
         }
-        Ok(Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new() })
+        Ok(Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new(), xdp: XdpSetting::Off })
     }
 
     fn load_object(object: &[u8], plans: &[migrate::MapPlan], max_entries: &[(String, u32)]) -> Result<Ebpf> {
@@ -181,6 +233,12 @@ impl Datapath {
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
             retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
+        }
+        // An object from before XDP (--ebpf-object) has no uplink_xdp: TC alone.
+        if let Some(p) = ebpf.program_mut(prog_names::UPLINK_XDP) {
+            let prog: &mut Xdp = p.try_into()?;
+            retry_interrupted(|| prog.load())
+                .with_context(|| format!("verifying program {}", prog_names::UPLINK_XDP))?;
         }
         for name in prog_names::SOCK {
             let prog: &mut CgroupSockAddr = ebpf
@@ -308,8 +366,31 @@ impl Datapath {
 
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
+        let ifindex = m.get(&wire_addr(addr), 0).ok().map(|ep| ep.ifindex);
         let _ = m.remove(&wire_addr(addr));
+        // The kernel also drops a devmap entry when its device goes away.
+        if let Some(ifindex) = ifindex {
+            self.set_xdp_port(ifindex, false)?;
+        }
         Ok(())
+    }
+
+    /// Uplink `ifindex` (MAC `mac`) runs uplink_xdp: frames to that MAC are the host's to
+    /// forward. None: it no longer does.
+    pub fn set_xdp_uplink(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> Result<()> {
+        let mut m: BpfHashMap<_, u32, XdpUplink> = self.map(map_names::XDP_UPLINKS)?;
+        match mac {
+            Some(mac) => m.insert(ifindex, XdpUplink { mac, _pad: [0; 2] }, 0).context("adding an XDP uplink")?,
+            None => {
+                let _ = m.remove(&ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    /// An XDP program, for tests that drive it with `test_run`.
+    pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?)
     }
 
     pub fn set_network(&mut self, subnet: Ipv4Net, net_id: u32, gateway: Ipv4Addr, flags: u32) -> Result<()> {
@@ -508,6 +589,8 @@ impl Datapath {
         c.ct_capacity = self.ct_capacity;
         // An object from before flow events has no switch: off.
         c.flow_events = self.flow_events_on().unwrap_or(false);
+        c.xdp.setting = self.xdp;
+        c.xdp.uplinks = self.links().xdp_links(prog_names::UPLINK_XDP).into_iter().collect();
         Ok(c)
     }
 
@@ -574,17 +657,94 @@ impl Datapath {
     }
 
     /// Attaches the NAT programs to an uplink and records the address masqueraded traffic
-    /// leaves with. Idempotent; a new address replaces the old one.
-    pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<()> {
+    /// leaves with; with `--xdp`, uplink_xdp too (`mac`: the uplink's). Idempotent; a new
+    /// address replaces the old one.
+    pub fn attach_uplink(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        addr: Option<Ipv4Addr>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<()> {
         self.set_uplink_addr(ifindex, addr)?;
-        attach_pair(&self.links, ifname, ifindex, UPLINK_PROGS)
+        attach_pair(&self.links, ifname, ifindex, UPLINK_PROGS)?;
+        self.attach_uplink_xdp(ifname, ifindex, mac);
+        Ok(())
+    }
+
+    /// `--xdp` (before the uplinks are attached).
+    pub fn set_xdp(&mut self, setting: XdpSetting) {
+        self.xdp = setting;
+    }
+
+    pub fn xdp_setting(&self) -> XdpSetting {
+        self.xdp
+    }
+
+    /// uplink_xdp on an uplink, in the first mode of the setting its driver takes. XDP only
+    /// speeds up what TC does, so an uplink it cannot run on keeps TC alone, with a warning.
+    fn attach_uplink_xdp(&mut self, ifname: &str, ifindex: u32, mac: Option<[u8; 6]>) {
+        let driver = match self.xdp {
+            XdpSetting::Auto => crate::netlink::ethtool::driver(ifname)
+                .map_err(|e| warn!("uplink {ifname}: {e:#}; --xdp auto leaves it to TC"))
+                .ok(),
+            _ => None,
+        };
+        let modes = self.xdp.modes(driver.as_deref());
+        if modes.is_empty() {
+            if self.xdp == XdpSetting::Auto {
+                tracing::debug!(
+                    "uplink {ifname}: driver {}: TC alone (--xdp auto)",
+                    driver.as_deref().unwrap_or("unknown")
+                );
+            }
+            // An earlier daemon's: its link is released with the other unclaimed ones.
+            let _ = self.set_xdp_uplink(ifindex, None);
+            return;
+        }
+        let Some(mac) = mac else {
+            warn!("uplink {ifname}: no MAC address, so no XDP (TC alone)");
+            return;
+        };
+        if let Err(e) = self.set_xdp_uplink(ifindex, Some(mac)) {
+            warn!("uplink {ifname}: {e:#}; TC alone");
+            return;
+        }
+        let mut errors = vec![];
+        for &mode in modes {
+            match links::attach_xdp(&self.links, ifname, ifindex, prog_names::UPLINK_XDP, mode) {
+                Ok(made) => {
+                    if made {
+                        info!("uplink {ifname}: XDP in {} mode", mode.name());
+                    }
+                    return;
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        warn!("uplink {ifname}: no XDP ({}); TC alone", errors.join("; "));
+        let _ = self.set_xdp_uplink(ifindex, None);
     }
 
     /// Detaches the NAT programs from an uplink and forgets its address.
     pub fn detach_uplink(&mut self, ifindex: u32) -> Result<()> {
-        let pins = self.links().take_ifindex(ifindex, &UPLINK_PROGS);
+        let pins = self.links().take_ifindex(ifindex, &[UPLINK_PROGS[0], UPLINK_PROGS[1], prog_names::UPLINK_XDP]);
         links::drop_pins(&pins, true);
+        let _ = self.set_xdp_uplink(ifindex, None);
         self.set_uplink_addr(ifindex, None)
+    }
+
+    /// Container veth `ifindex` (host side) as a target of uplink_xdp's redirects, or not.
+    /// The daemon makes it one once the veth can take them (see XdpSetting::needs_peer_napi);
+    /// until then uplink_xdp leaves its flows to TC.
+    pub fn set_xdp_port(&mut self, ifindex: u32, on: bool) -> Result<()> {
+        let mut ports: DevMapHash<_> = self.map(map_names::XDP_PORTS)?;
+        if on {
+            ports.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding veth {ifindex} to XDP_PORTS"))?;
+        } else {
+            let _ = ports.remove(ifindex);
+        }
+        Ok(())
     }
 
     /// The ifindexes of the interfaces the uplink programs are attached to.
@@ -666,4 +826,21 @@ impl EndpointLinks {
 
 fn port_key(host: Option<Ipv4Addr>, port: u16, proto: u8) -> PortKey {
     PortKey { addr: host.map(wire_addr).unwrap_or(0), port: wire_port(port), proto, _pad: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_auto_is_native_on_nic_drivers_and_tc_alone_on_veths_and_unknowns() {
+        assert_eq!(XdpSetting::Auto.modes(Some("mlx5_core")), &[XdpMode::Native]);
+        assert_eq!(XdpSetting::Auto.modes(Some("virtio_net")), &[XdpMode::Native]);
+        assert!(XdpSetting::Auto.modes(Some("veth")).is_empty());
+        assert!(XdpSetting::Auto.modes(None).is_empty());
+        // The explicit settings do what they say on any driver.
+        assert_eq!(XdpSetting::Native.modes(Some("veth")), &[XdpMode::Native]);
+        assert_eq!(XdpSetting::Generic.modes(None), &[XdpMode::Generic]);
+        assert!(XdpSetting::Off.modes(Some("mlx5_core")).is_empty());
+    }
 }

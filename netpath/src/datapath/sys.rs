@@ -93,7 +93,21 @@ pub enum LinkTarget {
         cgroup_id: u64,
         attach_type: u32,
     },
+    /// XDP on an interface; ifindex 0 once the interface is gone.
+    Xdp {
+        ifindex: u32,
+    },
     Other(u32),
+}
+
+impl LinkTarget {
+    /// The interface of an interface's link (tcx or XDP).
+    pub fn ifindex(&self) -> Option<u32> {
+        match *self {
+            LinkTarget::Tcx { ifindex, .. } | LinkTarget::Xdp { ifindex } => Some(ifindex),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +117,7 @@ pub struct LinkInfo {
 
 const BPF_LINK_TYPE_CGROUP: u32 = aya_obj::generated::bpf_link_type::BPF_LINK_TYPE_CGROUP as u32;
 const BPF_LINK_TYPE_TCX: u32 = aya_obj::generated::bpf_link_type::BPF_LINK_TYPE_TCX as u32;
+const BPF_LINK_TYPE_XDP: u32 = aya_obj::generated::bpf_link_type::BPF_LINK_TYPE_XDP as u32;
 
 pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     let i: bpf_link_info = obj_info(fd)?;
@@ -113,6 +128,7 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
                 ifindex: i.__bindgen_anon_1.tcx.ifindex,
                 attach_type: i.__bindgen_anon_1.tcx.attach_type,
             },
+            BPF_LINK_TYPE_XDP => LinkTarget::Xdp { ifindex: i.__bindgen_anon_1.xdp.ifindex },
             BPF_LINK_TYPE_CGROUP => LinkTarget::Cgroup {
                 cgroup_id: i.__bindgen_anon_1.cgroup.cgroup_id,
                 attach_type: i.__bindgen_anon_1.cgroup.attach_type,
@@ -131,7 +147,13 @@ pub enum AttachTo<'a> {
 
 /// Attaches `prog` through a new bpf link (appended after any other program there).
 pub fn link_create(prog: BorrowedFd<'_>, to: AttachTo<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    link_create_flags(prog, to, attach_type, 0)
+}
+
+/// [`link_create`] with link flags (XDP: the mode, XDP_FLAGS_DRV_MODE or XDP_FLAGS_SKB_MODE).
+pub fn link_create_flags(prog: BorrowedFd<'_>, to: AttachTo<'_>, attach_type: u32, flags: u32) -> io::Result<OwnedFd> {
     let mut attr = zeroed_attr();
+    attr.link_create.flags = flags;
     attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
     match to {
         AttachTo::Ifindex(i) => attr.link_create.__bindgen_anon_2.target_ifindex = i,

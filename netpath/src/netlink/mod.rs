@@ -1,6 +1,7 @@
 //! rtnetlink helpers: links, addresses, routes, and network namespaces. Everything the daemon
 //! changes in the kernel's network configuration goes through here; nothing shells out to `ip`.
 
+pub mod ethtool;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
