@@ -104,6 +104,22 @@ fn reserved_addresses(net: &Network, host_addrs: &[std::net::Ipv4Addr]) -> Vec<(
     r
 }
 
+/// A program's attachment to a host veth, under way on a blocking thread.
+type Attaching = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Waits for every attachment (even after a failure: none is left running unseen) and returns
+/// the first error.
+async fn join_attaches(attaching: Vec<Attaching>) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    for a in attaching {
+        let r = a.await.unwrap_or_else(|e| Err(anyhow::anyhow!("attaching the datapath: {e}")));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
 /// A Linux interface name: 1-15 bytes, no '/', ':' or whitespace, not "." or "..".
 fn valid_ifname(s: &str) -> Result<()> {
     let ok = !s.is_empty()
@@ -189,7 +205,9 @@ impl Daemon {
     /// starts the detached process.
     pub async fn create_container(&self, req: ContainerCreate) -> Result<Value> {
         let (c, warnings) = self.create_container_record(req).await?;
-        let mut v = self.container_json(&c, &self.endpoint_counters(&c).await);
+        // No counters: a container made this instant has carried nothing worth a netlink
+        // round trip per endpoint on the path every start takes (`inspect` has them).
+        let mut v = self.container_json(&c, &Default::default());
         if !warnings.is_empty() {
             v["Warnings"] = serde_json::json!(warnings);
         }
@@ -285,8 +303,11 @@ impl Daemon {
         }
         laps.lap("persist");
         crash::point("run:reserved");
+        // The programs' attachments finish in the background (each waits out an RCU grace
+        // period) while the rest is done; the container is not handed out before they have.
+        let mut attaching = vec![];
         if let Err(e) = async {
-            self.build_sandbox(&c).await?;
+            self.build_sandbox(&c, &mut attaching).await?;
             crash::point("run:wired");
             self.publish_ports(&c, c.primary_ipv4())?;
             // Its firewall rules are in before its process can take a connection.
@@ -297,6 +318,7 @@ impl Daemon {
         }
         .await
         {
+            let _ = join_attaches(attaching).await; // settled before the teardown
             self.finish_container_removal(&c).await;
             return Err(e.into());
         }
@@ -304,6 +326,7 @@ impl Daemon {
         laps.lap("build");
 
         let mut started = None;
+        let mut gate = None;
         let mut proc = None;
         if !req.cmd.is_empty() {
             let mut p = Process {
@@ -318,10 +341,11 @@ impl Daemon {
                 let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
                 let iso = self.isolation(&c); // own /etc files and hostname
                 match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), iso.as_ref(), &log, &exit) {
-                    Ok(pid) => {
+                    Ok((pid, g)) => {
                         p.pid = Some(pid);
                         p.start_time = process::start_time(pid);
                         started = Some(pid);
+                        gate = Some(g);
                     }
                     Err(e) => {
                         // Docker keeps a container whose command failed to start; so do we, exited.
@@ -340,21 +364,33 @@ impl Daemon {
             x.phase = Phase::Ready;
             x.process = proc;
         });
-        if let Err(e) = self.persist_container(&id).await {
+        // Ready on disk before the attachments are known to be done: a daemon that dies
+        // meanwhile leaves a container whose veth is on its bridge, which the next one adopts
+        // (attaching the program again), and a process that runs once the daemon is gone.
+        let persisted = self.persist_container(&id).await;
+        laps.lap("persist");
+        let attached = join_attaches(attaching).await;
+        laps.lap("attach");
+        if let Err(e) = persisted.and(attached.map_err(Error::from)) {
             if let Some(pid) = started {
+                // Held before its command: nothing to stop gracefully.
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 self.kill_pid(Some(pid), None).await;
             }
+            drop(gate);
             self.finish_container_removal(&c).await;
             return Err(e);
         }
-        laps.lap("persist");
+        gate.map(process::Gate::release); // wired: its command runs
         let c = self.current(&id, &c.name)?;
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
         Ok((c, warnings))
     }
 
-    async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {
+    /// Makes the namespace and wires every endpoint; the programs' attachments are left
+    /// running in `attaching`, for the caller to join.
+    async fn build_sandbox(&self, c: &Container, attaching: &mut Vec<Attaching>) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
         if let Sandbox::Netns { path, owned } = &c.sandbox {
             if *owned {
@@ -366,7 +402,7 @@ impl Daemon {
             laps.lap("lo");
         }
         for (i, ep) in c.endpoints.iter().enumerate() {
-            self.wire(c, ep, i == 0).await?;
+            attaching.extend(self.wire_start(c, ep, i == 0).await?);
         }
         laps.lap("wire");
         tracing::debug!("build {}: {laps}", c.name);
@@ -375,24 +411,42 @@ impl Daemon {
 
     /// Wires one endpoint (driver) and attaches the datapath to its host interface.
     pub(super) async fn wire(&self, c: &Container, ep: &Endpoint, primary: bool) -> anyhow::Result<()> {
+        join_attaches(self.wire_start(c, ep, primary).await?.into_iter().collect()).await
+    }
+
+    /// [`Self::wire`], returning while the program's attachment is still under way (joined
+    /// with [`join_attaches`]). Every netlink request comes first: the attachment holds the
+    /// kernel's RTNL lock through its grace period, and would make them wait for it.
+    async fn wire_start(&self, c: &Container, ep: &Endpoint, primary: bool) -> anyhow::Result<Option<Attaching>> {
         let mut laps = super::Laps::new();
         let net = self.state().network_by_id(&ep.network_id).context("endpoint on unknown network")?.clone();
         let host_if = driver(net.driver).ensure_endpoint(&self.nl, &net, &c.sandbox, ep, primary).await?;
         laps.lap("driver");
-        if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
-            self.attach_endpoint(&net, ep, name, idx)?;
+        let mut attaching = None;
+        if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.clone()) {
+            let links = self.links.clone();
+            let a = tokio::task::spawn_blocking(move || links.attach(&name, idx));
+            if let Err(e) = self.endpoint_maps(&net, ep, idx) {
+                let _ = join_attaches(vec![a]).await; // settled before the caller unwires
+                return Err(e);
+            }
+            attaching = Some(a);
         }
-        laps.lap("datapath");
         self.overlay_endpoint_up(c, ep, &net).await; // the other nodes learn where it is
         laps.lap("cluster");
         tracing::debug!("wire {} {}: {laps}", c.name, ep.ifname);
-        Ok(())
+        Ok(attaching)
     }
 
     /// The datapath side of a wired endpoint: the program on its host veth, its map entry.
     pub(super) fn attach_endpoint(&self, net: &Network, ep: &Endpoint, host_if: &str, idx: u32) -> anyhow::Result<()> {
         // Without the datapath's lock: the kernel makes a new link wait for a grace period.
         self.links.attach(host_if, idx)?;
+        self.endpoint_maps(net, ep, idx)
+    }
+
+    /// An endpoint's map entries: where its address is delivered, and (overlay) that it is here.
+    fn endpoint_maps(&self, net: &Network, ep: &Endpoint, idx: u32) -> anyhow::Result<()> {
         if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
             self.dp().set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
             // Packets from other nodes for this address come out of the VXLAN device here.
