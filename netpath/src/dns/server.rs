@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::debug;
 
@@ -27,15 +26,15 @@ const MAX_TCP: usize = 32;
 /// A TCP client idle this long is disconnected (RFC 7766 suggests seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// The running server of one container; dropping it stops the tasks and closes the sockets.
+/// The running server of one container; dropping it stops its task and closes the sockets.
 pub struct Listener {
     pub netns_inode: Option<u64>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.tasks.iter().for_each(JoinHandle::abort);
+        self.task.abort();
     }
 }
 
@@ -69,12 +68,8 @@ pub fn start(inner: &Shared, key: u64, netns: &Path) -> Result<Listener> {
     let _rt = inner.runtime.enter();
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     let tcp = TcpListener::from_std(tcp)?;
-    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let tasks = vec![
-        inner.runtime.spawn(serve_udp(Arc::downgrade(inner), key, udp, inflight)),
-        inner.runtime.spawn(serve_tcp(Arc::downgrade(inner), key, tcp)),
-    ];
-    Ok(Listener { netns_inode: crate::netlink::netns::inode(netns), tasks })
+    let task = inner.runtime.spawn(serve(Arc::downgrade(inner), key, udp, tcp));
+    Ok(Listener { netns_inode: crate::netlink::netns::inode(netns), task })
 }
 
 /// Receives one datagram into the worker thread's buffer and copies out just the query: a
@@ -90,58 +85,73 @@ fn try_recv(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketAddr)> {
     })
 }
 
-async fn serve_udp(inner: std::sync::Weak<Inner>, key: u64, sock: Arc<UdpSocket>, inflight: Arc<Semaphore>) {
-    // Forwarded queries belong to this task: stopping it (container removed) stops them and
-    // closes the socket at once, so nothing keeps the container's namespace alive.
-    let mut forwards = JoinSet::new();
+/// Serves both sockets from one task: a task is most of what a container's server costs the
+/// daemon, and a host may have ten thousand of them.
+async fn serve(inner: std::sync::Weak<Inner>, key: u64, udp: Arc<UdpSocket>, tcp: TcpListener) {
+    // Forwarded queries and TCP connections belong to this task: stopping it (container
+    // removed) stops them and closes the sockets at once, so nothing keeps the container's
+    // namespace alive. Made at first use: most containers never need them.
+    let (mut forwards, mut conns): (Option<JoinSet<()>>, Option<JoinSet<()>>) = (None, None);
     loop {
-        while forwards.try_join_next().is_some() {}
-        if sock.readable().await.is_err() {
-            continue;
+        for set in [&mut forwards, &mut conns].into_iter().flatten() {
+            while set.try_join_next().is_some() {}
         }
-        let (q, peer) = match try_recv(&sock) {
-            Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                // ICMP errors from earlier sends surface here; the socket itself is fine.
-                debug!("dns server {key}: recv: {e}");
-                continue;
+        tokio::select! {
+            r = udp.readable() => {
+                if r.is_ok() && !on_datagram(&inner, key, &udp, &mut forwards) {
+                    return;
+                }
             }
-        };
-        let Some(inner) = inner.upgrade() else { return };
-        match inner.handle(key, &q, false) {
-            Outcome::Reply(b) => {
-                let _ = sock.send_to(&b, peer).await;
+            r = tcp.accept() => {
+                let Ok((stream, _)) = r else { continue };
+                let conns = conns.get_or_insert_with(JoinSet::new);
+                if conns.len() < MAX_TCP {
+                    conns.spawn(serve_conn(inner.clone(), key, stream));
+                }
             }
-            Outcome::Forward(f) => {
-                let Ok(permit) = inflight.clone().try_acquire_owned() else { continue };
-                let upstreams = inner.upstreams(key);
-                let sock = sock.clone();
-                forwards.spawn(async move {
-                    let out = forward(&f, &upstreams, false).await;
-                    let _ = sock.send_to(&out, peer).await;
-                    drop(permit);
-                });
-            }
-            Outcome::Drop => {}
         }
     }
 }
 
-async fn serve_tcp(inner: std::sync::Weak<Inner>, key: u64, listener: TcpListener) {
-    let conns = Arc::new(Semaphore::new(MAX_TCP));
-    // Connections belong to this task, like the UDP forwards.
-    let mut tasks = JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        while tasks.try_join_next().is_some() {}
-        let Ok(permit) = conns.clone().try_acquire_owned() else { continue };
-        let inner = inner.clone();
-        tasks.spawn(async move {
-            serve_conn(inner, key, stream).await;
-            drop(permit);
-        });
+/// Answers one waiting datagram, at once or through a forward of its own (at most
+/// MAX_INFLIGHT: more are dropped, the client retries). False once the server is gone.
+fn on_datagram(
+    inner: &std::sync::Weak<Inner>,
+    key: u64,
+    sock: &Arc<UdpSocket>,
+    forwards: &mut Option<JoinSet<()>>,
+) -> bool {
+    let (q, peer) = match try_recv(sock) {
+        Ok(x) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+        Err(e) => {
+            // ICMP errors from earlier sends surface here; the socket itself is fine.
+            debug!("dns server {key}: recv: {e}");
+            return true;
+        }
+    };
+    let Some(inner) = inner.upgrade() else { return false };
+    match inner.handle(key, &q, false) {
+        Outcome::Reply(b) => {
+            // Loopback takes a datagram at once; if its buffer is full, the client retries
+            // as it would after a loss.
+            let _ = sock.try_send_to(&b, peer);
+        }
+        Outcome::Forward(f) => {
+            let forwards = forwards.get_or_insert_with(JoinSet::new);
+            if forwards.len() >= MAX_INFLIGHT {
+                return true;
+            }
+            let upstreams = inner.upstreams(key);
+            let sock = sock.clone();
+            forwards.spawn(async move {
+                let out = forward(&f, &upstreams, false).await;
+                let _ = sock.send_to(&out, peer).await;
+            });
+        }
+        Outcome::Drop => {}
     }
+    true
 }
 
 /// Answers length-prefixed queries on one connection, in order, until the client closes it,
