@@ -340,7 +340,16 @@ impl Daemon {
             if req.detach {
                 let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
                 let iso = self.isolation(&c); // own /etc files and hostname
-                match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), iso.as_ref(), &log, &exit) {
+                let (cmd, netns) = (req.cmd.clone(), sandbox_netns(&c));
+                // Off the async workers: a fork, an exec and a wait for the supervisor's first
+                // half, which cost more the more descriptors and memory the daemon has.
+                let spawned = tokio::task::spawn_blocking(move || {
+                    process::spawn_detached(&cmd, netns.as_deref(), iso.as_ref(), &log, &exit)
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("starting the process: {e}")));
+                let log = self.store.log_path(&id);
+                match spawned {
                     Ok((pid, g)) => {
                         p.pid = Some(pid);
                         p.start_time = process::start_time(pid);
@@ -381,7 +390,9 @@ impl Daemon {
             self.finish_container_removal(&c).await;
             return Err(e);
         }
-        gate.map(process::Gate::release); // wired: its command runs
+        if let Some(g) = gate {
+            g.release(); // wired: its command runs
+        }
         let c = self.current(&id, &c.name)?;
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
