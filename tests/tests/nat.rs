@@ -71,6 +71,27 @@ fn masquerade_outbound_traffic_leaves_with_the_host_address() {
     assert_eq!(seen.trim(), HOST_ETH0_IP);
 }
 
+#[test]
+fn a_detached_command_starts_wired_its_first_connection_is_masqueraded() {
+    // The daemon finishes attaching the datapath while the process is being started: the
+    // command itself must not run before that, or its first packets would leave unfiltered.
+    let lab = Lab::new("masqfirst");
+    let mut srv = outside_whoami(&lab, 9001);
+    let connect = format!("socat -t 10 - TCP:{CLIENT_IP}:9001,connect-timeout=5 </dev/null");
+    lab.np(&["run", "-d", "--name", "c", "--", "sh", "-c", &connect]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let seen = loop {
+        let logs = lab.np(&["logs", "c"]);
+        if !logs.trim().is_empty() || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert_eq!(seen.trim(), HOST_ETH0_IP, "the command's first connection, as the outside saw it");
+}
+
 const GATEWAY_MODE: &str = "com.docker.network.bridge.gateway_mode_ipv4";
 
 /// TCP from the client namespace that must not get through: the connection fails.

@@ -111,6 +111,9 @@ enum Cmd {
         /// Fork, write the supervisor's pid here, and let the first half exit.
         #[arg(long)]
         pid_file: Option<PathBuf>,
+        /// Wait for stdin to end before running the command (the daemon is still wiring).
+        #[arg(long)]
+        hold: bool,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -214,8 +217,8 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
-        Cmd::Supervise { exit_file, pid_file, cmd } => {
-            let code = crate::daemon::process::supervise(&exit_file, pid_file.as_deref(), &cmd);
+        Cmd::Supervise { exit_file, pid_file, hold, cmd } => {
+            let code = crate::daemon::process::supervise(&exit_file, pid_file.as_deref(), hold, &cmd);
             ExitCode::from(u8::try_from(code).unwrap_or(255))
         }
         Cmd::Version => run_client(&cli.socket, |c| async move {

@@ -104,6 +104,22 @@ fn reserved_addresses(net: &Network, host_addrs: &[std::net::Ipv4Addr]) -> Vec<(
     r
 }
 
+/// A program's attachment to a host veth, under way on a blocking thread.
+type Attaching = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Waits for every attachment (even after a failure: none is left running unseen) and returns
+/// the first error.
+async fn join_attaches(attaching: Vec<Attaching>) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    for a in attaching {
+        let r = a.await.unwrap_or_else(|e| Err(anyhow::anyhow!("attaching the datapath: {e}")));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
 /// A Linux interface name: 1-15 bytes, no '/', ':' or whitespace, not "." or "..".
 fn valid_ifname(s: &str) -> Result<()> {
     let ok = !s.is_empty()
@@ -189,7 +205,9 @@ impl Daemon {
     /// starts the detached process.
     pub async fn create_container(&self, req: ContainerCreate) -> Result<Value> {
         let (c, warnings) = self.create_container_record(req).await?;
-        let mut v = self.container_json(&c, &self.endpoint_counters(&c).await);
+        // No counters: a container made this instant has carried nothing worth a netlink
+        // round trip per endpoint on the path every start takes (`inspect` has them).
+        let mut v = self.container_json(&c, &Default::default());
         if !warnings.is_empty() {
             v["Warnings"] = serde_json::json!(warnings);
         }
@@ -294,8 +312,11 @@ impl Daemon {
         }
         laps.lap("persist");
         crash::point("run:reserved");
+        // The programs' attachments finish in the background (each waits out an RCU grace
+        // period) while the rest is done; the container is not handed out before they have.
+        let mut attaching = vec![];
         if let Err(e) = async {
-            self.build_sandbox(&c).await?;
+            self.build_sandbox(&c, &mut attaching).await?;
             crash::point("run:wired");
             self.publish_ports(&c, c.primary_ipv4())?;
             // Its firewall rules are in before its process can take a connection.
@@ -306,6 +327,7 @@ impl Daemon {
         }
         .await
         {
+            let _ = join_attaches(attaching).await; // settled before the teardown
             self.finish_container_removal(&c).await;
             return Err(e.into());
         }
@@ -313,6 +335,7 @@ impl Daemon {
         laps.lap("build");
 
         let mut started = None;
+        let mut gate = None;
         let mut proc = None;
         if !req.cmd.is_empty() {
             let mut p = Process {
@@ -326,11 +349,21 @@ impl Daemon {
             if req.detach {
                 let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
                 let iso = self.isolation(&c); // own /etc files and hostname
-                match process::spawn_detached(&req.cmd, sandbox_netns(&c).as_deref(), iso.as_ref(), &log, &exit) {
-                    Ok(pid) => {
+                let (cmd, netns) = (req.cmd.clone(), sandbox_netns(&c));
+                // Off the async workers: a fork, an exec and a wait for the supervisor's first
+                // half, which cost more the more descriptors and memory the daemon has.
+                let spawned = tokio::task::spawn_blocking(move || {
+                    process::spawn_detached(&cmd, netns.as_deref(), iso.as_ref(), &log, &exit)
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("starting the process: {e}")));
+                let log = self.store.log_path(&id);
+                match spawned {
+                    Ok((pid, g)) => {
                         p.pid = Some(pid);
                         p.start_time = process::start_time(pid);
                         started = Some(pid);
+                        gate = Some(g);
                     }
                     Err(e) => {
                         // Docker keeps a container whose command failed to start; so do we, exited.
@@ -349,21 +382,35 @@ impl Daemon {
             x.phase = Phase::Ready;
             x.process = proc;
         });
-        if let Err(e) = self.persist_container(&id).await {
+        // Ready on disk before the attachments are known to be done: a daemon that dies
+        // meanwhile leaves a container whose veth is on its bridge, which the next one adopts
+        // (attaching the program again), and a process that runs once the daemon is gone.
+        let persisted = self.persist_container(&id).await;
+        laps.lap("persist");
+        let attached = join_attaches(attaching).await;
+        laps.lap("attach");
+        if let Err(e) = persisted.and(attached.map_err(Error::from)) {
             if let Some(pid) = started {
+                // Held before its command: nothing to stop gracefully.
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
                 self.kill_pid(Some(pid), None).await;
             }
+            drop(gate);
             self.finish_container_removal(&c).await;
             return Err(e);
         }
-        laps.lap("persist");
+        if let Some(g) = gate {
+            g.release(); // wired: its command runs
+        }
         let c = self.current(&id, &c.name)?;
         info!("container {} created", c.name);
         tracing::debug!("run {}: {laps}", c.name);
         Ok((c, warnings))
     }
 
-    async fn build_sandbox(&self, c: &Container) -> anyhow::Result<()> {
+    /// Makes the namespace and wires every endpoint; the programs' attachments are left
+    /// running in `attaching`, for the caller to join.
+    async fn build_sandbox(&self, c: &Container, attaching: &mut Vec<Attaching>) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
         if let Sandbox::Netns { path, owned } = &c.sandbox {
             if *owned {
@@ -375,7 +422,7 @@ impl Daemon {
             laps.lap("lo");
         }
         for (i, ep) in c.endpoints.iter().enumerate() {
-            self.wire(c, ep, i == 0).await?;
+            attaching.extend(self.wire_start(c, ep, i == 0).await?);
         }
         laps.lap("wire");
         tracing::debug!("build {}: {laps}", c.name);
@@ -384,25 +431,43 @@ impl Daemon {
 
     /// Wires one endpoint (driver) and attaches the datapath to its host interface.
     pub(super) async fn wire(&self, c: &Container, ep: &Endpoint, primary: bool) -> anyhow::Result<()> {
+        join_attaches(self.wire_start(c, ep, primary).await?.into_iter().collect()).await
+    }
+
+    /// [`Self::wire`], returning while the program's attachment is still under way (joined
+    /// with [`join_attaches`]). Every netlink request comes first: the attachment holds the
+    /// kernel's RTNL lock through its grace period, and would make them wait for it.
+    async fn wire_start(&self, c: &Container, ep: &Endpoint, primary: bool) -> anyhow::Result<Option<Attaching>> {
         let mut laps = super::Laps::new();
         let net = self.state().network_by_id(&ep.network_id).context("endpoint on unknown network")?.clone();
         let host_if = driver(net.driver).ensure_endpoint(&self.nl, &net, &c.sandbox, ep, primary).await?;
         laps.lap("driver");
-        if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.as_deref()) {
-            self.attach_endpoint(&net, ep, name, idx)?;
+        let mut attaching = None;
+        if let (Some(idx), Some(name)) = (host_if, ep.host_ifname.clone()) {
+            let links = self.links.clone();
+            let a = tokio::task::spawn_blocking(move || links.attach(&name, idx));
+            if let Err(e) = self.endpoint_maps(&net, ep, idx) {
+                let _ = join_attaches(vec![a]).await; // settled before the caller unwires
+                return Err(e);
+            }
             self.xdp_endpoint(&c.sandbox, ep, idx);
+            attaching = Some(a);
         }
-        laps.lap("datapath");
         self.overlay_endpoint_up(c, ep, &net).await; // the other nodes learn where it is
         laps.lap("cluster");
         tracing::debug!("wire {} {}: {laps}", c.name, ep.ifname);
-        Ok(())
+        Ok(attaching)
     }
 
     /// The datapath side of a wired endpoint: the program on its host veth, its map entry.
     pub(super) fn attach_endpoint(&self, net: &Network, ep: &Endpoint, host_if: &str, idx: u32) -> anyhow::Result<()> {
         // Without the datapath's lock: the kernel makes a new link wait for a grace period.
         self.links.attach(host_if, idx)?;
+        self.endpoint_maps(net, ep, idx)
+    }
+
+    /// An endpoint's map entries: where its address is delivered, and (overlay) that it is here.
+    fn endpoint_maps(&self, net: &Network, ep: &Endpoint, idx: u32) -> anyhow::Result<()> {
         if let (Some(ip), Some(mac), Some(ipam)) = (ep.ipv4, ep.mac, net.ipam) {
             self.dp().set_endpoint(ip, idx, net.index, mac, ipam::mac_for(ipam.gateway))?;
             // Packets from other nodes for this address come out of the VXLAN device here.
@@ -674,15 +739,29 @@ impl Daemon {
     }
 
     /// Records the exit codes of detached processes that ended while nobody waited for them
-    /// (started by an earlier daemon): their supervisors wrote them down.
+    /// (started by an earlier daemon): their supervisors wrote them down. Runs every few
+    /// seconds: the state lock is held only to list the candidates, and the files are looked
+    /// at on a blocking thread, the exit file first (one failed stat for a running container;
+    /// reading /proc for each of ten thousand held the lock, and an async worker, for 0.3 s).
     pub async fn collect_exits(&self) {
-        let ended: Vec<(String, i32)> = self
+        let candidates: Vec<(String, PathBuf, Option<u32>, Option<u64>)> = self
             .state()
             .containers()
-            .filter(|c| c.process.as_ref().is_some_and(|p| p.detached && p.exit_code.is_none()))
-            .filter(|c| !Self::is_running(c))
-            .filter_map(|c| process::recorded_exit(&self.store.exit_path(&c.id)).map(|code| (c.id.clone(), code)))
+            .filter_map(|c| {
+                let p = c.process.as_ref().filter(|p| p.detached && p.exit_code.is_none())?;
+                Some((c.id.clone(), self.store.exit_path(&c.id), p.pid, p.start_time))
+            })
             .collect();
+        let ended = tokio::task::spawn_blocking(move || {
+            candidates
+                .into_iter()
+                .filter(|(_, exit, _, _)| exit.exists())
+                .filter(|(_, _, pid, t)| !pid.is_some_and(|pid| process::is_alive(pid, *t)))
+                .filter_map(|(id, exit, _, _)| process::recorded_exit(&exit).map(|code| (id, code)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
         for (id, code) in ended {
             self.process_exited(&id, code).await;
         }

@@ -179,7 +179,7 @@ impl Daemon {
         };
         // Published-port and masqueraded traffic is routed by the host between uplink and bridges.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
-        let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf);
+        let dns = crate::dns::Dns::new(&store.dir().join("containers"), &cfg.resolv_conf)?;
         let ct_table = Arc::new(datapath.flow_table()?);
         let overlay_dp = match datapath.overlay() {
             Ok(o) => Some(o),

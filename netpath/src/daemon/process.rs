@@ -141,16 +141,28 @@ pub fn enter_in_child(
     Ok(())
 }
 
+/// Holds a started supervisor back from running its command until dropped (or released):
+/// the write end of the pipe on the supervisor's stdin, whose end of file lets it go. The
+/// daemon dying lets it go too, and the record it persisted decides what happens next.
+pub struct Gate(#[allow(dead_code)] OwnedFd);
+
+impl Gate {
+    /// Lets the command run.
+    pub fn release(self) {}
+}
+
 /// Starts a detached container process: own session, stdin from /dev/null, stdout and stderr
 /// appended to `log`. It runs under `netpath __supervise` (this binary), which records its exit
 /// code in `exit_file`: a daemon restarted meanwhile, no longer its parent, still learns it.
+/// The command itself waits until the returned [`Gate`] is released or dropped, so the rest
+/// of the container's wiring can finish while the process is being started.
 pub fn spawn_detached(
     argv: &[String],
     netns: Option<&Path>,
     iso: Option<&Isolation>,
     log: &Path,
     exit_file: &Path,
-) -> Result<u32> {
+) -> Result<(u32, Gate)> {
     let Some(prog) = argv.first() else { bail!("no command given") };
     // The supervisor would report this only after the fact; say it now, as Docker does.
     if !is_executable(prog) {
@@ -165,14 +177,18 @@ pub fn spawn_detached(
         .open(log)
         .with_context(|| format!("opening log {}", log.display()))?;
     // /proc/self/exe: the running daemon's image, even if its file was replaced since.
+    // Both ends close on exec: the supervisor gets the read end as its stdin (dup'd, so
+    // open), and no other child keeps the write end, whose closing is the signal.
+    let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg(SUPERVISE)
         .arg(exit_file)
         .arg("--pid-file")
         .arg(&pid_file)
+        .arg("--hold")
         .arg("--")
         .args(argv)
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(hold_r))
         .stdout(out.try_clone()?)
         .stderr(out);
     let fd = netns.map(open_netns).transpose()?;
@@ -184,7 +200,7 @@ pub fn spawn_detached(
     let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
     let _ = std::fs::remove_file(&pid_file);
     match (st.success(), pid) {
-        (true, Some(pid)) => Ok(pid),
+        (true, Some(pid)) => Ok((pid, Gate(hold_w))),
         _ => bail!("starting {prog:?}: the supervisor did not start ({st})"),
     }
 }
@@ -260,7 +276,9 @@ const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHU
 
 /// Runs `argv` (already in the container's namespace and session), waits for it and writes its
 /// exit code (128+N for signal N, as a shell reports it) to `exit_file`; returns that code.
-pub fn supervise(exit_file: &Path, pid_file: Option<&Path>, argv: &[String]) -> i32 {
+/// `hold`: first wait for the end of stdin (the daemon's [`Gate`]), and give the command
+/// /dev/null instead.
+pub fn supervise(exit_file: &Path, pid_file: Option<&Path>, hold: bool, argv: &[String]) -> i32 {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let Some((prog, args)) = argv.split_first() else { return 127 };
     if let Some(pf) = pid_file {
@@ -283,10 +301,19 @@ pub fn supervise(exit_file: &Path, pid_file: Option<&Path>, argv: &[String]) -> 
             }
         }
     }
+    if hold {
+        // Whatever comes (a byte, end of file, an error), the wait is over: the daemon has
+        // wired the container, or died, and then its restart adopts or removes the container.
+        use std::io::Read;
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+    }
     // SAFETY: setting dispositions to SIG_IGN before any thread exists.
     unsafe { STOP_SIGNALS.iter().for_each(|&s| _ = libc::signal(s, libc::SIG_IGN)) };
     let mut cmd = std::process::Command::new(prog);
     cmd.args(args);
+    if hold {
+        cmd.stdin(Stdio::null());
+    }
     // SAFETY: signal() is async-signal-safe; ignored dispositions survive exec otherwise.
     unsafe {
         cmd.pre_exec(|| {

@@ -132,12 +132,15 @@ struct Inner {
     files_dir: PathBuf,
     rotate: AtomicUsize,
     runtime: tokio::runtime::Handle,
+    /// Every server's sockets, served by one task.
+    poller: Arc<server::Poller>,
 }
 
 impl Dns {
     /// Must be called inside the daemon's tokio runtime. `resolv_conf`: the host's resolver
     /// configuration (upstreams, search domains), re-read when it changes.
-    pub fn new(files_dir: &Path, resolv_conf: &Path) -> Dns {
+    pub fn new(files_dir: &Path, resolv_conf: &Path) -> anyhow::Result<Dns> {
+        let poller = server::Poller::new().context("starting the embedded DNS server")?;
         let inner = Arc::new(Inner {
             table: RwLock::default(),
             servers: Mutex::default(),
@@ -146,7 +149,9 @@ impl Dns {
             files_dir: files_dir.to_owned(),
             rotate: AtomicUsize::new(0),
             runtime: tokio::runtime::Handle::current(),
+            poller: poller.clone(),
         });
+        poller.serve(Arc::downgrade(&inner));
         inner.refresh_host();
         // Follow the host's resolver changes (DHCP, VPN) for forwarding.
         let weak = Arc::downgrade(&inner);
@@ -158,7 +163,7 @@ impl Dns {
                 i.refresh_host();
             }
         });
-        Dns { inner }
+        Ok(Dns { inner })
     }
 
     /// The files of container `id` (whether or not they exist yet).
