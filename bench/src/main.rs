@@ -126,7 +126,9 @@ enum Internal {
     /// The connection-rate client (prints JSON).
     #[command(name = "__conn-client", hide = true)]
     ConnClient {
-        addr: SocketAddr,
+        /// One address, or several (comma-separated) taken in turn.
+        #[arg(value_delimiter = ',', required = true)]
+        addr: Vec<SocketAddr>,
         #[arg(long)]
         secs: f64,
         #[arg(long, default_value_t = 10_000_000)]
@@ -193,7 +195,7 @@ fn main() -> ExitCode {
     let r = match cli.internal {
         Some(Internal::Serve { max_secs, extra_port }) => serve::serve(max_secs, extra_port).map(|_| ExitCode::SUCCESS),
         Some(Internal::ConnClient { addr, secs, max, threads }) => {
-            serve::conn_client(addr, secs, max, threads).map(|st| {
+            serve::conn_client(&addr, secs, max, threads).map(|st| {
                 let j = serde_json::json!({
                     "conns": st.conns, "errors": st.errors, "secs": st.secs, "first_error": st.first_error
                 });

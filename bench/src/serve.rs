@@ -65,18 +65,21 @@ pub struct ConnStats {
     pub first_error: Option<String>,
 }
 
-/// Opens connections to `addr` for `secs` (at most `max` in all), on `threads` threads: each
-/// one connects, reads the server's byte and closes with an RST (SO_LINGER 0), so no TIME_WAIT
-/// state piles up and ephemeral ports are reused at once.
-pub fn conn_client(addr: SocketAddr, secs: f64, max: u64, threads: usize) -> Result<ConnStats> {
+/// Opens connections to `addrs` (each in turn) for `secs` (at most `max` in all), on `threads`
+/// threads: each one connects, reads the server's byte and closes with an RST (SO_LINGER 0),
+/// so no TIME_WAIT state piles up and ephemeral ports are reused at once.
+pub fn conn_client(addrs: &[SocketAddr], secs: f64, max: u64, threads: usize) -> Result<ConnStats> {
+    anyhow::ensure!(!addrs.is_empty(), "no address to connect to");
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let per_thread = max.div_ceil(threads.max(1) as u64);
     let handles: Vec<_> = (0..threads.max(1))
-        .map(|_| {
+        .map(|t| {
+            let addrs = addrs.to_vec();
             std::thread::spawn(move || {
                 let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
                 while ok + errors < per_thread && Instant::now() < deadline {
+                    let addr = addrs[(t + (ok + errors) as usize) % addrs.len()];
                     match one_conn(addr) {
                         Ok(()) => ok += 1,
                         Err(e) => {
@@ -153,7 +156,7 @@ mod tests {
                 let _ = s.write_all(b"x");
             }
         });
-        let st = conn_client(addr, 5.0, 50, 2).unwrap();
+        let st = conn_client(&[addr], 5.0, 50, 2).unwrap();
         assert_eq!(st.conns, 50, "{:?}", st.first_error);
         assert_eq!(st.errors, 0);
         probe(addr, Duration::from_secs(1)).unwrap();

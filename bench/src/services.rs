@@ -33,6 +33,8 @@ struct SvcLab {
     /// opens a control and a data connection that must reach one server, which a VIP over
     /// several backends does not promise: the throughput figure uses a one-backend service.
     direct: Option<(String, String)>,
+    /// netpath lab, first count: the three backends' own addresses (the ceiling figure).
+    backends: Vec<String>,
     servers: Vec<Child>,
 }
 
@@ -92,8 +94,13 @@ fn netpath_lab(exe: &Path, services: u32, tput: bool) -> Result<SvcLab> {
         v[0]["Endpoint"]["VirtualIPs"][0]["Addr"].as_str().context("no VIP")?.split('/').next().unwrap().to_string();
     let v: serde_json::Value = serde_json::from_str(&np(&["inspect", "client"])?)?;
     let client_ns = PathBuf::from(v[0]["NetworkSettings"]["SandboxKey"].as_str().context("no SandboxKey")?);
-    let v: serde_json::Value = serde_json::from_str(&np(&["inspect", "b1"])?)?;
-    let direct = v[0]["NetworkSettings"]["Networks"]["svcnet"]["IPAddress"].as_str().context("no b1 address")?;
+    let mut backends = vec![];
+    for b in ["b1", "b2", "b3"] {
+        let v: serde_json::Value = serde_json::from_str(&np(&["inspect", b])?)?;
+        let a = v[0]["NetworkSettings"]["Networks"]["svcnet"]["IPAddress"].as_str().context("no backend address")?;
+        backends.push(a.to_string());
+    }
+    let direct = backends[0].as_str();
     let direct = if tput {
         np(&["service", "create", "--name", "tput", "--network", "svcnet", "--backend", "b1"])?;
         let v: serde_json::Value = serde_json::from_str(&np(&["service", "inspect", "tput"])?)?;
@@ -102,7 +109,8 @@ fn netpath_lab(exe: &Path, services: u32, tput: bool) -> Result<SvcLab> {
     } else {
         None
     };
-    Ok(SvcLab { _lab: lab, client_ns, vip, direct, servers: vec![] })
+    let backends = if tput { backends } else { vec![] };
+    Ok(SvcLab { _lab: lab, client_ns, vip, direct, backends, servers: vec![] })
 }
 
 fn iptables_lab(exe: &Path, services: u32) -> Result<SvcLab> {
@@ -155,7 +163,7 @@ fn iptables_lab(exe: &Path, services: u32) -> Result<SvcLab> {
     }
     rules.push_str("COMMIT\n");
     check(in_ns(&host, "iptables-restore", &["-w"]), Some(rules.as_bytes()), T)?;
-    Ok(SvcLab { _lab: lab, client_ns, vip: vip_of(services - 1), direct: None, servers })
+    Ok(SvcLab { _lab: lab, client_ns, vip: vip_of(services - 1), direct: None, backends: vec![], servers })
 }
 
 /// Runs the services section; returns its markdown.
@@ -164,6 +172,9 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
     let mut rows: Vec<(String, u32, Vec<f64>, f64)> = vec![];
     // (through the VIP, straight to a backend), Gbit/s, per repetition: at the first count.
     let mut throughput: Vec<(f64, f64)> = vec![];
+    // New conn/s from the client container straight to the 3 backends' addresses in turn (no
+    // VIP, no service lookup): what the machine's TCP stacks allow, every datapath's ceiling.
+    let mut ceiling: Vec<f64> = vec![];
     for &n in counts {
         for kind in ["netpath", "iptables"] {
             if stop_requested() {
@@ -189,6 +200,12 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
                     eprintln!("bench: services: TCP through the VIP {via:.1} Gbit/s, to a backend {to:.1} Gbit/s");
                     throughput.push((via, to));
                 }
+                if !lab.backends.is_empty() {
+                    let addrs: Vec<String> = lab.backends.iter().map(|b| format!("{b}:{CONN_PORT}")).collect();
+                    let c = conn_rate(exe, &lab.client_ns, &addrs.join(","), secs)?;
+                    eprintln!("bench: services: straight to the backends {c:.0} conn/s");
+                    ceiling.push(c);
+                }
             }
             rows.push((kind.to_string(), n, v, setup));
         }
@@ -212,6 +229,24 @@ pub fn run(exe: &Path, counts: &[u32], reps: usize, secs: u32) -> Result<String>
             rate("netpath", *hi) / rate("netpath", *lo),
             rate("netpath", *hi) / rate("iptables", *hi),
         ));
+        // What each datapath adds to a new connection at `hi` services over its cost at `lo`:
+        // the part that grows with the number of services.
+        let extra = |k: &str| 1e6 / rate(k, *hi) - 1e6 / rate(k, *lo);
+        md.push_str(&format!(
+            "\nWhat {hi} services add to each new connection: netpath {:+.1} µs, iptables {:+.1} µs.\n",
+            extra("netpath"),
+            extra("iptables"),
+        ));
+        if !ceiling.is_empty() {
+            let c = med(&ceiling);
+            md.push_str(&format!(
+                "\nCeiling: the client straight to the 3 backends' addresses in turn (no VIP at all) opens {c:.0} conn/s, \
+                 so no datapath could show much more than {:.1}× iptables at {hi} on this machine; netpath at {hi} \
+                 services runs at {:.2}× that ceiling.\n",
+                c / rate("iptables", *hi),
+                rate("netpath", *hi) / c,
+            ));
+        }
     }
     if !throughput.is_empty() {
         let via = med(&throughput.iter().map(|t| t.0).collect::<Vec<_>>());

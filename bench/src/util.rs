@@ -142,9 +142,11 @@ pub fn stop_requested() -> bool {
 /// the connections failed.
 pub fn conn_rate(exe: &Path, ns: &Path, addr: &str, secs: u32) -> Result<f64> {
     let exe = exe.to_str().context("exe path")?;
-    // Servers start asynchronously: wait until they answer.
-    let probe = netpath_tests::in_ns(ns, exe, &["__probe", addr, "--timeout-secs", "30"]);
-    check(probe, None, Duration::from_secs(40))?;
+    // Servers start asynchronously: wait until they answer (each, when `addr` lists several).
+    for a in addr.split(',') {
+        let probe = netpath_tests::in_ns(ns, exe, &["__probe", a, "--timeout-secs", "30"]);
+        check(probe, None, Duration::from_secs(40))?;
+    }
     let c = netpath_tests::in_ns(ns, exe, &["__conn-client", addr, "--secs", &secs.to_string()]);
     let out = check(c, None, Duration::from_secs(u64::from(secs) + 60))?;
     let j: serde_json::Value = serde_json::from_str(out.trim()).context("conn client JSON")?;

@@ -4,11 +4,11 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-use netpath_common::{CtEntry, Tuple, ct_stat, ct_state, drop_reason};
+use netpath_common::{CtEntry, Tuple, ct_stat, ct_state, drop_reason, proto};
 
 use crate::events;
 use crate::maps::{CT, CT_STATS, count};
-use crate::parse::{Packet, TCP_FIN, TCP_RST};
+use crate::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// The translation for `p` if a flow exists whose entry applies at `hook`; refreshes it.
 #[inline(always)]
@@ -38,6 +38,30 @@ pub fn lookup_any(p: &Packet) -> Option<(u8, Tuple)> {
         e.state = ct_state::ESTABLISHED;
     }
     Some((e.hook, e.xlate))
+}
+
+/// A new TCP connection (`p`, a SYN of no tracked flow) whose replies a closed flow still
+/// claims: the client reused its port at once after an RST or FIN, towards another address
+/// (a backend straight, after reaching it through a VIP). The closed flow's two entries go,
+/// as the kernel replaces a closed connection; else the new connection's replies would be
+/// translated for the dead one. A live flow's claim is left alone.
+#[inline(always)]
+pub fn release_closed_claim(p: &Packet) {
+    if !p.translatable || p.tuple.proto != proto::TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let reply_key = p.tuple.reversed();
+    // SAFETY: plain lookup, fields copied.
+    let Some((state, partner)) = (unsafe { CT.get(&reply_key) }).map(|e| (e.state, e.xlate.reversed())) else {
+        return;
+    };
+    // The client's RST or FIN marks its own direction's entry; either one closed ends the flow.
+    // SAFETY: plain lookup, field copied.
+    let partner_state = unsafe { CT.get(&partner) }.map(|e| e.state);
+    if state == ct_state::CLOSING || partner_state == Some(ct_state::CLOSING) {
+        let _ = CT.remove(&reply_key);
+        let _ = CT.remove(&partner);
+    }
 }
 
 /// The translation of a tracked tuple at `hook`, without refreshing it (ICMP errors do not

@@ -44,6 +44,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
         // and go straight out, or leave it to the stack and the uplink's program.
         Some((hook::UPLINK_OUT, x)) => return nat::forward_to_uplink(ctx, &p, &x),
         _ => {
+            conntrack::release_closed_claim(&p);
             if policy::leaves_internal(&p, src.as_ref()) {
                 return drop(&p, HOOK, drop_reason::INTERNAL);
             }

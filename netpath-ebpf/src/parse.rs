@@ -15,7 +15,9 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAM_PROBLEM: u8 = 12;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// An IPv4 packet. `tuple` is meaningful only when `translatable`: unfragmented TCP/UDP/ICMP-echo
 /// packets whose L4 header lies inside the IPv4 total length. Everything else is passed through

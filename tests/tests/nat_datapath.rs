@@ -212,6 +212,10 @@ impl Fixture {
         *flows.get(&key).unwrap_or_else(|| panic!("no entry for {key:?} in {flows:#?}"))
     }
 
+    fn try_flow(&mut self, key: Tuple) -> Option<CtEntry> {
+        self.flows().get(&key).copied()
+    }
+
     fn counter(&mut self, name: &str) -> u64 {
         let c = self.dp().counters().unwrap();
         c.drops.get(name).or(c.conntrack.get(name)).copied().unwrap_or_else(|| panic!("no counter {name}"))
@@ -1095,6 +1099,33 @@ fn a_new_flow_to_a_vip_is_dnated_to_its_backend_and_redirected() {
     assert_eq!((fwd.xlate, fwd.hook), (tuple(A2, 45000, A1, 80, proto::TCP), hook::FROM_CONTAINER));
     let rev = f.flow(tuple(A1, 80, A2, 45000, proto::TCP));
     assert_eq!((rev.xlate, rev.hook, rev.is_reply), (tuple(VIP, 80, A2, 45000, proto::TCP), hook::FROM_CONTAINER, 1));
+}
+
+/// `pkt` with its TCP flags set to `flags` (conntrack reads them; checksums do not matter here).
+fn with_flags(mut pkt: Vec<u8>, flags: u8) -> Vec<u8> {
+    pkt[14 + 20 + 13] = flags;
+    pkt
+}
+
+#[test]
+fn a_port_reused_straight_to_the_backend_after_a_closed_vip_flow_gets_untranslated_replies() {
+    let mut f = Fixture::new("svc-reuse");
+    f.service(&[A1], 0);
+    f.run(FROM_CONTAINER, &with_flags(tcp(A2, 45000, VIP, 80), 0x02));
+    f.run(FROM_CONTAINER, &with_flags(tcp(A1, 80, A2, 45000), 0x12));
+    // While the VIP flow lives, a SYN from the same port to the backend leaves its entries alone.
+    f.run(FROM_CONTAINER, &with_flags(tcp(A2, 45000, A1, 80), 0x02));
+    assert_eq!(f.flow(tuple(A1, 80, A2, 45000, proto::TCP)).xlate, tuple(VIP, 80, A2, 45000, proto::TCP));
+    // The client closes with an RST, then opens a new connection from that port to A1 itself.
+    f.run(FROM_CONTAINER, &with_flags(tcp(A2, 45000, VIP, 80), 0x14));
+    f.run(FROM_CONTAINER, &with_flags(tcp(A2, 45000, A1, 80), 0x02));
+    assert!(f.try_flow(tuple(A1, 80, A2, 45000, proto::TCP)).is_none(), "the closed flow's reply entry went");
+    assert!(f.try_flow(tuple(A2, 45000, VIP, 80, proto::TCP)).is_none(), "and its forward entry");
+    // So A1's SYN-ACK reaches the client from A1, not from the VIP.
+    let synack = with_flags(tcp(A1, 80, A2, 45000), 0x12);
+    let (verdict, out) = f.run(FROM_CONTAINER, &synack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, synack);
 }
 
 #[test]
