@@ -173,6 +173,8 @@ fn main() {
     let counters: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default();
     println!("drops counted as direct-access: {}", counters["drops"]["direct-access"]);
 
+    let xdp_ok = xdp_step(&mut lab, &curl, &direct);
+
     step("A firewall in eBPF: a deny rule drops one outside client, the flow log names the rule");
     let far = "198.51.100.9";
     println!("client namespace$ ip addr add {far}/24 dev eth0   (a second outside client)");
@@ -342,10 +344,60 @@ fn main() {
     println!("lab removed: no namespaces, links or pins left behind");
 
     let multi_host = multi_host();
-    if !moved || !kept || got_in || !names_ok || !survived || !mv_ok || left || !balanced || !firewall_ok || !multi_host
+    if !moved
+        || !kept
+        || got_in
+        || !names_ok
+        || !survived
+        || !xdp_ok
+        || !mv_ok
+        || left
+        || !balanced
+        || !firewall_ok
+        || !multi_host
     {
         std::process::exit(1);
     }
+}
+
+/// XDP switched on by a restart: the published port (`curl`, from the client) answers with its
+/// frames redirected by XDP, and direct access (`direct`) is dropped there under the same
+/// reason; then back to TC alone. True when all of it held.
+fn xdp_step(lab: &mut Lab, curl: &str, direct: &str) -> bool {
+    step("XDP on the uplink: the same NAT and drops, decided before the kernel builds a socket buffer");
+    println!("$ kill -TERM <daemon>; netpath daemon --xdp native ...   (a restart switches it; flows carry on)");
+    lab.set_daemon_args(&["--xdp", "native"]);
+    lab.restart_daemon();
+    let dp =
+        |lab: &Lab| -> serde_json::Value { serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap_or_default() };
+    let before = dp(lab);
+    println!("$ netpath system datapath   →   \"xdp\": {}", before["xdp"]);
+    // A socket on this machine leaves TCP checksums to offload, which XDP cannot finish (TC
+    // can): a client off a wire sends them whole, as this one now does.
+    println!("client namespace$ ethtool -K eth0 tx off   (full checksums, as frames off a wire carry)");
+    lab.client_sends_full_checksums();
+    let redirects = lab.uplink_xdp_redirects();
+    println!("client namespace$ {curl}");
+    let answer =
+        in_ns(&lab.client_ns, "sh", &["-c", curl]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+    let answer = answer.unwrap_or_default();
+    print!("{answer}");
+    let moved = lab.uplink_xdp_redirects() - redirects;
+    println!("frames uplink_xdp handed straight to the container's veth: {moved}");
+    println!("client namespace$ {direct}");
+    let got_in = in_ns(&lab.client_ns, "sh", &["-c", direct]).output().map(|o| o.status.success()).unwrap_or(false);
+    let after = dp(lab);
+    let dropped =
+        after["drops"]["direct-access"].as_u64().unwrap_or(0) - before["drops"]["direct-access"].as_u64().unwrap_or(0);
+    println!(
+        "reached the container by its own address: {}; drops counted as direct-access meanwhile: {dropped}",
+        if got_in { "YES" } else { "no (dropped in XDP)" }
+    );
+    must(in_ns(&lab.client_ns, "ethtool", &["-K", "eth0", "tx", "on"]));
+    println!("$ netpath daemon ...   (restarted without --xdp: TC alone again, the default)");
+    lab.set_daemon_args(&[]);
+    lab.restart_daemon();
+    answer.contains("you are") && moved > 0 && !got_in && dropped > 0
 }
 
 /// Two hosts, a real etcd, an overlay network across them and a service spread over both.
