@@ -87,12 +87,17 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
             }
         }
     };
-    // The routing mesh from a container outside the backend's overlay (next): a TCP segment
-    // that does not fit the tunnel and may not be fragmented is answered before it is translated
-    // (ICMP fragmentation needed, quoting it as the container sent it).
-    if vxlan::node_ip() == Some(xlate.saddr)
-        && vxlan::remote(src_net, xlate.daddr).is_none()
-        && vxlan::remote_of(xlate.daddr).is_some()
+    // The routing mesh from a container outside the backend's overlay: the flow leaves from
+    // this node's address, routed by this node from the container's network into the tunnel
+    // (a hop). Looked up once: a container's every translated packet comes here.
+    let mesh = if vxlan::node_ip() == Some(xlate.saddr) && vxlan::remote(src_net, xlate.daddr).is_none() {
+        vxlan::remote_of(xlate.daddr)
+    } else {
+        None
+    };
+    // A TCP segment that does not fit the tunnel and may not be fragmented is answered before
+    // it is translated (ICMP fragmentation needed, quoting it as the container sent it).
+    if mesh.is_some()
         && let Some(mtu) = vxlan::too_big(ctx, &p)
     {
         return icmp::frag_needed(ctx, &p, mtu, HOOK);
@@ -105,11 +110,7 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
     if let Some((vni, remote)) = vxlan::remote(src_net, xlate.daddr) {
         return vxlan::encap(ctx, &p, vni, &remote, HOOK);
     }
-    // The routing mesh from a container outside the backend's overlay: from this node's
-    // address, routed by this node from the container's network into the tunnel (a hop).
-    if vxlan::node_ip() == Some(xlate.saddr)
-        && let Some((vni, remote)) = vxlan::remote_of(xlate.daddr)
-    {
+    if let Some((vni, remote)) = mesh {
         if nat::take_hop(ctx).is_err() {
             return drop(&p, HOOK, drop_reason::REWRITE_FAILED);
         }
