@@ -7,7 +7,7 @@ use clap::Subcommand;
 use hyper::Method;
 use serde_json::Value;
 
-use super::table;
+use super::{s, table};
 use crate::api::client::{Client, seg};
 use crate::api::{ContainerCreate, ProcessReport};
 use crate::daemon::process;
@@ -114,14 +114,6 @@ pub enum ContainerCmd {
         #[arg(long)]
         ip: Option<String>,
     },
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        v => v.to_string(),
-    }
 }
 
 /// How the daemon says a container's processes are isolated (its inspect JSON): their own

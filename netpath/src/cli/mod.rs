@@ -327,6 +327,15 @@ pub(crate) fn parse_format(s: &str) -> Result<Format, String> {
 }
 
 /// Prints each object on a line of its own (`--format json`).
+/// A JSON value as a table cell: strings bare, null empty.
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        v => v.to_string(),
+    }
+}
+
 fn json_lines(items: &[serde_json::Value]) {
     for v in items {
         println!("{v}");

@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::table;
+use super::{s, table};
 use crate::api::client::{Client, seg};
 use crate::api::{ServiceCreate, ServiceUpdate};
 
@@ -85,14 +85,6 @@ pub enum ServiceCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        v => v.to_string(),
-    }
 }
 
 fn ports(v: &Value) -> String {
