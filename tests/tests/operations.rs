@@ -514,7 +514,17 @@ fn run_rm_churn_leaves_descriptors_entries_and_state_where_they_were() {
     // One cycle first, so lazily made things (sockets, pools) exist before the baseline.
     lab.np(&["run", "-d", "--name", "warm", "--network", "c", "-p", "8001:80", "--", "sleep", "600"]);
     lab.np(&["rm", "-f", "warm"]);
-    let before = footprint(&lab);
+    // The baseline once warm's teardown has wound down too (its DNS sockets close just after
+    // `rm` answers): two readings in a row that agree.
+    let mut before = footprint(&lab);
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = footprint(&lab);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     for i in 0..60 {
         let name = format!("churn{i}");
         lab.np(&["run", "-d", "--name", &name, "--network", "c", "-p", "8001:80", "--", "sleep", "600"]);
