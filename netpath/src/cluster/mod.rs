@@ -431,10 +431,14 @@ impl Cluster {
         snap.revision >= self.floor.load(Ordering::SeqCst)
     }
 
-    /// A transaction; its revision becomes the floor.
+    /// A transaction; if it wrote, its revision becomes the floor. A failed compare wrote
+    /// nothing a watched copy could undo, and its header names the store's newest revision
+    /// (others' writes), which would only make fresh reads look stale.
     async fn txn(&self, client: &mut Client, txn: Txn) -> crate::error::Result<etcd_client::TxnResponse> {
         let resp = self.timed(client.txn(txn)).await?;
-        if let Some(h) = resp.header() {
+        if resp.succeeded()
+            && let Some(h) = resp.header()
+        {
             self.floor.fetch_max(h.revision(), Ordering::SeqCst);
         }
         Ok(resp)
@@ -550,7 +554,7 @@ impl Cluster {
                         .context("lease keep-alive: stuck")?
                         .context("lease keep-alive")?;
                     // Our copy is older than our own last write, and no event of ours may come
-                    // (a failed transaction; others' writes outside the prefix in a shared etcd):
+                    // (others' writes outside the prefix in a shared etcd):
                     // ask where the store is.
                     if self.snapshot().revision < self.floor.load(Ordering::SeqCst) {
                         tokio::time::timeout(REQUEST_TIMEOUT, watch.request_progress())

@@ -171,8 +171,7 @@ impl Daemon {
             .await?;
         info!("service {} created in the cluster ({} replicas)", rec.name, rec.replicas);
         self.schedule_services(&cluster, &cluster.fresh_snapshot().await?).await;
-        let snap = cluster.fresh_snapshot().await?;
-        self.materialize_services(&snap).await;
+        self.materialize_fresh(&cluster).await?;
         self.sync_services().await;
         self.inspect_service(&rec.name)
     }
@@ -247,8 +246,7 @@ impl Daemon {
                 })
                 .await?;
             self.schedule_services(&cluster, &cluster.fresh_snapshot().await?).await;
-            let snap = cluster.fresh_snapshot().await?;
-            self.materialize_services(&snap).await;
+            self.materialize_fresh(&cluster).await?;
             self.sync_services().await;
         }
         self.inspect_service(name)
@@ -278,7 +276,21 @@ impl Daemon {
 
     /// Makes the local copies of the cluster's services match it: the slots placed here,
     /// replica counts, services gone. The services' sync then runs and removes tasks.
-    pub(super) async fn materialize_services(self: &Arc<Self>, snap: &Snapshot) {
+    /// Makes the local copies from a fresh read. Another write of this node (a task placed by
+    /// the watch loop, an endpoint) landing between the read and the copy makes that read
+    /// stale, and a stale read is not applied: read again, so the caller's answer shows its
+    /// own change.
+    async fn materialize_fresh(self: &Arc<Self>, cluster: &Cluster) -> Result<()> {
+        for _ in 0..10 {
+            if self.materialize_services(&cluster.fresh_snapshot().await?).await {
+                return Ok(());
+            }
+        }
+        Err(crate::error::Error::Unavailable("the cluster store kept changing under this request: try again".into()))
+    }
+
+    /// Returns false when `snap` is older than this node's last write (nothing applied).
+    pub(super) async fn materialize_services(self: &Arc<Self>, snap: &Snapshot) -> bool {
         let me = self.cluster.as_ref().map(|c| c.node_name().to_string()).unwrap_or_default();
         let mut changed = vec![];
         {
@@ -286,7 +298,7 @@ impl Daemon {
             // Checked under the state lock, which a request making a local copy after its own
             // write also takes: an older copy never undoes that.
             if self.cluster.as_ref().is_some_and(|c| !c.current(snap)) {
-                return;
+                return false;
             }
             for rec in snap.services.values() {
                 let here: BTreeSet<u32> = snap
@@ -403,6 +415,7 @@ impl Daemon {
         if !changed.is_empty() {
             self.services_changed(&changed);
         }
+        true
     }
 
     /// Addresses of `s`'s tasks on other nodes on `network_id` (from their endpoint records).
