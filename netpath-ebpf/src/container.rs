@@ -7,7 +7,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
 use netpath_common::{Backend, EndpointInfo, PortKey, Tuple, drop_reason, hook};
 
-use crate::maps::{HOST_ADDRS, NETWORKS, PORTMAP};
+use crate::maps::{NETWORKS, PORTMAP};
 use crate::parse::{Packet, parse};
 use crate::policy::{self, Reach};
 use crate::stats::{drop, drop_policy};
@@ -69,10 +69,11 @@ pub fn from_container(ctx: &mut TcContext) -> i32 {
                 return within_network(&p, src.as_ref());
             }
             // A service first (a VIP, or a service port published on a host address).
-            match lb::choose(&p, lb::Scope::Local).map(|x| x.and_then(|x| service_flow(&p, src_net, &x))) {
+            let on_host = lb::host_addr(p.daddr);
+            match lb::choose(&p, lb::Scope::Local, on_host).map(|x| x.and_then(|x| service_flow(&p, src_net, &x))) {
                 Some(Ok(x)) => x,
                 Some(Err(reason)) => return drop(&p, HOOK, reason),
-                None => match published(&p) {
+                None => match published(&p, on_host) {
                     Some(b) => {
                         if let Some(rule) = firewall::denied(&p, b.addr, b.port, src.as_ref()) {
                             return drop_policy(&p, HOOK, rule);
@@ -134,13 +135,16 @@ fn service_flow(p: &Packet, src_net: Option<u32>, x: &Tuple) -> Result<Tuple, u3
     Ok(x)
 }
 
-/// The published port `p` targets, if it is addressed to the host: first a port published on
+/// The published port `p` targets, if it is addressed to the host (`on_host`: see
+/// lb::host_addr, which the caller looked up for services too): first a port published on
 /// exactly that address, then one published on every address.
 #[inline(always)]
-pub fn published(p: &Packet) -> Option<Backend> {
+pub fn published(p: &Packet, on_host: bool) -> Option<Backend> {
+    if !on_host {
+        return None;
+    }
     // SAFETY: plain lookups, values copied out.
     unsafe {
-        HOST_ADDRS.get(&p.daddr)?;
         let mut key = PortKey { addr: p.daddr, port: p.tuple.dport, proto: p.tuple.proto, _pad: 0 };
         if let Some(b) = PORTMAP.get(&key) {
             return Some(*b);

@@ -22,9 +22,10 @@ pub enum Scope {
 
 /// The service (`addr`, `port`, `proto`) names (all in network byte order): a VIP's exact
 /// port, then the VIP's every-port entry, then a service port published on every host
-/// address when `addr` is the host's (or loopback, for host processes).
+/// address when `on_host`: `addr` is the host's (see [`host_addr`]; or loopback, for host
+/// processes). The caller looks that up once: it also decides published container ports.
 #[inline(always)]
-pub fn lookup(addr: u32, port: u16, proto: u8, scope: Scope, loopback: bool) -> Option<ServiceInfo> {
+pub fn lookup(addr: u32, port: u16, proto: u8, scope: Scope, on_host: bool) -> Option<ServiceInfo> {
     let mut key = PortKey { addr, port, proto, _pad: 0 };
     // SAFETY: plain lookups, values copied.
     unsafe {
@@ -38,12 +39,20 @@ pub fn lookup(addr: u32, port: u16, proto: u8, scope: Scope, loopback: bool) -> 
             }
             key.port = port;
         }
-        if !loopback && HOST_ADDRS.get(&addr).is_none() {
+        if !on_host {
             return None;
         }
         key.addr = 0;
         SERVICES.get(&key).copied()
     }
+}
+
+/// True when `addr` is one of the host's addresses (uplinks, bridge gateways): the only
+/// addresses ports are published on.
+#[inline(always)]
+pub fn host_addr(addr: u32) -> bool {
+    // SAFETY: plain lookup.
+    unsafe { HOST_ADDRS.get(&addr) }.is_some()
 }
 
 /// murmur3's finaliser: every input bit moves every output bit.
@@ -83,10 +92,10 @@ pub fn pick(svc: &ServiceInfo, hash: u32) -> Option<u32> {
 /// caller records (after the firewall; the routing mesh translates the source too when the
 /// backend is on another node). None when `p` is not for a service, or the service has no
 /// backend: the packet then goes on to the host, which holds the VIP (or the published
-/// address) and refuses (TCP RST, ICMP port unreachable for UDP).
+/// address) and refuses (TCP RST, ICMP port unreachable for UDP). `on_host`: see [`lookup`].
 #[inline(always)]
-pub fn choose(p: &Packet, scope: Scope) -> Option<Result<Tuple, u32>> {
-    let svc = lookup(p.tuple.daddr, p.tuple.dport, p.tuple.proto, scope, false)?;
+pub fn choose(p: &Packet, scope: Scope, on_host: bool) -> Option<Result<Tuple, u32>> {
+    let svc = lookup(p.tuple.daddr, p.tuple.dport, p.tuple.proto, scope, on_host)?;
     let backend = pick(&svc, flow_hash(&p.tuple, svc.flags))?;
     let port = if svc.target_port != 0 { svc.target_port } else { p.tuple.dport };
     let mut xlate = Tuple::new(p.tuple.saddr, backend, p.tuple.sport, port, p.tuple.proto);

@@ -10,7 +10,7 @@ use aya_ebpf::programs::SockAddrContext;
 use netpath_common::{Backend, PortKey, SockRevKey, SockRevValue, config, svc_flags};
 
 use crate::lb;
-use crate::maps::{CONFIG, HOST_ADDRS, PORTMAP, SOCK_REVNAT};
+use crate::maps::{CONFIG, PORTMAP, SOCK_REVNAT};
 
 const ALLOW: i32 = 1;
 
@@ -36,9 +36,10 @@ impl CtxPtr for SockAddrContext {
 fn lookup(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<Backend> {
     let addr = sa.user_ip4;
     let loopback = addr.to_ne_bytes()[0] == 127;
+    let on_host = loopback || lb::host_addr(addr);
     // SAFETY: plain lookups, values copied.
     unsafe {
-        if loopback || HOST_ADDRS.get(&addr).is_some() {
+        if on_host {
             let mut key = PortKey { addr, port: sa.user_port as u16, proto: sa.protocol as u8, _pad: 0 };
             if let Some(b) = PORTMAP.get(&key) {
                 return Some(*b);
@@ -50,16 +51,16 @@ fn lookup(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<Backend> {
         }
     }
     // A VIP need not be a known host address yet (the host's addresses are learnt lazily).
-    service(ctx, sa, addr, loopback)
+    service(ctx, sa, addr, on_host)
 }
 
 /// A service VIP or published service port: a backend from its Maglev table, by the socket's
 /// cookie (a connected socket or an unconnected UDP socket's datagrams all reach one task),
 /// or with client-ip affinity the same for every host process.
 #[inline(always)]
-fn service(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: u32, loopback: bool) -> Option<Backend> {
+fn service(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: u32, on_host: bool) -> Option<Backend> {
     let port = sa.user_port as u16;
-    let svc = lb::lookup(addr, port, sa.protocol as u8, lb::Scope::Local, loopback)?;
+    let svc = lb::lookup(addr, port, sa.protocol as u8, lb::Scope::Local, on_host)?;
     let hash = if svc.flags & svc_flags::AFFINITY_CLIENT_IP != 0 {
         0
     } else {

@@ -93,7 +93,10 @@ pub fn decide(p: &Packet) -> Verdict {
     if let Some(x) = conntrack::lookup(p, IN) {
         return Verdict::Translate(x);
     }
-    match lb::choose(p, lb::Scope::Published) {
+    // Ports (services' and containers') are published on host addresses only: one lookup
+    // spares a packet for anything else (a flood to a container's address) both tables.
+    let on_host = lb::host_addr(p.daddr);
+    match lb::choose(p, lb::Scope::Published, on_host) {
         // The firewall judges the backend the table picked, before the flow is tracked.
         Some(Ok(x)) => match firewall::denied(p, x.daddr, x.dport, None) {
             Some(rule) => Verdict::Deny(rule),
@@ -104,7 +107,7 @@ pub fn decide(p: &Packet) -> Verdict {
         },
         Some(Err(reason)) => Verdict::Drop(reason),
         None => {
-            let x = match published(p) {
+            let x = match published(p, on_host) {
                 Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
                 // Tracked as is, like Linux conntrack does, so the container's replies are
                 // recognised at egress and keep their address (not masqueraded as a new flow).
