@@ -2,6 +2,8 @@
 //! packet path reads as a straight line: parse → conntrack → nat → rewrite → deliver.
 #![no_std]
 #![no_main]
+// Inline assembly on the BPF target: packet loads that LLVM would split into bytes (frame.rs).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod conntrack;
 mod container;
