@@ -174,6 +174,14 @@ enum Internal {
         #[arg(long)]
         secs: f64,
     },
+    /// A bare XDP_DROP on IFNAME for SECS (the flood's ceiling, see xdpgen.rs); prints how
+    /// many frames it dropped (JSON).
+    #[command(name = "__xdp-drop", hide = true)]
+    XdpDrop {
+        ifname: String,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Counts UDP datagrams received on PORT for SECS (prints JSON).
     #[command(name = "__udp-sink", hide = true)]
     UdpSink {
@@ -215,6 +223,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
+        Some(Internal::XdpDrop { ifname, secs }) => xdpgen::drop_all(&ifname, secs).map(|dropped| {
+            println!("{}", serde_json::json!({ "dropped": dropped, "secs": secs }));
+            ExitCode::SUCCESS
+        }),
         Some(Internal::UdpSink { port, secs }) => {
             let before = xdpgen::udp_snmp().unwrap_or_default();
             xdpgen::sink(port, secs).map(|got| {

@@ -10,7 +10,8 @@
 //!   counted by a UDP socket in the container (`__udp-sink`, recvmmsg, busy-polling);
 //! - flood: 64 B UDP to the container's address (closed in `nat` mode: both datapaths drop it
 //!   as `direct-access`) from the same one thread, what each datapath drops per second
-//!   (its counter), and a sockperf ping-pong's p99 on the published port meanwhile.
+//!   (its counter), and a sockperf ping-pong's p99 on the published port meanwhile; and a
+//!   ceiling, the same flood into a bare XDP_DROP (the generator's and the veth's own cost).
 //!
 //! TCP 1 stream and the RTT use ordinary sockets (iperf3, sockperf) and a client sending full
 //! checksums (`ethtool -K eth0 tx off`), as frames off a wire carry: uplink_xdp leaves a
@@ -162,6 +163,24 @@ fn flood_figure(v: &dyn Variant, exe: &Path, mac: &str, d: Durations) -> Result<
     Ok((sent / took / 1e3, (after - before) / took / 1e3, p99))
 }
 
+/// The flood table's ceiling, in the `direct` lab: the same flood into a bare `XDP_DROP` on
+/// the uplink (`__xdp-drop`), what the generator and the veth get through when the receiver
+/// does nothing. Returns (sent kpps, dropped kpps).
+fn ceiling_figure(v: &dyn Variant, exe: &Path, mac: &str, d: Durations) -> Result<(f64, f64)> {
+    let flood_secs = f64::from(d.secs) + 1.0;
+    let exe_s = exe.to_str().context("exe path")?;
+    let drop_secs = (flood_secs + 1.5).to_string();
+    let mut c = netpath_tests::in_ns(v.uplink_ns()?, exe_s, &["__xdp-drop", "eth0", "--secs", &drop_secs]);
+    let dropper = spawn_piped(&mut c).context("starting the bare XDP_DROP")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let to = SocketAddrV4::new(CTR_IP.parse()?, FLOOD_PORT);
+    let sent = spawn_gen(v, exe, mac, to, GEN_THREADS, flood_secs).and_then(|g| finish_gen(g, flood_secs));
+    let what = "the bare XDP_DROP";
+    let j = finish(dropper, what, Duration::from_secs_f64(flood_secs + 30.0))?;
+    let (sent, took) = sent?;
+    Ok((sent / took / 1e3, num(&j, what, "dropped")? / took / 1e3))
+}
+
 /// Runs the XDP section; returns its markdown.
 pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
@@ -205,7 +224,12 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             s.tcp1.push(tcp);
             s.p50.push(p50);
             s.p99.push(p99);
-            if *kind != Kind::Direct {
+            if *kind == Kind::Direct {
+                let (sent, dropped) = ceiling_figure(v, exe, mac, d)?;
+                eprintln!("bench: xdp: bare XDP_DROP rep {}: {sent:.0} kpps sent, {dropped:.0} kpps dropped", rep + 1);
+                s.flood_sent_kpps.push(sent);
+                s.dropped_kpps.push(dropped);
+            } else {
                 let (sent, dropped, loaded) = flood_figure(v, exe, mac, d)?;
                 eprintln!(
                     "bench: xdp: {label} rep {}: flood {sent:.0} kpps sent, {dropped:.0} kpps dropped, p99 loaded {loaded:.1} µs",
@@ -246,6 +270,11 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     );
     for (label, kind, _, s, _) in &rows {
         if *kind == Kind::Direct {
+            md.push_str(&format!(
+                "| ceiling: bare XDP_DROP ({label} lab) | {:.0} | {:.0} | — | — | — |\n",
+                med(&s.flood_sent_kpps),
+                med(&s.dropped_kpps)
+            ));
             continue;
         }
         md.push_str(&format!(
@@ -268,6 +297,19 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             med(&x.p99_loaded) / med(&x.p99),
             med(&tc.p99_loaded) / med(&tc.p99),
         ));
+        if let Some(c) = find(Kind::Direct) {
+            // Per frame: what the generator and the veth cost with a receiver that does
+            // nothing, and what each datapath adds to that.
+            let ns = |kpps: f64| 1e6 / kpps;
+            let ceiling = ns(med(&c.dropped_kpps));
+            md.push_str(&format!(
+                "Per dropped frame: {ceiling:.0} ns with a bare XDP_DROP (the generator, the veth, the XDP \
+                 call); uplink_xdp adds {:.0} ns, TC {:.0} ns. netpath-xdp drops {:.0}% of the ceiling.\n",
+                ns(med(&x.dropped_kpps)) - ceiling,
+                ns(med(&tc.dropped_kpps)) - ceiling,
+                100.0 * med(&x.dropped_kpps) / med(&c.dropped_kpps),
+            ));
+        }
         md.push_str(&format!(
             "netpath-xdp-generic: UDP {:.2}× netpath, TCP {:.2}×, drops {:.2}×.\n",
             med(&g.udp_kpps) / med(&tc.udp_kpps),
@@ -286,7 +328,9 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
          (`__udp-sink`, recvmmsg busy-polling on the other CPU: a sleeping reader costs a cross-CPU wakeup); \
          `socket full`: datagrams the container's stack had for it but its queue could not take (RcvbufErrors). \
          Flood: the same frames to the container's closed address from 1 thread for the run plus a second, \
-         sockperf starting 0.3 s in; dropped: the datapath's `direct-access` counter. TCP: iperf3, one stream; RTT: \
+         sockperf starting 0.3 s in; dropped: the datapath's `direct-access` counter. Ceiling: the same flood \
+         in the direct lab into a bare `XDP_DROP` on the uplink (`__xdp-drop`, native, no ping-pong), dropped \
+         counted by the veth. TCP: iperf3, one stream; RTT: \
          sockperf ping-pong --tcp, both from ordinary sockets with full checksums (no TX offload, hence no \
          TSO: TCP is lower than in the main table). Cells are medians over repetitions.\n",
     );

@@ -84,8 +84,13 @@ fn tx_prog(frame: &[u8]) -> Vec<[u8; 8]> {
 
 /// Loads [`tx_prog`]; returns its fd.
 fn load_tx_prog(frame: &[u8]) -> Result<std::os::fd::OwnedFd> {
+    load_xdp(&tx_prog(frame), "np_xgen", 0)
+}
+
+/// Loads XDP program `insns` named `name` (at most 15 bytes) for `expected_attach_type`;
+/// returns its fd.
+fn load_xdp(insns: &[[u8; 8]], name: &str, expected_attach_type: u32) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    let insns = tx_prog(frame);
     let license = b"GPL\0";
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = [0u8; 128];
@@ -96,13 +101,50 @@ fn load_tx_prog(frame: &[u8]) -> Result<std::os::fd::OwnedFd> {
     put32(&mut attr, 24, 1);
     put32(&mut attr, 28, log.len() as u32);
     put64(&mut attr, 32, log.as_mut_ptr() as u64);
-    attr[48..55].copy_from_slice(b"np_xgen");
+    attr[48..48 + name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    put32(&mut attr, 68, expected_attach_type);
     let fd = bpf(BPF_PROG_LOAD, &mut attr).with_context(|| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        format!("loading the generator's XDP program: {}", String::from_utf8_lossy(&log[..end]))
+        format!("loading XDP program {name}: {}", String::from_utf8_lossy(&log[..end]))
     })?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `__xdp-drop`: the flood table's ceiling. A bare `XDP_DROP` (two instructions) in native
+/// mode on `ifname` (of the calling process's namespace) for `secs`: what the generator gets
+/// through a receiver that does nothing, hence its own share (and the veth's) of the cost
+/// per frame. Attached by a BPF link, so it goes when this process does, however it ends.
+/// Returns the frames it dropped (the veth's own count of XDP drops).
+pub fn drop_all(ifname: &str, secs: f64) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    let prog = load_xdp(&[insn(0xb7, 0, 0, 0, XDP_DROP), insn(0x95, 0, 0, 0, 0)], "np_xdrop", BPF_XDP)?;
+    let ifindex = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
+    let before = xdp_drops(ifname)?;
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put32(&mut attr, 4, ifindex);
+    put32(&mut attr, 8, BPF_XDP);
+    put32(&mut attr, 12, XDP_FLAGS_DRV_MODE);
+    let link = bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching XDP_DROP to {ifname}"))?;
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    // SAFETY: the link fd the kernel returned above, closed once: the program detaches.
+    unsafe { libc::close(link as i32) };
+    Ok(xdp_drops(ifname)? - before)
+}
+
+/// The frames native XDP dropped on `ifname` so far (a veth's `ethtool -S` counters).
+fn xdp_drops(ifname: &str) -> Result<u64> {
+    let out = std::process::Command::new("ethtool").args(["-S", ifname]).output().context("running ethtool")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .filter(|(k, _)| k.ends_with("_xdp_drops"))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum())
 }
 
 fn csum_fold(mut s: u32) -> u16 {
