@@ -64,10 +64,32 @@ fn unplumb(lab: &Lab, sandbox: &Path, src: &str) {
 
 #[test]
 fn dockerd_creates_joins_publishes_leaves_and_deletes() {
-    let mut lab = Lab::without_daemon("docker");
+    dockerd_lifecycle("docker", &[]);
+}
+
+#[test]
+fn dockerd_endpoints_take_xdp_redirects() {
+    // With XDP on the uplink, a published port of a Docker endpoint is served like a netpath
+    // container's: uplink_xdp redirects its packets to the endpoint's veth (GRO went on at
+    // Join, before dockerd moved the interface), and again after a restart (the interface is
+    // found by index in the sandbox, where dockerd renamed it).
+    dockerd_lifecycle("dockerxdp", &["--xdp", "native"]);
+}
+
+/// Create, join, publish, traffic, restart, leave, delete, as dockerd drives them, with the
+/// daemon's flags `daemon_args` (`--xdp native`: the published port's packets must be XDP
+/// redirects, before and after the restart).
+fn dockerd_lifecycle(tag: &str, daemon_args: &[&str]) {
+    let xdp = daemon_args.contains(&"native");
+    let mut lab = Lab::without_daemon(tag);
     let sock = lab.dir.join("plugins/netpath.sock");
-    let args = vec!["--docker-plugin-socket".to_string(), sock.display().to_string()];
-    lab.start_daemon_with(&DaemonOpts { args, ..Default::default() });
+    let mut args: Vec<String> = daemon_args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--docker-plugin-socket".to_string(), sock.display().to_string()]);
+    lab.start_daemon_with(&DaemonOpts { args: args.clone(), ..Default::default() });
+    if xdp {
+        // Frames off a wire carry full checksums; uplink_xdp leaves offloaded ones to TC.
+        lab.client_sends_full_checksums();
+    }
     let host_links = lab.links(&lab.host_ns);
 
     // Discovery and capabilities.
@@ -170,16 +192,17 @@ fn dockerd_creates_joins_publishes_leaves_and_deletes() {
             .output()
             .unwrap()
     };
+    let redirects = lab.uplink_xdp_redirects();
     let out = tcp(HOST_ETH0_IP);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), CLIENT_IP, "published port, client address kept");
+    assert_eq!(lab.uplink_xdp_redirects() > redirects, xdp, "XDP redirects to the endpoint");
     // The endpoints are containers to netpath: they survive a daemon restart.
     lab.stop_daemon();
-    lab.start_daemon_with(&DaemonOpts {
-        args: vec!["--docker-plugin-socket".to_string(), sock.display().to_string()],
-        ..Default::default()
-    });
+    lab.start_daemon_with(&DaemonOpts { args, ..Default::default() });
+    let redirects = lab.uplink_xdp_redirects();
     assert_eq!(String::from_utf8_lossy(&tcp(HOST_ETH0_IP).stdout).trim(), CLIENT_IP, "after a restart");
+    assert_eq!(lab.uplink_xdp_redirects() > redirects, xdp, "XDP redirects to the endpoint after a restart");
 
     // docker stop / rm / network rm, in dockerd's order.
     for (sandbox, mut park, addr, eid, src) in eps {

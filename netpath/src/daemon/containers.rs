@@ -450,7 +450,7 @@ impl Daemon {
                 let _ = join_attaches(vec![a]).await; // settled before the caller unwires
                 return Err(e);
             }
-            self.xdp_endpoint(&c.sandbox, ep, idx);
+            self.xdp_endpoint(PeerEnd::of(&c.sandbox, ep), ep, idx);
             attaching = Some(a);
         }
         self.overlay_endpoint_up(c, ep, &net).await; // the other nodes learn where it is
@@ -479,21 +479,23 @@ impl Daemon {
     }
 
     /// Makes the endpoint's veth (host side `idx`) a target of uplink_xdp's redirects where
-    /// it can take them: with `--xdp` native (or auto) only once its container end has NAPI
-    /// (GRO on). Where that fails, uplink_xdp leaves the endpoint's flows to TC, as before.
-    pub(super) fn xdp_endpoint(&self, sandbox: &Sandbox, ep: &Endpoint, idx: u32) {
+    /// it can take them: with `--xdp` native (or auto) only once its container end (`peer`)
+    /// has NAPI (GRO on). Where that fails, uplink_xdp leaves the endpoint's flows to TC, as before.
+    pub(super) fn xdp_endpoint(&self, peer: PeerEnd<'_>, ep: &Endpoint, idx: u32) {
         let setting = self.dp().xdp_setting();
-        let ready = match (setting, sandbox) {
+        let gro = |r: anyhow::Result<()>| match r {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
+                false
+            }
+        };
+        let ready = match (setting, peer) {
             (crate::datapath::XdpSetting::Off, _) => false,
             (s, _) if !s.needs_peer_napi() => true,
-            (_, Sandbox::Netns { path, .. }) => match crate::netlink::ethtool::enable_gro(path, &ep.ifname) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname);
-                    false
-                }
-            },
-            (_, Sandbox::Host) => false,
+            (_, PeerEnd::Named(ns, name)) => gro(crate::netlink::ethtool::enable_gro(ns, name)),
+            (_, PeerEnd::Index(ns, index, renew)) => gro(crate::netlink::ethtool::enable_gro_index(ns, index, renew)),
+            (_, PeerEnd::Unknown) => false,
         };
         // Not ready: an entry an earlier daemon made (in another mode) goes.
         if let Err(e) = self.dp().set_xdp_port(idx, ready) {
@@ -941,5 +943,28 @@ impl Daemon {
             }
         });
         futures::future::join_all(stops).await;
+    }
+}
+
+/// Where the container end of an endpoint's veth is, for [`Daemon::xdp_endpoint`] to turn
+/// GRO on there.
+pub(super) enum PeerEnd<'a> {
+    /// In the namespace at this path, by this name (netpath names it).
+    Named(&'a std::path::Path, &'a str),
+    /// In the namespace at this path, by its ifindex there (the host end's peer index): a
+    /// Docker endpoint's, which dockerd renames in the sandbox. The flag: turn GRO off first
+    /// if it is on (see netlink::ethtool::enable_gro_index).
+    Index(&'a std::path::Path, u32, bool),
+    /// Nowhere GRO can be turned on (the host's own namespace, or not found).
+    Unknown,
+}
+
+impl<'a> PeerEnd<'a> {
+    /// Where netpath put it: `ep`'s interface in the container's namespace.
+    pub(super) fn of(sandbox: &'a Sandbox, ep: &'a Endpoint) -> Self {
+        match sandbox {
+            Sandbox::Netns { path, .. } => PeerEnd::Named(path, &ep.ifname),
+            Sandbox::Host => PeerEnd::Unknown,
+        }
     }
 }

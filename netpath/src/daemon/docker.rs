@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tracing::info;
 
 use super::Daemon;
-use super::containers::plan_endpoint;
+use super::containers::{PeerEnd, plan_endpoint};
 use super::networks::usable;
 use crate::error::{Error, Result};
 use crate::ports;
@@ -141,6 +141,24 @@ impl Daemon {
         self.publish_ports(&c, c.primary_ipv4())?;
         info!("docker endpoint {}: {} published ports", &endpoint_id[..endpoint_id.len().min(12)], bindings.len());
         Ok(())
+    }
+
+    /// ProgramExternalConnectivity comes once dockerd has moved the endpoint's interface into
+    /// its sandbox and brought it up: now it can become a target of uplink_xdp's redirects
+    /// (see Daemon::xdp_endpoint). Not at Join: GRO turned on there, while the interface is
+    /// still down here, would not make its host end a redirect target (the veth does that
+    /// only for a change while up). Where this fails, the endpoint's flows stay on TC.
+    pub async fn docker_xdp_ready(&self, endpoint_id: &str) {
+        let name = endpoint_record(endpoint_id);
+        let Some(c) = self.state().container(&name).cloned() else { return };
+        let _lock = self.locks.lock(&c.id).await;
+        let (Some(ep), Sandbox::Netns { path, .. }) = (c.endpoints.first(), &c.sandbox) else { return };
+        let Some(host) = ep.host_ifname.as_deref() else { return };
+        match self.nl.link_peer(host).await {
+            Ok(Some((idx, Some(peer)))) => self.xdp_endpoint(PeerEnd::Index(path, peer, true), ep, idx),
+            Ok(_) => tracing::debug!("endpoint {}: no veth peer; its flows stay on TC", ep.ifname),
+            Err(e) => tracing::debug!("endpoint {}: {e:#}; its flows stay on TC", ep.ifname),
+        }
     }
 
     /// DeleteEndpoint: unwires and forgets it; an endpoint that never joined is fine.

@@ -240,7 +240,17 @@ mod tests {
 
     fn link(index: u32, name: &str, master: Option<u32>) -> LinkSummary {
         let alias = name.starts_with("mine").then(|| netlink::OWNER_ALIAS.to_string());
-        LinkSummary { index, name: name.into(), kind: None, master, loopback: name == "lo", up: true, alias, mac: None }
+        LinkSummary {
+            index,
+            name: name.into(),
+            kind: None,
+            master,
+            loopback: name == "lo",
+            up: true,
+            alias,
+            mac: None,
+            peer: None,
+        }
     }
 
     #[test]

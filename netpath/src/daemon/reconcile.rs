@@ -10,6 +10,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tracing::{info, warn};
 
+use super::containers::PeerEnd;
+use super::docker::LABEL_DOCKER_ENDPOINT;
 use super::{Daemon, lo_up, process};
 use crate::drivers::driver;
 use crate::netlink::{LinkSummary, netns};
@@ -160,13 +162,21 @@ fn adopt(d: &Daemon, c: &Container, links: &HashMap<&str, &LinkSummary>) -> anyh
         let Some(host) = ep.host_ifname.as_deref() else { continue };
         let bridge = net.bridge.as_deref().and_then(|b| links.get(b)).map(|b| b.index);
         match links.get(host) {
-            Some(l) if l.up && bridge.is_some() && l.master == bridge => wired.push((net, ep, l.index)),
+            Some(l) if l.up && bridge.is_some() && l.master == bridge => wired.push((net, ep, l.index, l.peer)),
             _ => return Ok(false),
         }
     }
-    for (net, ep, idx) in wired {
+    for (net, ep, idx, peer) in wired {
         d.attach_endpoint(&net, ep, ep.host_ifname.as_deref().unwrap_or_default(), idx)?;
-        d.xdp_endpoint(&c.sandbox, ep, idx);
+        // dockerd named a Docker endpoint's interface in the sandbox: found by index there
+        // (GRO already on is left alone: flows are running through it).
+        let end = match (&c.sandbox, peer) {
+            (Sandbox::Netns { path, .. }, Some(i)) if c.labels.contains_key(LABEL_DOCKER_ENDPOINT) => {
+                PeerEnd::Index(path, i, false)
+            }
+            _ => PeerEnd::of(&c.sandbox, ep),
+        };
+        d.xdp_endpoint(end, ep, idx);
     }
     Ok(true)
 }

@@ -352,6 +352,7 @@ impl Plugin {
             reqs.push(Publish { host_ip, host_ports, container_ports: (cport, cport), proto });
         }
         self.daemon.docker_publish(&req.endpoint_id, &reqs).await?;
+        self.daemon.docker_xdp_ready(&req.endpoint_id).await;
         ok(json!({}))
     }
 

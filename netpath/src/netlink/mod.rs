@@ -33,6 +33,8 @@ pub struct LinkSummary {
     /// IFLA_IFALIAS: [`OWNER_ALIAS`] on links netpath made.
     pub alias: Option<String>,
     pub mac: Option<Vec<u8>>,
+    /// IFLA_LINK: a veth's peer's ifindex (in the peer's namespace).
+    pub peer: Option<u32>,
 }
 
 /// What the kernel counted on a link (its IFLA_STATS64), from the link's own side: `rx` is what
@@ -198,6 +200,23 @@ impl Netlink {
         let mut links = self.handle().link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(msg.header.index)),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
+    /// Link `name`'s index and (a veth's) its peer's index, in the peer's namespace.
+    pub async fn link_peer(&self, name: &str) -> Result<Option<(u32, Option<u32>)>> {
+        let mut links = self.handle().link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => {
+                let peer = msg.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Link(i) => Some(*i),
+                    _ => None,
+                });
+                Ok(Some((msg.header.index, peer)))
+            }
             Ok(None) => Ok(None),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
@@ -623,6 +642,7 @@ impl Netlink {
                 up: m.header.flags.contains(LinkFlags::Up),
                 alias: None,
                 mac: None,
+                peer: None,
             };
             for a in &m.attributes {
                 match a {
@@ -630,6 +650,7 @@ impl Netlink {
                     LinkAttribute::Controller(i) => l.master = Some(*i),
                     LinkAttribute::IfAlias(a) => l.alias = Some(a.clone()),
                     LinkAttribute::Address(m) => l.mac = Some(m.clone()),
+                    LinkAttribute::Link(i) => l.peer = Some(*i),
                     LinkAttribute::LinkInfo(infos) => {
                         l.kind = infos.iter().find_map(|i| match i {
                             LinkInfo::Kind(InfoKind::Other(k)) => Some(k.clone()),
