@@ -197,7 +197,11 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
          iperf3 (one TCP stream, CUBIC, then BBR) and sockperf ping-pong over TCP from one to the other. netpath: its eBPF \
          object and VXLAN device without a daemon, programmed through the daemon's overlay API. kernel: a \
          bridge with a VXLAN port (nolearning, proxy ARP) and static FDB and neighbour entries, as Docker's \
-         overlay driver programs them. Cells are medians over repetitions. Cluster rows: two daemons joined \
+         overlay driver programs them, but with netpath's outer UDP checksum setting (zero; the kernel's and \
+         Docker's default is on, at no measurable cost here) and no br_netfilter hooks on its bridge (Docker \
+         hosts load br_netfilter; here it depends on what ran before, and its hooks cost the kernel about 4% \
+         more CPU per Gbit/s): the baseline at its best, the same on every run. Cells are medians over \
+         repetitions. Cluster rows: two daemons joined \
          through etcd in the lab, an attachable overlay; the name probe asks every 2 ms; connection rates \
          are the bench's accept-and-close client and server.\n",
     );
