@@ -117,6 +117,52 @@ fn measure(l: &OverlayLab, secs: u32, bbr: bool) -> Result<Figures> {
     Ok(Figures { gbps, cpu_per_gbps: cpu_total / gbps, gbps_bbr, p50: p("50.000")?, p99: p("99.000")? })
 }
 
+/// Sets up both labs, prints each one's host and container namespaces, and holds them for
+/// `secs` or until a stop is requested (`__overlay-hold`).
+pub fn hold(exe: &Path, secs: Duration) -> Result<()> {
+    let mut labs = vec![];
+    for kind in [Kind::Netpath, Kind::Kernel] {
+        let l = setup(exe, kind)?;
+        let hosts = l.hosts.as_ref().expect("hosts");
+        println!(
+            "{}: hosts {} {}, client {} ({}), server {} ({})",
+            name(kind),
+            hosts[0].ns.display(),
+            hosts[1].ns.display(),
+            hosts[0].containers[0].ns.display(),
+            CLIENT.1,
+            hosts[1].containers[0].ns.display(),
+            SERVER.1
+        );
+        labs.push(l);
+    }
+    println!("ready");
+    let end = Instant::now() + secs;
+    while Instant::now() < end && !stop_requested() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// netpath's throughput over the kernel's, repetition by repetition (each pair ran back to
+/// back): the median and the range, and each variant's own range.
+fn ratio_spread(np: &[Figures], k: &[Figures]) -> String {
+    let pairs: Vec<f64> = np.iter().zip(k).map(|(a, b)| a.gbps / b.gbps).collect();
+    let range = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.2}–{hi:.2}")
+    };
+    let gbps = |v: &[Figures]| v.iter().map(|x| x.gbps).collect::<Vec<_>>();
+    format!(
+        "Repetition by repetition (each pair back to back): netpath/kernel throughput {:.2}× median, {}× range; \
+         netpath {} Gbit/s, kernel {} Gbit/s.\n",
+        median(&pairs).unwrap_or(f64::NAN),
+        range(&pairs),
+        range(&gbps(np)),
+        range(&gbps(k))
+    )
+}
+
 /// Runs the overlay section; returns its markdown.
 pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
@@ -128,9 +174,12 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     let bbr = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
         .is_ok_and(|a| a.split_whitespace().any(|c| c == "bbr"));
     let mut results: Vec<Vec<Figures>> = vec![vec![]; labs.len()];
-    // Round-robin over the variants in each repetition, so drift hits both alike.
+    // Both variants in each repetition, in turn first (ABBA...), so that drift and whatever
+    // the first run of a pair meets hit both alike.
     for rep in 0..reps {
-        for (i, l) in labs.iter().enumerate() {
+        let order: Vec<usize> = if rep % 2 == 0 { (0..labs.len()).collect() } else { (0..labs.len()).rev().collect() };
+        for i in order {
+            let l = &labs[i];
             if stop_requested() {
                 bail!("interrupted");
             }
@@ -184,6 +233,11 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             np.gbps_bbr / k.gbps_bbr,
             np.p50 / k.p50
         ));
+        // The spread says how far to trust that ratio: one stream on two shared vCPUs moves
+        // with where the scheduler puts its ends and with the machine's other load.
+        if let [np_reps, k_reps] = &results[..] {
+            md.push_str(&ratio_spread(np_reps, k_reps));
+        }
     }
     // The cluster rows need the datapath labs gone (CPU, and their namespaces).
     drop(labs);
