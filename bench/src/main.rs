@@ -189,6 +189,14 @@ enum Internal {
         #[arg(long)]
         secs: f64,
     },
+    /// Sets up the overlay section's two labs (netpath's and the kernel's), prints their
+    /// namespaces and holds them for SECS (or until SIGINT/SIGTERM): for profiling the two
+    /// datapaths by hand (perf, bpftool, ethtool) under the section's own traffic.
+    #[command(name = "__overlay-hold", hide = true)]
+    OverlayHold {
+        #[arg(long, default_value_t = 1800)]
+        secs: u64,
+    },
     /// Waits until the accept server answers at ADDR.
     #[command(name = "__probe", hide = true)]
     Probe {
@@ -242,6 +250,13 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::json!({ "received": got, "secs": secs, "snmp": snmp }));
                 ExitCode::SUCCESS
             })
+        }
+        Some(Internal::OverlayHold { secs }) => {
+            util::install_stop_handler();
+            std::env::current_exe()
+                .context("locating this binary")
+                .and_then(|exe| overlay::hold(&exe, Duration::from_secs(secs)))
+                .map(|_| ExitCode::SUCCESS)
         }
         Some(Internal::Probe { addr, timeout_secs }) => {
             serve::probe(addr, Duration::from_secs(timeout_secs)).map(|_| ExitCode::SUCCESS)
