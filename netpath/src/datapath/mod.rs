@@ -767,16 +767,29 @@ impl Datapath {
 }
 
 /// Loads a program, again when the verifier was interrupted: it gives up with EAGAIN when a
-/// signal arrives mid-verification (a child exiting, say), and the load must simply be
-/// retried, as libbpf does (5 attempts).
+/// signal is pending mid-verification (a child exiting, say). Signals are blocked on this
+/// thread for the load, so a process-directed one goes to another thread or waits the few
+/// milliseconds; five attempts as libbpf makes stay for one aimed at this thread. (Retries
+/// alone were not enough: a test process whose other threads spawn commands got EAGAIN five
+/// times in a row.)
 fn retry_interrupted(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old)).is_ok();
+    let mut r = load();
     for _ in 1..5 {
-        match load() {
-            Err(ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
-            r => return r,
+        match &r {
+            Err(ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) => {
+                r = load()
+            }
+            _ => break,
         }
     }
-    load()
+    if blocked {
+        // Restoring the mask delivers whatever arrived meanwhile.
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    r
 }
 
 /// Attaches an ingress/egress program pair (an uplink's); on failure nothing this call made
