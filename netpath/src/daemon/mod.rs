@@ -28,6 +28,7 @@ pub mod metrics;
 mod networks;
 mod overlay;
 pub mod process;
+mod reaper;
 mod reconcile;
 mod services;
 mod view;
@@ -88,6 +89,8 @@ pub struct Daemon {
     dns: crate::dns::Dns,
     /// The conntrack table, scanned without the datapath lock (expiry, flushes, counts).
     ct_table: Arc<crate::datapath::FlowTable>,
+    /// Deletes removed containers' veths and namespaces in the background.
+    reaper: reaper::Reaper,
     /// Where `rm` and `disconnect` ask for a container address's flows to be flushed.
     flusher: tokio::sync::mpsc::UnboundedSender<FlushRequest>,
     /// False until the first reconcile is done; changes wait for it, reads do not.
@@ -189,7 +192,9 @@ impl Daemon {
             }
         };
         let links = crate::datapath::EndpointLinks::new(&datapath);
+        let (reaper, remains) = reaper::Reaper::new()?;
         let d = Arc::new(Self {
+            reaper,
             flusher: spawn_flusher(ct_table.clone()),
             links,
             ct_table,
@@ -217,6 +222,7 @@ impl Daemon {
         if let Err(e) = d.dp().set_keep_host_firewall(cfg.keep_host_firewall) {
             anyhow::ensure!(!cfg.keep_host_firewall, "--keep-host-firewall: {e:#}");
         }
+        tokio::spawn(d.clone().run_reaper(remains));
         tokio::spawn(d.clone().watch_services());
         tokio::spawn(d.clone().watch_health());
         if let Some(ring) = events {
@@ -448,6 +454,8 @@ impl Daemon {
             "ReconcileMs": ready.then(|| self.reconcile_ms.load(std::sync::atomic::Ordering::Relaxed)),
             "Networks": networks,
             "Containers": containers,
+            // Removed containers whose veths and namespace are still being deleted.
+            "PendingRemovals": self.reaper.pending(),
             "Uplinks": self.uplinks(),
             "StateDir": self.cfg.state_dir,
             "Bpffs": self.cfg.bpffs,
