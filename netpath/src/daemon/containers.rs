@@ -324,6 +324,7 @@ impl Daemon {
         }
         laps.lap("persist");
         crash::point("run:reserved");
+        let wiring = self.wiring(); // the reaper's deletions wait
         // The programs' attachments finish in the background (each waits out an RCU grace
         // period) while the rest is done; the container is not handed out before they have.
         let mut attaching = vec![];
@@ -401,6 +402,7 @@ impl Daemon {
         laps.lap("persist");
         let attached = join_attaches(attaching).await;
         laps.lap("attach");
+        drop(wiring);
         if let Err(e) = persisted.and(attached.map_err(Error::from)) {
             if let Some(pid) = started {
                 // Held before its command: nothing to stop gracefully.

@@ -3,7 +3,8 @@
 //! containers (the RTNL lock, RCU grace periods, the bridge's FDB flush): most of what `rm`
 //! took, and nothing its caller needs. `rm` answers once the process is gone and the datapath,
 //! the names and the record have forgotten the container; one task (serialised) deletes what
-//! is left, on a netlink socket of its own, and what piled up meanwhile goes in one batch
+//! is left, on a netlink socket of its own, once no request is wiring a container (for a
+//! quarter of a second at most), and what piled up meanwhile goes in one batch
 //! ([`Netlink::delete_links`]: one set of grace periods for all of it).
 //!
 //! Only containers in namespaces of their own are reaped here: a namespace a runtime owns
@@ -32,6 +33,9 @@ use crate::netlink::{Netlink, netns};
 /// used ones small).
 const REAP_GROUP: u32 = 0x6e70_0001;
 
+/// How long the reaper lets requests that are wiring containers go first (see `wiring`).
+const YIELD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What a removed container leaves for the background.
 #[derive(Debug, Default)]
 pub(super) struct Remains {
@@ -59,12 +63,26 @@ pub(super) struct Reaper {
     /// Remains handed over and not yet reaped. Every batch reaped sends a new value, which
     /// wakes whoever waits for an address or for the queue to drain.
     pending: watch::Sender<usize>,
+    /// Requests wiring a container now (namespace, veth, program attachment: all under the
+    /// kernel's RTNL lock, which a deletion holds for most of its 20-50 ms). The reaper waits
+    /// for none to be, up to [`YIELD_AT_MOST`]: a removal's deletion must not slow the start
+    /// that follows it (`rm` then `run`).
+    wiring: watch::Sender<usize>,
+}
+
+/// A request's turn at wiring (see `Reaper::wiring`), until dropped.
+pub(super) struct Wiring<'a>(&'a watch::Sender<usize>);
+
+impl Drop for Wiring<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl Reaper {
     pub fn new() -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Remains>)> {
         let (tx, rx) = mpsc::unbounded_channel();
-        Ok((Self { tx, nl: Netlink::current_single()?, pending: watch::channel(0).0 }, rx))
+        Ok((Self { tx, nl: Netlink::current_single()?, pending: watch::channel(0).0, wiring: watch::channel(0).0 }, rx))
     }
 
     /// Remains handed over and not reaped yet.
@@ -74,6 +92,12 @@ impl Reaper {
 }
 
 impl Daemon {
+    /// Marks the caller as wiring a container until the result is dropped: the reaper waits.
+    pub(super) fn wiring(&self) -> Wiring<'_> {
+        self.reaper.wiring.send_modify(|n| *n += 1);
+        Wiring(&self.reaper.wiring)
+    }
+
     /// Hands a removed container's remains to the reaper.
     pub(super) fn reap(&self, r: Remains) {
         if r.is_empty() {
@@ -93,6 +117,8 @@ impl Daemon {
     /// unpins the namespaces, frees the addresses, and goes again.
     pub(super) async fn run_reaper(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Remains>) {
         while let Some(first) = rx.recv().await {
+            let mut wiring = self.reaper.wiring.subscribe();
+            let _ = tokio::time::timeout(YIELD_AT_MOST, wiring.wait_for(|n| *n == 0)).await;
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
