@@ -428,11 +428,13 @@ impl Daemon {
         let mut laps = super::Laps::new();
         if let Sandbox::Netns { path, owned } = &c.sandbox {
             if *owned {
-                netns::create(path)?;
+                self.new_sandbox_netns(path).await?; // lo is up
             }
             laps.lap("netns");
             crash::point("run:sandbox");
-            lo_up(path).await?;
+            if !*owned {
+                lo_up(path).await?;
+            }
             laps.lap("lo");
         }
         for (i, ep) in c.endpoints.iter().enumerate() {

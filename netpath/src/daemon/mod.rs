@@ -31,6 +31,7 @@ pub mod process;
 mod reaper;
 mod reconcile;
 mod services;
+mod spares;
 mod view;
 
 use std::net::Ipv4Addr;
@@ -91,6 +92,8 @@ pub struct Daemon {
     ct_table: Arc<crate::datapath::FlowTable>,
     /// Deletes removed containers' veths and namespaces in the background.
     reaper: reaper::Reaper,
+    /// Network namespaces made ahead for new containers.
+    spares: spares::Spares,
     /// Where `rm` and `disconnect` ask for a container address's flows to be flushed.
     flusher: tokio::sync::mpsc::UnboundedSender<FlushRequest>,
     /// False until the first reconcile is done; changes wait for it, reads do not.
@@ -195,6 +198,7 @@ impl Daemon {
         let (reaper, remains) = reaper::Reaper::new()?;
         let d = Arc::new(Self {
             reaper,
+            spares: Default::default(),
             flusher: spawn_flusher(ct_table.clone()),
             links,
             ct_table,
@@ -256,6 +260,7 @@ impl Daemon {
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
         self.start_cluster(); // after reconcile: the state says what this node owns
+        tokio::spawn(self.clone().keep_spares());
         let n = self.state().container_count();
         info!("reconciled {n} containers in {ms} ms");
     }

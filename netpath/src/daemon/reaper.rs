@@ -98,6 +98,13 @@ impl Daemon {
         Wiring(&self.reaper.wiring)
     }
 
+    /// Background work's turn: once no request is wiring a container, or after
+    /// [`YIELD_AT_MOST`] (under a steady stream of runs it goes anyway).
+    pub(super) async fn yield_to_wiring(&self) {
+        let mut wiring = self.reaper.wiring.subscribe();
+        let _ = tokio::time::timeout(YIELD_AT_MOST, wiring.wait_for(|n| *n == 0)).await;
+    }
+
     /// Hands a removed container's remains to the reaper.
     pub(super) fn reap(&self, r: Remains) {
         if r.is_empty() {
@@ -117,8 +124,7 @@ impl Daemon {
     /// unpins the namespaces, frees the addresses, and goes again.
     pub(super) async fn run_reaper(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Remains>) {
         while let Some(first) = rx.recv().await {
-            let mut wiring = self.reaper.wiring.subscribe();
-            let _ = tokio::time::timeout(YIELD_AT_MOST, wiring.wait_for(|n| *n == 0)).await;
+            self.yield_to_wiring().await;
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);

@@ -33,6 +33,30 @@ pub fn create(path: &Path) -> Result<()> {
     res
 }
 
+/// Creates a new, empty network namespace held only by the returned descriptor (closing it
+/// frees the namespace): a spare, pinned later with [`pin`].
+pub fn create_unpinned() -> Result<std::os::fd::OwnedFd> {
+    std::thread::spawn(|| -> Result<std::os::fd::OwnedFd> {
+        unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        Ok(File::open("/proc/thread-self/ns/net").context("opening the new netns")?.into())
+    })
+    .join()
+    .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// Pins the namespace `ns` (a descriptor of [`create_unpinned`]) at `path`, as [`create`] does.
+pub fn pin(ns: &std::os::fd::OwnedFd, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let src = format!("/proc/self/fd/{}", ns.as_raw_fd());
+    let res = mount(Some(src.as_str()), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting netns at {}", path.display()));
+    if res.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    res
+}
+
 /// True when `path` is a mounted network namespace (not just the empty mount-point file).
 pub fn is_mounted(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
