@@ -538,21 +538,22 @@ impl Daemon {
         if let Some(net) = net {
             self.overlay_endpoint_down(container_id, ep, &net).await; // record and address claim go
         }
-        let idx = match ep.host_ifname.as_deref() {
-            Some(name) => self.nl.link_index(name).await?,
-            None => None,
-        };
         if let Some(ip) = ep.ipv4 {
             self.dp().remove_endpoint(ip)?;
             self.flush_flows(ip).await;
         }
         laps.lap("maps");
-        if let (Some(r), Some(host), Some(idx)) = (remains, &ep.host_ifname, idx) {
-            r.links.push((host.clone(), idx));
+        // No netlink request here at all: a deletion the reaper is making holds the RTNL lock.
+        if let (Some(r), Some(host)) = (remains, &ep.host_ifname) {
+            r.links.push(host.clone());
             r.held.extend(ep.ipv4.map(|ip| (ep.network_id.clone(), ip)));
             tracing::debug!("unwire {}: {laps}, veth left to the reaper", ep.ifname);
             return Ok(());
         }
+        let idx = match ep.host_ifname.as_deref() {
+            Some(name) => self.nl.link_index(name).await?,
+            None => None,
+        };
         let net = self.state().network_by_id(&ep.network_id).cloned();
         let removed = match net {
             Some(net) => driver(net.driver).remove_endpoint(&self.nl, &net, sandbox, ep).await,

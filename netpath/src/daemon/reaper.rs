@@ -33,6 +33,11 @@ use crate::netlink::{Netlink, netns};
 /// used ones small).
 const REAP_GROUP: u32 = 0x6e70_0001;
 
+/// How long the reaper waits after a removal before it looks for its turn: a caller that
+/// removes a container and starts another at once (`rm x; run y`, a CI runner) has begun
+/// wiring by then, and its start does not queue behind the deletion on the RTNL lock.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How long the reaper lets requests that are wiring containers go first (see `wiring`).
 const YIELD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -41,8 +46,8 @@ const YIELD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(250)
 pub(super) struct Remains {
     /// For the log.
     pub name: String,
-    /// Host-side veths: name, ifindex.
-    pub links: Vec<(String, u32)>,
+    /// Host-side veths, by name.
+    pub links: Vec<String>,
     /// Its own namespace, to unpin once its veths are gone.
     pub netns: Option<PathBuf>,
     /// Addresses held until the veths are gone: network id, address.
@@ -124,6 +129,7 @@ impl Daemon {
     /// unpins the namespaces, frees the addresses, and goes again.
     pub(super) async fn run_reaper(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Remains>) {
         while let Some(first) = rx.recv().await {
+            tokio::time::sleep(SETTLE).await;
             self.yield_to_wiring().await;
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
@@ -131,10 +137,17 @@ impl Daemon {
             }
             super::crash::point("reap:links");
             let t = std::time::Instant::now();
-            let idx: Vec<u32> = batch.iter().flat_map(|r| r.links.iter().map(|(_, i)| *i)).collect();
+            let names: Vec<&str> = batch.iter().flat_map(|r| r.links.iter().map(String::as_str)).collect();
+            let mut idx = vec![];
+            for n in &names {
+                match self.reaper.nl.link_index(n).await {
+                    Ok(Some(i)) => idx.push(i),
+                    Ok(None) => {} // gone already
+                    Err(e) => warn!("looking up veth {n} of a removed container: {e:#}"),
+                }
+            }
             let deleted = self.reaper.nl.delete_links(&idx, REAP_GROUP).await;
             if let Err(e) = &deleted {
-                let names: Vec<&str> = batch.iter().flat_map(|r| r.links.iter().map(|(n, _)| n.as_str())).collect();
                 warn!("deleting the veths {names:?} of removed containers: {e:#}");
             }
             let links_ms = t.elapsed().as_secs_f64() * 1000.0;
