@@ -387,8 +387,29 @@ impl Lab {
         in_ns(&self.host_ns, prog, args)
     }
 
-    /// Interface names in a namespace.
+    /// Waits until the daemon has deleted what removed containers left behind: `rm` answers
+    /// once the container is gone from the datapath and the state, and its veths and namespace
+    /// follow in the background (`PendingRemovals` of `system info`). At once when no daemon runs.
+    pub fn settle(&self) {
+        if self.daemon.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.try_np(&["system", "info"]);
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return };
+            let pending = v["PendingRemovals"].as_u64().unwrap_or(0);
+            if pending == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{pending} removals still pending after 30 s:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Interface names in a namespace, once the daemon has settled (see [`Lab::settle`]).
     pub fn links(&self, ns: &Path) -> Vec<String> {
+        self.settle();
         must(in_ns(ns, "ip", &["-o", "link", "show"]))
             .lines()
             .filter_map(|l| l.split(':').nth(1))

@@ -42,6 +42,7 @@ fn snapshot(lab: &Lab) -> Snapshot {
         }
         v.to_string()
     };
+    lab.settle();
     let mut netns_files: Vec<String> = std::fs::read_dir(lab.state_dir.join("netns"))
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{echo, echo_server};
+use common::{echo, echo_server, link_names};
 use netpath_tests::Lab;
 
 #[test]
@@ -144,6 +144,68 @@ fn rm_leaves_no_link_address_or_allocation() {
     assert_eq!(lab.ip_of("c2", "n1"), "10.77.0.2");
     // c1's process is gone (not even a zombie).
     assert!(netpath::daemon::process::start_time(pid as u32).is_none(), "c1's process {pid} survived rm -f");
+}
+
+/// The host's interface names as the kernel has them now (no waiting for the daemon).
+fn host_links_now(lab: &Lab) -> Vec<String> {
+    link_names(&netpath_tests::must(lab.host("ip", &["-o", "link", "show"])))
+}
+
+/// Pinned program links of the daemon (one per container veth).
+fn link_pins(lab: &Lab) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(lab.bpffs.join("links"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn rm_f_answers_and_leaves_nothing_shortly_after_and_the_same_name_and_ip_run_again_at_once() {
+    // rm -f answers before the kernel has deleted the container's veth (that goes in the
+    // background): its name is free at once; its address (and the MAC derived from it) as
+    // soon as the veth is gone, which a run asking for it waits for.
+    let lab = Lab::new("rerun");
+    lab.np(&["network", "create", "--subnet", "10.78.0.0/24", "n"]);
+    echo_server(&lab, "srv", "n");
+    let srv_ip = lab.ip_of("srv", "n");
+    let (links_before, pins_before) = (lab.links(&lab.host_ns), link_pins(&lab));
+    let run =
+        ["run", "-d", "--name", "c", "--network", "n", "--ip", "10.78.0.9", "-p", "8080:80", "--", "sleep", "600"];
+    lab.np(&run);
+    let mut old = lab.inspect("c");
+    for round in 0..4 {
+        lab.np(&["rm", "-f", "c"]);
+        lab.np(&run);
+        let v = lab.inspect("c");
+        assert_eq!(lab.ip_of("c", "n"), "10.78.0.9", "round {round}");
+        let (old_if, new_if) = (
+            &old["NetworkSettings"]["Networks"]["n"]["HostInterface"],
+            &v["NetworkSettings"]["Networks"]["n"]["HostInterface"],
+        );
+        assert_ne!(old_if, new_if, "round {round}: a new veth");
+        // The run had to wait for the address: the old veth, its program's pin and its
+        // namespace were gone before it was handed out again.
+        let old_if = old_if.as_str().unwrap();
+        assert!(!host_links_now(&lab).iter().any(|l| l == old_if), "round {round}: {old_if} still there");
+        assert!(
+            !link_pins(&lab).iter().any(|p| p.starts_with(&format!("{old_if}@"))),
+            "round {round}: pin of {old_if}"
+        );
+        let old_ns = old["NetworkSettings"]["SandboxKey"].as_str().unwrap();
+        assert!(!std::path::Path::new(old_ns).exists(), "round {round}: {old_ns} still there");
+        // The new container is reachable at the address (the bridge forgot the old port).
+        assert_eq!(echo(&lab, "c", &srv_ip, "again"), "again", "round {round}");
+        old = v;
+    }
+    // Removed without a run after it: gone shortly after rm answers.
+    lab.np(&["rm", "-f", "c"]);
+    assert_eq!(lab.links(&lab.host_ns), links_before, "host links once the removal settled");
+    assert_eq!(link_pins(&lab), pins_before, "link pins once the removal settled");
+    let old_ns = old["NetworkSettings"]["SandboxKey"].as_str().unwrap();
+    assert!(!std::path::Path::new(old_ns).exists(), "{old_ns} left behind");
+    let dp: serde_json::Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();
+    assert_eq!((dp["endpoints"].as_u64(), dp["published_ports"].as_u64()), (Some(1), Some(0)), "{dp}");
 }
 
 #[test]

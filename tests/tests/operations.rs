@@ -180,6 +180,37 @@ fn a_crash_anywhere_in_connect_or_disconnect_is_resolved() {
     crash_points("disconnect:");
 }
 
+#[test]
+fn a_crash_before_a_removed_containers_veth_is_deleted_leaks_nothing_and_frees_its_address() {
+    // rm answers before the veth and namespace are deleted (in the background), and the
+    // address stays held until they are: a daemon killed in between leaves them to the next
+    // start, which must sweep them and hand the address out again.
+    let mut lab = Lab::new("crash-reap");
+    lab.np(&["network", "create", "--subnet", "10.71.0.0/24", "n"]);
+    let run =
+        ["run", "-d", "--name", "victim", "--network", "n", "--ip", "10.71.0.9", "-p", "8080:80", "--", "sleep", "600"];
+    lab.np(&run);
+    let v = lab.inspect("victim");
+    let veth = v["NetworkSettings"]["Networks"]["n"]["HostInterface"].as_str().unwrap().to_string();
+    let sandbox = v["NetworkSettings"]["SandboxKey"].as_str().unwrap().to_string();
+    lab.stop_daemon();
+    lab.start_daemon_with(&DaemonOpts {
+        env: vec![("NETPATH_CRASH_AT".into(), "reap:links".into())],
+        ..Default::default()
+    });
+    lab.np(&["rm", "-f", "victim"]);
+    assert!(lab.wait_daemon_died(), "the daemon did not reach its crash point:\n{}", lab.daemon_log());
+    assert!(lab.links(&lab.host_ns).contains(&veth), "the crash came before {veth} was deleted");
+    assert!(std::path::Path::new(&sandbox).exists(), "the crash came before {sandbox} was unpinned");
+    lab.start_daemon();
+    assert!(!container_names(&lab).contains(&"victim".to_string()));
+    assert_consistent(&lab); // no veth, namespace or map entry of it left
+    lab.np(&run);
+    assert_eq!(lab.ip_of("victim", "n"), "10.71.0.9", "its address is free again");
+    assert_consistent(&lab);
+    assert_cleans_up(&lab);
+}
+
 /// Starts `netpath ARGS` without waiting for it.
 fn spawn_np(lab: &Lab, args: &[&str]) -> Child {
     let mut c = lab.np_cmd(args);
@@ -498,6 +529,7 @@ fn a_running_container_holds_no_other_container_namespace() {
 
 /// What a long-running daemon accumulates: open descriptors, datapath entries, state files.
 fn footprint(lab: &Lab) -> (usize, Value, usize, usize) {
+    lab.settle();
     let pid = lab.daemon_pid().expect("daemon runs");
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     let dp: Value = serde_json::from_str(&lab.np(&["system", "datapath"])).unwrap();

@@ -213,8 +213,10 @@ fn stopping_the_daemon_leaves_the_programs_attached() {
     assert_eq!(links.iter().filter(|l| l.starts_with(&format!("{veth}@"))).count(), 1, "{links:?}");
     lab.start_daemon();
     assert_eq!(whoami_from_client(&lab, 8080), CLIENT_IP);
-    // Removing the container removes its link pins; the uplink's stay.
+    // Removing the container removes its link pins (with its veth, just after rm answers);
+    // the uplink's stay.
     lab.np(&["rm", "-f", "c"]);
+    lab.settle();
     let links: Vec<String> = std::fs::read_dir(lab.bpffs.join("links"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

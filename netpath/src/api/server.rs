@@ -101,6 +101,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(p) = &cfg.docker_plugin_socket {
         let _ = std::fs::remove_file(p);
     }
+    // Veths of containers removed just before: deleted now rather than left to the next start.
+    if tokio::time::timeout(std::time::Duration::from_secs(10), daemon.drain_reaper()).await.is_err() {
+        tracing::warn!("removed containers' veths are still being deleted; the next start sweeps what is left");
+    }
     if cfg.shutdown_containers {
         info!("stopping every container (--shutdown-containers)");
         daemon.shutdown_containers().await;

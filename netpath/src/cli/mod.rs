@@ -114,6 +114,24 @@ enum Cmd {
         /// Wait for stdin to end before running the command (the daemon is still wiring).
         #[arg(long)]
         hold: bool,
+        /// The network namespace to enter first.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Isolation (see process::Isolation): the template mount namespace to copy...
+        #[arg(long)]
+        mount_template: Option<PathBuf>,
+        /// ... or, without one, the namespace-file directory to unmount in the copy.
+        #[arg(long)]
+        netns_dir: Option<PathBuf>,
+        /// The container's own /etc files and hostname (all four, or no isolation).
+        #[arg(long, requires_all = ["hosts", "hostname_file", "hostname"])]
+        resolv_conf: Option<PathBuf>,
+        #[arg(long)]
+        hosts: Option<PathBuf>,
+        #[arg(long)]
+        hostname_file: Option<PathBuf>,
+        #[arg(long)]
+        hostname: Option<String>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -217,8 +235,34 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
-        Cmd::Supervise { exit_file, pid_file, hold, cmd } => {
-            let code = crate::daemon::process::supervise(&exit_file, pid_file.as_deref(), hold, &cmd);
+        Cmd::Supervise {
+            exit_file,
+            pid_file,
+            hold,
+            netns,
+            mount_template,
+            netns_dir,
+            resolv_conf,
+            hosts,
+            hostname_file,
+            hostname,
+            cmd,
+        } => {
+            let isolation = match (resolv_conf, hosts, hostname_file, hostname) {
+                (Some(resolv_conf), Some(hosts), Some(hostname_file), Some(hostname)) => {
+                    Some(crate::daemon::process::Isolation {
+                        mount_template,
+                        netns_dir,
+                        resolv_conf,
+                        hosts,
+                        hostname_file,
+                        hostname,
+                    })
+                }
+                _ => None,
+            };
+            let into = crate::daemon::process::SuperviseIn { netns, isolation };
+            let code = crate::daemon::process::supervise(&exit_file, pid_file.as_deref(), hold, &into, &cmd);
             ExitCode::from(u8::try_from(code).unwrap_or(255))
         }
         Cmd::Version => run_client(&cli.socket, |c| async move {

@@ -8,6 +8,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::networks::{lookup as lookup_network, usable};
+use super::reaper::Remains;
 use super::{Daemon, crash, dns, lo_up, parse_ip, process, valid_name};
 use crate::api::{Connect, ContainerCreate, ProcessReport};
 use crate::drivers::driver;
@@ -54,7 +55,8 @@ pub(super) fn plan_endpoint(
             aliases: vec![],
         });
     };
-    if net.driver.is_bridged() && st.member_count(&net.id) >= MAX_BRIDGE_ENDPOINTS {
+    // Veths still being deleted hold their bridge ports too.
+    if net.driver.is_bridged() && st.member_count(&net.id) + st.held_addresses(&net.id).len() >= MAX_BRIDGE_ENDPOINTS {
         return Err(conflict!(
             "network {} has {MAX_BRIDGE_ENDPOINTS} endpoints, the most a Linux bridge takes: use another network",
             net.name
@@ -88,6 +90,14 @@ pub(super) fn plan_endpoint(
         mac: Some(ipam::mac_for(ip)),
         phase: Phase::Ready,
         aliases: vec![],
+    })
+}
+
+/// True when IPAM has no address left for `net` (the caller knows some are held for veths
+/// being deleted, which will free one).
+pub(super) fn only_held_left(st: &State, net: &Network, host_addrs: &[std::net::Ipv4Addr]) -> bool {
+    net.pool().is_some_and(|pool| {
+        ipam::allocate_except(&pool, st.used_addresses(&net.id), &reserved_addresses(net, host_addrs), None).is_err()
     })
 }
 
@@ -248,6 +258,8 @@ impl Daemon {
         let claimed =
             self.claim_for(req.network.as_deref().unwrap_or("bridge"), &req.name, &id, req.ip.as_deref()).await?;
         let ip_arg = claimed.as_ref().map(|(_, ip)| ip.to_string()).or(req.ip.clone());
+        // A container just removed may still hold the address (its veth is being deleted).
+        self.wait_released(req.network.as_deref().unwrap_or("bridge"), ip_arg.as_deref(), &host_addrs).await;
         let reserved = (|| -> Result<Container> {
             let mut st = self.state();
             if st.container(&req.name).is_some_and(|c| c.name == req.name) {
@@ -312,6 +324,7 @@ impl Daemon {
         }
         laps.lap("persist");
         crash::point("run:reserved");
+        let wiring = self.wiring(); // the reaper's deletions wait
         // The programs' attachments finish in the background (each waits out an RCU grace
         // period) while the rest is done; the container is not handed out before they have.
         let mut attaching = vec![];
@@ -389,6 +402,7 @@ impl Daemon {
         laps.lap("persist");
         let attached = join_attaches(attaching).await;
         laps.lap("attach");
+        drop(wiring);
         if let Err(e) = persisted.and(attached.map_err(Error::from)) {
             if let Some(pid) = started {
                 // Held before its command: nothing to stop gracefully.
@@ -414,11 +428,13 @@ impl Daemon {
         let mut laps = super::Laps::new();
         if let Sandbox::Netns { path, owned } = &c.sandbox {
             if *owned {
-                netns::create(path)?;
+                self.new_sandbox_netns(path).await?; // lo is up
             }
             laps.lap("netns");
             crash::point("run:sandbox");
-            lo_up(path).await?;
+            if !*owned {
+                lo_up(path).await?;
+            }
             laps.lap("lo");
         }
         for (i, ep) in c.endpoints.iter().enumerate() {
@@ -505,8 +521,15 @@ impl Daemon {
 
     /// Detaches the datapath and unwires one endpoint; a half-gone endpoint is fine. The veth
     /// goes first: its program goes with it, which spares it a detach (an RCU grace period
-    /// under the RTNL lock).
-    async fn unwire(&self, container_id: &str, sandbox: &Sandbox, ep: &Endpoint) -> anyhow::Result<()> {
+    /// under the RTNL lock). With `remains`, a host-side veth is left to the reaper instead,
+    /// with the address it holds until then.
+    async fn unwire(
+        &self,
+        container_id: &str,
+        sandbox: &Sandbox,
+        ep: &Endpoint,
+        remains: Option<&mut Remains>,
+    ) -> anyhow::Result<()> {
         let mut laps = super::Laps::new();
         let net = self.state().network_by_id(&ep.network_id).cloned();
         if let (Some(ov), Some(o), Some(ip)) =
@@ -517,15 +540,22 @@ impl Daemon {
         if let Some(net) = net {
             self.overlay_endpoint_down(container_id, ep, &net).await; // record and address claim go
         }
-        let idx = match ep.host_ifname.as_deref() {
-            Some(name) => self.nl.link_index(name).await?,
-            None => None,
-        };
         if let Some(ip) = ep.ipv4 {
             self.dp().remove_endpoint(ip)?;
             self.flush_flows(ip).await;
         }
         laps.lap("maps");
+        // No netlink request here at all: a deletion the reaper is making holds the RTNL lock.
+        if let (Some(r), Some(host)) = (remains, &ep.host_ifname) {
+            r.links.push(host.clone());
+            r.held.extend(ep.ipv4.map(|ip| (ep.network_id.clone(), ip)));
+            tracing::debug!("unwire {}: {laps}, veth left to the reaper", ep.ifname);
+            return Ok(());
+        }
+        let idx = match ep.host_ifname.as_deref() {
+            Some(name) => self.nl.link_index(name).await?,
+            None => None,
+        };
         let net = self.state().network_by_id(&ep.network_id).cloned();
         let removed = match net {
             Some(net) => driver(net.driver).remove_endpoint(&self.nl, &net, sandbox, ep).await,
@@ -551,10 +581,14 @@ impl Daemon {
     /// Undoes [`Self::build_sandbox`] as far as it got; keeps going past errors and reports
     /// them all. `sweep`: also kill whatever still runs in its namespace (a creation that
     /// died before recording its process); a plain `rm` has stopped the process it knows.
-    async fn teardown(&self, c: &Container, sweep: bool) -> Vec<String> {
+    /// A namespace of its own and its veths are left in the returned remains, for the reaper;
+    /// the veths of a runtime's namespace go now (its next attachment may reuse their names).
+    async fn teardown(&self, c: &Container, sweep: bool) -> (Vec<String>, Remains) {
         let mut errs = vec![];
+        let mut remains = Remains { name: c.name.clone(), ..Default::default() };
+        let own = matches!(c.sandbox, Sandbox::Netns { owned: true, .. });
         for ep in &c.endpoints {
-            if let Err(e) = self.unwire(&c.id, &c.sandbox, ep).await {
+            if let Err(e) = self.unwire(&c.id, &c.sandbox, ep, own.then_some(&mut remains)).await {
                 errs.push(format!("endpoint {}: {e:#}", ep.ifname));
             }
         }
@@ -564,11 +598,9 @@ impl Daemon {
             if sweep || c.process.as_ref().is_some_and(|p| p.pid.is_none() && p.exit_code.is_none()) {
                 process::kill_netns_members(path);
             }
-            if let Err(e) = netns::remove(path) {
-                errs.push(format!("{e:#}"));
-            }
+            remains.netns = Some(path.clone());
         }
-        errs
+        (errs, remains)
     }
 
     /// Removes everything a container made and its record: `rm`, a failed `run`, and
@@ -576,17 +608,24 @@ impl Daemon {
     pub(super) async fn finish_container_removal(&self, c: &Container) -> Vec<String> {
         self.dns.container_gone(&c.id); // its names go at once
         self.withdraw_ports(c);
-        let errs = self.teardown(c, c.phase == Phase::Creating).await;
+        let (errs, remains) = self.teardown(c, c.phase == Phase::Creating).await;
         crash::point("rm:unwired");
         let _ = std::fs::remove_file(self.store.log_path(&c.id));
         let _ = std::fs::remove_file(self.store.exit_path(&c.id));
-        self.state().remove_container(&c.id);
+        {
+            let mut st = self.state();
+            st.remove_container(&c.id);
+            for (net, ip) in &remains.held {
+                st.hold_address(net, *ip);
+            }
+        }
         if self.firewall_names(c) {
             self.firewall_changed().await; // its rules' entries go with its addresses
         }
         if let Err(e) = self.persist_container(&c.id).await {
             warn!("container {}: {e}", c.name);
         }
+        self.reap(remains); // its veths and namespace, in the background
         errs
     }
 
@@ -818,6 +857,7 @@ impl Daemon {
         let _lock = self.locks.lock(&id).await;
         let claimed = self.claim_for(network, &req.container, &id, req.ip.as_deref()).await?;
         let ip_arg = claimed.as_ref().map(|(_, ip)| ip.to_string()).or(req.ip.clone());
+        self.wait_released(network, ip_arg.as_deref(), &host_addrs).await;
         let planned = (|| -> Result<(Container, Endpoint)> {
             let mut st = self.state();
             let c = st.container_by_id(&id).ok_or_else(|| not_found!("container {} not found", req.container))?;
@@ -864,7 +904,7 @@ impl Daemon {
         }
         crash::point("connect:reserved");
         if let Err(e) = self.wire(&c, &ep, c.endpoints.is_empty()).await {
-            let _ = self.unwire(&c.id, &c.sandbox, &ep).await;
+            let _ = self.unwire(&c.id, &c.sandbox, &ep, None).await;
             undo(self);
             let _ = self.persist_container(&id).await;
             return Err(e.into());
@@ -872,7 +912,7 @@ impl Daemon {
         crash::point("connect:wired");
         self.state().update_container(&id, |x| x.endpoints.iter_mut().for_each(|e| e.phase = Phase::Ready));
         if let Err(e) = self.persist_container(&id).await {
-            let _ = self.unwire(&c.id, &c.sandbox, &ep).await;
+            let _ = self.unwire(&c.id, &c.sandbox, &ep, None).await;
             undo(self);
             return Err(e);
         }
@@ -915,7 +955,7 @@ impl Daemon {
     /// Unwires an endpoint marked `Removing` and drops it from the record; published ports
     /// follow the primary address, which may change. Also used by reconcile.
     pub(super) async fn finish_disconnect(&self, c: &Container, ep: &Endpoint) -> Result<()> {
-        self.unwire(&c.id, &c.sandbox, ep).await?;
+        self.unwire(&c.id, &c.sandbox, ep, None).await?;
         crash::point("disconnect:unwired");
         self.withdraw_published(c);
         self.state().update_container(&c.id, |x| x.endpoints.retain(|e| e.id != ep.id));

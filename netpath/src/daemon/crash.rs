@@ -14,6 +14,8 @@ pub const POINTS: &[&str] = &[
     "rm:marked",
     "rm:killed",
     "rm:unwired",
+    // After `rm` answered: the removed container's veth and namespace not deleted yet.
+    "reap:links",
     "network-create:reserved",
     "network-create:built",
     "network-rm:marked",

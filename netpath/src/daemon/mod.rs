@@ -28,8 +28,10 @@ pub mod metrics;
 mod networks;
 mod overlay;
 pub mod process;
+mod reaper;
 mod reconcile;
 mod services;
+mod spares;
 mod view;
 
 use std::net::Ipv4Addr;
@@ -88,6 +90,10 @@ pub struct Daemon {
     dns: crate::dns::Dns,
     /// The conntrack table, scanned without the datapath lock (expiry, flushes, counts).
     ct_table: Arc<crate::datapath::FlowTable>,
+    /// Deletes removed containers' veths and namespaces in the background.
+    reaper: reaper::Reaper,
+    /// Network namespaces made ahead for new containers.
+    spares: spares::Spares,
     /// Where `rm` and `disconnect` ask for a container address's flows to be flushed.
     flusher: tokio::sync::mpsc::UnboundedSender<FlushRequest>,
     /// False until the first reconcile is done; changes wait for it, reads do not.
@@ -189,7 +195,10 @@ impl Daemon {
             }
         };
         let links = crate::datapath::EndpointLinks::new(&datapath);
+        let (reaper, remains) = reaper::Reaper::new()?;
         let d = Arc::new(Self {
+            reaper,
+            spares: Default::default(),
             flusher: spawn_flusher(ct_table.clone()),
             links,
             ct_table,
@@ -217,6 +226,7 @@ impl Daemon {
         if let Err(e) = d.dp().set_keep_host_firewall(cfg.keep_host_firewall) {
             anyhow::ensure!(!cfg.keep_host_firewall, "--keep-host-firewall: {e:#}");
         }
+        tokio::spawn(d.clone().run_reaper(remains));
         tokio::spawn(d.clone().watch_services());
         tokio::spawn(d.clone().watch_health());
         if let Some(ring) = events {
@@ -250,6 +260,7 @@ impl Daemon {
         self.reconcile_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.ready.send_replace(true);
         self.start_cluster(); // after reconcile: the state says what this node owns
+        tokio::spawn(self.clone().keep_spares());
         let n = self.state().container_count();
         info!("reconciled {n} containers in {ms} ms");
     }
@@ -448,6 +459,8 @@ impl Daemon {
             "ReconcileMs": ready.then(|| self.reconcile_ms.load(std::sync::atomic::Ordering::Relaxed)),
             "Networks": networks,
             "Containers": containers,
+            // Removed containers whose veths and namespace are still being deleted.
+            "PendingRemovals": self.reaper.pending(),
             "Uplinks": self.uplinks(),
             "StateDir": self.cfg.state_dir,
             "Bpffs": self.cfg.bpffs,

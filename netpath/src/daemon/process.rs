@@ -45,6 +45,51 @@ struct IsolationPlan {
     hostname: Vec<u8>,
 }
 
+impl Isolation {
+    /// The `__supervise` flags that make the supervisor isolate itself this way.
+    fn supervisor_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![];
+        let mut flag = |f: &str, v: &std::ffi::OsStr| {
+            a.push(f.into());
+            a.push(v.to_owned());
+        };
+        if let Some(t) = &self.mount_template {
+            flag("--mount-template", t.as_os_str());
+        }
+        if let Some(d) = &self.netns_dir {
+            flag("--netns-dir", d.as_os_str());
+        }
+        flag("--resolv-conf", self.resolv_conf.as_os_str());
+        flag("--hosts", self.hosts.as_os_str());
+        flag("--hostname-file", self.hostname_file.as_os_str());
+        flag("--hostname", std::ffi::OsStr::new(&self.hostname));
+        a
+    }
+}
+
+/// Where `netpath __supervise` puts itself before it runs the command: a network namespace
+/// and an isolation, from its flags.
+#[derive(Debug, Default)]
+pub struct SuperviseIn {
+    pub netns: Option<PathBuf>,
+    pub isolation: Option<Isolation>,
+}
+
+impl SuperviseIn {
+    /// Enters them; the caller is single-threaded (a mount namespace takes no other).
+    fn enter(&self) -> Result<()> {
+        if let Some(ns) = &self.netns {
+            let fd = open_netns(ns)?;
+            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering netns {}", ns.display()))?;
+        }
+        if let Some(iso) = &self.isolation {
+            IsolationPlan::new(iso)?.apply().context("isolating the container's files and hostname")?;
+        }
+        Ok(())
+    }
+}
+
 impl IsolationPlan {
     fn new(iso: &Isolation) -> Result<Self> {
         let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).context("path with a NUL byte");
@@ -181,18 +226,20 @@ pub fn spawn_detached(
     // open), and no other child keeps the write end, whose closing is the signal.
     let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg(SUPERVISE)
-        .arg(exit_file)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("--hold")
-        .arg("--")
-        .args(argv)
-        .stdin(Stdio::from(hold_r))
-        .stdout(out.try_clone()?)
-        .stderr(out);
-    let fd = netns.map(open_netns).transpose()?;
-    enter_in_child(&mut cmd, fd, iso, true)?;
+    cmd.arg(SUPERVISE).arg(exit_file).arg("--pid-file").arg(&pid_file).arg("--hold");
+    // The supervisor enters the namespaces itself: with nothing to run between fork and exec,
+    // the process is spawned without copying the daemon's memory (posix_spawn, a vfork), which
+    // costs the same whatever the daemon holds. A fork copied its page tables: the more
+    // containers, the bigger the daemon and the slower every start.
+    if let Some(ns) = netns {
+        open_netns(ns)?; // a missing namespace is the daemon's error to report, not the log's
+        cmd.arg("--netns").arg(ns);
+    }
+    if let Some(iso) = iso {
+        IsolationPlan::new(iso)?; // the same checks, here, with a clear message
+        cmd.args(iso.supervisor_args());
+    }
+    cmd.arg("--").args(argv).stdin(Stdio::from(hold_r)).stdout(out.try_clone()?).stderr(out);
     // The supervisor forks and its first half exits at once: the daemon holds no handle (and
     // no descriptor) per container, and no zombie is left to reap; exits are learnt from the
     // file the supervisor writes, as after a daemon restart.
@@ -278,9 +325,13 @@ const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHU
 /// exit code (128+N for signal N, as a shell reports it) to `exit_file`; returns that code.
 /// `hold`: first wait for the end of stdin (the daemon's [`Gate`]), and give the command
 /// /dev/null instead.
-pub fn supervise(exit_file: &Path, pid_file: Option<&Path>, hold: bool, argv: &[String]) -> i32 {
+pub fn supervise(exit_file: &Path, pid_file: Option<&Path>, hold: bool, into: &SuperviseIn, argv: &[String]) -> i32 {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let Some((prog, args)) = argv.split_first() else { return 127 };
+    if let Err(e) = into.enter() {
+        eprintln!("netpath: {e:#}");
+        return 127;
+    }
     if let Some(pf) = pid_file {
         // SAFETY: no thread exists yet in this process.
         match unsafe { libc::fork() } {

@@ -81,6 +81,9 @@ pub(super) async fn run(d: &Arc<Daemon>) {
         }
     }
     phases.lap("ports");
+    // Interrupted removals finished above left their veths to the reaper: gone before the
+    // sweep, which would otherwise race it for them.
+    d.drain_reaper().await;
     remove_orphans(d, &links).await;
     withdraw_stale_entries(d);
     phases.lap("cleanup");

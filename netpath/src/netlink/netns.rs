@@ -22,6 +22,7 @@ pub fn create(path: &Path) -> Result<()> {
     let p = path.to_owned();
     let res = std::thread::spawn(move || -> Result<()> {
         unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        no_ipv6_on_new_links();
         mount(Some("/proc/thread-self/ns/net"), &p, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .with_context(|| format!("bind-mounting netns at {}", p.display()))
     })
@@ -31,6 +32,45 @@ pub fn create(path: &Path) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     res
+}
+
+/// Creates a new, empty network namespace held only by the returned descriptor (closing it
+/// frees the namespace): a spare, pinned later with [`pin`].
+pub fn create_unpinned() -> Result<std::os::fd::OwnedFd> {
+    std::thread::spawn(|| -> Result<std::os::fd::OwnedFd> {
+        unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        no_ipv6_on_new_links();
+        Ok(File::open("/proc/thread-self/ns/net").context("opening the new netns")?.into())
+    })
+    .join()
+    .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// Pins the namespace `ns` (a descriptor of [`create_unpinned`]) at `path`, as [`create`] does.
+pub fn pin(ns: &std::os::fd::OwnedFd, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let src = format!("/proc/self/fd/{}", ns.as_raw_fd());
+    let res = mount(Some(src.as_str()), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting netns at {}", path.display()));
+    if res.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    res
+}
+
+/// In the calling thread's (new) namespace: interfaces made from now on (a container's eth0)
+/// get no IPv6, as Docker does on IPv4-only networks (all of netpath's). Each would otherwise
+/// run duplicate address detection, router solicitations and MLD reports for seconds after its
+/// start, work that a host filling with containers pays for in every other operation. `lo`
+/// exists already and keeps ::1.
+fn no_ipv6_on_new_links() {
+    let path = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
+    if let Err(e) = std::fs::write(path, b"1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!("{path}: {e}");
+    }
 }
 
 /// True when `path` is a mounted network namespace (not just the empty mount-point file).

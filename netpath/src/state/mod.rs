@@ -575,6 +575,12 @@ pub struct State {
     used: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// Network id → ids of the containers with an endpoint on it.
     members: HashMap<String, BTreeSet<String>>,
+    /// Network id → addresses of removed containers whose host interface is still being
+    /// deleted (in the background): in `used` too, so nothing is handed them until it is gone
+    /// (the MAC is derived from the address, and the bridge's FDB still points at the old
+    /// port). Never on disk: after a crash, reconcile deletes the interfaces no record claims
+    /// before any address is handed out.
+    held: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// Every container's published ports, with the container holding each.
     bindings: Vec<(crate::ports::Binding, String)>,
     /// Services by id (VIPs are in `used` too, so no container gets one).
@@ -782,6 +788,29 @@ impl State {
     pub fn member_count(&self, network_id: &str) -> usize {
         self.members.get(network_id).map_or(0, |m| m.len())
     }
+    /// Keeps a removed container's address from being handed out (see `held`). The caller
+    /// has removed the container: the address belongs to nothing else.
+    pub fn hold_address(&mut self, network_id: &str, ip: Ipv4Addr) {
+        self.held.entry(network_id.to_string()).or_default().insert(ip);
+        self.used.entry(network_id.to_string()).or_default().insert(ip);
+    }
+    /// Frees an address [`Self::hold_address`] kept: its interface is gone.
+    pub fn release_address(&mut self, network_id: &str, ip: Ipv4Addr) {
+        let Some(h) = self.held.get_mut(network_id) else { return };
+        if h.remove(&ip) {
+            if h.is_empty() {
+                self.held.remove(network_id);
+            }
+            if let Some(u) = self.used.get_mut(network_id) {
+                u.remove(&ip);
+            }
+        }
+    }
+    /// Addresses of a network held for interfaces still being deleted.
+    pub fn held_addresses(&self, network_id: &str) -> &BTreeSet<Ipv4Addr> {
+        static EMPTY: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        self.held.get(network_id).unwrap_or(&EMPTY)
+    }
     pub fn endpoints_on<'a>(&'a self, network_id: &'a str) -> impl Iterator<Item = (&'a Container, &'a Endpoint)> + 'a {
         self.members
             .get(network_id)
@@ -951,6 +980,26 @@ pub(crate) mod tests {
         assert_eq!(st.member_count(&nid), 0);
         assert!(st.used_addresses(&nid).is_empty());
         assert_eq!(st.container_count(), 0);
+    }
+
+    #[test]
+    fn a_held_address_stays_used_until_released_and_only_then() {
+        let n = network("n", "10.5.0.0/24");
+        let c = container("c", &n, "10.5.0.2", None);
+        let (nid, id, ip) = (n.id.clone(), c.id.clone(), "10.5.0.2".parse().unwrap());
+        let mut st = State::from_objects(vec![n], vec![c]);
+        st.remove_container(&id);
+        assert!(!st.used_addresses(&nid).contains(&ip));
+        st.hold_address(&nid, ip);
+        assert!(st.used_addresses(&nid).contains(&ip), "held: not handed out");
+        assert!(st.held_addresses(&nid).contains(&ip));
+        // Releasing an address that is not held changes nothing.
+        st.release_address(&nid, "10.5.0.3".parse().unwrap());
+        st.release_address("other", ip);
+        assert!(st.used_addresses(&nid).contains(&ip));
+        st.release_address(&nid, ip);
+        assert!(!st.used_addresses(&nid).contains(&ip));
+        assert!(st.held_addresses(&nid).is_empty());
     }
 
     #[test]
