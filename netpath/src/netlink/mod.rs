@@ -164,9 +164,36 @@ impl Netlink {
 
     /// A connection of one socket in the calling thread's namespace, for a task of its own
     /// whose slow requests (link deletions) must not hold up the shared sockets' others.
+    /// Its socket is driven on a thread of its own: the kernel carries out a netlink request
+    /// inside the `sendmsg` that sends it, so a veth deletion (20-50 ms under RTNL) blocks
+    /// whichever thread sends it, and on a runtime worker that stalled the requests queued
+    /// there (`rm` took the deletion's time although it waits for none of it).
     pub fn current_single() -> Result<Self> {
-        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-        tokio::spawn(conn);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("netlink-slow".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::Error::from(e).context("netlink thread runtime")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match rtnetlink::new_connection().context("opening rtnetlink socket") {
+                        Ok((conn, handle, _)) => {
+                            let _ = tx.send(Ok(handle));
+                            conn.await; // ends when every handle is dropped
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .context("starting the netlink thread")?;
+        let handle = rx.recv().context("netlink thread")??;
         Ok(Self::with(vec![handle]))
     }
 
