@@ -149,52 +149,51 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// An rtnetlink socket in the calling thread's namespace (a new thread inherits it), driven
+/// on a thread of its own. The kernel carries out a request inside the `sendmsg` that sends
+/// it, so a slow one (a veth's deletion or a tcx attach: 20-50 ms under RTNL) blocks the
+/// thread that sends it; on a runtime worker that stalled every task queued there (an `rm`
+/// arriving during a deletion took the deletion's time although it waits for none of it).
+fn driven_on_own_thread() -> Result<Handle> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("netlink".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::Error::from(e).context("netlink thread runtime")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match rtnetlink::new_connection().context("opening rtnetlink socket") {
+                    Ok((conn, handle, _)) => {
+                        let _ = tx.send(Ok(handle));
+                        conn.await; // ends when every handle is dropped
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .context("starting a netlink thread")?;
+    rx.recv().context("netlink thread")?
+}
+
 impl Netlink {
-    /// A connection in the calling thread's network namespace. Needs a tokio runtime.
+    /// A connection in the calling thread's network namespace: [`HOST_SOCKETS`] sockets, each
+    /// driven on a thread of its own (see [`driven_on_own_thread`]).
     pub fn current() -> Result<Self> {
-        let handles = (0..HOST_SOCKETS)
-            .map(|_| {
-                let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-                tokio::spawn(conn);
-                Ok(handle)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let handles = (0..HOST_SOCKETS).map(|_| driven_on_own_thread()).collect::<Result<Vec<_>>>()?;
         Ok(Self::with(handles))
     }
 
     /// A connection of one socket in the calling thread's namespace, for a task of its own
     /// whose slow requests (link deletions) must not hold up the shared sockets' others.
-    /// Its socket is driven on a thread of its own: the kernel carries out a netlink request
-    /// inside the `sendmsg` that sends it, so a veth deletion (20-50 ms under RTNL) blocks
-    /// whichever thread sends it, and on a runtime worker that stalled the requests queued
-    /// there (`rm` took the deletion's time although it waits for none of it).
     pub fn current_single() -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("netlink-slow".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = tx.send(Err(anyhow::Error::from(e).context("netlink thread runtime")));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match rtnetlink::new_connection().context("opening rtnetlink socket") {
-                        Ok((conn, handle, _)) => {
-                            let _ = tx.send(Ok(handle));
-                            conn.await; // ends when every handle is dropped
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                        }
-                    }
-                });
-            })
-            .context("starting the netlink thread")?;
-        let handle = rx.recv().context("netlink thread")??;
-        Ok(Self::with(vec![handle]))
+        Ok(Self::with(vec![driven_on_own_thread()?]))
     }
 
     fn with(handles: Vec<Handle>) -> Self {
