@@ -18,20 +18,7 @@ pub fn enter(path: &Path) -> Result<()> {
 
 /// Creates a new, empty network namespace pinned at `path`.
 pub fn create(path: &Path) -> Result<()> {
-    File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let p = path.to_owned();
-    let res = std::thread::spawn(move || -> Result<()> {
-        unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-        no_ipv6_on_new_links();
-        mount(Some("/proc/thread-self/ns/net"), &p, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .with_context(|| format!("bind-mounting netns at {}", p.display()))
-    })
-    .join()
-    .map_err(|_| anyhow!("netns thread panicked"))?;
-    if res.is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-    res
+    pin(&create_unpinned()?, path)
 }
 
 /// Creates a new, empty network namespace held only by the returned descriptor (closing it
