@@ -245,8 +245,8 @@ struct ListQuery {
     all: bool,
 }
 
-async fn list_containers(State(d): State<Shared>, Query(q): Query<ListQuery>) -> Json {
-    axum::Json(d.list_containers(q.all))
+async fn list_containers(State(d): State<Shared>, Query(q): Query<ListQuery>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], d.list_containers(q.all).await).into_response()
 }
 
 async fn create_container(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
