@@ -10,6 +10,7 @@ mod figures;
 mod firewall;
 mod overlay;
 mod overlay_cluster;
+mod progcost;
 mod report;
 mod scale;
 mod serve;
@@ -182,6 +183,13 @@ enum Internal {
         #[arg(long)]
         secs: f64,
     },
+    /// What uplink_xdp and uplink_in cost on the flood's frame, the programs alone
+    /// (BPF_PROG_RUN, see progcost.rs), with the embedded object or OBJECT; prints JSON.
+    #[command(name = "__xdp-prog-cost", hide = true)]
+    XdpProgCost {
+        #[arg(long)]
+        object: Option<PathBuf>,
+    },
     /// Counts UDP datagrams received on PORT for SECS (prints JSON).
     #[command(name = "__udp-sink", hide = true)]
     UdpSink {
@@ -233,6 +241,10 @@ fn main() -> ExitCode {
         }
         Some(Internal::XdpDrop { ifname, secs }) => xdpgen::drop_all(&ifname, secs).map(|dropped| {
             println!("{}", serde_json::json!({ "dropped": dropped, "secs": secs }));
+            ExitCode::SUCCESS
+        }),
+        Some(Internal::XdpProgCost { object }) => progcost::run(object.as_deref()).map(|(xdp, tc)| {
+            println!("{}", serde_json::json!({ "uplink_xdp_ns": xdp, "uplink_in_ns": tc }));
             ExitCode::SUCCESS
         }),
         Some(Internal::UdpSink { port, secs }) => {

@@ -181,6 +181,15 @@ fn ceiling_figure(v: &dyn Variant, exe: &Path, mac: &str, d: Durations) -> Resul
     Ok((sent / took / 1e3, num(&j, what, "dropped")? / took / 1e3))
 }
 
+/// `__xdp-prog-cost` (progcost.rs) in a process of its own: it moves to a namespace of its
+/// own. Returns (uplink_xdp, uplink_in) ns per run.
+fn prog_cost(exe: &Path) -> Result<(f64, f64)> {
+    let child = spawn_piped(Command::new(exe).arg("__xdp-prog-cost"))?;
+    let what = "the per-program cost";
+    let j = finish(child, what, Duration::from_secs(120))?;
+    Ok((num(&j, what, "uplink_xdp_ns")?, num(&j, what, "uplink_in_ns")?))
+}
+
 /// Runs the XDP section; returns its markdown.
 pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
@@ -297,6 +306,14 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             med(&x.p99_loaded) / med(&x.p99),
             med(&tc.p99_loaded) / med(&tc.p99),
         ));
+        // The programs alone on the flood's frame, after the labs (which it does not touch).
+        match prog_cost(exe) {
+            Ok((xdp_ns, tc_ns)) => md.push_str(&format!(
+                "Per program on the flood's frame (BPF_PROG_RUN, 2 million runs, median of 5): uplink_xdp \
+                 {xdp_ns:.0} ns, uplink_in {tc_ns:.0} ns.\n"
+            )),
+            Err(e) => eprintln!("bench: xdp: per-program cost: {e:#}"),
+        }
         if let Some(c) = find(Kind::Direct) {
             // Per frame: what the generator and the veth cost with a receiver that does
             // nothing, and what each datapath adds to that.

@@ -89,6 +89,10 @@ pub const MAPS: &[MapLayout] = &[
     // the uplinks it runs on (ifindex → XdpUplink).
     map(n::XDP_PORTS, 1, DEVMAP_HASH, 4, 8, MAX_ENDPOINTS, 0),
     map(n::XDP_UPLINKS, 1, HASH, 4, 8, MAX_UPLINKS, 0),
+    // Container address → the NETWORKS entry covering it: an exact-match copy of the trie's
+    // answer for the addresses a flood from outside aims at. Derived from ENDPOINTS, NETWORKS
+    // and HOST_ADDRS (the daemon refills it at every start), so nothing to migrate from.
+    map(n::ENDPOINT_NETS, 1, HASH, 4, 12, MAX_ENDPOINTS, 0),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -170,6 +174,7 @@ mod tests {
         // struct bpf_devmap_val: the ifindex and a program fd/id (unused: 0).
         assert_eq!(sizes(n::XDP_PORTS), (size_of::<u32>(), 8));
         assert_eq!(sizes(n::XDP_UPLINKS), (size_of::<u32>(), size_of::<XdpUplink>()));
+        assert_eq!(sizes(n::ENDPOINT_NETS), (size_of::<u32>(), size_of::<NetworkInfo>()));
     }
 
     #[test]

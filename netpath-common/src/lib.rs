@@ -70,6 +70,7 @@ pub mod map_names {
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
     pub const XDP_PORTS: &str = "XDP_PORTS";
     pub const XDP_UPLINKS: &str = "XDP_UPLINKS";
+    pub const ENDPOINT_NETS: &str = "ENDPOINT_NETS";
 }
 
 /// Slots of the `CONFIG` array.

@@ -35,6 +35,14 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS
 #[map(name = "NETWORKS")]
 pub static NETWORKS: LpmTrie<u32, NetworkInfo> = LpmTrie::pinned(MAX_NETWORKS, 0);
 
+/// Key: a container address that is none of the host's (an ENDPOINTS key not in HOST_ADDRS);
+/// value: the NETWORKS entry covering it, copied. Daemon writes with ENDPOINTS, NETWORKS and
+/// HOST_ADDRS (and refills it at every start); the uplink programs read it to decide a new
+/// flow to a container's address from outside (a flood's target) with one exact-match lookup
+/// instead of HOST_ADDRS and the trie. A miss decides nothing: they fall back to both.
+#[map(name = "ENDPOINT_NETS")]
+pub static ENDPOINT_NETS: HashMap<u32, NetworkInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
 /// Key: an address of the host (uplinks, bridge gateways). Daemon writes; datapath reads to
 /// recognise traffic to published ports.
 #[map(name = "HOST_ADDRS")]

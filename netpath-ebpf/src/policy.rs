@@ -4,9 +4,9 @@
 //! addresses from hosts outside that route to them.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use netpath_common::{EndpointInfo, PortKey, net_flags, proto};
+use netpath_common::{EndpointInfo, NetworkInfo, PortKey, net_flags, proto};
 
-use crate::maps::{ENDPOINTS, NETWORKS, PUBLISHED};
+use crate::maps::{ENDPOINT_NETS, ENDPOINTS, NETWORKS, PUBLISHED};
 use crate::parse::Packet;
 
 /// The container endpoint `p`'s source address belongs to, if any: looked up once per packet
@@ -90,9 +90,35 @@ pub enum Direct {
     Internal,
 }
 
+/// The network of `addr` when it is the address of a container here and none of the host's
+/// (ENDPOINT_NETS: what NETWORKS says of it, with one exact-match lookup). None decides
+/// nothing: the address may still be in a container network (ask NETWORKS).
+#[inline(always)]
+pub fn endpoint_net(addr: u32) -> Option<&'static NetworkInfo> {
+    // SAFETY: plain lookup; the entry is read at once.
+    unsafe { ENDPOINT_NETS.get(&addr) }
+}
+
 #[inline(always)]
 pub fn direct_access(p: &Packet) -> Direct {
-    let Some(net) = NETWORKS.get(Key::new(32, p.daddr)) else { return Direct::NotContainer };
+    match endpoint_net(p.daddr) {
+        Some(net) => direct_access_to(p, net),
+        None => direct_access_by_prefix(p),
+    }
+}
+
+/// [`direct_access`] for an address ENDPOINT_NETS does not hold: the trie decides.
+#[inline(always)]
+pub fn direct_access_by_prefix(p: &Packet) -> Direct {
+    match NETWORKS.get(Key::new(32, p.daddr)) {
+        Some(net) => direct_access_to(p, net),
+        None => Direct::NotContainer,
+    }
+}
+
+/// [`direct_access`] for a destination on network `net` (its NETWORKS entry).
+#[inline(always)]
+pub fn direct_access_to(p: &Packet, net: &NetworkInfo) -> Direct {
     if net.gateway == p.daddr {
         return Direct::NotContainer; // the host's own address on that network
     }

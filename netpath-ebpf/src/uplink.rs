@@ -93,39 +93,60 @@ pub fn decide(p: &Packet) -> Verdict {
     if let Some(x) = conntrack::lookup(p, IN) {
         return Verdict::Translate(x);
     }
-    // Ports (services' and containers') are published on host addresses only: one lookup
-    // spares a packet for anything else (a flood to a container's address) both tables.
-    let on_host = lb::host_addr(p.daddr);
-    match lb::choose(p, lb::Scope::Published, on_host) {
-        // The firewall judges the backend the table picked, before the flow is tracked.
-        Some(Ok(x)) => match firewall::denied(p, x.daddr, x.dport, None) {
-            Some(rule) => Verdict::Deny(rule),
-            None => match service_flow(p, &x) {
-                Ok(x) => Verdict::Translate(x),
-                Err(reason) => Verdict::Drop(reason),
-            },
+    let x = match policy::endpoint_net(p.daddr) {
+        // A container's own address (what a flood from outside aims at), none of the host's:
+        // no port is published on it, so one exact-match lookup decides, sparing a packet
+        // HOST_ADDRS, the service and port tables and the trie.
+        Some(net) => match routed(p, policy::direct_access_to(p, net)) {
+            Ok(x) => x,
+            Err(v) => return v,
         },
-        Some(Err(reason)) => Verdict::Drop(reason),
         None => {
-            let x = match published(p, on_host) {
-                Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
-                // Tracked as is, like Linux conntrack does, so the container's replies are
-                // recognised at egress and keep their address (not masqueraded as a new flow).
-                None => match policy::direct_access(p) {
-                    Direct::Open => p.tuple,
-                    Direct::Denied => return Verdict::Drop(drop_reason::DIRECT_ACCESS),
-                    Direct::Internal => return Verdict::Drop(drop_reason::INTERNAL),
-                    Direct::NotContainer => return Verdict::Pass,
+            // Ports (services' and containers') are published on host addresses only: one
+            // lookup spares a packet for anything else both tables.
+            let on_host = lb::host_addr(p.daddr);
+            match lb::choose(p, lb::Scope::Published, on_host) {
+                // The firewall judges the backend the table picked, before the flow is tracked.
+                Some(Ok(x)) => {
+                    return match firewall::denied(p, x.daddr, x.dport, None) {
+                        Some(rule) => Verdict::Deny(rule),
+                        None => match service_flow(p, &x) {
+                            Ok(x) => Verdict::Translate(x),
+                            Err(reason) => Verdict::Drop(reason),
+                        },
+                    };
+                }
+                Some(Err(reason)) => return Verdict::Drop(reason),
+                None => match published(p, on_host) {
+                    Some(b) => Tuple::new(p.tuple.saddr, b.addr, p.tuple.sport, b.port, p.tuple.proto),
+                    None => match routed(p, policy::direct_access_by_prefix(p)) {
+                        Ok(x) => x,
+                        Err(v) => return v,
+                    },
                 },
-            };
-            if let Some(rule) = firewall::denied(p, x.daddr, x.dport, None) {
-                return Verdict::Deny(rule);
             }
-            if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
-                return Verdict::Drop(reason);
-            }
-            Verdict::Translate(x)
         }
+    };
+    if let Some(rule) = firewall::denied(p, x.daddr, x.dport, None) {
+        return Verdict::Deny(rule);
+    }
+    if let Err(reason) = conntrack::create(&p.tuple, &x, IN, OUT) {
+        return Verdict::Drop(reason);
+    }
+    Verdict::Translate(x)
+}
+
+/// A new flow from outside to a container network address, as its network's gateway mode
+/// has it: Ok with the tuple to track, or the verdict.
+#[inline(always)]
+fn routed(p: &Packet, access: Direct) -> Result<Tuple, Verdict> {
+    match access {
+        // Tracked as is, like Linux conntrack does, so the container's replies are
+        // recognised at egress and keep their address (not masqueraded as a new flow).
+        Direct::Open => Ok(p.tuple),
+        Direct::Denied => Err(Verdict::Drop(drop_reason::DIRECT_ACCESS)),
+        Direct::Internal => Err(Verdict::Drop(drop_reason::INTERNAL)),
+        Direct::NotContainer => Err(Verdict::Pass),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use netpath_common::NetworkInfo;
 use netpath_tests::{CLIENT_IP, HOST_ETH0_IP, Lab, in_ns, must};
 
 /// `netpath daemon` flags of every lab here: none; nat_xdp.rs, which includes this file as a
@@ -540,4 +541,86 @@ fn xdp_auto_leaves_a_veth_uplink_to_tc() {
         assert_eq!(tcp_from_client(&lab, HOST_ETH0_IP, 8080), CLIENT_IP, "{args:?}");
         assert_eq!(lab.uplink_xdp_redirects() > redirects, args[1] == "native", "{args:?}: XDP redirects");
     }
+}
+
+/// ENDPOINT_NETS as pinned (the uplink programs' exact-match table of container addresses),
+/// each entry with what NETWORKS, the trie it copies, says of its address.
+fn pinned_endpoint_nets(lab: &Lab) -> Vec<(String, NetworkInfo, Option<NetworkInfo>)> {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use aya::maps::{HashMap, Map, MapData};
+    let pin = |name| MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, name)).unwrap();
+    let nets = Map::HashMap(pin("ENDPOINT_NETS"));
+    let nets = HashMap::<_, u32, NetworkInfo>::try_from(&nets).unwrap();
+    let trie = Map::LpmTrie(pin("NETWORKS"));
+    let trie = LpmTrie::<_, u32, NetworkInfo>::try_from(&trie).unwrap();
+    let mut v: Vec<_> = nets
+        .iter()
+        .map(|r| r.unwrap())
+        .map(|(addr, net)| {
+            (std::net::Ipv4Addr::from(addr.to_ne_bytes()).to_string(), net, trie.get(&Key::new(32, addr), 0).ok())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Checks that ENDPOINT_NETS holds exactly the addresses `want`, each as NETWORKS has it.
+fn assert_endpoint_nets(lab: &Lab, mut want: Vec<String>, when: &str) {
+    want.sort();
+    let got = pinned_endpoint_nets(lab);
+    assert_eq!(got.iter().map(|e| e.0.clone()).collect::<Vec<_>>(), want, "{when}: addresses");
+    for (addr, net, trie) in &got {
+        assert_eq!(Some(*net), *trie, "{when}: {addr} must say what NETWORKS says");
+    }
+}
+
+#[test]
+fn the_uplinks_table_of_container_addresses_follows_them_across_an_upgrade_and_rm() {
+    use std::io::{BufRead, Write};
+    let mut lab = lab("epnets");
+    lab.np(&["network", "create", "--subnet", "10.96.0.0/24", "n"]);
+    lab.np(&["run", "-d", "--name", "echo", "-p", "8080:8", "--", "socat", "TCP-LISTEN:8,fork,reuseaddr", "EXEC:cat"]);
+    lab.np(&["run", "-d", "--name", "other", "--network", "n", "--", "sleep", "600"]);
+    lab.np(&["network", "connect", "n", "echo"]);
+    common::wait_listening(&lab, "echo", 8);
+    let (echo_bridge, echo_n, other) = (lab.ip_of("echo", "bridge"), lab.ip_of("echo", "n"), lab.ip_of("other", "n"));
+    assert_endpoint_nets(&lab, vec![echo_bridge.clone(), echo_n.clone(), other.clone()], "after run");
+
+    let mut client = in_ns(&lab.client_ns, "python3", &["-c", LINE_CLIENT, HOST_ETH0_IP, "8080"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut say = |msg: &str| {
+        writeln!(input, "{msg}").unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(say("first"), "first");
+
+    // An upgrade from a build without the table: no pin of it. The new daemon fills it from
+    // what the other maps hold, and the connection carries on.
+    lab.stop_daemon();
+    std::fs::remove_file(netpath::datapath::map_pin(&lab.bpffs, "ENDPOINT_NETS")).unwrap();
+    lab.start_daemon();
+    assert_endpoint_nets(&lab, vec![echo_bridge.clone(), echo_n.clone(), other], "after the upgrade");
+    assert_eq!(say("after the upgrade"), "after the upgrade");
+    // And it still keeps outside hosts off the container's own address.
+    must(in_ns(&lab.client_ns, "ip", &["route", "add", "172.17.0.0/16", "via", HOST_ETH0_IP]));
+    let before = drops(&lab, "direct-access");
+    assert!(tcp_refused_from_client(&lab, &echo_bridge, 8));
+    assert!(drops(&lab, "direct-access") > before);
+
+    lab.np(&["rm", "-f", "other"]);
+    assert_endpoint_nets(&lab, vec![echo_bridge.clone(), echo_n], "after rm");
+    lab.np(&["network", "disconnect", "n", "echo"]);
+    assert_endpoint_nets(&lab, vec![echo_bridge], "after disconnect");
+    lab.restart_daemon();
+    assert_eq!(say("after a restart"), "after a restart");
+    assert_eq!(pinned_endpoint_nets(&lab).len(), 1, "after a restart");
+    drop(input);
+    let _ = client.wait();
 }

@@ -666,6 +666,103 @@ fn a_nat_network_drops_what_outside_hosts_route_to_its_containers() {
     f.assert_passes_untouched(UPLINK_IN, &tcp(CLIENT, 40000, GW_A, 22));
 }
 
+/// ENDPOINT_NETS as the datapath holds it: (container address, its network's id, gateway, flags).
+fn endpoint_nets(f: &mut Fixture) -> Vec<(Ipv4Addr, u32, Ipv4Addr, u32)> {
+    let nets = f.dp().endpoint_nets().unwrap();
+    nets.into_iter().map(|(a, n)| (a, n.net_id, Ipv4Addr::from(n.gateway.to_ne_bytes()), n.flags)).collect()
+}
+
+#[test]
+fn endpoint_nets_say_what_networks_says_of_each_container_address() {
+    // The uplink programs' exact-match shortcut for a container's address: what the trie gives
+    // for it, kept so as containers, networks and host addresses change.
+    let mut f = Fixture::new("epnets");
+    let masq = net_flags::MASQUERADE;
+    let a = |addr: &str, flags: u32| (ip(addr), NET_A, ip(GW_A), flags);
+    let b1 = (ip(B1), NET_B, ip(GW_B), masq);
+    let n1 = (ip(N1), NET_N, ip(GW_N), net_flags::DIRECT_PUBLISHED);
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, masq), a(A2, masq), b1, n1]);
+    // A network's mode changes: its containers' entries follow.
+    f.unprotect_a();
+    let open = masq | net_flags::DIRECT_ANY;
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), a(A2, open), b1, n1]);
+    // A container leaves.
+    f.dp().remove_endpoint(ip(A2)).unwrap();
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), b1, n1]);
+    // An address the host holds too (ports may be published on it) is left to HOST_ADDRS.
+    let hosts = [HOST, HOST2, GW_A, GW_B, GW_N].map(ip);
+    f.dp().sync_host_addrs(&[&hosts[..], &[ip(B1)]].concat()).unwrap();
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), n1]);
+    f.dp().sync_host_addrs(&hosts).unwrap();
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), b1, n1]);
+    // A network goes (before its last container, as a failed setup may leave it): so do its
+    // entries, and they come back with it.
+    f.dp().remove_network("172.19.0.0/16".parse().unwrap()).unwrap();
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), n1]);
+    f.dp().set_network("172.19.0.0/16".parse().unwrap(), NET_B, ip(GW_B), masq).unwrap();
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), b1, n1]);
+    // A daemon starting again rebuilds it from the other maps (an earlier build had none).
+    f.inner.reload(LoadOptions::default());
+    assert_eq!(endpoint_nets(&mut f), vec![a(A1, open), b1, n1]);
+}
+
+#[test]
+fn an_address_of_a_container_subnet_no_container_holds_is_judged_by_its_network() {
+    // ENDPOINT_NETS holds container addresses only: the rest of a subnet is decided by the
+    // trie, with the same verdicts.
+    let mut f = Fixture::published("subnet-rest");
+    const FREE: &str = "172.18.0.99";
+    let mut frag = udp(CLIENT, 5353, FREE, 53);
+    frag[14 + 6] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut frag);
+    for pkt in [tcp(CLIENT, 40000, FREE, 80), udp(CLIENT, 5353, FREE, 53), frag] {
+        assert_eq!(f.run(UPLINK_IN, &for_this_host(pkt)).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 3);
+    // Unprotected: let in and tracked as is, for the stack to deliver (no container has it).
+    f.unprotect_a();
+    let pkt = for_this_host(tcp(CLIENT, 40000, FREE, 80));
+    assert_eq!(f.run(UPLINK_IN, &pkt), (TC_ACT_OK, pkt));
+    assert_eq!(f.flow(tuple(CLIENT, 40000, FREE, 80, proto::TCP)).xlate, tuple(CLIENT, 40000, FREE, 80, proto::TCP));
+}
+
+#[test]
+fn malformed_packets_to_a_container_address_are_dropped_as_direct_access() {
+    // Cut short, they carry no ports to look up a flow with; the container's address alone
+    // says they may not come in. A header that does not parse is the stack's, as always.
+    let mut f = Fixture::published("direct-malformed");
+    let tcp_full = Ipv4Packet::tcp(CLIENT, 40000, A1, 80, b"").build();
+    let udp_full = udp(CLIENT, 5353, A1, 53);
+    for pkt in [cut_l4(&tcp_full, 4), cut_l4(&tcp_full, 17), cut_l4(&udp_full, 7), cut_l4(&udp_full, 0)] {
+        assert_eq!(f.run(UPLINK_IN, &for_this_host(pkt)).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 4);
+    let opts = for_this_host(with_ip_options(&tcp_full, &[1, 1, 1, 0]));
+    assert_eq!(f.run(UPLINK_IN, &opts).0, TC_ACT_SHOT, "IP options: uplink_xdp leaves it to uplink_in, which drops it");
+    assert_eq!(f.counter("direct-access"), 5);
+    let mut bad_ihl = for_this_host(tcp_full.clone());
+    bad_ihl[14] = 0x44;
+    refresh_ipv4_checksum(&mut bad_ihl);
+    f.assert_passes_untouched(UPLINK_IN, &bad_ihl);
+    assert!(f.flows().is_empty());
+}
+
+#[test]
+fn a_container_address_the_host_holds_too_keeps_the_ports_published_on_it() {
+    // Not a setup netpath makes, but one it must not misread: an address both a container's
+    // and the host's is the host's for published ports, as before ENDPOINT_NETS.
+    let mut f = Fixture::new("ep-is-host");
+    let hosts = [HOST, HOST2, GW_A, GW_B, GW_N, A2].map(ip);
+    f.dp().sync_host_addrs(&hosts).unwrap();
+    f.dp().set_port(Some(ip(A2)), PUB, proto::TCP, ip(A1), BACK).unwrap();
+    let (verdict, out) = f.run(UPLINK_IN, &for_this_host(tcp(CLIENT, 40000, A2, PUB)));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, one_hop_less(to_mac(A1_MAC, tcp(CLIENT, 40000, A1, BACK))));
+    // Its other ports are still closed to direct access.
+    assert_eq!(f.run(UPLINK_IN, &for_this_host(tcp(CLIENT, 40000, A2, 81))).0, TC_ACT_SHOT);
+    assert_eq!(f.counter("direct-access"), 1);
+}
+
 #[test]
 fn a_routed_network_opens_published_container_ports_and_icmp_only() {
     let mut f = Fixture::new("direct-routed");

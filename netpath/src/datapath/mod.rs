@@ -7,6 +7,7 @@
 //! the new programs atomically (`links.rs`).
 
 mod bpffs;
+mod endpoint_nets;
 mod events;
 mod links;
 mod migrate;
@@ -209,7 +210,10 @@ impl Datapath {
         if adopted > 0 {
             info!("datapath {object_id}: took over {adopted} attached links");
         }
-        Ok(Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new(), xdp: XdpSetting::Off })
+        let mut dp =
+            Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new(), xdp: XdpSetting::Off };
+        dp.sync_endpoint_nets().context("filling ENDPOINT_NETS")?;
+        Ok(dp)
     }
 
     fn load_object(object: &[u8], plans: &[migrate::MapPlan], max_entries: &[(String, u32)]) -> Result<Ebpf> {
@@ -361,13 +365,14 @@ impl Datapath {
     ) -> Result<()> {
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
         m.insert(wire_addr(addr), EndpointInfo { ifindex, net_id, mac, gw_mac }, 0).context("adding endpoint")?;
-        Ok(())
+        self.sync_endpoint_nets_of([wire_addr(addr)])
     }
 
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
         let mut m: BpfHashMap<_, u32, EndpointInfo> = self.map(map_names::ENDPOINTS)?;
         let ifindex = m.get(&wire_addr(addr), 0).ok().map(|ep| ep.ifindex);
         let _ = m.remove(&wire_addr(addr));
+        self.sync_endpoint_nets_of([wire_addr(addr)])?;
         // The kernel also drops a devmap entry when its device goes away.
         if let Some(ifindex) = ifindex {
             self.set_xdp_port(ifindex, false)?;
@@ -397,27 +402,37 @@ impl Datapath {
         let mut m: LpmTrie<_, u32, NetworkInfo> = self.map(map_names::NETWORKS)?;
         let key = LpmKey::new(u32::from(subnet.prefix_len()), wire_addr(subnet.network()));
         m.insert(&key, NetworkInfo { net_id, gateway: wire_addr(gateway), flags }, 0).context("adding network")?;
-        Ok(())
+        self.sync_endpoint_nets_within(subnet)
     }
 
     pub fn remove_network(&mut self, subnet: Ipv4Net) -> Result<()> {
         let mut m: LpmTrie<_, u32, NetworkInfo> = self.map(map_names::NETWORKS)?;
         let _ = m.remove(&LpmKey::new(u32::from(subnet.prefix_len()), wire_addr(subnet.network())));
-        Ok(())
+        self.sync_endpoint_nets_within(subnet)
     }
 
     /// Makes HOST_ADDRS hold exactly `addrs`.
     pub fn sync_host_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
-        let mut m: BpfHashMap<_, u32, u32> = self.map(map_names::HOST_ADDRS)?;
+        let m: BpfHashMap<_, u32, u32> = self.map(map_names::HOST_ADDRS)?;
         let want: std::collections::HashSet<u32> = addrs.iter().map(|a| wire_addr(*a)).collect();
         let have: Vec<u32> = m.keys().filter_map(|k| k.ok()).collect();
-        for k in have.iter().filter(|k| !want.contains(k)) {
+        let added: Vec<u32> = want.iter().filter(|k| !have.contains(k)).copied().collect();
+        let removed: Vec<u32> = have.iter().filter(|k| !want.contains(k)).copied().collect();
+        // An address becoming the host's leaves ENDPOINT_NETS first: ports may be published on it.
+        if self.has_endpoint_nets() {
+            let mut nets: BpfHashMap<_, u32, NetworkInfo> = self.map(map_names::ENDPOINT_NETS)?;
+            for k in &added {
+                let _ = nets.remove(k);
+            }
+        }
+        let mut m: BpfHashMap<_, u32, u32> = self.map(map_names::HOST_ADDRS)?;
+        for k in &removed {
             let _ = m.remove(k);
         }
-        for k in want.iter().filter(|k| !have.contains(k)) {
+        for k in &added {
             m.insert(*k, 1, 0).context("adding host address")?;
         }
-        Ok(())
+        self.sync_endpoint_nets_of(removed)
     }
 
     /// Publishes a port: (host address or every address, port, protocol) → container address/port.
