@@ -596,7 +596,7 @@ fn underlay_in_on(c: &ClusterLab, i: usize) -> (String, bool) {
 /// network it goes again.
 #[test]
 fn the_daemon_decapsulates_on_the_underlay_link_while_it_has_an_overlay() {
-    let mut c = ClusterLab::new("ov-underlay", 2);
+    let c = ClusterLab::new("ov-underlay", 2);
     c.wait_for(20, "2 nodes ready on node0", || all_ready(&c, 0, 2));
     let (dev, on) = underlay_in_on(&c, 1);
     assert!(!on, "no overlay yet, nothing on {dev}");
