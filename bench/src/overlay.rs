@@ -1,7 +1,8 @@
 //! The overlay section: a container on one host to a container on another (two lab hosts on
 //! an underlay bridge, MTU 1500, overlay MTU 1450), through netpath's VXLAN datapath (eBPF on
 //! the container's veth sets the tunnel key and redirects to an external-mode VXLAN device;
-//! `vxlan_in` delivers straight to the veth) against the kernel's VXLAN as Docker's overlay
+//! `vxlan_in` delivers straight to the veth; or, as the daemon sets it up, `underlay_in` on
+//! the underlay interface decapsulates ahead of the device) against the kernel's VXLAN as Docker's overlay
 //! driver builds it (a bridge with a VXLAN port, static FDB and proxy-ARP neighbour entries;
 //! Flannel's vxlan backend is the same device with static entries), in the same run: TCP
 //! throughput (iperf3, one stream) and TCP round trips (sockperf ping-pong, p50 and p99).
@@ -48,13 +49,18 @@ impl OverlayLab {
 
 fn name(kind: Kind) -> &'static str {
     match kind {
-        Kind::Netpath => "netpath (eBPF)",
+        Kind::Netpath => "netpath (eBPF), decap by the VXLAN device",
+        Kind::NetpathUnderlay => "netpath (eBPF), decap on the underlay",
         Kind::Kernel => "kernel VXLAN + FDB + bridge",
     }
 }
 
 fn setup(exe: &Path, kind: Kind) -> Result<OverlayLab> {
-    let lab = Lab::without_daemon(if kind == Kind::Netpath { "bench-ov-np" } else { "bench-ov-k" });
+    let lab = Lab::without_daemon(match kind {
+        Kind::Netpath => "bench-ov-np",
+        Kind::NetpathUnderlay => "bench-ov-ul",
+        Kind::Kernel => "bench-ov-k",
+    });
     // The lab helpers assert as they go: a failure here becomes this section's error.
     let hosts = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| two_hosts(&lab, kind, &[CLIENT], &[SERVER])))
         .map_err(|p| {
@@ -133,7 +139,7 @@ fn measure(l: &OverlayLab, secs: u32, bbr: bool) -> Result<Figures> {
 /// `secs` or until a stop is requested (`__overlay-hold`).
 pub fn hold(exe: &Path, secs: Duration) -> Result<()> {
     let mut labs = vec![];
-    for kind in [Kind::Netpath, Kind::Kernel] {
+    for kind in KINDS {
         let l = setup(exe, kind)?;
         let hosts = l.hosts.as_ref().expect("hosts");
         println!(
@@ -156,9 +162,13 @@ pub fn hold(exe: &Path, secs: Duration) -> Result<()> {
     Ok(())
 }
 
-/// netpath's throughput over the kernel's, repetition by repetition (each pair ran back to
+/// The variants, in the table's order: netpath with the VXLAN device decapsulating, netpath
+/// decapsulating on the underlay (what the daemon attaches), the kernel's.
+const KINDS: [Kind; 3] = [Kind::Netpath, Kind::NetpathUnderlay, Kind::Kernel];
+
+/// `np`'s throughput over the kernel's, repetition by repetition (each pair ran back to
 /// back): the median and the range, and each variant's own range.
-fn ratio_spread(np: &[Figures], k: &[Figures]) -> String {
+fn ratio_spread(what: &str, np: &[Figures], k: &[Figures]) -> String {
     let pairs: Vec<f64> = np.iter().zip(k).map(|(a, b)| a.gbps / b.gbps).collect();
     let range = |v: &[f64]| {
         let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
@@ -166,8 +176,8 @@ fn ratio_spread(np: &[Figures], k: &[Figures]) -> String {
     };
     let gbps = |v: &[Figures]| v.iter().map(|x| x.gbps).collect::<Vec<_>>();
     format!(
-        "Repetition by repetition (each pair back to back): netpath/kernel throughput {:.2}× median, {}× range; \
-         netpath {} Gbit/s, kernel {} Gbit/s.\n",
+        "Repetition by repetition (back to back): {what}/kernel throughput {:.2}× median, {}× range; \
+         {what} {} Gbit/s, kernel {} Gbit/s.\n",
         median(&pairs).unwrap_or(f64::NAN),
         range(&pairs),
         range(&gbps(np)),
@@ -179,7 +189,7 @@ fn ratio_spread(np: &[Figures], k: &[Figures]) -> String {
 pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     let started = Instant::now();
     let mut labs = vec![];
-    for kind in [Kind::Netpath, Kind::Kernel] {
+    for kind in KINDS {
         eprintln!("bench: overlay: setting up {}", name(kind));
         labs.push(setup(exe, kind)?);
     }
@@ -241,20 +251,24 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
         ));
         cells.push(c);
     }
-    if let [np, k] = cells[..] {
-        md.push_str(&format!(
-            "\nnetpath: {:.2}× the kernel VXLAN's TCP throughput (target ≥ 1.0×) at {:.2}× its CPU per Gbit/s \
-             ({:.2}× with both ends on one CPU); {:.2}× with BBR; {:.2}× its p50 round trip.\n",
-            np.gbps / k.gbps,
-            np.cpu_per_gbps / k.cpu_per_gbps,
-            np.cpu_per_gbps_one_cpu / k.cpu_per_gbps_one_cpu,
-            np.gbps_bbr / k.gbps_bbr,
-            np.p50 / k.p50
-        ));
+    if let [dev, ul, k] = cells[..] {
+        md.push('\n');
+        for (what, np) in [("netpath, device decap", dev), ("netpath, underlay decap", ul)] {
+            md.push_str(&format!(
+                "{what}: {:.2}× the kernel VXLAN's TCP throughput (target ≥ 1.0×) at {:.2}× its CPU per Gbit/s \
+                 ({:.2}× with both ends on one CPU); {:.2}× with BBR; {:.2}× its p50 round trip.\n",
+                np.gbps / k.gbps,
+                np.cpu_per_gbps / k.cpu_per_gbps,
+                np.cpu_per_gbps_one_cpu / k.cpu_per_gbps_one_cpu,
+                np.gbps_bbr / k.gbps_bbr,
+                np.p50 / k.p50
+            ));
+        }
         // The spread says how far to trust that ratio: one stream on two shared vCPUs moves
         // with where the scheduler puts its ends and with the machine's other load.
-        if let [np_reps, k_reps] = &results[..] {
-            md.push_str(&ratio_spread(np_reps, k_reps));
+        if let [dev_reps, ul_reps, k_reps] = &results[..] {
+            md.push_str(&ratio_spread("netpath, device decap", dev_reps, k_reps));
+            md.push_str(&ratio_spread("netpath, underlay decap", ul_reps, k_reps));
         }
     }
     // The cluster rows need the datapath labs gone (CPU, and their namespaces).
@@ -267,7 +281,9 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
     md.push_str(
         "\nMethod: two host namespaces on an underlay bridge (MTU 1500), a container on each (MTU 1450), \
          iperf3 (one TCP stream, CUBIC, then the same with both ends pinned to CPU 0, then BBR) and sockperf ping-pong over TCP from one to the other. netpath: its eBPF \
-         object and VXLAN device without a daemon, programmed through the daemon's overlay API. kernel: a \
+         object and VXLAN device without a daemon, programmed through the daemon's overlay API, once with the device \
+         decapsulating everything (`vxlan_in`), once with `underlay_in` on the underlay interface ahead of it (as the \
+         daemon attaches it: non-GSO packets for local containers are decapsulated there). kernel: a \
          bridge with a VXLAN port (nolearning, proxy ARP) and static FDB and neighbour entries, as Docker's \
          overlay driver programs them, but with netpath's outer UDP checksum setting (zero; the kernel's and \
          Docker's default is on, at no measurable cost here) and no br_netfilter hooks on its bridge (Docker \

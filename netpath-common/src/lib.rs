@@ -92,6 +92,8 @@ pub mod config {
 /// Ethernet header (14). Overlay interfaces get the underlay's MTU minus this, and the
 /// programs answer a packet bigger than that, that may not be fragmented, with ICMP.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// VXLAN's IANA port (RFC 7348), the one the overlay's device listens on.
+pub const VXLAN_PORT: u16 = 4789;
 
 /// Slots of the `OVERLAY_CONFIG` array.
 pub mod overlay_config {
@@ -122,6 +124,9 @@ pub mod prog_names {
     pub const SOCK: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
     /// TC ingress on the host's VXLAN device: decapsulated overlay traffic for local containers.
     pub const VXLAN_IN: &str = "vxlan_in";
+    /// TC ingress on the node's underlay interface, first of its programs: VXLAN packets for
+    /// local containers decapsulated ahead of the VXLAN device (the rest goes on untouched).
+    pub const UNDERLAY_IN: &str = "underlay_in";
     /// TC egress on an overlay network's bridge: the host's own packets (and ARP) for that
     /// overlay's containers on other nodes.
     pub const OVERLAY_BRIDGE_OUT: &str = "overlay_bridge_out";

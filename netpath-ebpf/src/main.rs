@@ -55,6 +55,13 @@ pub fn vxlan_in(mut ctx: TcContext) -> i32 {
     vxlan::decap(&mut ctx)
 }
 
+/// TC ingress on the node's underlay interface: VXLAN for local containers, decapsulated
+/// ahead of the VXLAN device (everything else goes on to the next program or the stack).
+#[classifier]
+pub fn underlay_in(mut ctx: TcContext) -> i32 {
+    vxlan::decap_underlay(&mut ctx)
+}
+
 /// TC egress on an overlay network's bridge: the host's own packets for other nodes' containers.
 #[classifier]
 pub fn overlay_bridge_out(mut ctx: TcContext) -> i32 {

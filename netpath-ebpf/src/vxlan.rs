@@ -12,14 +12,17 @@
 //! `vxlan_in` translates them back (see [`decap`]).
 
 use aya_ebpf::bindings::{
-    BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_REDIRECT, bpf_check_mtu_ret, bpf_tunnel_key,
+    BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC,
+    bpf_adj_room_mode, bpf_check_mtu_ret, bpf_tunnel_key,
 };
 use aya_ebpf::helpers::{
     bpf_check_mtu, bpf_redirect_peer, bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
-use netpath_common::{OverlayKey, OverlayRemote, Tuple, VXLAN_OVERHEAD, drop_reason, hook, overlay_config, proto};
+use netpath_common::{
+    OverlayKey, OverlayRemote, Tuple, VXLAN_OVERHEAD, VXLAN_PORT, drop_reason, hook, overlay_config, proto,
+};
 
 use crate::maps::{
     ENDPOINTS, HOST_ADDRS, NETWORKS, OVERLAY_CONFIG, OVERLAY_LOCAL, OVERLAY_NETS, OVERLAY_REMOTE, OVERLAY_VNIS,
@@ -289,6 +292,14 @@ const DECAP_HOOK: u8 = hook::VXLAN_IN;
 #[inline(always)]
 pub fn decap(ctx: &mut TcContext) -> i32 {
     let key = tunnel_key(ctx);
+    decap_frame(ctx, key)
+}
+
+/// [`decap`] of the frame at offset 0 that arrived in the tunnel `key` (VNI, the sending
+/// node's underlay address), whichever way its outer headers came off: the VXLAN device's
+/// receive path, or [`decap_underlay`].
+#[inline(always)]
+fn decap_frame(ctx: &mut TcContext, key: Option<(u32, u32)>) -> i32 {
     let p = parse(ctx);
     // SAFETY: plain lookup.
     let known = key.is_some_and(|(v, _)| unsafe { OVERLAY_VNIS.get(&v) }.is_some());
@@ -436,6 +447,99 @@ fn tunnel_key(ctx: &TcContext) -> Option<(u32, u32)> {
         unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb as *mut _, key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };
     // SAFETY: an IPv4 key: the union holds the remote IPv4 address (host byte order).
     (rc == 0).then(|| (key.tunnel_id, u32::to_be(unsafe { key.__bindgen_anon_1.remote_ipv4 })))
+}
+
+/// Offsets in a VXLAN packet as it arrives on the underlay: the outer IPv4 header (no
+/// options), UDP, the VXLAN header, the inner Ethernet frame and its IPv4 header.
+const OUTER_IP: usize = ETH_LEN;
+const OUTER_UDP: usize = OUTER_IP + 20;
+const VXLAN_HDR: usize = OUTER_UDP + 8;
+const INNER_ETH: usize = VXLAN_HDR + 8;
+const INNER_IP: usize = INNER_ETH + ETH_LEN;
+// What decapsulation removes after the outer Ethernet header.
+const _: () = assert!(INNER_IP - OUTER_IP == VXLAN_OVERHEAD as usize);
+/// The VXLAN header's first word with only the I flag (a valid VNI follows), RFC 7348.
+const VXLAN_FLAGS_I: u32 = 0x0800_0000;
+/// What tcx runs the next program on (or the stack, after the last): "not mine".
+const NEXT: i32 = TC_ACT_UNSPEC;
+
+/// TC ingress on the underlay interface, ahead of the VXLAN device: a VXLAN packet for a
+/// local container of a known VNI loses its outer headers here (`bpf_skb_adjust_room`) and
+/// goes on through [`decap_frame`], the same checks, tracking and delivery as the device's
+/// `vxlan_in`, straight into the container: no UDP socket lookup, `vxlan_rcv`, GRO cell,
+/// metadata dst allocated and freed per packet, or second pass through the stack.
+///
+/// Everything else is the device's, untouched: not for this host, outer IPv4 options or
+/// fragments (the stack reassembles), a UDP checksum to verify (netpath sends none; the
+/// kernel's default is to), VXLAN flags other than a plain VNI, an unknown VNI, anything
+/// not IPv4 inside or not for one of this node's containers (the routing mesh's and host
+/// processes' replies), and GSO packets: on this kernel the helper leaves their
+/// encapsulation marks (SKB_GSO_UDP_TUNNEL) in place (`BPF_F_ADJ_ROOM_DECAP_L4_UDP`, which
+/// clears them, is newer), which would break their segmentation if a container routed
+/// them on; the device's receive path clears them.
+#[inline(always)]
+pub fn decap_underlay(ctx: &mut TcContext) -> i32 {
+    let Some((vni, from_node, src_mac)) = underlay_vxlan(ctx) else { return NEXT };
+    // Drops the outer IPv4, UDP and VXLAN headers and the inner Ethernet header after the
+    // outer Ethernet header, whose addresses then become the inner ones. The helper fails
+    // before it changes anything (an skb it cannot unclone): the device has it then.
+    if ctx
+        .adjust_room(-(VXLAN_OVERHEAD as i32), bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
+        .is_err()
+    {
+        return NEXT;
+    }
+    // The destination MAC is the container's (set on delivery); the type is IPv4 already.
+    if ctx.store(6, &src_mac, 0).is_err() {
+        return drop_unparsed(drop_reason::REWRITE_FAILED);
+    }
+    decap_frame(ctx, Some((vni, from_node)))
+}
+
+/// What [`decap_underlay`] takes: a VXLAN packet to this host's port 4789 on a known VNI,
+/// IPv4 inside to a local container of that VNI. Its VNI, the sending node's address and the
+/// inner source MAC.
+#[inline(always)]
+fn underlay_vxlan(ctx: &TcContext) -> Option<(u32, u32, [u8; 6])> {
+    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP {
+        return None;
+    }
+    // SAFETY: the skb pointer is valid for the program run.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return None;
+    }
+    let ip: [u8; 20] = ctx.load(OUTER_IP).ok()?;
+    // Version 4, no options; not a fragment (no flag but DF, no offset); UDP.
+    if ip[0] != 0x45 || (ip[6] & 0xbf) != 0 || ip[7] != 0 || ip[9] != proto::UDP {
+        return None;
+    }
+    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    if !is_host(daddr) {
+        return None;
+    }
+    let udp: [u16; 4] = ctx.load(OUTER_UDP).ok()?;
+    // Destination port, and no checksum to verify.
+    if u16::from_be(udp[1]) != VXLAN_PORT || udp[3] != 0 {
+        return None;
+    }
+    let vx: [u32; 2] = ctx.load(VXLAN_HDR).ok()?;
+    let word = u32::from_be(vx[1]);
+    // Reserved bits zero, as the device requires.
+    if u32::from_be(vx[0]) != VXLAN_FLAGS_I || word & 0xff != 0 {
+        return None;
+    }
+    let vni = word >> 8;
+    // SAFETY: plain lookups.
+    unsafe { OVERLAY_VNIS.get(&vni) }?;
+    if u16::from_be(ctx.load::<u16>(INNER_ETH + 12).ok()?) != ETH_P_IP {
+        return None;
+    }
+    let inner_daddr: u32 = ctx.load(INNER_IP + 16).ok()?;
+    if !is_local(vni, inner_daddr) {
+        return None;
+    }
+    let src_mac: [u8; 6] = ctx.load(INNER_ETH + 6).ok()?;
+    Some((vni, u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]), src_mac))
 }
 
 /// The hook host processes' flows to other nodes' containers are translated at.

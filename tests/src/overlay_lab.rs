@@ -25,6 +25,8 @@ pub const GW: &str = "10.210.0.1";
 pub const BRIDGE: &str = "np-ov1";
 pub const UNDERLAY_MTU: u32 = 1500;
 pub const OVERLAY_MTU: u32 = UNDERLAY_MTU - VXLAN_OVERHEAD;
+/// Each host's underlay interface (holding its underlay address).
+pub const UNDERLAY_IF: &str = "eth1";
 /// The kernel variant's VXLAN device (a bridge port).
 pub const KERNEL_VXLAN: &str = "vxlan0";
 
@@ -50,12 +52,18 @@ pub struct Host {
     pub dp: Option<Datapath>,
     pub overlay: Option<Overlay>,
     pub containers: Vec<Container>,
+    pub kind: Kind,
 }
 
 /// Which datapath carries the overlay.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
+    /// netpath's programs with the VXLAN device decapsulating everything (`vxlan_in` on it):
+    /// what an object without `underlay_in` does.
     Netpath,
+    /// netpath as the daemon sets it up: `underlay_in` on the underlay interface decapsulates
+    /// what it can ahead of the device, the device (`vxlan_in`) the rest.
+    NetpathUnderlay,
     /// Kernel VXLAN with static FDB entries and a Linux bridge (Docker's overlay driver).
     Kernel,
 }
@@ -151,8 +159,9 @@ pub fn two_hosts(
             .collect();
         let pins = lab.dir.join(format!("bpf-{tag}"));
         let (dp, overlay) = match kind {
-            Kind::Netpath => {
-                let (dp, overlay) = netpath_host(&ns, &pins, underlay_ip, &containers);
+            Kind::Netpath | Kind::NetpathUnderlay => {
+                let underlay_in = kind == Kind::NetpathUnderlay;
+                let (dp, overlay) = netpath_host(&ns, &pins, underlay_ip, &containers, underlay_in);
                 (Some(dp), Some(overlay))
             }
             Kind::Kernel => {
@@ -165,7 +174,7 @@ pub fn two_hosts(
             must(in_ns(&c.ns, "ip", &["link", "set", "eth0", "up"]));
             must(in_ns(&c.ns, "ip", &["route", "add", "default", "via", GW]));
         }
-        hosts.push(Host { ns, pins, underlay_ip, dp, overlay, containers });
+        hosts.push(Host { ns, pins, underlay_ip, dp, overlay, containers, kind });
     }
     let [a, b]: [Host; 2] = hosts.try_into().unwrap_or_else(|_| unreachable!());
     // Until the kernel's link watcher has run for a new link, its queue drops what is sent
@@ -203,7 +212,13 @@ pub fn two_hosts(
 
 /// netpath's side of a host: the bridge, the containers' veths with the container program, the
 /// overlay's maps and the VXLAN device, as the daemon makes them.
-fn netpath_host(ns: &Path, pins: &Path, underlay_ip: &str, containers: &[Container]) -> (Datapath, Overlay) {
+fn netpath_host(
+    ns: &Path,
+    pins: &Path,
+    underlay_ip: &str,
+    containers: &[Container],
+    underlay_in: bool,
+) -> (Datapath, Overlay) {
     in_netns(ns, |rt, nl| {
         let br = rt.block_on(nl.ensure_bridge(BRIDGE, ip(GW), 24, Some(OVERLAY_MTU))).unwrap();
         let mut dp = Datapath::load(pins).expect("loading the datapath");
@@ -219,6 +234,10 @@ fn netpath_host(ns: &Path, pins: &Path, underlay_ip: &str, containers: &[Contain
             overlay.overlay_add_local(VNI, ip(c.ip), ifindex, c.mac).unwrap();
         }
         rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("making the VXLAN device");
+        if underlay_in {
+            let ifindex = rt.block_on(nl.require_link(UNDERLAY_IF)).unwrap();
+            assert!(rt.block_on(overlay.overlay_attach_underlay(UNDERLAY_IF, ifindex)).unwrap(), "no underlay_in");
+        }
         (dp, overlay)
     })
 }
@@ -284,6 +303,7 @@ impl Host {
         during();
         let mut dp = Datapath::load(&self.pins).expect("a second datapath");
         let containers = &self.containers;
+        let kind = self.kind;
         let overlay = in_netns(&self.ns, |rt, nl| {
             for c in containers {
                 let ifindex = rt.block_on(nl.require_link(&c.host_if)).unwrap();
@@ -291,6 +311,10 @@ impl Host {
             }
             let overlay = dp.overlay().unwrap();
             rt.block_on(overlay.ensure_vxlan(nl, UNDERLAY_MTU)).expect("claiming the VXLAN device");
+            if kind == Kind::NetpathUnderlay {
+                let ifindex = rt.block_on(nl.require_link(UNDERLAY_IF)).unwrap();
+                assert!(rt.block_on(overlay.overlay_attach_underlay(UNDERLAY_IF, ifindex)).unwrap());
+            }
             dp.release_unclaimed();
             overlay
         });

@@ -201,6 +201,29 @@ pub fn l4_checksum_ok(frame: &[u8]) -> bool {
     csum(l4, pseudo) == 0
 }
 
+/// The host MAC the outer frames of [`vxlan`] are addressed to, and the sending node's.
+pub const UNDERLAY_DST_MAC: [u8; 6] = [0x02, 0, 0xc0, 0xa8, 0x4d, 1];
+pub const UNDERLAY_SRC_MAC: [u8; 6] = [0x02, 0, 0xc0, 0xa8, 0x4d, 2];
+
+/// `inner` (an Ethernet frame) in VXLAN (RFC 7348) over UDP/IPv4 from node `src` to node
+/// `dst` on `vni`, as a netpath node sends it: DF, outer UDP checksum zero, port 4789.
+pub fn vxlan(src: &str, dst: &str, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut l4 = Vec::with_capacity(16 + inner.len());
+    l4.extend_from_slice(&49152u16.to_be_bytes());
+    l4.extend_from_slice(&4789u16.to_be_bytes());
+    l4.extend_from_slice(&((16 + inner.len()) as u16).to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(&0x0800_0000u32.to_be_bytes());
+    l4.extend_from_slice(&(vni << 8).to_be_bytes());
+    l4.extend_from_slice(inner);
+    let outer = Ipv4Packet {
+        src_mac: UNDERLAY_SRC_MAC,
+        dst_mac: UNDERLAY_DST_MAC,
+        ..Ipv4Packet::udp(src, 49152, dst, 4789, &[])
+    };
+    outer.frame(&l4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,8 @@ use netpath::datapath::{Datapath, LoadOptions};
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+/// TC_ACT_UNSPEC (-1) as test_run reports it: tcx goes on to the next program (or the stack).
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 /// XDP verdicts (`enum xdp_action`).
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -67,11 +69,19 @@ impl PrivateDatapath {
 
     /// [`Self::run`] with the packet on interface `ifindex` (one of this namespace's).
     pub fn run_on(&mut self, ifindex: Option<u32>, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        self.run_with(ifindex, 0, prog, pkt)
+    }
+
+    /// [`Self::run_on`] with the packet a GSO packet of `gso_size`-byte segments (0: not GSO).
+    pub fn run_with(&mut self, ifindex: Option<u32>, gso_size: u32, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; pkt.len() + 256];
-        // struct __sk_buff up to `ifindex` (offset 40); the kernel zero-fills the rest.
-        let mut ctx = [0u8; 44];
+        // struct __sk_buff up to `ifindex` (offset 40), or up to `gso_size` (offset 176); the
+        // kernel zero-fills the rest.
+        let mut ctx = [0u8; 180];
         ctx[40..44].copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
-        let ctx_in = ifindex.map(|_| &ctx[..]);
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        let len = if gso_size != 0 { 180 } else { 44 };
+        let ctx_in = (ifindex.is_some() || gso_size != 0).then_some(&ctx[..len]);
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in, ..Default::default() };
         let r = self.dp().classifier(prog).unwrap().test_run(opts).expect("test_run");
         out.truncate(r.data_size_out as usize);

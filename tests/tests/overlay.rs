@@ -579,3 +579,52 @@ fn service_networks_follow_updates_across_nodes() {
     ]);
     assert!(!out.status.success(), "the VIP still answers after rm");
 }
+
+/// The link of node `i`'s namespace holding its underlay address, and whether the daemon
+/// holds an `underlay_in` link on it (its pin; bpftool here does not list tcx links).
+fn underlay_in_on(c: &ClusterLab, i: usize) -> (String, bool) {
+    let ns = &c.node(i).host_ns;
+    let addr = must(in_ns(ns, "ip", &["-o", "-4", "addr", "show", "to", &node_ip(i)]));
+    let dev = addr.split_whitespace().nth(1).unwrap_or_else(|| panic!("no link holds {}: {addr}", node_ip(i)));
+    let pinned = c.node(i).bpffs.join("links").join(format!("{dev}@underlay_in")).exists();
+    (dev.to_string(), pinned)
+}
+
+/// The daemon decapsulates on the underlay: with the first overlay network it attaches
+/// `underlay_in` to the link holding `--node-ip`, the overlay's traffic between containers
+/// crosses it (small packets never reach the VXLAN device), and with the last overlay
+/// network it goes again.
+#[test]
+fn the_daemon_decapsulates_on_the_underlay_link_while_it_has_an_overlay() {
+    let c = ClusterLab::new("ov-underlay", 2);
+    c.wait_for(20, "2 nodes ready on node0", || all_ready(&c, 0, 2));
+    let (dev, on) = underlay_in_on(&c, 1);
+    assert!(!on, "no overlay yet, nothing on {dev}");
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.78.0.0/24", "ul"]);
+    for (i, name) in [(0, "u0"), (1, "u1")] {
+        c.wait_for(10, "ul on the node", || c.node(i).np(&["network", "ls", "-q"]).lines().any(|n| n == "ul"));
+        c.node(i).np(&["run", "-d", "--name", name, "--network", "ul", "--", "sleep", "600"]);
+    }
+    for i in 0..2 {
+        let (dev, on) = underlay_in_on(&c, i);
+        assert!(on, "node{i}: underlay_in on {dev}");
+    }
+    let rx = |i: usize| {
+        let out = must(in_ns(&c.node(i).host_ns, "ip", &["-j", "-s", "link", "show", "dev", "np-vxlan0"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+    };
+    let u1 = c.node(1).ip_of("u1", "ul");
+    c.wait_for(10, "u1's address known on node0", || {
+        c.node(0).try_np(&["exec", "u0", "--", "ping", "-c", "1", "-W", "1", &u1]).status.success()
+    });
+    let before = (rx(0), rx(1));
+    let ping = c.node(0).np(&["exec", "u0", "--", "ping", "-c", "3", "-i", "0.2", "-W", "2", &u1]);
+    assert!(ping.contains("3 received"), "{ping}");
+    assert_eq!((rx(0), rx(1)), before, "the pings were decapsulated on the underlay, not by the device");
+    for (i, name) in [(0, "u0"), (1, "u1")] {
+        c.node(i).np(&["rm", "-f", name]);
+    }
+    c.node(0).np(&["network", "rm", "ul"]);
+    c.wait_for(10, "underlay_in gone with the last overlay", || !underlay_in_on(&c, 1).1);
+}

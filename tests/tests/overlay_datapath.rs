@@ -19,7 +19,9 @@ use std::time::Duration;
 use netpath::datapath::{VXLAN_DEV, VXLAN_PORT};
 use netpath::netlink::netns;
 use netpath_common::net_flags;
-use netpath_tests::overlay_lab::{BRIDGE, CLIENT_IP, GW, Kind, NET, SUBNET, UPLINK_IP, VNI, in_netns, two_hosts};
+use netpath_tests::overlay_lab::{
+    BRIDGE, CLIENT_IP, GW, Kind, NET, SUBNET, UNDERLAY_IF, UPLINK_IP, VNI, in_netns, two_hosts,
+};
 use netpath_tests::packet::Ipv4Packet;
 use netpath_tests::{Lab, in_ns, must};
 
@@ -445,4 +447,50 @@ fn a_default_deny_overlay_judges_new_flows_where_the_destination_runs() {
     // replies come back through the tunnel as known, not as new flows to deny.
     let out = ping(&b1_ns, a1_ip, &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 received"), "b1 → a1 and back: {out:?}");
+}
+
+/// With `underlay_in` on each host's underlay interface (as the daemon attaches it), VXLAN
+/// for a local container is decapsulated there, ahead of the VXLAN device: the same traffic
+/// arrives (ping, a megabyte of TCP both ways), nothing of the ping passes through the device,
+/// and the firewall of the destination still judges new flows.
+#[test]
+fn decapsulation_on_the_underlay_carries_the_same_traffic_past_the_vxlan_device() {
+    let lab = Lab::without_daemon("overlay-ul");
+    let [mut a, mut b] = two_hosts(&lab, Kind::NetpathUnderlay, &[("ua1", "10.210.0.2")], &[("ub1", "10.210.0.3")]);
+    let (a1_ns, a1_ip) = (a.container("ua1").ns.clone(), a.container("ua1").ip);
+    let (b1_ns, b1_ip) = (b.container("ub1").ns.clone(), b.container("ub1").ip);
+    let (tunnel_a, tunnel_b) = (a.rx_packets(VXLAN_DEV), b.rx_packets(VXLAN_DEV));
+    let (under_a, under_b) = (a.rx_packets(UNDERLAY_IF), b.rx_packets(UNDERLAY_IF));
+    let out = ping(&a1_ns, b1_ip, &["-M", "do", "-s", "1422"]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("3 received"), "{summary} {:?} {:?}", a.drops(), b.drops());
+    assert_eq!((a.rx_packets(VXLAN_DEV), b.rx_packets(VXLAN_DEV)), (tunnel_a, tunnel_b), "none through the devices");
+    assert!(
+        a.rx_packets(UNDERLAY_IF) - under_a >= 3 && b.rx_packets(UNDERLAY_IF) - under_b >= 3,
+        "all on the underlay"
+    );
+
+    // A megabyte each way: the GSO packets among them are the device's (see vxlan.rs).
+    for (from_ns, to_ns, to_ip) in [(&a1_ns, &b1_ns, b1_ip), (&b1_ns, &a1_ns, a1_ip)] {
+        let listen = format!("TCP-LISTEN:8080,bind={to_ip},reuseaddr");
+        let server = in_ns(to_ns, "socat", &["-T", "10", &listen, "SYSTEM:wc -c"]).spawn().unwrap();
+        let mut server = KillOnDrop(server);
+        let send =
+            format!("head -c 1000000 /dev/zero | timeout 20 socat -t 10 - TCP:{to_ip}:8080,retry=50,interval=0.1");
+        let sent = in_ns(from_ns, "sh", &["-c", &send]).output().unwrap();
+        assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+        assert_eq!(String::from_utf8_lossy(&sent.stdout).trim(), "1000000", "every byte to {to_ip}");
+        let _ = server.0.wait();
+    }
+    assert_eq!(a.drops(), vec![], "no drops on a");
+    assert_eq!(b.drops(), vec![], "no drops on b");
+
+    // b's share of the overlay denies new flows: judged on the underlay path as on the device's.
+    let flags = net_flags::MASQUERADE | net_flags::OVERLAY | net_flags::DEFAULT_DENY;
+    b.dp().set_network(SUBNET.parse().unwrap(), NET, ip(GW), flags).unwrap();
+    let out = ping(&a1_ns, b1_ip, &["-c", "1", "-W", "1"]);
+    assert!(!out.status.success(), "a1 → b1 passed b's default deny");
+    let denied = b.drops().into_iter().find(|(r, _)| *r == "policy-denied").map_or(0, |(_, n)| n);
+    assert!(denied >= 1, "b counted no policy-denied drop: {:?}", b.drops());
+    drop((a, b));
 }

@@ -13,10 +13,13 @@ use std::net::Ipv4Addr;
 
 use netpath::datapath::{Overlay, RemoteEndpoint, VXLAN_DEV, wire_addr};
 use netpath::netlink::Netlink;
-use netpath_common::prog_names::{FROM_CONTAINER, VXLAN_IN};
+use netpath_common::prog_names::{FROM_CONTAINER, UNDERLAY_IN, VXLAN_IN};
 use netpath_common::{MAGLEV_M, ServiceInfo, Tuple, net_flags, proto};
-use netpath_tests::packet::{ICMP_ECHO_REQUEST, Ipv4Packet, icmp_echo, ipv4_header_ok, l4_checksum_ok};
-use netpath_tests::testrun::{PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_veth};
+use netpath_tests::packet::{
+    ICMP_ECHO_REQUEST, Ipv4Packet, UNDERLAY_DST_MAC, icmp_echo, ipv4_header_ok, l4_checksum_ok, refresh_ipv4_checksum,
+    vxlan,
+};
+use netpath_tests::testrun::{PrivateDatapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, add_veth};
 
 /// Overlay network O (VNI 4097): O1 and O2 here, O9 on another node.
 const NET_O: u32 = 7;
@@ -693,4 +696,113 @@ fn a_tcp_segment_too_big_for_the_tunnel_is_answered_with_fragmentation_needed_an
     assert!(ipv4_header_ok(&out) && csum(&out[34..], 0) == 0);
     assert_eq!(&out[42..], &big[14..42]);
     assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+impl Fixture {
+    /// An underlay interface holding [`NODE_A`] (a host address, as the daemon's sync makes
+    /// it); returns its ifindex, for runs of underlay_in.
+    fn underlay(&mut self) -> u32 {
+        let ifindex = add_veth("ul", 1500);
+        let addrs = [ip(GW_O), ip(GW_P), ip(GW_A), ip(NODE_A)];
+        self.inner.dp().sync_host_addrs(&addrs).unwrap();
+        ifindex
+    }
+}
+
+/// `frame` with its Ethernet source `mac`.
+fn from_mac(mac: [u8; 6], mut frame: Vec<u8>) -> Vec<u8> {
+    frame[6..12].copy_from_slice(&mac);
+    frame
+}
+
+#[test]
+fn underlay_in_decapsulates_vxlan_for_a_local_container_straight_into_it() {
+    let mut f = Fixture::new("ul-decap");
+    let ul = f.underlay();
+    for inner in [
+        tcp(O9, O1, O9_MAC),
+        Ipv4Packet { src_mac: O9_MAC, ..Ipv4Packet::udp(O9, 5353, O1, 53, b"query") }.build(),
+        from_mac(O9_MAC, icmp_echo(O9, O1, ICMP_ECHO_REQUEST, 7, 1, b"ping")),
+        // To the other local container, and a frame the sender addressed to another MAC.
+        to_mac([0x02, 0, 0, 0, 0, 0x42], tcp(O9, O2, O9_MAC)),
+    ] {
+        let dst = if inner[14 + 16..14 + 20] == ip(O1).octets() { O1_MAC } else { O2_MAC };
+        let (verdict, out) = f.inner.run_on(Some(ul), UNDERLAY_IN, &vxlan(NODE_B, NODE_A, VNI_O, &inner));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "straight to the container");
+        // The inner frame, exactly, addressed to the container's MAC.
+        assert_eq!(out, to_mac(dst, inner));
+    }
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+#[test]
+fn underlay_in_leaves_everything_else_to_the_vxlan_device_untouched() {
+    let mut f = Fixture::new("ul-next");
+    let ul = f.underlay();
+    let inner = tcp(O9, O1, O9_MAC);
+    let good = vxlan(NODE_B, NODE_A, VNI_O, &inner);
+    let with = |at: usize, bytes: &[u8]| {
+        let mut p = good.clone();
+        p[at..at + bytes.len()].copy_from_slice(bytes);
+        refresh_ipv4_checksum(&mut p);
+        p
+    };
+    let (ip0, udp0, vx0, inner0) = (14, 14 + 20, 14 + 28, 14 + 36);
+    let mut ip_options = good[..ip0].to_vec();
+    ip_options.extend_from_slice(&[0x46]);
+    ip_options.extend_from_slice(&good[ip0 + 1..udp0]);
+    ip_options.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+    ip_options.extend_from_slice(&good[udp0..]);
+    ip_options[ip0 + 3] += 4; // total length
+    refresh_ipv4_checksum(&mut ip_options);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("an unknown VNI", vxlan(NODE_B, NODE_A, 4099, &inner)),
+        ("a VNI of no local container", vxlan(NODE_B, NODE_A, VNI_P, &tcp(P9, "10.201.0.2", O9_MAC))),
+        ("a destination not here", vxlan(NODE_B, NODE_A, VNI_O, &tcp(O1, "10.200.0.50", O1_MAC))),
+        ("the routing mesh's reply, to this node", vxlan(NODE_B, NODE_A, VNI_O, &tcp(O9, NODE_A, O9_MAC))),
+        ("not this host's", vxlan(NODE_B, "192.168.77.3", VNI_O, &inner)),
+        ("VXLAN flags but I", with(vx0, &[0x0c])),
+        ("no I flag", with(vx0, &[0x00])),
+        ("reserved bits after the VNI", with(vx0 + 7, &[0x01])),
+        ("an outer UDP checksum", with(udp0 + 6, &[0x12, 0x34])),
+        ("another UDP port", with(udp0 + 2, &8472u16.to_be_bytes())),
+        ("not UDP", with(ip0 + 9, &[6])),
+        ("an outer fragment (more fragments)", with(ip0 + 6, &[0x20, 0])),
+        ("an outer fragment (an offset)", with(ip0 + 6, &[0x00, 0x10])),
+        ("outer IPv4 options", ip_options),
+        ("not IPv4 inside", vxlan(NODE_B, NODE_A, VNI_O, &arp_request(O9_MAC, O9, O1))),
+        // (A frame cut inside its IPv4 header is refused by test_run itself.)
+        ("the UDP header truncated", good[..udp0 + 4].to_vec()),
+        ("the VXLAN header truncated", good[..vx0 + 6].to_vec()),
+        ("the inner header truncated", good[..inner0 + 14 + 12].to_vec()),
+        ("not IPv4 outside", with(12, &[0x86, 0xdd])),
+    ];
+    for (what, pkt) in &cases {
+        let (verdict, out) = f.inner.run_on(Some(ul), UNDERLAY_IN, pkt);
+        assert_eq!(verdict, TC_ACT_UNSPEC, "{what}: on to the device");
+        assert_eq!(&out, pkt, "{what}: untouched");
+    }
+    // A GSO packet (the helper would leave its tunnel marks on it on this kernel).
+    let (verdict, out) = f.inner.run_with(Some(ul), 1398, UNDERLAY_IN, &good);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, good.clone()), "GSO: on to the device");
+    // The same packet, not GSO, is taken: the control.
+    assert_eq!(f.inner.run_on(Some(ul), UNDERLAY_IN, &good).0, TC_ACT_REDIRECT);
+    assert!(f.drops().is_empty(), "{:?}", f.drops());
+}
+
+#[test]
+fn underlay_in_drops_what_vxlan_in_would_drop_once_the_vni_and_container_are_known() {
+    let mut f = Fixture::new("ul-drop");
+    let ul = f.underlay();
+    // IPv4 to O1 inside, but with a header length below IPv4's 20 bytes: the inner packet
+    // cannot be parsed, which vxlan_in drops for a known VNI as isolation.
+    let mut inner = tcp(O9, O1, O9_MAC);
+    inner[14] = 0x44;
+    let (verdict, _) = f.inner.run_on(Some(ul), UNDERLAY_IN, &vxlan(NODE_B, NODE_A, VNI_O, &inner));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(), BTreeMap::from([("isolation", 1)]));
+    // The outer frame's own MAC never reaches a container (the control: a good packet).
+    let (verdict, out) = f.inner.run_on(Some(ul), UNDERLAY_IN, &vxlan(NODE_B, NODE_A, VNI_O, &tcp(O9, O1, O9_MAC)));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_ne!(out[..6], UNDERLAY_DST_MAC);
 }

@@ -296,8 +296,18 @@ impl Daemon {
         let Some(o) = &self.overlay_dp else {
             anyhow::bail!("this eBPF object has no overlay datapath");
         };
-        let mtu = self.underlay_mtu().await;
+        let underlay = self.underlay_link().await;
+        let mtu = underlay.as_ref().and_then(|(name, _)| link_mtu(name)).unwrap_or(1500);
         o.ensure_vxlan(&self.nl, mtu).await?;
+        // VXLAN for this node's containers is decapsulated on the underlay interface, ahead of
+        // the device; without that program the device does it all, as before.
+        if let Some((name, idx)) = &underlay {
+            match o.overlay_attach_underlay(name, *idx).await {
+                Ok(true) => {}
+                Ok(false) => info!("this eBPF object has no underlay_in: the VXLAN device decapsulates everything"),
+                Err(e) => warn!("underlay {name}: {e:#}; the VXLAN device decapsulates everything"),
+            }
+        }
         // The routing mesh and host processes reach other nodes' containers from this address.
         o.overlay_set_node_ip(self.cluster.as_ref().map(|c| c.config().node_ip))?;
         Ok(())
@@ -338,22 +348,29 @@ impl Daemon {
 
     /// The MTU of the link holding --node-ip (1500 if it cannot be read).
     async fn underlay_mtu(&self) -> u32 {
-        let Some(c) = &self.cluster else { return 1500 };
+        let link = self.underlay_link().await;
+        link.and_then(|(name, _)| link_mtu(&name)).unwrap_or(1500)
+    }
+
+    /// The link holding --node-ip (name, ifindex); None without a cluster, or (warned) if
+    /// no link has that address or the links cannot be read.
+    async fn underlay_link(&self) -> Option<(String, u32)> {
+        let c = self.cluster.as_ref()?;
         let ip = c.config().node_ip;
         let link = async {
             let idx = self.nl.addresses_by_link().await?.into_iter().find(|(_, a, _)| *a == ip).map(|(i, _, _)| i);
             let links = self.nl.links().await?;
-            anyhow::Ok(idx.and_then(|i| links.into_iter().find(|l| l.index == i)).map(|l| l.name))
+            anyhow::Ok(idx.and_then(|i| links.into_iter().find(|l| l.index == i)).map(|l| (l.name, l.index)))
         };
         match link.await {
-            Ok(Some(name)) => link_mtu(&name).unwrap_or(1500),
+            Ok(Some(l)) => Some(l),
             Ok(None) => {
                 warn!("--node-ip {ip} is not an address of this host: assuming an underlay MTU of 1500");
-                1500
+                None
             }
             Err(e) => {
                 warn!("reading the underlay link: {e:#}");
-                1500
+                None
             }
         }
     }

@@ -20,13 +20,18 @@ use tracing::{info, warn};
 use super::pins::Pins;
 use super::sys::{self, AttachTo, LinkTarget};
 
+/// tcx: attach ahead of the interface's other programs (no anchor given: first of all).
+const BPF_F_BEFORE: u32 = 1 << 3;
+
 /// The attach type of each program we attach (tcx direction, or cgroup hook). A link pin of
 /// any other program (`to_container` of builds that counted traffic in eBPF, say) is
 /// detached when a daemon adopts the pins.
 fn attach_type(prog: &str) -> Option<u32> {
     use bpf_attach_type::*;
     let t = match prog {
-        prog_names::FROM_CONTAINER | prog_names::UPLINK_IN | prog_names::VXLAN_IN => BPF_TCX_INGRESS,
+        prog_names::FROM_CONTAINER | prog_names::UPLINK_IN | prog_names::VXLAN_IN | prog_names::UNDERLAY_IN => {
+            BPF_TCX_INGRESS
+        }
         prog_names::UPLINK_OUT | prog_names::OVERLAY_BRIDGE_OUT => BPF_TCX_EGRESS,
         prog_names::SOCK_CONNECT4 => BPF_CGROUP_INET4_CONNECT,
         prog_names::SOCK_SENDMSG4 => BPF_CGROUP_UDP4_SENDMSG,
@@ -130,7 +135,11 @@ pub fn attach_tcx(links: &SharedLinks, ifname: &str, ifindex: u32, prog: &str) -
         let fd = l.progs.get(prog).with_context(|| format!("program {prog} is not loaded"))?.try_clone()?;
         (fd, t, l.pins.link(&name))
     };
-    let link = sys::link_create(fd.as_fd(), AttachTo::Ifindex(ifindex), t)
+    // underlay_in goes ahead of the interface's other programs (uplink_in, when the underlay
+    // is an uplink too): it hands on what is not its own, and uplink_in would pass VXLAN to
+    // the stack, ending the chain before it.
+    let flags = if prog == prog_names::UNDERLAY_IN { BPF_F_BEFORE } else { 0 };
+    let link = sys::link_create_flags(fd.as_fd(), AttachTo::Ifindex(ifindex), t, flags)
         .with_context(|| format!("attaching {prog} to {ifname}"))?;
     // A pin we hold no link for (removed from under us, say) would refuse the new one.
     let _ = std::fs::remove_file(&path);
@@ -389,6 +398,11 @@ impl Links {
                 self.pins.link(&n)
             })
             .collect()
+    }
+
+    /// Whether the object has program `prog` (loaded, attachable).
+    pub fn has_prog(&self, prog: &str) -> bool {
+        self.progs.contains_key(prog)
     }
 
     /// The ifindexes `prog` is attached to (claimed or not).

@@ -238,6 +238,13 @@ impl Datapath {
                 .try_into()?;
             retry_interrupted(|| prog.load()).with_context(|| format!("verifying program {name}"))?;
         }
+        // An object from before the underlay decapsulation (--ebpf-object) has no underlay_in:
+        // the VXLAN device decapsulates everything.
+        if let Some(p) = ebpf.program_mut(prog_names::UNDERLAY_IN) {
+            let prog: &mut SchedClassifier = p.try_into()?;
+            retry_interrupted(|| prog.load())
+                .with_context(|| format!("verifying program {}", prog_names::UNDERLAY_IN))?;
+        }
         // An object from before XDP (--ebpf-object) has no uplink_xdp: TC alone.
         if let Some(p) = ebpf.program_mut(prog_names::UPLINK_XDP) {
             let prog: &mut Xdp = p.try_into()?;

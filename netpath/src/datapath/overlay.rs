@@ -30,9 +30,7 @@ use crate::netlink::Netlink;
 
 /// The host's one VXLAN device, shared by every overlay network.
 pub const VXLAN_DEV: &str = "np-vxlan0";
-/// VXLAN's IANA port (RFC 7348).
-pub const VXLAN_PORT: u16 = 4789;
-pub use netpath_common::VXLAN_OVERHEAD;
+pub use netpath_common::{VXLAN_OVERHEAD, VXLAN_PORT};
 
 /// A container of an overlay network on another node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,10 +132,45 @@ impl Overlay {
         Ok(ifindex)
     }
 
-    /// Removes the VXLAN device and its program (when no overlay network is left). The
-    /// programs stop encapsulating first. A device that is gone already is fine.
+    /// Attaches `underlay_in` to the node's underlay interface (`ifname`, `ifindex`: the one
+    /// holding the address other nodes' tunnels reach), ahead of its other programs: VXLAN
+    /// packets for this node's containers are then decapsulated there, before the VXLAN
+    /// device (which keeps everything else). The device must exist (`ensure_vxlan`): what
+    /// `underlay_in` hands on goes to it. A pinned link, claimed again by a restarted daemon
+    /// calling this again; one underlay at a time (one moved to another interface leaves the
+    /// old one). False when this eBPF object has no `underlay_in` (an older one).
+    pub async fn overlay_attach_underlay(&self, ifname: &str, ifindex: u32) -> Result<bool> {
+        let links = self.0.links.clone();
+        let name = ifname.to_string();
+        tokio::task::spawn_blocking(move || {
+            if !links.lock().unwrap_or_else(|e| e.into_inner()).has_prog(prog_names::UNDERLAY_IN) {
+                return Ok(false);
+            }
+            let old: Vec<u32> = links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ifindexes(prog_names::UNDERLAY_IN)
+                .into_iter()
+                .filter(|i| *i != ifindex)
+                .collect();
+            detach_underlay(&links, &old);
+            links::attach_tcx(&links, &name, ifindex, prog_names::UNDERLAY_IN).map(|_| true)
+        })
+        .await
+        .context("attaching underlay_in")?
+    }
+
+    /// Removes the VXLAN device and its programs, `underlay_in` too (when no overlay network
+    /// is left). The programs stop encapsulating first. A device that is gone already is fine.
     pub async fn remove_vxlan(&self, nl: &Netlink) -> Result<()> {
         self.set_config(overlay_config::VXLAN_IFINDEX, 0)?;
+        let links = self.0.links.clone();
+        tokio::task::spawn_blocking(move || {
+            let all = links.lock().unwrap_or_else(|e| e.into_inner()).ifindexes(prog_names::UNDERLAY_IN);
+            detach_underlay(&links, &all);
+        })
+        .await
+        .context("detaching underlay_in")?;
         if let Some(ifindex) = nl.link_index(VXLAN_DEV).await? {
             let links = self.0.links.clone();
             tokio::task::spawn_blocking(move || {
@@ -345,6 +378,14 @@ impl Overlay {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// Detaches `underlay_in` from the interfaces `ifindexes`.
+fn detach_underlay(links: &links::SharedLinks, ifindexes: &[u32]) {
+    for i in ifindexes {
+        let pins = links.lock().unwrap_or_else(|e| e.into_inner()).take_ifindex(*i, &[prog_names::UNDERLAY_IN]);
+        links::drop_pins(&pins, true);
     }
 }
 

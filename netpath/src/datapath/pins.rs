@@ -3,7 +3,7 @@
 //! ```text
 //! <bpffs>/maps/<MAP>@v<rev>        a map, at its layout revision (netpath_common::layout)
 //! <bpffs>/maps/<MAP>@v<rev>@new    a migration's new map until it is complete (removed on start)
-//! <bpffs>/links/<ifname>@<prog>    a tcx link: from_container, uplink_in/uplink_out, vxlan_in
+//! <bpffs>/links/<ifname>@<prog>    a tcx link: from_container, uplink_in/uplink_out, vxlan_in, underlay_in
 //! <bpffs>/links/cgroup@<prog>      a cgroup sock_addr link
 //! <bpffs>/<MAP>                    revision 0: the unversioned map pins of earlier builds
 //! ```
