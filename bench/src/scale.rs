@@ -437,15 +437,24 @@ pub fn churn(cycles: usize) -> Result<String> {
     let t = Instant::now();
     in_batches(cycle, BATCH..BATCH + cycles)?;
     let took = t.elapsed();
-    let after = footprint(&lab)?;
-    eprintln!("bench: churn {cycles}: before {before:?}, after {after:?}");
     let same = |a: &Footprint, b: &Footprint| (a.fds, a.entries, a.state_files) == (b.fds, b.entries, b.state_files);
+    // `rm -f` answers before its veth and namespace pin are gone (the reaper's work), and
+    // malloc's arenas are trimmed every 10 s: read the footprint once both had their time.
+    std::thread::sleep(SETTLE);
+    let mut after = footprint(&lab)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !same(&before, &after) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        after = footprint(&lab)?;
+    }
+    eprintln!("bench: churn {cycles}: before {before:?}, after {after:?}");
     Ok(format!(
         "Churn: {cycles} `run -d -p` + `rm -f` cycles, {BATCH} at a time, beside one running container, in {:.0} s \
-         ({:.1} ms per cycle). Before → after: daemon RSS {:.1} → {:.1} MiB, open descriptors {} → {}, datapath \
+         ({:.1} ms per cycle). Before → after (settled {} s): daemon RSS {:.1} → {:.1} MiB, open descriptors {} → {}, datapath \
          entries (endpoints, ports, flows) {:?} → {:?}, state and namespace files {} → {}: {}.\n",
         took.as_secs_f64(),
         ms(took) / cycles as f64,
+        SETTLE.as_secs(),
         before.rss_mib,
         after.rss_mib,
         before.fds,
