@@ -433,6 +433,7 @@ pub fn churn(cycles: usize) -> Result<String> {
         Ok(std::process::Command::new("sh").args(["-c", &script]).spawn()?)
     };
     in_batches(cycle, 0..BATCH)?; // warm up: pools and lazily made things exist
+    std::thread::sleep(SETTLE); // the warm-up's removals done in the background too
     let before = footprint(&lab)?;
     let t = Instant::now();
     in_batches(cycle, BATCH..BATCH + cycles)?;
