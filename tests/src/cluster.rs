@@ -32,6 +32,11 @@ pub struct ClusterLab {
 impl ClusterLab {
     /// `n` hosts, etcd running, each daemon joined with `--cluster-store`.
     pub fn new(tag: &str, n: usize) -> ClusterLab {
+        Self::with_args(tag, n, &[])
+    }
+
+    /// [`ClusterLab::new`] with more `netpath daemon` flags for every node.
+    pub fn with_args(tag: &str, n: usize, args: &[&str]) -> ClusterLab {
         let infra = Lab::without_daemon(&format!("{tag}-infra"));
         // A fixed MAC: a bridge without one takes the lowest of its ports' and changes it as
         // nodes come and go, and the nodes' neighbour entries for etcd then point nowhere.
@@ -42,7 +47,9 @@ impl ClusterLab {
         let mut c = ClusterLab { nodes: vec![], etcd: None, etcd_data, infra };
         c.start_etcd();
         for i in 0..n {
-            c.add_node(tag, &Self::daemon_opts(i));
+            let mut opts = Self::daemon_opts(i);
+            opts.args.extend(args.iter().map(|a| a.to_string()));
+            c.add_node(tag, &opts);
         }
         c
     }

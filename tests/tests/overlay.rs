@@ -116,6 +116,11 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
         assert!(ips.insert(ip.clone()), "{ip} was handed out twice (second: {name} on node{node})");
     }
     assert_eq!(ips.len(), 2 * n);
+    // Without --overlay-decap underlay the VXLAN device decapsulates: nothing on the underlay.
+    for i in 0..2 {
+        let (dev, on) = underlay_in_on(&c, i);
+        assert!(!on, "node{i}: underlay_in on {dev} by default");
+    }
     // The same --ip asked on two nodes at once: exactly one gets it.
     let both: Vec<_> = (0..2)
         .map(|node| {
@@ -596,7 +601,7 @@ fn underlay_in_on(c: &ClusterLab, i: usize) -> (String, bool) {
 /// network it goes again.
 #[test]
 fn the_daemon_decapsulates_on_the_underlay_link_while_it_has_an_overlay() {
-    let c = ClusterLab::new("ov-underlay", 2);
+    let c = ClusterLab::with_args("ov-underlay", 2, &["--overlay-decap", "underlay"]);
     c.wait_for(20, "2 nodes ready on node0", || all_ready(&c, 0, 2));
     let (dev, on) = underlay_in_on(&c, 1);
     assert!(!on, "no overlay yet, nothing on {dev}");

@@ -354,6 +354,9 @@ pub struct ClusterConfig {
     pub endpoints: Vec<String>,
     pub node_name: String,
     pub node_ip: Ipv4Addr,
+    /// `--overlay-decap underlay`: VXLAN for this node's containers is decapsulated in TC on
+    /// the underlay interface (`underlay_in`) instead of by the VXLAN device.
+    pub underlay_decap: bool,
 }
 
 pub struct Cluster {
