@@ -469,26 +469,33 @@ for line in sys.stdin:
     print(f.readline().strip(), flush=True)
 "#;
 
-#[test]
-fn a_connection_survives_xdp_switched_on_and_off() {
+/// One TCP connection from the client namespace to the host's `port`, held open by
+/// [`LINE_CLIENT`]: each call of the returned function sends a line and returns the answer.
+fn line_client(lab: &Lab, port: &str) -> (std::process::Child, impl FnMut(&str) -> String + use<>) {
     use std::io::{BufRead, Write};
-    let mut lab = lab("xdpswitch");
-    lab.client_sends_full_checksums();
-    lab.np(&["run", "-d", "--name", "echo", "-p", "8080:8", "--", "socat", "TCP-LISTEN:8,fork,reuseaddr", "EXEC:cat"]);
-    common::wait_listening(&lab, "echo", 8);
-    let mut client = in_ns(&lab.client_ns, "python3", &["-c", LINE_CLIENT, HOST_ETH0_IP, "8080"])
+    let mut client = in_ns(&lab.client_ns, "python3", &["-c", LINE_CLIENT, HOST_ETH0_IP, port])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut input = client.stdin.take().unwrap();
     let mut output = std::io::BufReader::new(client.stdout.take().unwrap());
-    let mut say = |msg: &str| {
+    let say = move |msg: &str| {
         writeln!(input, "{msg}").unwrap();
         let mut line = String::new();
         output.read_line(&mut line).unwrap();
         line.trim().to_string()
     };
+    (client, say)
+}
+
+#[test]
+fn a_connection_survives_xdp_switched_on_and_off() {
+    let mut lab = lab("xdpswitch");
+    lab.client_sends_full_checksums();
+    lab.np(&["run", "-d", "--name", "echo", "-p", "8080:8", "--", "socat", "TCP-LISTEN:8,fork,reuseaddr", "EXEC:cat"]);
+    common::wait_listening(&lab, "echo", 8);
+    let (mut client, mut say) = line_client(&lab, "8080");
     // This crate's setting, the other one, and back: one connection throughout.
     let other: &[&str] = if crate::DAEMON_ARGS.is_empty() { &["--xdp", "native"] } else { &["--xdp", "off"] };
     assert_eq!(say("first"), "first");
@@ -503,7 +510,7 @@ fn a_connection_survives_xdp_switched_on_and_off() {
         // Not just passed along: with XDP on, it took the flow's packets to the container.
         assert_eq!(lab.uplink_xdp_redirects() > redirects, xdp_on, "{step}: XDP redirects");
     }
-    drop(input);
+    drop(say); // closes its stdin: the client ends
     let _ = client.wait();
 }
 
@@ -576,7 +583,6 @@ fn assert_endpoint_nets(lab: &Lab, mut want: Vec<String>, when: &str) {
 
 #[test]
 fn the_uplinks_table_of_container_addresses_follows_them_across_an_upgrade_and_rm() {
-    use std::io::{BufRead, Write};
     let mut lab = lab("epnets");
     lab.np(&["network", "create", "--subnet", "10.96.0.0/24", "n"]);
     lab.np(&["run", "-d", "--name", "echo", "-p", "8080:8", "--", "socat", "TCP-LISTEN:8,fork,reuseaddr", "EXEC:cat"]);
@@ -586,19 +592,7 @@ fn the_uplinks_table_of_container_addresses_follows_them_across_an_upgrade_and_r
     let (echo_bridge, echo_n, other) = (lab.ip_of("echo", "bridge"), lab.ip_of("echo", "n"), lab.ip_of("other", "n"));
     assert_endpoint_nets(&lab, vec![echo_bridge.clone(), echo_n.clone(), other.clone()], "after run");
 
-    let mut client = in_ns(&lab.client_ns, "python3", &["-c", LINE_CLIENT, HOST_ETH0_IP, "8080"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = client.stdin.take().unwrap();
-    let mut output = std::io::BufReader::new(client.stdout.take().unwrap());
-    let mut say = |msg: &str| {
-        writeln!(input, "{msg}").unwrap();
-        let mut line = String::new();
-        output.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    };
+    let (mut client, mut say) = line_client(&lab, "8080");
     assert_eq!(say("first"), "first");
 
     // An upgrade from a build without the table: no pin of it. The new daemon fills it from
@@ -621,6 +615,6 @@ fn the_uplinks_table_of_container_addresses_follows_them_across_an_upgrade_and_r
     lab.restart_daemon();
     assert_eq!(say("after a restart"), "after a restart");
     assert_eq!(pinned_endpoint_nets(&lab).len(), 1, "after a restart");
-    drop(input);
+    drop(say); // closes its stdin: the client ends
     let _ = client.wait();
 }

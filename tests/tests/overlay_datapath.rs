@@ -20,7 +20,7 @@ use netpath::datapath::{VXLAN_DEV, VXLAN_PORT};
 use netpath::netlink::netns;
 use netpath_common::net_flags;
 use netpath_tests::overlay_lab::{
-    BRIDGE, CLIENT_IP, GW, Kind, NET, SUBNET, UNDERLAY_IF, UPLINK_IP, VNI, in_netns, two_hosts,
+    BRIDGE, CLIENT_IP, GW, Host, Kind, NET, SUBNET, UNDERLAY_IF, UPLINK_IP, VNI, in_netns, two_hosts,
 };
 use netpath_tests::packet::Ipv4Packet;
 use netpath_tests::{Lab, in_ns, must};
@@ -35,6 +35,17 @@ fn ping(from: &Path, to: &str, args: &[&str]) -> std::process::Output {
     a.extend_from_slice(args);
     a.push(to);
     in_ns(from, "ping", &a).output().unwrap()
+}
+
+/// Host `b`'s share of the overlay made default-deny: a ping from `a1_ns` to `b1_ip` on it
+/// fails, and b counts it as policy-denied.
+fn denies_by_default(b: &mut Host, a1_ns: &Path, b1_ip: &str) {
+    let flags = net_flags::MASQUERADE | net_flags::OVERLAY | net_flags::DEFAULT_DENY;
+    b.dp().set_network(SUBNET.parse().unwrap(), NET, ip(GW), flags).unwrap();
+    let out = ping(a1_ns, b1_ip, &["-c", "1", "-W", "1"]);
+    assert!(!out.status.success(), "a1 → b1 passed b's default deny");
+    let denied = b.drops().into_iter().find(|(r, _)| *r == "policy-denied").map_or(0, |(_, n)| n);
+    assert!(denied >= 1, "b counted no policy-denied drop: {:?}", b.drops());
 }
 
 #[test]
@@ -437,12 +448,7 @@ fn a_default_deny_overlay_judges_new_flows_where_the_destination_runs() {
     let (b1_ns, b1_ip) = (b.container("b1").ns.clone(), b.container("b1").ip);
     // Host b's share of the overlay denies flows inside it by default (no rule allows any):
     // a1 on host a may not open one to b1, though a's programs let it into the tunnel.
-    let flags = net_flags::MASQUERADE | net_flags::OVERLAY | net_flags::DEFAULT_DENY;
-    b.dp().set_network(SUBNET.parse().unwrap(), NET, ip(GW), flags).unwrap();
-    let out = ping(&a1_ns, b1_ip, &["-c", "1", "-W", "1"]);
-    assert!(!out.status.success(), "a1 → b1 passed b's default deny");
-    let denied = b.drops().into_iter().find(|(r, _)| *r == "policy-denied").map_or(0, |(_, n)| n);
-    assert!(denied >= 1, "b counted no policy-denied drop: {:?}", b.drops());
+    denies_by_default(&mut b, &a1_ns, b1_ip);
     // b1 opening a flow to a1 is its own network's business on b (tracked there): its
     // replies come back through the tunnel as known, not as new flows to deny.
     let out = ping(&b1_ns, a1_ip, &[]);
@@ -486,11 +492,6 @@ fn decapsulation_on_the_underlay_carries_the_same_traffic_past_the_vxlan_device(
     assert_eq!(b.drops(), vec![], "no drops on b");
 
     // b's share of the overlay denies new flows: judged on the underlay path as on the device's.
-    let flags = net_flags::MASQUERADE | net_flags::OVERLAY | net_flags::DEFAULT_DENY;
-    b.dp().set_network(SUBNET.parse().unwrap(), NET, ip(GW), flags).unwrap();
-    let out = ping(&a1_ns, b1_ip, &["-c", "1", "-W", "1"]);
-    assert!(!out.status.success(), "a1 → b1 passed b's default deny");
-    let denied = b.drops().into_iter().find(|(r, _)| *r == "policy-denied").map_or(0, |(_, n)| n);
-    assert!(denied >= 1, "b counted no policy-denied drop: {:?}", b.drops());
+    denies_by_default(&mut b, &a1_ns, b1_ip);
     drop((a, b));
 }
