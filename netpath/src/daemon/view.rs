@@ -100,9 +100,7 @@ impl Daemon {
     /// supervisor since housekeeping last looked.
     fn exit_code(&self, c: &Container, running: bool) -> Option<i32> {
         let p = c.process.as_ref()?;
-        p.exit_code.or_else(|| {
-            (p.detached && !running).then(|| super::process::recorded_exit(&self.store.exit_path(&c.id))).flatten()
-        })
+        ended_with(p.exit_code, running, || p.detached.then(|| self.store.exit_path(&c.id)))
     }
 
     /// The kernel's counters of each endpoint's host-side veth, by endpoint id: one RTM_GETLINK
@@ -132,7 +130,7 @@ impl Daemon {
             let st = self.state();
             c.endpoints.iter().map(|e| st.network_by_id(&e.network_id).cloned()).collect()
         };
-        let status = status(c, running);
+        let status = status(c.process.is_some(), running);
         let mut networks = Map::new();
         let first_net = nets.first().cloned().flatten();
         for (e, n) in c.endpoints.iter().zip(nets) {
@@ -231,7 +229,6 @@ pub(super) fn counters_json(host: &LinkStats) -> Value {
     json!({ "RxPackets": c.rx_packets, "RxBytes": c.rx_bytes, "TxPackets": c.tx_packets, "TxBytes": c.tx_bytes })
 }
 
-/// Docker's status words.
 /// One row of `ps`, copied out of the state under its lock: what `ps` shows and no more (a
 /// clone of every container record and a JSON tree per row held tens of MiB for a moment
 /// at 10,000 containers, which stayed in the daemon's RSS until the next trim).
@@ -324,16 +321,8 @@ pub(super) fn ps_json(mut rows: Vec<PsRow>, all: bool) -> Vec<u8> {
                 return None;
             }
             let p = r.process.as_ref();
-            let status = match p {
-                None => "created",
-                Some(_) if running => "running",
-                Some(_) => "exited",
-            };
-            let exit_code = p.and_then(|p| {
-                p.exit_code.or_else(|| {
-                    (!running).then(|| p.exit_file.as_deref().and_then(super::process::recorded_exit)).flatten()
-                })
-            });
+            let status = status(p.is_some(), running);
+            let exit_code = p.and_then(|p| ended_with(p.exit_code, running, || p.exit_file.clone()));
             Some(Entry {
                 config: Config { cmd: p.map(|p| p.cmd.as_slice()).unwrap_or_default() },
                 created: rfc3339(r.created),
@@ -349,11 +338,23 @@ pub(super) fn ps_json(mut rows: Vec<PsRow>, all: bool) -> Vec<u8> {
     serde_json::to_vec(&entries).unwrap_or_else(|_| b"[]".to_vec())
 }
 
-fn status(c: &Container, running: bool) -> &'static str {
-    match &c.process {
-        None => "created",
-        Some(_) if running => "running",
-        Some(_) => "exited",
+/// A process's exit code: the one recorded in the state, or, once it is no longer running,
+/// the one its supervisor wrote to `exit_file` (a detached process's) since housekeeping
+/// last looked.
+fn ended_with(
+    recorded: Option<i32>,
+    running: bool,
+    exit_file: impl FnOnce() -> Option<std::path::PathBuf>,
+) -> Option<i32> {
+    recorded.or_else(|| if running { None } else { exit_file().as_deref().and_then(super::process::recorded_exit) })
+}
+
+/// Docker's status words, for a container with a process or without one.
+fn status(has_process: bool, running: bool) -> &'static str {
+    match (has_process, running) {
+        (false, _) => "created",
+        (true, true) => "running",
+        (true, false) => "exited",
     }
 }
 

@@ -231,13 +231,7 @@ impl Netlink {
     }
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
-        let mut links = self.handle().link().get().match_name(name.to_string()).execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(msg.header.index)),
-            Ok(None) => Ok(None),
-            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
-        }
+        Ok(self.link_peer(name).await?.map(|(index, _)| index))
     }
 
     /// Link `name`'s index and (a veth's) its peer's index, in the peer's namespace.
