@@ -241,6 +241,22 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
     c.wait_for(15, "node2 down on node0", || c.node_ls(0).contains(&("node2".into(), "down".into())));
     c.wait_for(5, "doomed gone from node0's names", || getent(c.node(0), "c0x0", "doomed").is_empty());
     assert!(c.node_ls(1).contains(&("node2".into(), "down".into())));
+    // Its addresses stay taken while it is down (it may come back with its containers)...
+    let taker = ["run", "-d", "--name", "taker", "--network", "ov", "--ip", &doomed_ip, "--", "sleep", "600"];
+    let e = c.node(0).np_fails(&taker);
+    assert!(e.contains("is in use"), "{e}");
+    // ...until it is removed for good; this node, a live one or an unknown one cannot be.
+    let e = c.node(0).np_fails(&["node", "rm", "node0"]);
+    assert!(e.contains("is this node"), "{e}");
+    let e = c.node(0).np_fails(&["node", "rm", "node1"]);
+    assert!(e.contains("node node1 is up"), "{e}");
+    let e = c.node(0).np_fails(&["node", "rm", "nope"]);
+    assert!(e.contains("no such node: nope"), "{e}");
+    c.node(0).np(&["node", "rm", "node2"]);
+    c.wait_for(5, "node2 gone from node1's list", || !c.node_ls(1).iter().any(|(n, _)| n == "node2"));
+    c.node(0).np(&taker);
+    assert_eq!(c.node(0).ip_of("taker", "ov"), doomed_ip);
+    c.node(0).np(&["rm", "-f", "taker"]);
 
     // Addresses come back: rm frees them cluster-wide, and the network goes when unused.
     for k in 0..n {
@@ -663,12 +679,22 @@ fn a_node_back_after_its_lease_expired_resyncs() {
     c.node(1).np(&["run", "-d", "--name", "back", "--network", "ov", "--", "sleep", "600"]);
     let back_ip = c.node(1).ip_of("back", "ov");
     c.wait_for(10, "back resolving on node0", || getent(c.node(0), "peer", "back") == vec![back_ip.clone()]);
+    let task1 = running_tasks(c.node(1), "web").remove(0);
+    let task1_ip = c.node(1).ip_of(&task1, "ov");
 
     // The daemon stops (its containers keep running) and stays away past the lease (5 s).
     c.node_mut(1).stop_daemon();
     c.wait_for(15, "node1 down on node0", || c.node_ls(0).contains(&("node1".into(), "down".into())));
     c.wait_for(5, "back gone from node0's names", || getent(c.node(0), "peer", "back").is_empty());
     c.wait_for(30, "node1's task moved to node0", || running_tasks(c.node(0), "web").len() == 2);
+    // node1's containers still hold their addresses: neither the moved task nor a container
+    // started meanwhile gets one of them (the lowest free addresses, had they been freed).
+    c.node(0).np(&["run", "-d", "--name", "late", "--network", "ov", "--", "sleep", "600"]);
+    let mut on0: Vec<String> = running_tasks(c.node(0), "web").iter().map(|t| c.node(0).ip_of(t, "ov")).collect();
+    on0.push(c.node(0).ip_of("late", "ov"));
+    for ip in [&back_ip, &task1_ip] {
+        assert!(!on0.contains(ip), "{ip} of a container on the down node1 was handed out again: {on0:?}");
+    }
 
     c.node_mut(1).start_daemon_with(&ClusterLab::daemon_opts(1));
     c.wait_for(20, "node1 ready again", || all_ready(&c, 0, 2));
