@@ -274,6 +274,9 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
     c.node(0).np(&["run", "-d", "--name", "a", "--network", "ov", "--", "sleep", "600"]);
     let ip_a = c.node(0).ip_of("a", "ov");
+    c.node(1).np(&["run", "-d", "--name", "w", "--network", "ov", "--", "sleep", "600"]);
+    let ip_w = c.node(1).ip_of("w", "ov");
+    c.wait_for(10, "w resolving on node0", || getent(c.node(0), "a", "w") == vec![ip_w.clone()]);
 
     // A second daemon claiming node0's name (another address) is refused, and says why.
     let mut opts = ClusterLab::daemon_opts(0);
@@ -298,6 +301,10 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     c.node(0).np(&["run", "-d", "--name", "l", "--network", "local1", "--", "sleep", "600"]);
     assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
     assert_eq!(c.node(0).inspect("a")["State"]["Running"], true, "a still runs");
+    // What is programmed keeps working across hosts: the name of w (node1) and the tunnel.
+    assert_eq!(getent(c.node(0), "a", "w"), vec![ip_w.clone()], "w's name while etcd is down");
+    let ping = c.node(0).np(&["exec", "a", "--", "ping", "-c", "1", "-W", "2", "w"]);
+    assert!(ping.contains("1 received"), "a reaches w on node1 while etcd is down: {ping}");
 
     c.start_etcd();
     c.wait_for(20, "both nodes ready again", || all_ready(&c, 1, 2));
