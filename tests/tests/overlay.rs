@@ -22,8 +22,10 @@ fn overlay_needs_a_cluster_store() {
     let lab = Lab::new("ov-single");
     let e = lab.np_fails(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
     assert!(e.contains("need a cluster store") && e.contains("--cluster-store"), "{e}");
-    let e = lab.np_fails(&["node", "ls"]);
-    assert!(e.contains("not part of a cluster"), "{e}");
+    for args in [&["node", "ls"][..], &["node", "rm", "x"]] {
+        let e = lab.np_fails(args);
+        assert!(e.contains("not part of a cluster"), "{e}");
+    }
     assert!(!lab.np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"), "nothing was made");
 }
 
