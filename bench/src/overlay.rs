@@ -97,6 +97,12 @@ struct Figures {
     cpu_per_gbps_one_cpu: f64,
     /// One stream with BBR (NaN where the kernel has none).
     gbps_bbr: f64,
+    /// That stream as its sender saw it (iperf3's TCP_INFO): retransmitted segments, mean
+    /// smoothed RTT (µs) and the largest cwnd (KiB). BBR's rate follows its own model, so
+    /// these say why a variant's BBR figure differs where the CUBIC one does not.
+    bbr_retrans: f64,
+    bbr_rtt_us: f64,
+    bbr_cwnd_kib: f64,
     p50: f64,
     p99: f64,
 }
@@ -128,11 +134,29 @@ fn measure(l: &OverlayLab, secs: u32, bbr: bool) -> Result<Figures> {
     let (gbps, cpu_per_gbps) = stream(&[])?;
     // The server side's affinity is the client's to ask for (the server resets it after the test).
     let (_, cpu_per_gbps_one_cpu) = stream(&["-A", "0,0"])?;
-    let gbps_bbr = if bbr { parse_iperf_tcp(&iperf("bbr", &[])?)? } else { f64::NAN };
+    let (gbps_bbr, bbr_retrans, bbr_rtt_us, bbr_cwnd_kib) = if bbr {
+        let out = iperf("bbr", &[])?;
+        let j: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let s = &j["end"]["streams"][0]["sender"];
+        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+        (parse_iperf_tcp(&out)?, f("retransmits"), f("mean_rtt"), f("max_snd_cwnd") / 1024.0)
+    } else {
+        (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
+    };
     let pp = ["pp", "--tcp", "-i", SERVER.1, "-p", &SOCKPERF_PORT.to_string(), "-t", &t, "--full-rtt"];
     let out = check(in_ns(l.client_ns(), "sockperf", &pp), None, limit)?;
     let p = |q: &str| parse_sockperf_percentile(&out, q).with_context(|| format!("no p{q} in {}", tail(&out)));
-    Ok(Figures { gbps, cpu_per_gbps, cpu_per_gbps_one_cpu, gbps_bbr, p50: p("50.000")?, p99: p("99.000")? })
+    Ok(Figures {
+        gbps,
+        cpu_per_gbps,
+        cpu_per_gbps_one_cpu,
+        gbps_bbr,
+        bbr_retrans,
+        bbr_rtt_us,
+        bbr_cwnd_kib,
+        p50: p("50.000")?,
+        p99: p("99.000")?,
+    })
 }
 
 /// Sets up both labs, prints each one's host and container namespaces, and holds them for
@@ -207,13 +231,16 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             }
             let r = measure(l, secs, bbr).with_context(|| format!("measuring {}", name(l.kind)))?;
             eprintln!(
-                "bench: overlay: {}, rep {}: {:.2} Gbit/s ({:.2} CPU %/Gbit/s, {:.2} on one CPU; BBR {:.2}), RTT p50 {:.1} µs, p99 {:.1} µs",
+                "bench: overlay: {}, rep {}: {:.2} Gbit/s ({:.2} CPU %/Gbit/s, {:.2} on one CPU; BBR {:.2}: {:.0} retransmits, RTT {:.0} µs, cwnd ≤ {:.0} KiB), RTT p50 {:.1} µs, p99 {:.1} µs",
                 name(l.kind),
                 rep + 1,
                 r.gbps,
                 r.cpu_per_gbps,
                 r.cpu_per_gbps_one_cpu,
                 r.gbps_bbr,
+                r.bbr_retrans,
+                r.bbr_rtt_us,
+                r.bbr_cwnd_kib,
                 r.p50,
                 r.p99
             );
@@ -236,6 +263,9 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             // time slices, its softirq work run in this stream's context), never shrinks.
             cpu_per_gbps_one_cpu: r.iter().map(|x| x.cpu_per_gbps_one_cpu).fold(f64::NAN, f64::min),
             gbps_bbr: med(r, |x| x.gbps_bbr),
+            bbr_retrans: med(r, |x| x.bbr_retrans),
+            bbr_rtt_us: med(r, |x| x.bbr_rtt_us),
+            bbr_cwnd_kib: med(r, |x| x.bbr_cwnd_kib),
             p50: med(r, |x| x.p50),
             p99: med(r, |x| x.p99),
         };
@@ -270,6 +300,18 @@ pub fn run(exe: &Path, reps: usize, secs: u32) -> Result<String> {
             md.push_str(&ratio_spread("netpath, device decap", dev_reps, k_reps));
             md.push_str(&ratio_spread("netpath, underlay decap", ul_reps, k_reps));
         }
+        md.push_str("The BBR stream as its sender saw it (medians):");
+        for (l, c) in labs.iter().zip(&cells) {
+            md.push_str(&format!(
+                " {}: {:.0} retransmits, mean RTT {:.0} µs, cwnd ≤ {:.0} KiB;",
+                name(l.kind),
+                c.bbr_retrans,
+                c.bbr_rtt_us,
+                c.bbr_cwnd_kib
+            ));
+        }
+        md.pop();
+        md.push_str(".\n");
     }
     // The cluster rows need the datapath labs gone (CPU, and their namespaces).
     drop(labs);

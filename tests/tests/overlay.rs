@@ -22,8 +22,10 @@ fn overlay_needs_a_cluster_store() {
     let lab = Lab::new("ov-single");
     let e = lab.np_fails(&["network", "create", "-d", "overlay", "--attachable", "ov"]);
     assert!(e.contains("need a cluster store") && e.contains("--cluster-store"), "{e}");
-    let e = lab.np_fails(&["node", "ls"]);
-    assert!(e.contains("not part of a cluster"), "{e}");
+    for args in [&["node", "ls"][..], &["node", "rm", "x"]] {
+        let e = lab.np_fails(args);
+        assert!(e.contains("not part of a cluster"), "{e}");
+    }
     assert!(!lab.np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"), "nothing was made");
 }
 
@@ -241,6 +243,22 @@ fn cluster_nodes_overlay_networks_addresses_and_names() {
     c.wait_for(15, "node2 down on node0", || c.node_ls(0).contains(&("node2".into(), "down".into())));
     c.wait_for(5, "doomed gone from node0's names", || getent(c.node(0), "c0x0", "doomed").is_empty());
     assert!(c.node_ls(1).contains(&("node2".into(), "down".into())));
+    // Its addresses stay taken while it is down (it may come back with its containers)...
+    let taker = ["run", "-d", "--name", "taker", "--network", "ov", "--ip", &doomed_ip, "--", "sleep", "600"];
+    let e = c.node(0).np_fails(&taker);
+    assert!(e.contains("is in use"), "{e}");
+    // ...until it is removed for good; this node, a live one or an unknown one cannot be.
+    let e = c.node(0).np_fails(&["node", "rm", "node0"]);
+    assert!(e.contains("is this node"), "{e}");
+    let e = c.node(0).np_fails(&["node", "rm", "node1"]);
+    assert!(e.contains("node node1 is up"), "{e}");
+    let e = c.node(0).np_fails(&["node", "rm", "nope"]);
+    assert!(e.contains("no such node: nope"), "{e}");
+    c.node(0).np(&["node", "rm", "node2"]);
+    c.wait_for(5, "node2 gone from node1's list", || !c.node_ls(1).iter().any(|(n, _)| n == "node2"));
+    c.node(0).np(&taker);
+    assert_eq!(c.node(0).ip_of("taker", "ov"), doomed_ip);
+    c.node(0).np(&["rm", "-f", "taker"]);
 
     // Addresses come back: rm frees them cluster-wide, and the network goes when unused.
     for k in 0..n {
@@ -258,6 +276,9 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
     c.node(0).np(&["run", "-d", "--name", "a", "--network", "ov", "--", "sleep", "600"]);
     let ip_a = c.node(0).ip_of("a", "ov");
+    c.node(1).np(&["run", "-d", "--name", "w", "--network", "ov", "--", "sleep", "600"]);
+    let ip_w = c.node(1).ip_of("w", "ov");
+    c.wait_for(10, "w resolving on node0", || getent(c.node(0), "a", "w") == vec![ip_w.clone()]);
 
     // A second daemon claiming node0's name (another address) is refused, and says why.
     let mut opts = ClusterLab::daemon_opts(0);
@@ -282,6 +303,10 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     c.node(0).np(&["run", "-d", "--name", "l", "--network", "local1", "--", "sleep", "600"]);
     assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
     assert_eq!(c.node(0).inspect("a")["State"]["Running"], true, "a still runs");
+    // What is programmed keeps working across hosts: the name of w (node1) and the tunnel.
+    assert_eq!(getent(c.node(0), "a", "w"), vec![ip_w.clone()], "w's name while etcd is down");
+    let ping = c.node(0).np(&["exec", "a", "--", "ping", "-c", "1", "-W", "2", "w"]);
+    assert!(ping.contains("1 received"), "a reaches w on node1 while etcd is down: {ping}");
 
     c.start_etcd();
     c.wait_for(20, "both nodes ready again", || all_ready(&c, 1, 2));
@@ -632,4 +657,98 @@ fn the_daemon_decapsulates_on_the_underlay_link_while_it_has_an_overlay() {
     }
     c.node(0).np(&["network", "rm", "ul"]);
     c.wait_for(10, "underlay_in gone with the last overlay", || !underlay_in_on(&c, 1).1);
+}
+
+/// A node whose daemon was away longer than its lease comes back and resyncs: while it is
+/// down its task runs elsewhere and its container's name is gone from the others; back, it
+/// is ready again, no longer runs the task that moved (the service keeps its replica count),
+/// and its container is known (name, route) on the other node again.
+#[test]
+fn a_node_back_after_its_lease_expired_resyncs() {
+    let mut c = ClusterLab::new("ov-back", 2);
+    c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.93.0.0/24", "ov"]);
+    c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+    c.node(0).np(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "ov",
+        "--replicas",
+        "2",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_SOCKADDR",
+    ]);
+    c.wait_for(30, "a task on each node", || (0..2).all(|i| running_tasks(c.node(i), "web").len() == 1));
+    c.node(0).np(&["run", "-d", "--name", "peer", "--network", "ov", "--", "sleep", "600"]);
+    c.node(1).np(&["run", "-d", "--name", "back", "--network", "ov", "--", "sleep", "600"]);
+    let back_ip = c.node(1).ip_of("back", "ov");
+    c.wait_for(10, "back resolving on node0", || getent(c.node(0), "peer", "back") == vec![back_ip.clone()]);
+    let task1 = running_tasks(c.node(1), "web").remove(0);
+    let task1_ip = c.node(1).ip_of(&task1, "ov");
+
+    // The daemon stops (its containers keep running) and stays away past the lease (5 s).
+    c.node_mut(1).stop_daemon();
+    c.wait_for(15, "node1 down on node0", || c.node_ls(0).contains(&("node1".into(), "down".into())));
+    c.wait_for(5, "back gone from node0's names", || getent(c.node(0), "peer", "back").is_empty());
+    c.wait_for(30, "node1's task moved to node0", || running_tasks(c.node(0), "web").len() == 2);
+    // node1's containers still hold their addresses: neither the moved task nor a container
+    // started meanwhile gets one of them (the lowest free addresses, had they been freed).
+    c.node(0).np(&["run", "-d", "--name", "late", "--network", "ov", "--", "sleep", "600"]);
+    let mut on0: Vec<String> = running_tasks(c.node(0), "web").iter().map(|t| c.node(0).ip_of(t, "ov")).collect();
+    on0.push(c.node(0).ip_of("late", "ov"));
+    for ip in [&back_ip, &task1_ip] {
+        assert!(!on0.contains(ip), "{ip} of a container on the down node1 was handed out again: {on0:?}");
+    }
+
+    c.node_mut(1).start_daemon_with(&ClusterLab::daemon_opts(1));
+    c.wait_for(20, "node1 ready again", || all_ready(&c, 0, 2));
+    c.wait_for(20, "the moved task gone from node1", || {
+        running_tasks(c.node(1), "web").is_empty() && !c.node(1).np(&["ps", "-a"]).contains("web.")
+    });
+    assert_eq!(running_tasks(c.node(0), "web").len(), 2, "the service keeps its 2 replicas");
+    assert_eq!(c.node(1).ip_of("back", "ov"), back_ip, "back kept its address");
+    c.wait_for(10, "back resolving on node0 again", || getent(c.node(0), "peer", "back") == vec![back_ip.clone()]);
+    let ping = c.node(0).np(&["exec", "peer", "--", "ping", "-c", "1", "-W", "2", "back"]);
+    assert!(ping.contains("1 received"), "{ping}");
+    // The VIP balances over the running tasks only (both on node0 now).
+    let vip = service_vip(c.node(0), "web");
+    let live: BTreeSet<String> = running_tasks(c.node(0), "web").iter().map(|t| c.node(0).ip_of(t, "ov")).collect();
+    for t in running_tasks(c.node(0), "web") {
+        c.wait_for(10, "the task listening", || listening(c.node(0), &t));
+    }
+    c.wait_for(15, "the VIP balancing over the live tasks", || {
+        spread(c.node(1), "back", &vip, 20).keys().cloned().collect::<BTreeSet<_>>() == live
+    });
+}
+
+/// Overlay interfaces follow the underlay's MTU, whatever it is: on a 1400-byte underlay,
+/// containers get 1350, and a full-size packet with don't-fragment set crosses hosts.
+#[test]
+fn overlay_interfaces_take_the_underlay_mtu_less_the_vxlan_overhead() {
+    let c = ClusterLab::new("ov-mtu", 2);
+    c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
+    for i in 0..2 {
+        must(c.node(i).host("ip", &["link", "set", "ul0", "mtu", "1400"]));
+        must(c.infra.host("ip", &["link", "set", &format!("ulp{i}"), "mtu", "1400"]));
+    }
+    c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.94.0.0/24", "ov"]);
+    c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
+    for (i, name) in [(0, "m0"), (1, "m1")] {
+        c.node(i).np(&["run", "-d", "--name", name, "--network", "ov", "--", "sleep", "600"]);
+        let link = must(in_ns(&c.node(i).sandbox(name), "ip", &["-o", "link", "show", "eth0"]));
+        assert!(link.contains("mtu 1350"), "node{i}: {link}");
+    }
+    let m1 = c.node(1).ip_of("m1", "ov");
+    // 1322 bytes of ICMP payload + 28 of headers = 1350, + 50 of VXLAN = the underlay's 1400.
+    c.wait_for(10, "a full-size DF ping across hosts", || {
+        c.node(0)
+            .try_np(&["exec", "m0", "--", "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1322", &m1])
+            .status
+            .success()
+    });
 }

@@ -144,6 +144,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/firewall/rules", get(list_rules).post(add_rules))
         .route("/firewall/rules/{name}", axum::routing::delete(remove_rule))
         .route("/nodes", get(list_nodes))
+        .route("/nodes/{name}", axum::routing::delete(remove_node))
         .route("/datapath/counters", get(counters))
         .route("/datapath/flows", get(flows))
         .route("/datapath/flows/events", get(flow_events))
@@ -204,6 +205,11 @@ async fn remove_rule(State(d): State<Shared>, UrlPath(name): UrlPath<String>) ->
 
 async fn list_nodes(State(d): State<Shared>) -> Result<Json> {
     Ok(axum::Json(d.nodes()?))
+}
+
+async fn remove_node(State(d): State<Shared>, UrlPath(name): UrlPath<String>) -> Result<StatusCode> {
+    d.remove_node(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_networks(State(d): State<Shared>) -> Json {

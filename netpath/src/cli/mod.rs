@@ -151,6 +151,10 @@ enum NodeCmd {
         #[arg(long, value_parser = parse_format, default_value = "table")]
         format: Format,
     },
+    /// Forget a node that is down for good: its record and the addresses its containers held
+    /// (they stay taken while it is down, as it may come back with them).
+    #[command(alias = "remove")]
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -300,6 +304,11 @@ pub fn main() -> ExitCode {
                 })
                 .collect();
             table(&["NAME", "ADDRESS", "STATUS", "VERSION"], rows);
+            Ok(0)
+        }),
+        Cmd::Node(NodeCmd::Rm { name }) => run_client(&cli.socket, |c| async move {
+            c.delete(&format!("/nodes/{}", crate::api::client::seg(&name))).await?;
+            println!("{name}");
             Ok(0)
         }),
         Cmd::Network(n) => run_client(&cli.socket, |c| async move { network::run(&c, n).await }),

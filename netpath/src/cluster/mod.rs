@@ -4,11 +4,18 @@
 //! # Liveness
 //! Each daemon holds one etcd lease of [`LEASE_TTL_SECS`] (5 s) and keeps it alive every
 //! second. Everything that only holds while the node lives is put under that lease: its
-//! `nodes/` key, its address claims and its endpoint records. A node that dies (daemon killed,
-//! namespace gone, host down) stops renewing, and etcd deletes those keys within 5 s; the
-//! other daemons see the deletions on their watch. 5 s: short enough that a dead node's
-//! endpoints go "in seconds", long enough that a daemon busy for a second or two (a reconcile
-//! of thousands of containers on 2 shared CPUs) does not lose its lease.
+//! `nodes/` key and its endpoint records. A node that dies (daemon killed, namespace gone,
+//! host down) stops renewing, and etcd deletes those keys within 5 s; the other daemons see
+//! the deletions on their watch. 5 s: short enough that a dead node's endpoints go "in
+//! seconds", long enough that a daemon busy for a second or two (a reconcile of thousands of
+//! containers on 2 shared CPUs) does not lose its lease.
+//!
+//! Address claims are not under the lease: a node that is down may still run its containers
+//! (a daemon stopped, a partition) and come back with them, so their addresses stay taken
+//! until the node itself gives them back (`rm`, or its next session deleting claims it no
+//! longer owns) or the network goes. Under the lease, a container started elsewhere meanwhile
+//! could get the same address (Docker, likewise, keeps a down node's addresses in its Raft
+//! store).
 //!
 //! # Key layout (all under [`PREFIX`] = `/netpath/v1/`; values are JSON)
 //! | key                                  | value               | lease | written by              |
@@ -17,7 +24,7 @@
 //! | `nodes/<node>`                       | [`NodeRecord`]      | yes   | the node (alive marker) |
 //! | `networks/<network-id>`              | [`OverlayNetwork`]  | no    | `network create` (any)  |
 //! | `networks-serial`                    | counter             | no    | every network create/rm |
-//! | `ipam/<network-id>/<ipv4>`           | [`IpClaim`]         | yes   | the node that claims it |
+//! | `ipam/<network-id>/<ipv4>`           | [`IpClaim`]         | no    | the node that claims it |
 //! | `endpoints/<network-id>/<container-id>` | [`EndpointRecord`] | yes | the container's node   |
 //!
 //! | `services/<service-id>`              | [`ServiceRecord`]   | no    | `service create` (any)  |
@@ -44,7 +51,7 @@
 //!   everything: the daemon resyncs against a complete snapshot, never a diff it missed.
 //! - What this node owns (its claims and endpoint records, [`Owned`]) is also kept locally
 //!   and put again at the start of every session: a node whose lease expired while etcd was
-//!   away gets its keys back, and keys of its own it no longer has are deleted.
+//!   away gets its endpoint records back, and keys of its own it no longer has are deleted.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -507,6 +514,53 @@ impl Cluster {
         out
     }
 
+    /// `node rm`: forgets a node that is down for good (Docker's `node rm`): its record, the
+    /// addresses its containers held (claims outlive the lease, see the module docs) and any
+    /// endpoint records left. Refused for this node and for a live one; each transaction
+    /// checks the node has not come back meanwhile.
+    pub async fn remove_node(&self, name: &str) -> crate::error::Result<()> {
+        use crate::error::Error;
+        if name == self.cfg.node_name {
+            return Err(Error::BadRequest(format!(
+                "node {name} is this node: remove it from another node once it is down"
+            )));
+        }
+        let mut client = self.client().await?;
+        let snap = self.read_all(&mut client).await?;
+        if !snap.known_nodes.contains_key(name) {
+            return Err(Error::NotFound(format!("no such node: {name}")));
+        }
+        if snap.alive.contains_key(name) {
+            return Err(Error::Conflict(format!("node {name} is up: stop its daemon first, then remove it")));
+        }
+        let mut keys: Vec<String> = snap
+            .claims
+            .iter()
+            .filter(|(_, c)| c.node == name)
+            .map(|((net, ip), _)| Key::Claim(net.clone(), *ip).path())
+            .collect();
+        keys.extend(
+            snap.endpoints
+                .iter()
+                .filter(|(_, e)| e.node == name)
+                .map(|((net, c), _)| Key::Endpoint(net.clone(), c.clone()).path()),
+        );
+        // The node record last: a failure half way leaves a node `node rm` can be run on again.
+        keys.push(Key::NodeInfo(name.into()).path());
+        let back = || Compare::create_revision(Key::Node(name.into()).path(), CompareOp::Equal, 0);
+        // etcd takes at most 128 operations per transaction (its default --max-txn-ops).
+        for chunk in keys.chunks(100) {
+            let txn = Txn::new()
+                .when([back()])
+                .and_then(chunk.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect::<Vec<_>>());
+            if !self.txn(&mut client, txn).await?.succeeded() {
+                return Err(Error::Conflict(format!("node {name} came back: not removed")));
+            }
+        }
+        info!("cluster store: node {name} removed");
+        Ok(())
+    }
+
     /// Runs sessions forever: connect, register, resync, follow; after any failure wait a
     /// second and start again.
     pub async fn run(self: Arc<Self>) {
@@ -662,15 +716,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Puts this node's claims and endpoints under `lease` again, and deletes keys of its own
-    /// it no longer owns (removed while etcd was away, or by a daemon that then crashed).
+    /// Puts this node's claims again and its endpoints under `lease`, and deletes keys of its
+    /// own it no longer owns (removed while etcd was away, or by a daemon that then crashed).
     async fn reclaim(&self, client: &mut Client, lease: i64) -> anyhow::Result<()> {
         let (claims, endpoints) = {
             let o = self.owned.lock().unwrap_or_else(|e| e.into_inner());
             (o.claims.clone(), o.endpoints.clone())
         };
         for ((net, ip), c) in &claims {
-            if let Err(e) = claim_key(client, &Key::Claim(net.clone(), *ip).path(), c, lease).await? {
+            if let Err(e) = claim_key(client, &Key::Claim(net.clone(), *ip).path(), c).await? {
                 warn!(
                     "address {ip} of network {net} (container {}) was claimed by node {} while this node was away: \
                      two containers now have it",
@@ -912,9 +966,8 @@ impl Cluster {
     pub async fn claim(&self, network_id: &str, ip: Ipv4Addr, container_id: &str) -> crate::error::Result<bool> {
         let mut client = self.client().await?;
         let c = IpClaim { node: self.cfg.node_name.clone(), container_id: container_id.into() };
-        let lease = self.lease.load(Ordering::SeqCst);
         let key = Key::Claim(network_id.into(), ip).path();
-        let won = match tokio::time::timeout(REQUEST_TIMEOUT, claim_key(&mut client, &key, &c, lease)).await {
+        let won = match tokio::time::timeout(REQUEST_TIMEOUT, claim_key(&mut client, &key, &c)).await {
             Ok(Ok(r)) => r.is_ok(),
             Ok(Err(e)) => return Err(self.etcd_err(format!("{e:#}"))),
             Err(_) => return Err(self.etcd_err("no answer")),
@@ -982,11 +1035,11 @@ impl Cluster {
     }
 }
 
-/// Puts `key` = `claim` under `lease` if nobody has it, or if it is already this very claim
-/// (a new session re-leases it). Err(holder) when someone else has it.
-async fn claim_key(client: &mut Client, key: &str, claim: &IpClaim, lease: i64) -> anyhow::Result<Result<(), IpClaim>> {
+/// Puts `key` = `claim` (without a lease: see the module docs) if nobody has it, or if it is
+/// already this very claim. Err(holder) when someone else has it.
+async fn claim_key(client: &mut Client, key: &str, claim: &IpClaim) -> anyhow::Result<Result<(), IpClaim>> {
     let v = serde_json::to_vec(claim)?;
-    let put = || TxnOp::put(key, v.clone(), Some(PutOptions::new().with_lease(lease)));
+    let put = || TxnOp::put(key, v.clone(), None);
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
         .and_then([put()])
@@ -1005,7 +1058,8 @@ async fn claim_key(client: &mut Client, key: &str, claim: &IpClaim, lease: i64) 
     if &holder != claim {
         return Ok(Err(holder));
     }
-    // Ours from an earlier session (or lease): move it under this lease, unless it changed.
+    // Ours already: put again without a lease (one an older daemon put under its lease would
+    // otherwise go with that lease), unless it changed meanwhile.
     let txn = Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision())]).and_then([put()]);
     if client.txn(txn).await?.succeeded() { Ok(Ok(())) } else { Ok(Err(holder)) }
 }

@@ -589,6 +589,14 @@ impl Daemon {
         Ok(serde_json::to_value(c.nodes()).unwrap_or_default())
     }
 
+    /// `node rm`.
+    pub async fn remove_node(&self, name: &str) -> Result<()> {
+        let c = self.cluster.as_ref().ok_or_else(|| {
+            bad_request!("this daemon is not part of a cluster: start it with --cluster-store etcd://HOST:PORT")
+        })?;
+        c.remove_node(name).await
+    }
+
     /// `system info`'s cluster part.
     pub(super) fn cluster_status(&self) -> Value {
         match &self.cluster {
