@@ -14,6 +14,7 @@ pub mod docker;
 pub mod drivers;
 pub mod firewall;
 pub mod ipam;
+pub mod laps;
 pub mod maglev;
 pub mod netlink;
 pub mod ports;

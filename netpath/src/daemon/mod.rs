@@ -118,6 +118,8 @@ pub struct Daemon {
 
 pub type Shared = Arc<Daemon>;
 
+pub use crate::laps::Laps;
+
 fn valid_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -136,6 +138,19 @@ fn parse_ip(what: &str, s: &str) -> Result<Ipv4Addr> {
     s.parse().map_err(|_| bad_request!("invalid {what} {s:?}: expected an IPv4 address"))
 }
 
+/// Every object of the state, as the store holds them.
+fn load_state(store: &Store) -> anyhow::Result<State> {
+    let (networks, containers) = store.load()?;
+    let mut state = State::from_objects(networks, containers);
+    for s in store.load_services()? {
+        state.put_service(s);
+    }
+    for r in store.load_rules()? {
+        state.put_rule(r);
+    }
+    Ok(state)
+}
+
 /// Brings up `lo` in a namespace (it is always ifindex 1).
 async fn lo_up(path: &Path) -> anyhow::Result<()> {
     Netlink::in_netns(path)?.set_up(1).await.context("bringing up lo")
@@ -145,6 +160,7 @@ impl Daemon {
     /// Opens the state and loads the datapath. The kernel is brought in line with the state
     /// by [`Daemon::reconcile`], which the caller runs while the API already answers.
     pub async fn start(cfg: &Config) -> anyhow::Result<Shared> {
+        let mut laps = Laps::new();
         raise_fd_limit();
         let store = Store::open(&cfg.state_dir)?;
         crate::netlink::netns::own_dir_mount(&store.netns_dir())?;
@@ -154,14 +170,13 @@ impl Daemon {
         if let Err(e) = process::make_mount_template(&store.mount_template(), &store.netns_dir()) {
             tracing::warn!("no template mount namespace, container starts copy the host's: {e:#}");
         }
-        let (networks, containers) = store.load()?;
-        let mut state = State::from_objects(networks, containers);
-        for s in store.load_services()? {
-            state.put_service(s);
-        }
-        for r in store.load_rules()? {
-            state.put_rule(r);
-        }
+        // Reading every object (~100 ms per 1,000 containers) and verifying the programs are
+        // the two long steps before the API answers, and independent: side by side.
+        let store = Arc::new(store);
+        let loading = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || load_state(&store))
+        };
         let nl = Netlink::current()?;
         for up in &cfg.uplinks {
             nl.link_index(up).await?.with_context(|| format!("--uplink {up}: no such interface"))?;
@@ -171,8 +186,12 @@ impl Daemon {
             None => None,
         };
         let opts = crate::datapath::LoadOptions { object, ..Default::default() };
+        laps.lap("netlink");
         let mut datapath = Datapath::load_with(&cfg.bpffs, opts)
             .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
+        laps.lap("datapath");
+        let state = loading.await.context("loading the state")??;
+        laps.lap("state");
         datapath.set_xdp(cfg.xdp);
         // Nobody follows flow events yet (a daemon that died may have left them on). An object
         // from before flow events (--ebpf-object) runs without them.
@@ -205,7 +224,7 @@ impl Daemon {
             host: host::Host::new(cfg),
             dns,
             cfg: cfg.clone(),
-            store: Arc::new(store),
+            store,
             state: Mutex::new(state),
             locks: locks::KeyedLocks::default(),
             nl,
@@ -232,8 +251,11 @@ impl Daemon {
         if let Some(ring) = events {
             tokio::spawn(d.clone().read_flow_events(ring));
         }
+        laps.lap("daemon");
         d.attach_sockets(&cfg.state_dir)?;
         d.ensure_builtin_networks()?;
+        laps.lap("sockets");
+        tracing::debug!("start phases (ms): {laps}");
         Ok(d)
     }
 
@@ -401,33 +423,6 @@ async fn trim_memory_every(period: std::time::Duration) {
     loop {
         tokio::time::sleep(period).await;
         trim_memory();
-    }
-}
-
-/// Time spent per phase of an operation, for the log (`reconcile`, and `run`/`rm` at debug level).
-pub struct Laps(Vec<(&'static str, u128)>, std::time::Instant);
-
-impl Default for Laps {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Laps {
-    pub fn new() -> Self {
-        Laps(vec![], std::time::Instant::now())
-    }
-    pub fn lap(&mut self, name: &'static str) {
-        let now = std::time::Instant::now();
-        self.0.push((name, (now - self.1).as_micros()));
-        self.1 = now;
-    }
-}
-
-impl std::fmt::Display for Laps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(|(n, us)| format!("{n} {:.1}", *us as f64 / 1000.0)).collect();
-        f.write_str(&parts.join(", "))
     }
 }
 

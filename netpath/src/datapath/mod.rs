@@ -167,6 +167,7 @@ impl Datapath {
     /// link to the new programs, copy again what the old programs wrote meanwhile, then put
     /// the new maps under their final names and remove the old pins.
     pub fn load_with(pin_dir: &Path, opts: LoadOptions) -> Result<Self> {
+        let mut laps = crate::laps::Laps::new();
         ensure_bpffs(pin_dir)?;
         let pins = pins::Pins::new(pin_dir);
         pins.make_dirs()?;
@@ -174,7 +175,9 @@ impl Datapath {
         let wants = migrate::object_layouts(&object, &opts.max_entries)?;
         migrate::sweep_unknown(&pins, &wants);
         let mut plans = migrate::plan(&pins, &wants)?;
+        laps.lap("plan");
         let loaded = Self::load_object(&object, &plans, &opts.max_entries);
+        laps.lap("verify");
         let ebpf = match loaded {
             Ok(e) => e,
             Err(e) => {
@@ -189,6 +192,7 @@ impl Datapath {
         }
         let mut links = links::Links::new(pins.clone(), &ebpf)?;
         let adopted = links.adopt()?;
+        laps.lap("adopt");
         let links = std::sync::Arc::new(std::sync::Mutex::new(links));
         if plans.iter().any(|p| p.migrating()) {
             // Old programs still running on another CPU finish within microseconds.
@@ -213,6 +217,8 @@ impl Datapath {
         let mut dp =
             Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new(), xdp: XdpSetting::Off };
         dp.sync_endpoint_nets().context("filling ENDPOINT_NETS")?;
+        laps.lap("maps");
+        tracing::debug!("datapath load phases (ms): {laps}");
         Ok(dp)
     }
 
