@@ -37,7 +37,10 @@ pub struct Point {
     pub ps_ms: Option<f64>,
     pub restart_answer_ms: Option<f64>,
     pub restart_ready_ms: Option<f64>,
+    /// Settled: after the filling, once the daemon's periodic trim has run.
     pub rss_mib: Option<f64>,
+    /// The filling daemon's high-water mark (VmHWM) after the probes at this count.
+    pub rss_peak_mib: Option<f64>,
     pub rss_after_restart_mib: Option<f64>,
     /// Seconds to grow the population to `count` (BATCH at a time), per container.
     pub fill_ms_per: Option<f64>,
@@ -54,8 +57,13 @@ fn np(lab: &Lab, args: &[&str]) -> Result<String> {
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory figure of /proc/PID/status (`VmRSS:`, `VmHWM:`), in MiB.
+fn status_mib(pid: u32, key: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
@@ -141,6 +149,9 @@ pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
         let fill_ms_per = (target > have).then(|| ms(t.elapsed()) / (target - have) as f64);
         have = target;
         let mut p = Point { count: n, fill_ms_per, ..Default::default() };
+        // What the daemon holds for the population, not what the filling's burst freed last.
+        std::thread::sleep(SETTLE);
+        p.rss_mib = lab.daemon_pid().and_then(rss_mib);
         let (mut run, mut rm, mut ps) = (vec![], vec![], vec![]);
         for i in 0..samples {
             let name = format!("probe{i}");
@@ -151,14 +162,12 @@ pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
             let t = Instant::now();
             np(&lab, &["ps"])?;
             ps.push(ms(t.elapsed()));
-            if i == 0 {
-                p.rss_mib = lab.daemon_pid().and_then(rss_mib);
-            }
             let t = Instant::now();
             np(&lab, &["rm", "-f", &name])?;
             rm.push(ms(t.elapsed()));
         }
         (p.run_ms, p.rm_ms, p.ps_ms) = (median(&run), median(&rm), median(&ps));
+        p.rss_peak_mib = lab.daemon_pid().and_then(|pid| status_mib(pid, "VmHWM:"));
 
         lab.stop_daemon();
         let t = Instant::now();
@@ -282,21 +291,23 @@ pub fn report(np: &[Point], nv: Result<&[Point], String>, samples: usize) -> (St
          at 20,000 descriptors, and each container with embedded DNS holds two of the daemon's). \
          `run -d`: one more container with one published port; \
          `rm -f`: removing it; restart: SIGTERM, start, first answer of `ps` / every container verified; \
-         RSS after restart: {settle} s after every container is verified (the daemon trims malloc's \
-         arenas every 10 s). \
+         daemon RSS: {settle} s after the filling (the daemon trims malloc's arenas every 10 s); \
+         peak: the filling daemon's high-water mark (VmHWM) after the samples at that count, the \
+         bursts of filling, `run`, `ps` and `rm` included; \
+         RSS after restart: {settle} s after every container is verified. \
          netavark (podman's backend, one config per container): `setup` / `teardown` of one more \
          container with one port mapping at the same count. Filling: wall time per container while \
          growing to the count (netpath: {BATCH} `run -d` at a time; netavark: one `setup` at a time, \
          as podman calls it per container).\n\n",
         settle = SETTLE.as_secs()
     ));
-    md.push_str("| containers | netpath run -d | netavark setup | netpath rm -f | netavark teardown | netpath ps | restart: answers | restart: verified | daemon RSS | RSS after restart | filling: netpath | filling: netavark |\n");
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| containers | netpath run -d | netavark setup | netpath rm -f | netavark teardown | netpath ps | restart: answers | restart: verified | daemon RSS | peak RSS | RSS after restart | filling: netpath | filling: netavark |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let nvp = |n: usize| nv.as_ref().ok().and_then(|v| v.iter().find(|p| p.count == n)).cloned().unwrap_or_default();
     for p in np {
         let q = nvp(p.count);
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.count,
             cell(p.run_ms, "ms"),
             cell(q.run_ms, "ms"),
@@ -306,6 +317,7 @@ pub fn report(np: &[Point], nv: Result<&[Point], String>, samples: usize) -> (St
             cell(p.restart_answer_ms, "ms"),
             cell(p.restart_ready_ms, "ms"),
             cell(p.rss_mib, "MiB"),
+            cell(p.rss_peak_mib, "MiB"),
             cell(p.rss_after_restart_mib, "MiB"),
             cell(p.fill_ms_per, "ms"),
             cell(q.fill_ms_per, "ms"),
