@@ -71,6 +71,7 @@ pub mod map_names {
     pub const XDP_PORTS: &str = "XDP_PORTS";
     pub const XDP_UPLINKS: &str = "XDP_UPLINKS";
     pub const ENDPOINT_NETS: &str = "ENDPOINT_NETS";
+    pub const CT_PORTS: &str = "CT_PORTS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -225,6 +226,36 @@ pub mod hook {
             OVERLAY_BRIDGE_OUT => Some("overlay-bridge-out"),
             _ => None,
         }
+    }
+}
+
+/// The `CT_PORTS` array: a negative filter in front of the conntrack lookup of packets arriving
+/// from outside. One bit per TCP and per UDP destination port says whether a conntrack entry
+/// that applies at the uplink's ingress ([`hook::UPLINK_IN`]) may have that protocol and
+/// destination port in its key; a clear bit (in a complete array) means none has, so the
+/// lookup would miss. ICMP and other protocols have no bit: always looked up.
+pub mod ct_ports {
+    use super::proto;
+
+    /// Words of bits: 2 protocols × 65,536 ports.
+    pub const BIT_WORDS: u32 = 2 * 65_536 / 64;
+    /// The word after the bits: non-zero once they cover every entry the table holds. Zero (a
+    /// new array, or while the daemon refills it at start) makes the programs look every
+    /// packet up.
+    pub const COMPLETE: u32 = BIT_WORDS;
+    pub const MAX: u32 = BIT_WORDS + 1;
+
+    /// The word and bit mask of (protocol, destination port) — the port as the key holds it,
+    /// in network byte order — or None for a protocol without ports.
+    #[inline(always)]
+    pub const fn bit(proto_nr: u8, dport: u16) -> Option<(u32, u64)> {
+        let base = match proto_nr {
+            proto::TCP => 0,
+            proto::UDP => 65_536,
+            _ => return None,
+        };
+        let n = base + dport as u32;
+        Some((n / 64, 1 << (n % 64)))
     }
 }
 

@@ -10,7 +10,7 @@ use netpath_common::{
     MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS,
     MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, OverlayKey, OverlayLocal, OverlayRemote, PolicyPortKey, PolicySrcKey,
     PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey, SockRevValue, Tuple, XdpUplink, config,
-    drop_reason, overlay_config,
+    ct_ports, drop_reason, layout, overlay_config,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -67,6 +67,16 @@ pub static PUBLISHED: HashMap<PortKey, u8> = HashMap::pinned(MAX_PORTMAPS, 0);
 /// is full a new flow is refused (`ct-full`) rather than an established one evicted.
 #[map(name = "CT")]
 pub static CT: HashMap<Tuple, CtEntry> = HashMap::pinned(CT_ENTRIES, 0);
+
+/// Which (TCP or UDP, destination port) CT keys applying at the uplink's ingress may have, one
+/// bit each, and whether those bits are complete (netpath_common::ct_ports). conntrack::create
+/// sets a key's bit before inserting it; the daemon sets the bits of what CT holds, then the
+/// COMPLETE word, when it cannot vouch for them at start (a new array, a migrated CT); bits are
+/// never cleared. The uplink's ingress (uplink_in, uplink_xdp) reads it to skip the CT lookup
+/// of a packet that cannot have a flow there (a flood to a closed port). Memory-mapped by the
+/// daemon, which sets bits with atomic ORs as the programs do.
+#[map(name = "CT_PORTS")]
+pub static CT_PORTS: Array<u64> = Array::pinned(ct_ports::MAX, layout::MMAPABLE);
 
 /// Drops by reason (netpath_common::drop_reason). Datapath increments; daemon reports.
 #[map(name = "DROPS")]

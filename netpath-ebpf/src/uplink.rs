@@ -90,7 +90,7 @@ pub fn decide(p: &Packet) -> Verdict {
             Direct::NotContainer => Verdict::Pass,
         };
     }
-    if let Some(x) = conntrack::lookup(p, IN) {
+    if let Some(x) = conntrack::lookup_inbound(p) {
         return Verdict::Translate(x);
     }
     let x = match policy::endpoint_net(p.daddr) {

@@ -7,6 +7,7 @@
 //! the new programs atomically (`links.rs`).
 
 mod bpffs;
+mod ct_ports;
 mod endpoint_nets;
 mod events;
 mod links;
@@ -173,15 +174,26 @@ impl Datapath {
         let object: Cow<[u8]> = opts.object.map_or(Cow::Borrowed(EBPF_OBJECT), Cow::Owned);
         let wants = migrate::object_layouts(&object, &opts.max_entries)?;
         migrate::sweep_unknown(&pins, &wants);
+        // CT_PORTS, reused as it is pinned, beside a CT reused as is, is what the programs kept
+        // complete; anything else is refilled (see ct_ports.rs).
+        let ct_ports_pinned = wants.iter().any(|w| w.name == map_names::CT_PORTS && pins.map(&w.name, w.rev).exists());
         let mut plans = migrate::plan(&pins, &wants)?;
         let loaded = Self::load_object(&object, &plans, &opts.max_entries);
-        let ebpf = match loaded {
+        let mut ebpf = match loaded {
             Ok(e) => e,
             Err(e) => {
                 plans.iter().for_each(|p| p.abort());
                 return Err(e);
             }
         };
+        let ct_migrating =
+            plans.iter().any(|p| (p.name == map_names::CT || p.name == map_names::CT_PORTS) && p.migrating());
+        let refill_ct_ports = ct_ports::present(&ebpf)
+            && (!ct_ports_pinned || ct_migrating || !ct_ports::complete(&ebpf).unwrap_or(false));
+        if refill_ct_ports && let Err(e) = ct_ports::invalidate(&mut ebpf) {
+            plans.iter().for_each(|p| p.abort());
+            return Err(e);
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         for p in plans.iter_mut().filter(|p| p.migrating()) {
             let m = sys::obj_get(&p.load_path).with_context(|| format!("opening {}", p.load_path.display()))?;
@@ -190,7 +202,7 @@ impl Datapath {
         let mut links = links::Links::new(pins.clone(), &ebpf)?;
         let adopted = links.adopt()?;
         let links = std::sync::Arc::new(std::sync::Mutex::new(links));
-        if plans.iter().any(|p| p.migrating()) {
+        if plans.iter().any(|p| p.migrating()) || (refill_ct_ports && adopted > 0) {
             // Old programs still running on another CPU finish within microseconds.
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -199,6 +211,14 @@ impl Datapath {
             // The programs moved already: a failure here costs entries, not the datapath.
             if let Err(e) = p.copy_again(m.as_fd(), cpus) {
                 warn!("map {}: copying what the old programs wrote last: {e:#}", p.name);
+            }
+        }
+        if refill_ct_ports {
+            // Only programs that set bits insert entries now. A failure leaves every packet
+            // looked up: slower, the same verdicts.
+            match ct_ports::refill(&mut ebpf) {
+                Ok(n) => info!("CT_PORTS refilled from {n} conntrack entries"),
+                Err(e) => warn!("CT_PORTS: every packet from outside is looked up: {e:#}"),
             }
         }
         for p in plans {
@@ -588,6 +608,15 @@ impl Datapath {
     /// Expires idle flows (both entries of a flow go together). Returns the entries that went.
     pub fn expire_flows(&self, now_ns: u64) -> Result<Vec<(Tuple, CtEntry)>> {
         self.flow_table()?.expire(now_ns)
+    }
+
+    /// CT_PORTS (see ct_ports.rs): whether it is complete, and the (protocol, port) pairs whose
+    /// bits are set; None for an object without it. For tests and diagnostics.
+    pub fn ct_ports(&self) -> Result<Option<(bool, Vec<(u8, u16)>)>> {
+        if !ct_ports::present(&self.ebpf) {
+            return Ok(None);
+        }
+        ct_ports::marked(&self.ebpf).map(Some)
     }
 
     /// The NAT table, for tests and `netpath` diagnostics.

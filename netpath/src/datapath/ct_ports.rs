@@ -1,0 +1,151 @@
+//! CT_PORTS: the bits in front of the conntrack lookup of packets from outside (see
+//! netpath_common::ct_ports). A complete array has the bit of every entry CT holds that
+//! applies at the uplink's ingress; the programs keep it so (a key's bit is set before the
+//! entry is inserted) and read it to skip the lookup of a packet whose bit is clear.
+//!
+//! The daemon's part is at start, where it cannot vouch for the bits: a new array (the first
+//! start of a build that has it, or one of another layout), a CT it migrates (the entries it
+//! copies carry no bits), or an array a daemon left incomplete. Then [`invalidate`] clears
+//! COMPLETE before any entry is copied or any new program runs, so every packet is looked up
+//! meanwhile, and [`refill`], once the old programs are gone, sets the bits of every entry CT
+//! holds and COMPLETE again. Bits are never cleared: a stale one costs a lookup, no verdict.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap as BpfHashMap, Map};
+use netpath_common::{CtEntry, Tuple, ct_ports, hook, map_names};
+
+/// Whether the object has the array (one from before it, `--ebpf-object`, does not).
+pub(super) fn present(ebpf: &Ebpf) -> bool {
+    ebpf.map(map_names::CT_PORTS).is_some()
+}
+
+/// Whether the array says its bits are complete.
+pub(super) fn complete(ebpf: &Ebpf) -> Result<bool> {
+    let a: Array<_, u64> = Array::try_from(map(ebpf)?)?;
+    Ok(a.get(&ct_ports::COMPLETE, 0).context("reading CT_PORTS")? != 0)
+}
+
+/// Makes the programs look every packet up until [`refill`]. Only the daemon writes this
+/// word, so a plain update (of that element alone) is safe beside the programs.
+pub(super) fn invalidate(ebpf: &mut Ebpf) -> Result<()> {
+    set_complete(ebpf, false)
+}
+
+/// Sets the bit of every entry CT holds that applies at the uplink's ingress, then COMPLETE.
+/// Call once no program that leaves bits unset can insert entries any more. Returns the
+/// number of such entries.
+pub(super) fn refill(ebpf: &mut Ebpf) -> Result<usize> {
+    let ct: BpfHashMap<_, Tuple, CtEntry> = BpfHashMap::try_from(
+        ebpf.map(map_names::CT).with_context(|| format!("map {} missing from the eBPF object", map_names::CT))?,
+    )?;
+    let words = Words::map(fd(ebpf)?)?;
+    let mut n = 0;
+    for (key, e) in ct.iter().filter_map(|r| r.ok()) {
+        if e.hook != hook::UPLINK_IN {
+            continue;
+        }
+        if let Some((word, mask)) = ct_ports::bit(key.proto, key.dport) {
+            words.or(word, mask);
+        }
+        n += 1;
+    }
+    // COMPLETE goes after the bits, well after: a program that sees it set must not read a
+    // word from before them (x86 keeps loads in order; a weaker CPU reorders them within
+    // nanoseconds, not a millisecond).
+    fence(Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    drop(words);
+    set_complete(ebpf, true)?;
+    Ok(n)
+}
+
+/// The (protocol, port in host order) pairs whose bits are set, and whether the array is
+/// complete: for tests and diagnostics.
+pub(super) fn marked(ebpf: &Ebpf) -> Result<(bool, Vec<(u8, u16)>)> {
+    let words = Words::map(fd(ebpf)?)?;
+    let mut out = vec![];
+    for proto_nr in [netpath_common::proto::TCP, netpath_common::proto::UDP] {
+        for port in 0..=u16::MAX {
+            let wire = port.to_be();
+            let (word, mask) = ct_ports::bit(proto_nr, wire).expect("TCP and UDP have bits");
+            if words.load(word) & mask != 0 {
+                out.push((proto_nr, port));
+            }
+        }
+    }
+    let done = words.load(ct_ports::COMPLETE) != 0;
+    Ok((done, out))
+}
+
+fn map(ebpf: &Ebpf) -> Result<&Map> {
+    ebpf.map(map_names::CT_PORTS).with_context(|| format!("map {} missing from the eBPF object", map_names::CT_PORTS))
+}
+
+fn fd(ebpf: &Ebpf) -> Result<BorrowedFd<'_>> {
+    match map(ebpf)? {
+        Map::Array(d) => Ok(d.fd().as_fd()),
+        _ => bail!("map {} has an unexpected type", map_names::CT_PORTS),
+    }
+}
+
+fn set_complete(ebpf: &mut Ebpf, on: bool) -> Result<()> {
+    let m = ebpf.map_mut(map_names::CT_PORTS).context("map CT_PORTS missing from the eBPF object")?;
+    let mut a: Array<_, u64> = Array::try_from(m)?;
+    a.set(ct_ports::COMPLETE, u64::from(on), 0).context("setting CT_PORTS' COMPLETE word")
+}
+
+/// The array mapped into this process (it is BPF_F_MMAPABLE): bits are set with atomic ORs,
+/// as the programs set them. An update syscall would write the whole word and could undo a
+/// bit a program set meanwhile.
+struct Words {
+    ptr: NonNull<u64>,
+    len: usize,
+}
+
+impl Words {
+    fn map(fd: BorrowedFd<'_>) -> Result<Self> {
+        let len = ct_ports::MAX as usize * 8;
+        // SAFETY: a fresh shared mapping of the map's values; checked below, unmapped on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mapping CT_PORTS into memory");
+        }
+        Ok(Self { ptr: NonNull::new(p.cast()).context("mmap returned null")?, len })
+    }
+
+    fn word(&self, i: u32) -> &AtomicU64 {
+        assert!(i < ct_ports::MAX, "CT_PORTS word {i} out of range");
+        // SAFETY: in bounds (above), page-aligned mapping of u64s, alive as long as self; the
+        // programs access the words only atomically or with plain loads.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(i as usize)) }
+    }
+
+    fn or(&self, i: u32, mask: u64) {
+        self.word(i).fetch_or(mask, Ordering::SeqCst);
+    }
+
+    fn load(&self, i: u32) -> u64 {
+        self.word(i).load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in Words::map, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
