@@ -420,6 +420,29 @@ pub struct NetworkInfo {
     pub flags: u32,
 }
 
+/// An ENDPOINT_NETS slot: a container address and the NETWORKS entry covering it; all zeros
+/// when free. The daemon writes the address last and clears it first (see
+/// netpath/src/datapath/endpoint_nets.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointNet {
+    pub net: NetworkInfo,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// Slots of ENDPOINT_NETS (a power of two): one per endpoint this daemon may have.
+pub const ENDPOINT_NET_SLOTS: u32 = MAX_ENDPOINTS;
+const _: () = assert!(ENDPOINT_NET_SLOTS.is_power_of_two());
+
+/// The ENDPOINT_NETS slot of container address `addr` (wire order): Fibonacci hashing, whose
+/// top bits depend on every bit of the address (a subnet's addresses differ in their last
+/// byte, the top of the native u32 here, and networks in their third).
+#[inline(always)]
+pub const fn endpoint_net_slot(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9E37_79B1) >> (32 - ENDPOINT_NET_SLOTS.trailing_zeros())
+}
+
 /// A socket's view of a translated destination: which socket, and the backend it now talks to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -568,6 +591,7 @@ const _: () = {
     assert!(core::mem::size_of::<PortKey>() == 8);
     assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NetworkInfo>() == 12);
+    assert!(core::mem::size_of::<EndpointNet>() == 16);
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 56);
@@ -591,6 +615,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::EndpointNet {}
     unsafe impl aya::Pod for super::NetworkInfo {}
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}

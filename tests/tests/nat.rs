@@ -554,17 +554,20 @@ fn xdp_auto_leaves_a_veth_uplink_to_tc() {
 /// each entry with what NETWORKS, the trie it copies, says of its address.
 fn pinned_endpoint_nets(lab: &Lab) -> Vec<(String, NetworkInfo, Option<NetworkInfo>)> {
     use aya::maps::lpm_trie::{Key, LpmTrie};
-    use aya::maps::{HashMap, Map, MapData};
+    use aya::maps::{Array, Map, MapData};
     let pin = |name| MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, name)).unwrap();
-    let nets = Map::HashMap(pin("ENDPOINT_NETS"));
-    let nets = HashMap::<_, u32, NetworkInfo>::try_from(&nets).unwrap();
+    // Slots by address hash; a free one is all zeros.
+    let nets = Map::Array(pin("ENDPOINT_NETS"));
+    let nets = Array::<_, netpath_common::EndpointNet>::try_from(&nets).unwrap();
     let trie = Map::LpmTrie(pin("NETWORKS"));
     let trie = LpmTrie::<_, u32, NetworkInfo>::try_from(&trie).unwrap();
     let mut v: Vec<_> = nets
         .iter()
         .map(|r| r.unwrap())
-        .map(|(addr, net)| {
-            (std::net::Ipv4Addr::from(addr.to_ne_bytes()).to_string(), net, trie.get(&Key::new(32, addr), 0).ok())
+        .filter(|e| e.addr != 0)
+        .map(|e| {
+            let addr = e.addr;
+            (std::net::Ipv4Addr::from(addr.to_ne_bytes()).to_string(), e.net, trie.get(&Key::new(32, addr), 0).ok())
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));

@@ -708,6 +708,42 @@ fn endpoint_nets_say_what_networks_says_of_each_container_address() {
 }
 
 #[test]
+fn a_container_address_whose_slot_another_holds_is_judged_by_its_network() {
+    // ENDPOINT_NETS has one slot per address hash: of two addresses with one slot, the first
+    // keeps it and the other is left to the trie, with the same verdicts.
+    let mut f = Fixture::new("epnets-slot");
+    let slot = |a: Ipv4Addr| netpath_common::endpoint_net_slot(wire_addr(a));
+    let other = (3..=u16::MAX)
+        .map(|n| Ipv4Addr::new(172, 18, (n >> 8) as u8, n as u8))
+        .find(|a| *a != ip(A1) && slot(*a) == slot(ip(A1)))
+        .expect("a subnet of 65,536 addresses over 16,384 slots shares one");
+    let veth = add_veth("a9", 1500);
+    f.dp().set_endpoint(other, veth, NET_A, [0x02, 0x42, 0xac, 0x12, 0, 9], gw_mac(GW_A)).unwrap();
+    let held = |f: &mut Fixture| endpoint_nets(f).into_iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(held(&mut f), vec![ip(A1), ip(A2), ip(B1), ip(N1)], "A1 keeps its slot");
+    let mut frag = udp(CLIENT, 5353, &other.to_string(), 53);
+    frag[14 + 6] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut frag);
+    let pkts = [tcp(CLIENT, 40000, &other.to_string(), 80), udp(CLIENT, 5353, &other.to_string(), 53), frag];
+    for pkt in &pkts {
+        assert_eq!(f.run(UPLINK_IN, &for_this_host(pkt.clone())).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 3);
+    // A1 leaves; a start gives the slot to the other address.
+    f.dp().remove_endpoint(ip(A1)).unwrap();
+    f.inner.reload(LoadOptions::default());
+    assert_eq!(held(&mut f), vec![ip(A2), other, ip(B1), ip(N1)]);
+    for pkt in &pkts {
+        assert_eq!(f.run(UPLINK_IN, &for_this_host(pkt.clone())).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 6);
+    // Unprotected, its flows are let in, the same by its slot as by the trie.
+    f.unprotect_a();
+    let pkt = tcp(CLIENT, 40000, &other.to_string(), 80);
+    assert_eq!(f.run(UPLINK_IN, &pkt), (TC_ACT_OK, pkt));
+}
+
+#[test]
 fn an_address_of_a_container_subnet_no_container_holds_is_judged_by_its_network() {
     // ENDPOINT_NETS holds container addresses only: the rest of a subnet is decided by the
     // trie, with the same verdicts.

@@ -10,14 +10,14 @@
 //! meanwhile, and [`refill`], once the old programs are gone, sets the bits of every entry CT
 //! holds and COMPLETE again. Bits are never cleared: a stale one costs a lookup, no verdict.
 
-use std::os::fd::{AsFd, BorrowedFd};
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::atomic::{Ordering, fence};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap as BpfHashMap, Map};
 use netpath_common::{CtEntry, Tuple, ct_ports, hook, map_names};
+
+use super::mmap::{Mapped, array_fd};
 
 /// Whether the object has the array (one from before it, `--ebpf-object`, does not).
 pub(super) fn present(ebpf: &Ebpf) -> bool {
@@ -43,7 +43,7 @@ pub(super) fn refill(ebpf: &mut Ebpf) -> Result<usize> {
     let ct: BpfHashMap<_, Tuple, CtEntry> = BpfHashMap::try_from(
         ebpf.map(map_names::CT).with_context(|| format!("map {} missing from the eBPF object", map_names::CT))?,
     )?;
-    let words = Words::map(fd(ebpf)?)?;
+    let words = Words::map(ebpf)?;
     let mut n = 0;
     for (key, e) in ct.iter().filter_map(|r| r.ok()) {
         if e.hook != hook::UPLINK_IN {
@@ -67,7 +67,7 @@ pub(super) fn refill(ebpf: &mut Ebpf) -> Result<usize> {
 /// The (protocol, port in host order) pairs whose bits are set, and whether the array is
 /// complete: for tests and diagnostics.
 pub(super) fn marked(ebpf: &Ebpf) -> Result<(bool, Vec<(u8, u16)>)> {
-    let words = Words::map(fd(ebpf)?)?;
+    let words = Words::map(ebpf)?;
     let mut out = vec![];
     for proto_nr in [netpath_common::proto::TCP, netpath_common::proto::UDP] {
         for port in 0..=u16::MAX {
@@ -86,13 +86,6 @@ fn map(ebpf: &Ebpf) -> Result<&Map> {
     ebpf.map(map_names::CT_PORTS).with_context(|| format!("map {} missing from the eBPF object", map_names::CT_PORTS))
 }
 
-fn fd(ebpf: &Ebpf) -> Result<BorrowedFd<'_>> {
-    match map(ebpf)? {
-        Map::Array(d) => Ok(d.fd().as_fd()),
-        _ => bail!("map {} has an unexpected type", map_names::CT_PORTS),
-    }
-}
-
 fn set_complete(ebpf: &mut Ebpf, on: bool) -> Result<()> {
     let m = ebpf.map_mut(map_names::CT_PORTS).context("map CT_PORTS missing from the eBPF object")?;
     let mut a: Array<_, u64> = Array::try_from(m)?;
@@ -102,50 +95,19 @@ fn set_complete(ebpf: &mut Ebpf, on: bool) -> Result<()> {
 /// The array mapped into this process (it is BPF_F_MMAPABLE): bits are set with atomic ORs,
 /// as the programs set them. An update syscall would write the whole word and could undo a
 /// bit a program set meanwhile.
-struct Words {
-    ptr: NonNull<u64>,
-    len: usize,
-}
+struct Words(Mapped);
 
 impl Words {
-    fn map(fd: BorrowedFd<'_>) -> Result<Self> {
-        let len = ct_ports::MAX as usize * 8;
-        // SAFETY: a fresh shared mapping of the map's values; checked below, unmapped on drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping CT_PORTS into memory");
-        }
-        Ok(Self { ptr: NonNull::new(p.cast()).context("mmap returned null")?, len })
-    }
-
-    fn word(&self, i: u32) -> &AtomicU64 {
-        assert!(i < ct_ports::MAX, "CT_PORTS word {i} out of range");
-        // SAFETY: in bounds (above), page-aligned mapping of u64s, alive as long as self; the
-        // programs access the words only atomically or with plain loads.
-        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(i as usize)) }
+    fn map(ebpf: &Ebpf) -> Result<Self> {
+        let fd = array_fd(ebpf, map_names::CT_PORTS)?;
+        Ok(Self(Mapped::new(fd, ct_ports::MAX as usize * 8, map_names::CT_PORTS)?))
     }
 
     fn or(&self, i: u32, mask: u64) {
-        self.word(i).fetch_or(mask, Ordering::SeqCst);
+        self.0.u64_at(i as usize).fetch_or(mask, Ordering::SeqCst);
     }
 
     fn load(&self, i: u32) -> u64 {
-        self.word(i).load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Words {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in Words::map, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        self.0.u64_at(i as usize).load(Ordering::SeqCst)
     }
 }

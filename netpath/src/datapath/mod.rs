@@ -12,6 +12,7 @@ mod endpoint_nets;
 mod events;
 mod links;
 mod migrate;
+mod mmap;
 mod overlay;
 pub mod pins;
 mod sys;
@@ -446,12 +447,7 @@ impl Datapath {
         let added: Vec<u32> = want.iter().filter(|k| !have.contains(k)).copied().collect();
         let removed: Vec<u32> = have.iter().filter(|k| !want.contains(k)).copied().collect();
         // An address becoming the host's leaves ENDPOINT_NETS first: ports may be published on it.
-        if self.has_endpoint_nets() {
-            let mut nets: BpfHashMap<_, u32, NetworkInfo> = self.map(map_names::ENDPOINT_NETS)?;
-            for k in &added {
-                let _ = nets.remove(k);
-            }
-        }
+        self.forget_endpoint_nets(&added)?;
         let mut m: BpfHashMap<_, u32, u32> = self.map(map_names::HOST_ADDRS)?;
         for k in &removed {
             let _ = m.remove(k);
