@@ -64,9 +64,17 @@ pub(super) fn refill(ebpf: &mut Ebpf) -> Result<usize> {
     Ok(n)
 }
 
-/// The (protocol, port in host order) pairs whose bits are set, and whether the array is
-/// complete: for tests and diagnostics.
-pub(super) fn marked(ebpf: &Ebpf) -> Result<(bool, Vec<(u8, u16)>)> {
+/// What CT_PORTS says, for tests and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtPorts {
+    /// Whether the bits cover every entry (else the programs look every packet up).
+    pub complete: bool,
+    /// The (protocol, port in host order) pairs whose bits are set.
+    pub marked: Vec<(u8, u16)>,
+}
+
+/// Reads the whole array.
+pub(super) fn marked(ebpf: &Ebpf) -> Result<CtPorts> {
     let words = Words::map(ebpf)?;
     let mut out = vec![];
     for proto_nr in [netpath_common::proto::TCP, netpath_common::proto::UDP] {
@@ -78,8 +86,7 @@ pub(super) fn marked(ebpf: &Ebpf) -> Result<(bool, Vec<(u8, u16)>)> {
             }
         }
     }
-    let done = words.load(ct_ports::COMPLETE) != 0;
-    Ok((done, out))
+    Ok(CtPorts { complete: words.load(ct_ports::COMPLETE) != 0, marked: out })
 }
 
 fn map(ebpf: &Ebpf) -> Result<&Map> {

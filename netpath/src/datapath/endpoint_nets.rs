@@ -166,7 +166,9 @@ impl Slots {
     fn put(&self, slot: u32, e: EndpointNet) {
         let w = |i, v| self.word(slot, i).store(v, Ordering::SeqCst);
         w(3, 0);
-        (w(0, e.net.net_id), w(1, e.net.gateway), w(2, e.net.flags));
+        w(0, e.net.net_id);
+        w(1, e.net.gateway);
+        w(2, e.net.flags);
         w(3, e.addr);
     }
 

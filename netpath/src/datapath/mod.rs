@@ -37,6 +37,7 @@ use netpath_common::{
 use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
+pub use ct_ports::CtPorts;
 pub use events::FlowEventRing;
 pub use links::XdpMode;
 pub use overlay::{LocalEndpoint, Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
@@ -606,9 +607,8 @@ impl Datapath {
         self.flow_table()?.expire(now_ns)
     }
 
-    /// CT_PORTS (see ct_ports.rs): whether it is complete, and the (protocol, port) pairs whose
-    /// bits are set; None for an object without it. For tests and diagnostics.
-    pub fn ct_ports(&self) -> Result<Option<(bool, Vec<(u8, u16)>)>> {
+    /// CT_PORTS (see ct_ports.rs); None for an object without it. For tests and diagnostics.
+    pub fn ct_ports(&self) -> Result<Option<CtPorts>> {
         if !ct_ports::present(&self.ebpf) {
             return Ok(None);
         }
