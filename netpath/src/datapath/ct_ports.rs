@@ -45,7 +45,18 @@ pub(super) fn refill(ebpf: &mut Ebpf) -> Result<usize> {
     )?;
     let words = Words::map(ebpf)?;
     let mut n = 0;
-    for (key, e) in ct.iter().filter_map(|r| r.ok()) {
+    // A key deleted under the walk restarts it from the first (the kernel's get_next_key):
+    // bounded, and not vouched for if the bound is reached.
+    let bound = 2 * netpath_common::CT_MAX_ENTRIES as usize + 16;
+    let mut walked = 0;
+    for r in ct.iter() {
+        // An error ends the walk (entries deleted meanwhile are skipped, not errors): the
+        // bits would not cover what it did not reach.
+        let (key, e) = r.context("walking CT")?;
+        walked += 1;
+        if walked > bound {
+            anyhow::bail!("CT changed too fast to walk");
+        }
         if e.hook != hook::UPLINK_IN {
             continue;
         }
