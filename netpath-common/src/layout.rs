@@ -6,9 +6,10 @@
 //! an edited one.
 
 use crate::{
-    CT_MAX_ENTRIES, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS, MAX_OVERLAY_NETS,
-    MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS,
-    MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_stat, drop_reason, map_names as n, overlay_config,
+    CT_MAX_ENTRIES, ENDPOINT_NET_SLOTS, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
+    MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS,
+    MAX_SERVICE_SLOTS, MAX_UPLINKS, SOCK_REVNAT_MAX_ENTRIES, config, ct_ports, ct_stat, drop_reason, map_names as n,
+    overlay_config,
 };
 
 /// Kernel map types (`enum bpf_map_type`, stable UAPI numbers).
@@ -26,6 +27,9 @@ pub mod map_type {
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it.
 pub const NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: an array the daemon maps into its memory, to set bits atomically beside
+/// the programs (an update syscall writes whole values).
+pub const MMAPABLE: u32 = 1 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapLayout {
@@ -92,7 +96,13 @@ pub const MAPS: &[MapLayout] = &[
     // Container address → the NETWORKS entry covering it: an exact-match copy of the trie's
     // answer for the addresses a flood from outside aims at. Derived from ENDPOINTS, NETWORKS
     // and HOST_ADDRS (the daemon refills it at every start), so nothing to migrate from.
-    map(n::ENDPOINT_NETS, 1, HASH, 4, 12, MAX_ENDPOINTS, 0),
+    // rev 2: slots of (NetworkInfo, address) by the address's hash, mapped by the daemon (rev
+    // 1: a hash by address, replaced, not copied).
+    map(n::ENDPOINT_NETS, 2, ARRAY, 4, 16, ENDPOINT_NET_SLOTS, MMAPABLE),
+    // Bits of (protocol, destination port) that entries applying at the uplink's ingress may
+    // have, and the word saying they are complete (crate::ct_ports). Derived from CT (the
+    // daemon refills it when it cannot vouch for it), so nothing to migrate from.
+    map(n::CT_PORTS, 1, ARRAY, 4, 8, ct_ports::MAX, MMAPABLE),
 ];
 
 /// Layouts earlier builds pinned, newest last per map: what a daemon may find and must migrate.
@@ -108,6 +118,7 @@ pub const PREVIOUS: &[MapLayout] = &[
     map(n::CT_STATS, 0, PERCPU_ARRAY, 4, 8, 2, 0),
     map(n::CONFIG, 0, ARRAY, 4, 8, 1, 0),
     map(n::SOCK_REVNAT, 0, LRU_HASH, 16, 8, 65_536, 0),
+    map(n::ENDPOINT_NETS, 1, HASH, 4, 12, MAX_ENDPOINTS, 0),
 ];
 
 /// Maps earlier builds pinned that this build no longer has. A daemon finding a pin of one, at
@@ -174,7 +185,8 @@ mod tests {
         // struct bpf_devmap_val: the ifindex and a program fd/id (unused: 0).
         assert_eq!(sizes(n::XDP_PORTS), (size_of::<u32>(), 8));
         assert_eq!(sizes(n::XDP_UPLINKS), (size_of::<u32>(), size_of::<XdpUplink>()));
-        assert_eq!(sizes(n::ENDPOINT_NETS), (size_of::<u32>(), size_of::<NetworkInfo>()));
+        assert_eq!(sizes(n::ENDPOINT_NETS), (size_of::<u32>(), size_of::<EndpointNet>()));
+        assert_eq!(sizes(n::CT_PORTS), (size_of::<u32>(), size_of::<u64>()));
     }
 
     #[test]
@@ -203,6 +215,22 @@ mod tests {
         assert_eq!(current(n::CT_STATS).unwrap().max_entries, ct_stat::MAX);
         assert_eq!(current(n::CONFIG).unwrap().max_entries, config::MAX);
         assert_eq!(current(n::OVERLAY_CONFIG).unwrap().max_entries, overlay_config::MAX);
+        assert_eq!(current(n::CT_PORTS).unwrap().max_entries, ct_ports::MAX);
+    }
+
+    #[test]
+    fn every_port_of_tcp_and_udp_has_a_bit_of_its_own_and_icmp_none() {
+        let mut seen = std::collections::HashSet::new();
+        for proto_nr in [proto::TCP, proto::UDP] {
+            for port in 0..=u16::MAX {
+                let (word, mask) = ct_ports::bit(proto_nr, port).unwrap();
+                assert!(word < ct_ports::BIT_WORDS && mask.count_ones() == 1, "{proto_nr}/{port}");
+                assert!(seen.insert((word, mask)), "{proto_nr}/{port} shares a bit");
+            }
+        }
+        assert_eq!(seen.len(), 2 * 65_536);
+        assert_eq!(ct_ports::bit(proto::ICMP, 7), None);
+        assert_eq!(ct_ports::bit(47, 7), None);
     }
 
     #[test]

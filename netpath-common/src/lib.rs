@@ -71,6 +71,7 @@ pub mod map_names {
     pub const XDP_PORTS: &str = "XDP_PORTS";
     pub const XDP_UPLINKS: &str = "XDP_UPLINKS";
     pub const ENDPOINT_NETS: &str = "ENDPOINT_NETS";
+    pub const CT_PORTS: &str = "CT_PORTS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -225,6 +226,36 @@ pub mod hook {
             OVERLAY_BRIDGE_OUT => Some("overlay-bridge-out"),
             _ => None,
         }
+    }
+}
+
+/// The `CT_PORTS` array: a negative filter in front of the conntrack lookup of packets arriving
+/// from outside. One bit per TCP and per UDP destination port says whether a conntrack entry
+/// that applies at the uplink's ingress ([`hook::UPLINK_IN`]) may have that protocol and
+/// destination port in its key; a clear bit (in a complete array) means none has, so the
+/// lookup would miss. ICMP and other protocols have no bit: always looked up.
+pub mod ct_ports {
+    use super::proto;
+
+    /// Words of bits: 2 protocols × 65,536 ports.
+    pub const BIT_WORDS: u32 = 2 * 65_536 / 64;
+    /// The word after the bits: non-zero once they cover every entry the table holds. Zero (a
+    /// new array, or while the daemon refills it at start) makes the programs look every
+    /// packet up.
+    pub const COMPLETE: u32 = BIT_WORDS;
+    pub const MAX: u32 = BIT_WORDS + 1;
+
+    /// The word and bit mask of (protocol, destination port) — the port as the key holds it,
+    /// in network byte order — or None for a protocol without ports.
+    #[inline(always)]
+    pub const fn bit(proto_nr: u8, dport: u16) -> Option<(u32, u64)> {
+        let base = match proto_nr {
+            proto::TCP => 0,
+            proto::UDP => 65_536,
+            _ => return None,
+        };
+        let n = base + dport as u32;
+        Some((n / 64, 1 << (n % 64)))
     }
 }
 
@@ -389,6 +420,29 @@ pub struct NetworkInfo {
     pub flags: u32,
 }
 
+/// An ENDPOINT_NETS slot: a container address and the NETWORKS entry covering it; all zeros
+/// when free. The daemon writes the address last and clears it first (see
+/// netpath/src/datapath/endpoint_nets.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointNet {
+    pub net: NetworkInfo,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// Slots of ENDPOINT_NETS (a power of two): one per endpoint this daemon may have.
+pub const ENDPOINT_NET_SLOTS: u32 = MAX_ENDPOINTS;
+const _: () = assert!(ENDPOINT_NET_SLOTS.is_power_of_two());
+
+/// The ENDPOINT_NETS slot of container address `addr` (wire order): Fibonacci hashing, whose
+/// top bits depend on every bit of the address (a subnet's addresses differ in their last
+/// byte, the top of the native u32 here, and networks in their third).
+#[inline(always)]
+pub const fn endpoint_net_slot(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9E37_79B1) >> (32 - ENDPOINT_NET_SLOTS.trailing_zeros())
+}
+
 /// A socket's view of a translated destination: which socket, and the backend it now talks to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -537,6 +591,7 @@ const _: () = {
     assert!(core::mem::size_of::<PortKey>() == 8);
     assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NetworkInfo>() == 12);
+    assert!(core::mem::size_of::<EndpointNet>() == 16);
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 56);
@@ -560,6 +615,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::EndpointNet {}
     unsafe impl aya::Pod for super::NetworkInfo {}
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}

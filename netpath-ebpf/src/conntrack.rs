@@ -4,10 +4,10 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-use netpath_common::{CtEntry, Tuple, ct_stat, ct_state, drop_reason, proto};
+use netpath_common::{CtEntry, Tuple, ct_ports, ct_stat, ct_state, drop_reason, hook, proto};
 
 use crate::events;
-use crate::maps::{CT, CT_STATS, count};
+use crate::maps::{CT, CT_PORTS, CT_STATS, count};
 use crate::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// The translation for `p` if a flow exists whose entry applies at `hook`; refreshes it.
@@ -17,6 +17,72 @@ pub fn lookup(p: &Packet, hook: u8) -> Option<Tuple> {
         Some((h, x)) if h == hook => Some(x),
         _ => None,
     }
+}
+
+/// [`lookup`] at the uplink's ingress, for a packet from outside: CT_PORTS first, whose clear
+/// bit says no entry applying there has the packet's protocol and destination port, so the
+/// hash lookup (most of the cost of a packet a flood sends to a closed port) would miss.
+/// An entry of another hook is then not refreshed by a packet from outside that shares its
+/// key (which only a forged packet does).
+#[inline(always)]
+pub fn lookup_inbound(p: &Packet) -> Option<Tuple> {
+    if !may_apply_inbound(&p.tuple) {
+        return None;
+    }
+    lookup(p, hook::UPLINK_IN)
+}
+
+/// False when CT holds no entry applying at the uplink's ingress with `t`'s protocol and
+/// destination port: its bit is clear in a complete CT_PORTS.
+#[inline(always)]
+fn may_apply_inbound(t: &Tuple) -> bool {
+    let Some((word, mask)) = ct_ports::bit(t.proto, t.dport) else { return true };
+    // Complete only once the daemon vouches for every entry's bit (or it never may be).
+    if CT_PORTS.get(ct_ports::COMPLETE).is_none_or(|c| *c == 0) {
+        return true;
+    }
+    CT_PORTS.get(word).is_none_or(|w| *w & mask != 0)
+}
+
+/// Sets the CT_PORTS bit of `key`, an entry about to apply at the uplink's ingress, before it
+/// is inserted (so no packet can match an entry its bit hides). Err: no bit to set (the array
+/// is not the one this build defines), and so no entry.
+#[inline(always)]
+fn mark_inbound(key: &Tuple) -> Result<(), u32> {
+    let Some((word, mask)) = ct_ports::bit(key.proto, key.dport) else { return Ok(()) };
+    let w = CT_PORTS.get_ptr_mut(word).ok_or(drop_reason::CT_INSERT_FAILED)?;
+    // Read first: a port's bit is set once, then new flows to it only read it (the word's
+    // cache line is not bounced between CPUs at every new flow).
+    // SAFETY: a map value, valid for the program run; other CPUs only OR bits into it.
+    if unsafe { core::ptr::read_volatile(w) } & mask == 0 {
+        // Atomic: another CPU (or the daemon) may be setting another bit of the word. The
+        // insert after it publishes the entry with release semantics, so the bit is visible
+        // before the entry can be found.
+        // SAFETY: as above; u64 map values are 8-byte aligned.
+        unsafe { atomic_or(w, mask) };
+    }
+    Ok(())
+}
+
+/// `*w |= mask` as one atomic instruction (BPF_ATOMIC | BPF_OR), which core's AtomicU64 does
+/// not offer on this target.
+///
+/// SAFETY: `w` must be valid for writes and 8-byte aligned.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+unsafe fn atomic_or(w: *mut u64, mask: u64) {
+    // SAFETY: as the caller promised.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({0} + 0) |= {1}", in(reg) w, in(reg) mask, options(nostack, preserves_flags))
+    };
+}
+
+/// Off the BPF target (never run: the crate builds only for it).
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+unsafe fn atomic_or(w: *mut u64, mask: u64) {
+    // SAFETY: as the caller promised.
+    unsafe { *w |= mask };
 }
 
 /// The hook and translation of `p`'s flow, whichever hook its entry applies at; refreshes it.
@@ -89,6 +155,12 @@ pub fn create(orig: &Tuple, xlate: &Tuple, orig_hook: u8, reply_hook: u8) -> Res
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply_key = xlate.reversed();
+    if reply_hook == hook::UPLINK_IN {
+        mark_inbound(&reply_key)?;
+    }
+    if orig_hook == hook::UPLINK_IN {
+        mark_inbound(orig)?;
+    }
     let reply =
         CtEntry { xlate: orig.reversed(), last_seen_ns: now, hook: reply_hook, is_reply: 1, ..Default::default() };
     CT.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).map_err(insert_failure)?;

@@ -6,11 +6,11 @@
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use netpath_common::{
-    Backend, CtEntry, EndpointInfo, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS, MAX_HOST_ADDRS, MAX_NETWORKS,
-    MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC, MAX_PORTMAPS, MAX_SERVICE_PORTS,
-    MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, OverlayKey, OverlayLocal, OverlayRemote, PolicyPortKey, PolicySrcKey,
-    PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo, SockRevKey, SockRevValue, Tuple, XdpUplink, config,
-    drop_reason, overlay_config,
+    Backend, CtEntry, ENDPOINT_NET_SLOTS, EndpointInfo, EndpointNet, FLOW_EVENTS_RING_BYTES, MAGLEV_M, MAX_ENDPOINTS,
+    MAX_HOST_ADDRS, MAX_NETWORKS, MAX_OVERLAY_NETS, MAX_OVERLAY_REMOTES, MAX_POLICY_PORTS, MAX_POLICY_SRC,
+    MAX_PORTMAPS, MAX_SERVICE_PORTS, MAX_SERVICE_SLOTS, MAX_UPLINKS, NetworkInfo, OverlayKey, OverlayLocal,
+    OverlayRemote, PolicyPortKey, PolicySrcKey, PolicyVerdict, PortKey, SOCK_REVNAT_MAX_ENTRIES, ServiceInfo,
+    SockRevKey, SockRevValue, Tuple, XdpUplink, config, ct_ports, drop_reason, layout, overlay_config,
 };
 
 /// The conntrack table's size. The `upgrade-test` build (a second object the upgrade tests
@@ -35,13 +35,15 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS
 #[map(name = "NETWORKS")]
 pub static NETWORKS: LpmTrie<u32, NetworkInfo> = LpmTrie::pinned(MAX_NETWORKS, 0);
 
-/// Key: a container address that is none of the host's (an ENDPOINTS key not in HOST_ADDRS);
-/// value: the NETWORKS entry covering it, copied. Daemon writes with ENDPOINTS, NETWORKS and
-/// HOST_ADDRS (and refills it at every start); the uplink programs read it to decide a new
-/// flow to a container's address from outside (a flood's target) with one exact-match lookup
-/// instead of HOST_ADDRS and the trie. A miss decides nothing: they fall back to both.
+/// Slots (netpath_common::endpoint_net_slot) of container addresses that are none of the
+/// host's (ENDPOINTS keys not in HOST_ADDRS), each with the NETWORKS entry covering it, copied.
+/// Daemon writes with ENDPOINTS, NETWORKS and HOST_ADDRS (and refills it at every start),
+/// through a mapping of the array, the address last; the uplink programs read it to decide a
+/// new flow to a container's address from outside (a flood's target) with one array read
+/// instead of HOST_ADDRS and the trie. A slot of another address decides nothing: they fall
+/// back to both.
 #[map(name = "ENDPOINT_NETS")]
-pub static ENDPOINT_NETS: HashMap<u32, NetworkInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+pub static ENDPOINT_NETS: Array<EndpointNet> = Array::pinned(ENDPOINT_NET_SLOTS, layout::MMAPABLE);
 
 /// Key: an address of the host (uplinks, bridge gateways). Daemon writes; datapath reads to
 /// recognise traffic to published ports.
@@ -67,6 +69,16 @@ pub static PUBLISHED: HashMap<PortKey, u8> = HashMap::pinned(MAX_PORTMAPS, 0);
 /// is full a new flow is refused (`ct-full`) rather than an established one evicted.
 #[map(name = "CT")]
 pub static CT: HashMap<Tuple, CtEntry> = HashMap::pinned(CT_ENTRIES, 0);
+
+/// Which (TCP or UDP, destination port) CT keys applying at the uplink's ingress may have, one
+/// bit each, and whether those bits are complete (netpath_common::ct_ports). conntrack::create
+/// sets a key's bit before inserting it; the daemon sets the bits of what CT holds, then the
+/// COMPLETE word, when it cannot vouch for them at start (a new array, a migrated CT); bits are
+/// never cleared. The uplink's ingress (uplink_in, uplink_xdp) reads it to skip the CT lookup
+/// of a packet that cannot have a flow there (a flood to a closed port). Memory-mapped by the
+/// daemon, which sets bits with atomic ORs as the programs do.
+#[map(name = "CT_PORTS")]
+pub static CT_PORTS: Array<u64> = Array::pinned(ct_ports::MAX, layout::MMAPABLE);
 
 /// Drops by reason (netpath_common::drop_reason). Datapath increments; daemon reports.
 #[map(name = "DROPS")]

@@ -4,7 +4,7 @@
 //! addresses from hosts outside that route to them.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use netpath_common::{EndpointInfo, NetworkInfo, PortKey, net_flags, proto};
+use netpath_common::{EndpointInfo, NetworkInfo, PortKey, endpoint_net_slot, net_flags, proto};
 
 use crate::maps::{ENDPOINT_NETS, ENDPOINTS, NETWORKS, PUBLISHED};
 use crate::parse::Packet;
@@ -91,18 +91,26 @@ pub enum Direct {
 }
 
 /// The network of `addr` when it is the address of a container here and none of the host's
-/// (ENDPOINT_NETS: what NETWORKS says of it, with one exact-match lookup). None decides
-/// nothing: the address may still be in a container network (ask NETWORKS).
+/// (ENDPOINT_NETS: what NETWORKS says of it, in the address's slot). None decides nothing: the
+/// address may still be in a container network (ask NETWORKS).
 #[inline(always)]
-pub fn endpoint_net(addr: u32) -> Option<&'static NetworkInfo> {
-    // SAFETY: plain lookup; the entry is read at once.
-    unsafe { ENDPOINT_NETS.get(&addr) }
+pub fn endpoint_net(addr: u32) -> Option<NetworkInfo> {
+    let slot = ENDPOINT_NETS.get_ptr(endpoint_net_slot(addr))?;
+    // The address first, then the fields the daemon wrote before it (volatile: in this order).
+    // SAFETY: a map value, valid for the program run.
+    let e = unsafe { &*slot };
+    // SAFETY: fields of that value.
+    if unsafe { core::ptr::read_volatile(&e.addr) } != addr || addr == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    Some(unsafe { core::ptr::read_volatile(&e.net) })
 }
 
 #[inline(always)]
 pub fn direct_access(p: &Packet) -> Direct {
     match endpoint_net(p.daddr) {
-        Some(net) => direct_access_to(p, net),
+        Some(net) => direct_access_to(p, &net),
         None => direct_access_by_prefix(p),
     }
 }

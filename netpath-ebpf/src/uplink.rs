@@ -90,14 +90,14 @@ pub fn decide(p: &Packet) -> Verdict {
             Direct::NotContainer => Verdict::Pass,
         };
     }
-    if let Some(x) = conntrack::lookup(p, IN) {
+    if let Some(x) = conntrack::lookup_inbound(p) {
         return Verdict::Translate(x);
     }
     let x = match policy::endpoint_net(p.daddr) {
         // A container's own address (what a flood from outside aims at), none of the host's:
         // no port is published on it, so one exact-match lookup decides, sparing a packet
         // HOST_ADDRS, the service and port tables and the trie.
-        Some(net) => match routed(p, policy::direct_access_to(p, net)) {
+        Some(net) => match routed(p, policy::direct_access_to(p, &net)) {
             Ok(x) => x,
             Err(v) => return v,
         },

@@ -554,17 +554,20 @@ fn xdp_auto_leaves_a_veth_uplink_to_tc() {
 /// each entry with what NETWORKS, the trie it copies, says of its address.
 fn pinned_endpoint_nets(lab: &Lab) -> Vec<(String, NetworkInfo, Option<NetworkInfo>)> {
     use aya::maps::lpm_trie::{Key, LpmTrie};
-    use aya::maps::{HashMap, Map, MapData};
+    use aya::maps::{Array, Map, MapData};
     let pin = |name| MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, name)).unwrap();
-    let nets = Map::HashMap(pin("ENDPOINT_NETS"));
-    let nets = HashMap::<_, u32, NetworkInfo>::try_from(&nets).unwrap();
+    // Slots by address hash; a free one is all zeros.
+    let nets = Map::Array(pin("ENDPOINT_NETS"));
+    let nets = Array::<_, netpath_common::EndpointNet>::try_from(&nets).unwrap();
     let trie = Map::LpmTrie(pin("NETWORKS"));
     let trie = LpmTrie::<_, u32, NetworkInfo>::try_from(&trie).unwrap();
     let mut v: Vec<_> = nets
         .iter()
         .map(|r| r.unwrap())
-        .map(|(addr, net)| {
-            (std::net::Ipv4Addr::from(addr.to_ne_bytes()).to_string(), net, trie.get(&Key::new(32, addr), 0).ok())
+        .filter(|e| e.addr != 0)
+        .map(|e| {
+            let addr = e.addr;
+            (std::net::Ipv4Addr::from(addr.to_ne_bytes()).to_string(), e.net, trie.get(&Key::new(32, addr), 0).ok())
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -615,6 +618,39 @@ fn the_uplinks_table_of_container_addresses_follows_them_across_an_upgrade_and_r
     lab.restart_daemon();
     assert_eq!(say("after a restart"), "after a restart");
     assert_eq!(pinned_endpoint_nets(&lab).len(), 1, "after a restart");
+    drop(say); // closes its stdin: the client ends
+    let _ = client.wait();
+}
+
+/// CT_PORTS as pinned: whether complete, and whether TCP port `port` has its bit.
+fn pinned_ct_port_bit(lab: &Lab, port: u16) -> (bool, bool) {
+    use aya::maps::{Array, Map, MapData};
+    use netpath_common::{ct_ports, proto};
+    let pin = MapData::from_pin(netpath::datapath::map_pin(&lab.bpffs, "CT_PORTS")).unwrap();
+    let words = Map::Array(pin);
+    let words = Array::<_, u64>::try_from(&words).unwrap();
+    let (word, mask) = ct_ports::bit(proto::TCP, port.to_be()).unwrap();
+    (words.get(&ct_ports::COMPLETE, 0).unwrap() != 0, words.get(&word, 0).unwrap() & mask != 0)
+}
+
+#[test]
+fn a_connection_survives_an_upgrade_to_a_build_with_conntrack_port_bits() {
+    // A build without CT_PORTS leaves no pin of it. The new daemon's programs look every
+    // packet up until it has set the bits of the flows tracked before (here a published
+    // port's), and the connection carries on: had the bit stayed clear, its next packet
+    // would be taken for a new flow, whose reply tuple the old one holds (dropped).
+    let mut lab = lab("ctports");
+    lab.np(&["run", "-d", "--name", "echo", "-p", "8080:8", "--", "socat", "TCP-LISTEN:8,fork,reuseaddr", "EXEC:cat"]);
+    common::wait_listening(&lab, "echo", 8);
+    let (mut client, mut say) = line_client(&lab, "8080");
+    assert_eq!(say("first"), "first");
+    assert_eq!(pinned_ct_port_bit(&lab, 8080), (true, true), "before");
+    lab.stop_daemon();
+    std::fs::remove_file(netpath::datapath::map_pin(&lab.bpffs, "CT_PORTS")).unwrap();
+    lab.start_daemon();
+    assert_eq!(pinned_ct_port_bit(&lab, 8080), (true, true), "refilled after the upgrade");
+    assert_eq!(say("after the upgrade"), "after the upgrade");
+    assert_eq!(drops(&lab, "ct-insert-failed"), 0);
     drop(say); // closes its stdin: the client ends
     let _ = client.wait();
 }

@@ -19,10 +19,11 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use netpath::datapath::{Datapath, FlowEventRing, LoadOptions, wire_addr, wire_port};
+use netpath::datapath::{Datapath, FlowEventRing, LoadOptions, map_pin, wire_addr, wire_port};
 use netpath_common::prog_names::{FROM_CONTAINER, UPLINK_IN, UPLINK_OUT, UPLINK_XDP};
 use netpath_common::{
-    CtEntry, FlowEvent, MAGLEV_M, ServiceInfo, Tuple, ct_state, drop_reason, flow_event, hook, net_flags, proto,
+    CtEntry, FlowEvent, MAGLEV_M, ServiceInfo, Tuple, ct_ports, ct_state, drop_reason, flow_event, hook, net_flags,
+    proto,
 };
 use netpath_tests::packet::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ipv4Packet, csum, icmp_echo, icmp_echo_id, icmp_error,
@@ -707,6 +708,42 @@ fn endpoint_nets_say_what_networks_says_of_each_container_address() {
 }
 
 #[test]
+fn a_container_address_whose_slot_another_holds_is_judged_by_its_network() {
+    // ENDPOINT_NETS has one slot per address hash: of two addresses with one slot, the first
+    // keeps it and the other is left to the trie, with the same verdicts.
+    let mut f = Fixture::new("epnets-slot");
+    let slot = |a: Ipv4Addr| netpath_common::endpoint_net_slot(wire_addr(a));
+    let other = (3..=u16::MAX)
+        .map(|n| Ipv4Addr::new(172, 18, (n >> 8) as u8, n as u8))
+        .find(|a| *a != ip(A1) && slot(*a) == slot(ip(A1)))
+        .expect("a subnet of 65,536 addresses over 16,384 slots shares one");
+    let veth = add_veth("a9", 1500);
+    f.dp().set_endpoint(other, veth, NET_A, [0x02, 0x42, 0xac, 0x12, 0, 9], gw_mac(GW_A)).unwrap();
+    let held = |f: &mut Fixture| endpoint_nets(f).into_iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(held(&mut f), vec![ip(A1), ip(A2), ip(B1), ip(N1)], "A1 keeps its slot");
+    let mut frag = udp(CLIENT, 5353, &other.to_string(), 53);
+    frag[14 + 6] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut frag);
+    let pkts = [tcp(CLIENT, 40000, &other.to_string(), 80), udp(CLIENT, 5353, &other.to_string(), 53), frag];
+    for pkt in &pkts {
+        assert_eq!(f.run(UPLINK_IN, &for_this_host(pkt.clone())).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 3);
+    // A1 leaves; a start gives the slot to the other address.
+    f.dp().remove_endpoint(ip(A1)).unwrap();
+    f.inner.reload(LoadOptions::default());
+    assert_eq!(held(&mut f), vec![ip(A2), other, ip(B1), ip(N1)]);
+    for pkt in &pkts {
+        assert_eq!(f.run(UPLINK_IN, &for_this_host(pkt.clone())).0, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter("direct-access"), 6);
+    // Unprotected, its flows are let in, the same by its slot as by the trie.
+    f.unprotect_a();
+    let pkt = tcp(CLIENT, 40000, &other.to_string(), 80);
+    assert_eq!(f.run(UPLINK_IN, &pkt), (TC_ACT_OK, pkt));
+}
+
+#[test]
 fn an_address_of_a_container_subnet_no_container_holds_is_judged_by_its_network() {
     // ENDPOINT_NETS holds container addresses only: the rest of a subnet is decided by the
     // trie, with the same verdicts.
@@ -761,6 +798,113 @@ fn a_container_address_the_host_holds_too_keeps_the_ports_published_on_it() {
     // Its other ports are still closed to direct access.
     assert_eq!(f.run(UPLINK_IN, &for_this_host(tcp(CLIENT, 40000, A2, 81))).0, TC_ACT_SHOT);
     assert_eq!(f.counter("direct-access"), 1);
+}
+
+// ---- uplink_in: CT_PORTS, the port bits in front of its conntrack lookup ----
+
+/// CT_PORTS as the datapath holds it: whether complete, and the (protocol, port) pairs marked.
+fn ct_ports(f: &mut Fixture) -> (bool, Vec<(u8, u16)>) {
+    let c = f.dp().ct_ports().unwrap().expect("this build has CT_PORTS");
+    (c.complete, c.marked)
+}
+
+/// Clears CT_PORTS' COMPLETE word through its pin, as a daemon does before refilling it:
+/// until it is set again the programs look every packet up.
+fn make_ct_ports_incomplete(f: &mut Fixture) {
+    use aya::maps::{Array, Map, MapData};
+    let pin = MapData::from_pin(map_pin(f.inner.pins(), "CT_PORTS")).unwrap();
+    let mut words = Array::<_, u64>::try_from(Map::Array(pin)).unwrap();
+    words.set(ct_ports::COMPLETE, 0, 0).unwrap();
+}
+
+#[test]
+fn port_bits_mark_the_destination_ports_of_entries_that_apply_at_the_uplinks_ingress() {
+    let mut f = Fixture::published("ctports");
+    assert_eq!(ct_ports(&mut f), (true, vec![]), "a new table: complete, nothing marked");
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB)); // its entry at uplink_in: CLIENT -> HOST:PUB
+    f.run(UPLINK_OUT, &udp(A1, 45000, CLIENT, 53)); // its reply's entry: CLIENT:53 -> HOST:45000
+    f.run(UPLINK_OUT, &icmp_echo(A1, CLIENT, ICMP_ECHO_REQUEST, 7, 1, b"ping")); // ICMP: no bit
+    f.run_from(A2, &tcp(A2, 45001, HOST, PUB)); // a hairpin's entries apply at A2's veth
+    assert_eq!(f.flows().len(), 8);
+    let marked = vec![(proto::TCP, PUB), (proto::UDP, 45000)];
+    assert_eq!(ct_ports(&mut f), (true, marked.clone()), "not 53, 80 or 45001: no entry applying there has them");
+
+    // An upgrade from a build without the bits (no pin): refilled from CT, then complete.
+    std::fs::remove_file(map_pin(f.inner.pins(), "CT_PORTS")).unwrap();
+    f.inner.reload(LoadOptions::default());
+    assert_eq!(ct_ports(&mut f), (true, marked.clone()), "after an upgrade");
+    // A daemon that died while refilling them left them incomplete: the next one refills them.
+    make_ct_ports_incomplete(&mut f);
+    f.inner.reload(LoadOptions::default());
+    assert_eq!(ct_ports(&mut f), (true, marked.clone()), "after an interrupted refill");
+    // A restart keeps them as the programs left them: bits are never cleared (a stale one
+    // costs a lookup, no verdict).
+    f.dp().remove_port(None, PUB, proto::TCP).unwrap();
+    f.dp().flow_table().unwrap().flush_where(|_, _| true).unwrap();
+    assert!(f.flows().is_empty());
+    f.inner.reload(LoadOptions::default());
+    assert_eq!(ct_ports(&mut f), (true, marked), "after a restart");
+}
+
+#[test]
+fn port_bits_change_no_verdict_of_the_uplinks_ingress() {
+    // Flows whose packets come in from outside, each one tracked at uplink_in (or uplink_out for
+    // its replies) before what would refuse a new flow like it: a masqueraded flow's replies, a
+    // network without masquerade (its container's address is closed to new flows from outside),
+    // a flow to a port since unpublished, a flow to a network since switched back to `nat`.
+    let mut f = Fixture::published("ctports-verdicts");
+    f.run(UPLINK_OUT, &tcp(A1, 45000, CLIENT, 443));
+    f.run(UPLINK_OUT, &tcp(N1, 45001, CLIENT, 443));
+    f.run(UPLINK_IN, &tcp(CLIENT, 40000, HOST, PUB));
+    f.dp().remove_port(None, PUB, proto::TCP).unwrap();
+    f.unprotect_a();
+    f.run(UPLINK_IN, &tcp(CLIENT, 40001, A2, 22));
+    f.dp().set_network("172.18.0.0/16".parse().unwrap(), NET_A, ip(GW_A), net_flags::MASQUERADE).unwrap();
+    let flows = f.flows().len();
+    assert_eq!(flows, 8);
+
+    let tcp_to_n1 = Ipv4Packet::tcp(CLIENT, 443, N1, 45001, b"").build();
+    let passes = [
+        (tcp(CLIENT, 443, HOST, 45000), tcp(CLIENT, 443, A1, 45000)),
+        (tcp(CLIENT, 443, N1, 45001), tcp(CLIENT, 443, N1, 45001)),
+        (tcp(CLIENT, 40000, HOST, PUB), tcp(CLIENT, 40000, A1, BACK)),
+        (tcp(CLIENT, 40001, A2, 22), tcp(CLIENT, 40001, A2, 22)),
+        // IP options: its tuple is the tracked flow's.
+        (with_ip_options(&tcp_to_n1, &[1, 1, 1, 0]), with_ip_options(&tcp_to_n1, &[1, 1, 1, 0])),
+    ];
+    let mut frag = tcp(CLIENT, 443, N1, 45001);
+    frag[14 + 6] = 0x20; // more fragments
+    refresh_ipv4_checksum(&mut frag);
+    let drops = [
+        tcp(CLIENT, 443, N1, 45002), // a port no entry has: its bit is clear
+        tcp(CLIENT, 444, N1, 45001), // a tracked flow's port (bit set), another flow
+        udp(CLIENT, 443, N1, 45001), // the same port for UDP: its own bit, clear
+        tcp(CLIENT, 40002, A2, 22),  // the flow from before the mode change's port, a new flow
+        tcp(CLIENT, 40000, A1, 9),   // a flood's packet
+        cut_l4(&tcp_to_n1, 4),       // no ports: nothing to look up, the address decides
+        cut_l4(&tcp_to_n1, 17),
+        frag,
+        // IP options (uplink_xdp leaves those to uplink_in), a port no entry has.
+        with_ip_options(&Ipv4Packet::tcp(CLIENT, 443, N1, 45002, b"").build(), &[1, 1, 1, 0]),
+    ];
+    for complete in [true, false] {
+        let round = if complete { "bits complete" } else { "bits incomplete: every packet looked up" };
+        if !complete {
+            make_ct_ports_incomplete(&mut f);
+            assert!(!ct_ports(&mut f).0, "incomplete");
+        }
+        let before = f.counter("direct-access");
+        for (pkt, want) in &passes {
+            let (verdict, out) = f.run(UPLINK_IN, pkt);
+            assert_eq!((verdict, &out), (TC_ACT_OK, want), "{round}: a tracked flow's packet");
+            assert_checksums(&out);
+        }
+        for (i, pkt) in drops.iter().enumerate() {
+            assert_eq!(f.run(UPLINK_IN, pkt).0, TC_ACT_SHOT, "{round}: drop case {i}");
+        }
+        assert_eq!(f.counter("direct-access") - before, drops.len() as u64, "{round}: all of them as direct access");
+        assert_eq!(f.flows().len(), flows, "{round}: no flow created or lost");
+    }
 }
 
 #[test]

@@ -162,6 +162,10 @@ fn decide(name: &str, rev: u32, have: &MapInfo, want: &Want) -> How {
         // Nothing to copy (and no keys to walk): events a follower has not read are lost.
         return How::Replace("a ring buffer carries events in flight, not state".into());
     }
+    if name == map_names::CT_PORTS {
+        // Copied, it would bring its COMPLETE word along, which speaks for the old CT only.
+        return How::Replace("derived from CT: refilled from it once the new programs run".into());
+    }
     if rev > want.rev {
         return How::Replace(format!(
             "pinned by a newer build (layout revision {rev}); this build knows revisions up to {}",
@@ -559,6 +563,15 @@ mod tests {
         assert!(pins.map("CT", 1).exists() && pins.map("CT", 0).exists());
         assert!(root.join("not-netpaths").exists());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_conntrack_port_bits_are_refilled_never_copied() {
+        let bits = want("CT_PORTS", 1, map_type::ARRAY, 4, 8, 2049);
+        let How::Replace(why) = decide("CT_PORTS", 1, &info(map_type::ARRAY, 4, 8, 2048), &bits) else {
+            panic!("CT_PORTS is derived from CT")
+        };
+        assert!(why.contains("refilled"), "{why}");
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! the new programs atomically (`links.rs`).
 
 mod bpffs;
+mod ct_ports;
 mod endpoint_nets;
 mod events;
 mod links;
 mod migrate;
+mod mmap;
 mod overlay;
 pub mod pins;
 mod sys;
@@ -35,6 +37,7 @@ use netpath_common::{
 use tracing::{info, warn};
 
 pub use bpffs::ensure_bpffs;
+pub use ct_ports::CtPorts;
 pub use events::FlowEventRing;
 pub use links::XdpMode;
 pub use overlay::{LocalEndpoint, Overlay, RemoteEndpoint, VXLAN_DEV, VXLAN_OVERHEAD, VXLAN_PORT};
@@ -174,17 +177,28 @@ impl Datapath {
         let object: Cow<[u8]> = opts.object.map_or(Cow::Borrowed(EBPF_OBJECT), Cow::Owned);
         let wants = migrate::object_layouts(&object, &opts.max_entries)?;
         migrate::sweep_unknown(&pins, &wants);
+        // CT_PORTS, reused as it is pinned, beside a CT reused as is, is what the programs kept
+        // complete; anything else is refilled (see ct_ports.rs).
+        let ct_ports_pinned = wants.iter().any(|w| w.name == map_names::CT_PORTS && pins.map(&w.name, w.rev).exists());
         let mut plans = migrate::plan(&pins, &wants)?;
         laps.lap("plan");
         let loaded = Self::load_object(&object, &plans, &opts.max_entries);
         laps.lap("verify");
-        let ebpf = match loaded {
+        let mut ebpf = match loaded {
             Ok(e) => e,
             Err(e) => {
                 plans.iter().for_each(|p| p.abort());
                 return Err(e);
             }
         };
+        let ct_migrating =
+            plans.iter().any(|p| (p.name == map_names::CT || p.name == map_names::CT_PORTS) && p.migrating());
+        let refill_ct_ports = ct_ports::present(&ebpf)
+            && (!ct_ports_pinned || ct_migrating || !ct_ports::complete(&ebpf).unwrap_or(false));
+        if refill_ct_ports && let Err(e) = ct_ports::invalidate(&mut ebpf) {
+            plans.iter().for_each(|p| p.abort());
+            return Err(e);
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         for p in plans.iter_mut().filter(|p| p.migrating()) {
             let m = sys::obj_get(&p.load_path).with_context(|| format!("opening {}", p.load_path.display()))?;
@@ -194,7 +208,7 @@ impl Datapath {
         let adopted = links.adopt()?;
         laps.lap("adopt");
         let links = std::sync::Arc::new(std::sync::Mutex::new(links));
-        if plans.iter().any(|p| p.migrating()) {
+        if plans.iter().any(|p| p.migrating()) || (refill_ct_ports && adopted > 0) {
             // Old programs still running on another CPU finish within microseconds.
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -203,6 +217,14 @@ impl Datapath {
             // The programs moved already: a failure here costs entries, not the datapath.
             if let Err(e) = p.copy_again(m.as_fd(), cpus) {
                 warn!("map {}: copying what the old programs wrote last: {e:#}", p.name);
+            }
+        }
+        if refill_ct_ports {
+            // Only programs that set bits insert entries now. A failure leaves every packet
+            // looked up: slower, the same verdicts.
+            match ct_ports::refill(&mut ebpf) {
+                Ok(n) => info!("CT_PORTS refilled from {n} conntrack entries"),
+                Err(e) => warn!("CT_PORTS: every packet from outside is looked up: {e:#}"),
             }
         }
         for p in plans {
@@ -432,12 +454,7 @@ impl Datapath {
         let added: Vec<u32> = want.iter().filter(|k| !have.contains(k)).copied().collect();
         let removed: Vec<u32> = have.iter().filter(|k| !want.contains(k)).copied().collect();
         // An address becoming the host's leaves ENDPOINT_NETS first: ports may be published on it.
-        if self.has_endpoint_nets() {
-            let mut nets: BpfHashMap<_, u32, NetworkInfo> = self.map(map_names::ENDPOINT_NETS)?;
-            for k in &added {
-                let _ = nets.remove(k);
-            }
-        }
+        self.forget_endpoint_nets(&added)?;
         let mut m: BpfHashMap<_, u32, u32> = self.map(map_names::HOST_ADDRS)?;
         for k in &removed {
             let _ = m.remove(k);
@@ -594,6 +611,14 @@ impl Datapath {
     /// Expires idle flows (both entries of a flow go together). Returns the entries that went.
     pub fn expire_flows(&self, now_ns: u64) -> Result<Vec<(Tuple, CtEntry)>> {
         self.flow_table()?.expire(now_ns)
+    }
+
+    /// CT_PORTS (see ct_ports.rs); None for an object without it. For tests and diagnostics.
+    pub fn ct_ports(&self) -> Result<Option<CtPorts>> {
+        if !ct_ports::present(&self.ebpf) {
+            return Ok(None);
+        }
+        ct_ports::marked(&self.ebpf).map(Some)
     }
 
     /// The NAT table, for tests and `netpath` diagnostics.
