@@ -104,7 +104,11 @@ pub fn endpoint_net(addr: u32) -> Option<NetworkInfo> {
         return None;
     }
     // SAFETY: as above.
-    Some(unsafe { core::ptr::read_volatile(&e.net) })
+    let net = unsafe { core::ptr::read_volatile(&e.net) };
+    // Still this address: the daemon did not give the slot to another (clearing the address
+    // first) while the network was read.
+    // SAFETY: as above.
+    (unsafe { core::ptr::read_volatile(&e.addr) } == addr).then_some(net)
 }
 
 #[inline(always)]
