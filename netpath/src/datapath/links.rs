@@ -268,14 +268,8 @@ impl Links {
             .collect();
         names.sort();
         let mut retired = vec![];
-        // One dump of every interface instead of a socket and an ioctl per link.
-        let ifindex: HashMap<String, u32> = nix::net::if_::if_nameindex()
-            .context("listing interfaces")?
-            .iter()
-            .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
-            .collect();
         for name in names {
-            match self.adopt_one(&name, &ifindex, &mut retired) {
+            match self.adopt_one(&name, &mut retired) {
                 Ok(true) => adopted += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -290,7 +284,7 @@ impl Links {
 
     /// Adopts one pin (true), or removes it; the pins of programs this build does not have go
     /// to `retired`.
-    fn adopt_one(&mut self, name: &str, ifindexes: &HashMap<String, u32>, retired: &mut Vec<String>) -> Result<bool> {
+    fn adopt_one(&mut self, name: &str, retired: &mut Vec<String>) -> Result<bool> {
         let path = self.pins.link(name);
         // Removing the pin alone would leave the link attached for as long as anything else
         // holds it: these are detached.
@@ -311,10 +305,10 @@ impl Links {
         let li = sys::link_info(fd.as_fd()).context("reading link info")?;
         let current = match li.target {
             LinkTarget::Tcx { ifindex, attach_type } if attach_type == want_type && target != CGROUP => {
-                self.still_there(name, &target, ifindex, ifindexes.get(target.as_str()).copied(), fd.as_fd())
+                self.still_there(name, &target, ifindex, fd.as_fd())
             }
             LinkTarget::Xdp { ifindex } if xdp.is_some() && target != CGROUP => {
-                self.still_there(name, &target, ifindex, ifindexes.get(target.as_str()).copied(), fd.as_fd())
+                self.still_there(name, &target, ifindex, fd.as_fd())
             }
             LinkTarget::Cgroup { attach_type, .. } if attach_type == want_type && target == CGROUP => true,
             t => anyhow::bail!("unexpected link target {t:?}"),
@@ -329,16 +323,13 @@ impl Links {
     }
 
     /// False, with link `name` (pin and attachment) removed, if its interface `target` is gone
-    /// (`now`: its index today) or was replaced by another of the same name.
-    fn still_there(
-        &self,
-        name: &str,
-        target: &str,
-        ifindex: u32,
-        now: Option<u32>,
-        fd: std::os::fd::BorrowedFd<'_>,
-    ) -> bool {
-        let now = now.unwrap_or(0);
+    /// or was replaced by another of the same name.
+    ///
+    /// One lookup by name per link, not one dump of every interface: a dump of the host's links
+    /// fills in each veth's peer namespace id, found by a walk over every namespace id the host
+    /// has given out, so with 10,000 containers one dump cost the kernel about a second.
+    fn still_there(&self, name: &str, target: &str, ifindex: u32, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+        let now = nix::net::if_::if_nametoindex(target).unwrap_or(0);
         if ifindex == 0 || now != ifindex {
             info!(
                 "link {name}: interface {target} is gone or was replaced (link on ifindex {ifindex}, now {now}); removing it"
