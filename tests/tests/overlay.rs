@@ -339,6 +339,25 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     assert!(ip_r != ip_a && ip_r != ip_b, "{ip_r} handed out twice");
 }
 
+/// `service create` of two replicas on `net` that answer each connection with the client's
+/// address.
+fn echo_service(lab: &Lab, name: &str, net: &str) {
+    lab.np(&[
+        "service",
+        "create",
+        "--name",
+        name,
+        "--network",
+        net,
+        "--replicas",
+        "2",
+        "--",
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:echo $SOCAT_SOCKADDR",
+    ]);
+}
+
 /// Names of a service's running tasks on one node (`service inspect` lists the node's own).
 fn running_tasks(lab: &Lab, svc: &str) -> Vec<String> {
     let out = lab.try_np(&["service", "inspect", svc]);
@@ -457,20 +476,7 @@ fn service_networks_follow_updates_across_nodes() {
         c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", subnet, net]);
         c.wait_for(10, "the overlay on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == net));
     }
-    c.node(0).np(&[
-        "service",
-        "create",
-        "--name",
-        "api",
-        "--network",
-        "back",
-        "--replicas",
-        "2",
-        "--",
-        "socat",
-        "TCP-LISTEN:80,fork,reuseaddr",
-        "SYSTEM:echo $SOCAT_SOCKADDR",
-    ]);
+    echo_service(c.node(0), "api", "back");
     c.wait_for(30, "a task on each node", || (0..2).all(|i| running_tasks(c.node(i), "api").len() == 1));
     let e = c.node(1).np_fails(&["network", "rm", "back"]);
     assert!(e.contains("in use by service api"), "{e}");
@@ -669,20 +675,7 @@ fn a_node_back_after_its_lease_expired_resyncs() {
     c.wait_for(20, "2 nodes ready", || all_ready(&c, 0, 2));
     c.node(0).np(&["network", "create", "-d", "overlay", "--attachable", "--subnet", "10.93.0.0/24", "ov"]);
     c.wait_for(10, "ov on node1", || c.node(1).np(&["network", "ls", "-q"]).lines().any(|n| n == "ov"));
-    c.node(0).np(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--network",
-        "ov",
-        "--replicas",
-        "2",
-        "--",
-        "socat",
-        "TCP-LISTEN:80,fork,reuseaddr",
-        "SYSTEM:echo $SOCAT_SOCKADDR",
-    ]);
+    echo_service(c.node(0), "web", "ov");
     c.wait_for(30, "a task on each node", || (0..2).all(|i| running_tasks(c.node(i), "web").len() == 1));
     c.node(0).np(&["run", "-d", "--name", "peer", "--network", "ov", "--", "sleep", "600"]);
     c.node(1).np(&["run", "-d", "--name", "back", "--network", "ov", "--", "sleep", "600"]);
