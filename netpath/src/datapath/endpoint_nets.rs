@@ -57,9 +57,15 @@ impl Datapath {
         matches!(self.ebpf.map(map_names::ENDPOINT_NETS), Some(aya::maps::Map::HashMap(_)))
     }
 
-    fn endpoint_net_slots(&self) -> Result<Slots> {
-        let fd = super::mmap::array_fd(&self.ebpf, map_names::ENDPOINT_NETS)?;
-        Ok(Slots(Mapped::new(fd, ENDPOINT_NET_SLOTS as usize * size_of::<EndpointNet>(), map_names::ENDPOINT_NETS)?))
+    /// The array mapped into this process, once for the datapath's life: every `run` and `rm`
+    /// writes a slot, and a mapping per write cost an mmap and an munmap each.
+    fn endpoint_net_slots(&mut self) -> Result<&Slots> {
+        if self.endpoint_slots.is_none() {
+            let fd = super::mmap::array_fd(&self.ebpf, map_names::ENDPOINT_NETS)?;
+            let len = ENDPOINT_NET_SLOTS as usize * size_of::<EndpointNet>();
+            self.endpoint_slots = Some(Slots(Mapped::new(fd, len, map_names::ENDPOINT_NETS)?));
+        }
+        Ok(self.endpoint_slots.as_ref().expect("mapped above"))
     }
 
     /// Brings the ENDPOINT_NETS entries of `addrs` (wire order) in line with ENDPOINTS,
@@ -150,7 +156,7 @@ impl Datapath {
 }
 
 /// ENDPOINT_NETS mapped: slots of four u32 words, the NetworkInfo's three and the address.
-struct Slots(Mapped);
+pub(super) struct Slots(Mapped);
 
 impl Slots {
     fn word(&self, slot: u32, i: usize) -> &AtomicU32 {

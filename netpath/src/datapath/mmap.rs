@@ -59,6 +59,10 @@ impl Mapped {
     }
 }
 
+// SAFETY: the mapping is plain shared memory of the process, valid from any thread until
+// dropped; every access goes through atomics.
+unsafe impl Send for Mapped {}
+
 impl Drop for Mapped {
     fn drop(&mut self) {
         // SAFETY: the mapping made in Mapped::new, unmapped once.

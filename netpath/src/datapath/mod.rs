@@ -91,6 +91,8 @@ pub struct Datapath {
     last_drops: HashMap<u32, u64>,
     /// `netpath daemon --xdp`.
     xdp: XdpSetting,
+    /// ENDPOINT_NETS mapped into this process, from its first write on (endpoint_nets.rs).
+    endpoint_slots: Option<endpoint_nets::Slots>,
 }
 
 /// `netpath daemon --xdp`: whether uplink_xdp runs ahead of uplink_in on the uplinks, and how.
@@ -236,8 +238,16 @@ impl Datapath {
         if adopted > 0 {
             info!("datapath {object_id}: took over {adopted} attached links");
         }
-        let mut dp =
-            Self { ebpf, pins, links, object_id, ct_capacity, last_drops: HashMap::new(), xdp: XdpSetting::Off };
+        let mut dp = Self {
+            ebpf,
+            pins,
+            links,
+            object_id,
+            ct_capacity,
+            last_drops: HashMap::new(),
+            xdp: XdpSetting::Off,
+            endpoint_slots: None,
+        };
         dp.sync_endpoint_nets().context("filling ENDPOINT_NETS")?;
         laps.lap("maps");
         tracing::debug!("datapath load phases (ms): {laps}");
