@@ -1,6 +1,7 @@
 //! The API server: axum on a unix socket. Handlers are thin: parse, lock, call the daemon.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -13,10 +14,12 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
 use tracing::{info, warn};
 
 use super::{Connect, ContainerCreate, Disconnect, ErrorBody, NetworkCreate, ProcessReport};
-use crate::daemon::{Config, Daemon, Shared};
+use crate::daemon::{Config, Daemon, EarlyView, Shared};
 use crate::error::{Error, Result};
 
 impl IntoResponse for Error {
@@ -52,31 +55,45 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-/// Runs the daemon until SIGINT/SIGTERM. The API answers as soon as the state is loaded;
-/// changes wait for the first reconcile, reads do not. Containers, their wiring and the
-/// datapath stay in place when it stops, so a restarted daemon picks them up again (unless
-/// `--shutdown-containers`).
+/// Runs the daemon until SIGINT/SIGTERM. The API answers as soon as the state is loaded:
+/// `ps` from the state while the datapath loads (see [`gate`]), everything once the daemon is
+/// up; changes then wait for the first reconcile, reads do not. Containers, their wiring and
+/// the datapath stay in place when it stops, so a restarted daemon picks them up again
+/// (unless `--shutdown-containers`).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = bind(&cfg.socket).await?;
-    let daemon = match Daemon::start(&cfg).await {
+    let (stage, stage_rx) = watch::channel(Stage::Loading);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, Router::new().fallback(gate).with_state(stage_rx))
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .into_future(),
+    );
+    let fail = |e: anyhow::Error, stop: tokio::sync::oneshot::Sender<()>| {
+        // Requests waiting for the daemon hear why it did not come up.
+        stage.send_replace(Stage::Failed(format!("{e:#}")));
+        let _ = stop.send(());
+        let _ = std::fs::remove_file(&cfg.socket);
+        Err(e)
+    };
+    let early = stage.clone();
+    let daemon = match Daemon::start(&cfg, move |v| _ = early.send_replace(Stage::Early(Arc::new(v)))).await {
         Ok(d) => d,
-        Err(e) => {
-            let _ = std::fs::remove_file(&cfg.socket);
-            return Err(e);
-        }
+        Err(e) => return fail(e, stop),
     };
     if let Some(addr) = cfg.metrics_addr
         && let Err(e) = crate::daemon::metrics::serve(daemon.clone(), addr).await
     {
-        let _ = std::fs::remove_file(&cfg.socket);
-        return Err(e);
+        return fail(e, stop);
     }
     if let Some(p) = &cfg.docker_plugin_socket
         && let Err(e) = crate::docker::serve(daemon.clone(), p).await
     {
-        let _ = std::fs::remove_file(&cfg.socket);
-        return Err(e);
+        return fail(e, stop);
     }
+    stage.send_replace(Stage::Up(router(daemon.clone())));
     info!(
         "netpath daemon listening on {} (state {}, pins {})",
         cfg.socket.display(),
@@ -90,13 +107,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(d.clone().follow_host());
         d.housekeeping().await;
     });
-    let d = daemon.clone();
-    let stopping = async move {
-        shutdown().await;
-        // Followers' streams never end on their own: the graceful shutdown would wait for them.
-        d.stop_flow_events();
-    };
-    let res = axum::serve(listener, router(daemon.clone())).with_graceful_shutdown(stopping).await;
+    shutdown().await;
+    // Followers' streams never end on their own: the graceful shutdown would wait for them.
+    daemon.stop_flow_events();
+    let _ = stop.send(());
+    let res = server.await.context("the API server task")?;
     let _ = std::fs::remove_file(&cfg.socket);
     if let Some(p) = &cfg.docker_plugin_socket {
         let _ = std::fs::remove_file(p);
@@ -109,8 +124,52 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         info!("stopping every container (--shutdown-containers)");
         daemon.shutdown_containers().await;
     }
+    daemon.save_snapshot();
     info!("netpath daemon stopped");
     res.context("serving the API")
+}
+
+/// How far the daemon is: what the API can answer.
+#[derive(Clone)]
+enum Stage {
+    /// Reading the state: every request waits.
+    Loading,
+    /// State read, datapath loading: `ps` is answered, everything else waits.
+    Early(Arc<EarlyView>),
+    /// Up: every request goes to the full [`router`].
+    Up(Router),
+    /// Did not start: waiting requests get this error.
+    Failed(String),
+}
+
+/// The one handler in front of the API: answers what the stage allows, holds the rest until
+/// the daemon is up (the socket is bound before it starts, so clients connect at once).
+async fn gate(State(mut stage): State<watch::Receiver<Stage>>, req: axum::extract::Request) -> Response {
+    loop {
+        let now = stage.borrow_and_update().clone();
+        match now {
+            Stage::Up(r) => return r.oneshot(req).await.into_response(),
+            Stage::Early(v) if req.method() == axum::http::Method::GET => match req.uri().path() {
+                "/_ping" => return "OK".into_response(),
+                "/containers" => {
+                    let all = Query::<ListQuery>::try_from_uri(req.uri()).is_ok_and(|q| q.all);
+                    return json_bytes(v.list_containers(all).await);
+                }
+                _ => {}
+            },
+            Stage::Failed(msg) => {
+                return Error::Unavailable(format!("the daemon did not start: {msg}")).into_response();
+            }
+            _ => {}
+        }
+        if stage.changed().await.is_err() {
+            return Error::Unavailable("the daemon is stopping".into()).into_response();
+        }
+    }
+}
+
+fn json_bytes(b: Vec<u8>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], b).into_response()
 }
 
 async fn shutdown() {
@@ -252,7 +311,7 @@ struct ListQuery {
 }
 
 async fn list_containers(State(d): State<Shared>, Query(q): Query<ListQuery>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], d.list_containers(q.all).await).into_response()
+    json_bytes(d.list_containers(q.all).await)
 }
 
 async fn create_container(State(d): State<Shared>, b: Bytes) -> Result<(StatusCode, Json)> {
@@ -342,4 +401,75 @@ async fn attach_gc(State(d): State<Shared>, b: Bytes) -> Result<Json> {
     let req: super::attach::AttachGc = body(&b)?;
     let gone = d.attach_gc(req).await?;
     Ok(axum::Json(serde_json::json!({ "removed": gone })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{container, network};
+    use crate::state::{State, Store};
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::time::Duration;
+
+    async fn send(app: Router, method: &str, uri: &str) -> (u16, String) {
+        let req = Request::builder().method(method).uri(uri).body(Body::empty()).unwrap();
+        let r = app.oneshot(req).await.unwrap();
+        let status = r.status().as_u16();
+        let b = axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+        (status, String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn gated() -> (watch::Sender<Stage>, Router) {
+        let (stage, rx) = watch::channel(Stage::Loading);
+        (stage, Router::new().fallback(gate).with_state(rx))
+    }
+
+    #[tokio::test]
+    async fn while_the_daemon_starts_ps_is_answered_from_the_state_and_the_rest_waits() {
+        let (stage, app) = gated();
+        let ping = tokio::spawn(send(app.clone(), "GET", "/_ping"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!ping.is_finished(), "nothing is answered before the state is read");
+
+        let dir = std::env::temp_dir().join(format!("netpath-gate-test-{}", std::process::id()));
+        let store = Store::open(&dir).unwrap();
+        let n = network("n", "10.5.0.0/24");
+        let c = container("c", &n, "10.5.0.2", None);
+        let state = State::from_objects(vec![n], vec![c]);
+        stage.send_replace(Stage::Early(Arc::new(EarlyView::of(&state, &store))));
+        assert_eq!(ping.await.unwrap(), (200, "OK".to_string()));
+        let (status, body) = send(app.clone(), "GET", "/containers?all=true").await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((v[0]["Name"].as_str(), v[0]["State"]["Status"].as_str()), (Some("c"), Some("created")));
+        assert_eq!(send(app.clone(), "GET", "/containers").await.1, "[]", "only running ones without all");
+
+        let create = tokio::spawn(send(app.clone(), "POST", "/networks"));
+        let inspect = tokio::spawn(send(app.clone(), "GET", "/containers/c"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!create.is_finished() && !inspect.is_finished(), "the rest waits for the daemon");
+        let full = Router::new()
+            .route("/networks", post(|| async { "created by the daemon" }))
+            .route("/containers/{name}", get(|| async { "inspected by the daemon" }));
+        stage.send_replace(Stage::Up(full));
+        assert_eq!(create.await.unwrap(), (200, "created by the daemon".to_string()));
+        assert_eq!(inspect.await.unwrap(), (200, "inspected by the daemon".to_string()));
+        assert_eq!(send(app, "GET", "/nowhere").await.0, 404, "the daemon's router answers everything now");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_for_a_daemon_that_fails_to_start_hear_why() {
+        let (stage, app) = gated();
+        let waiting = tokio::spawn(send(app.clone(), "POST", "/containers"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stage.send_replace(Stage::Failed("loading datapath: no bpffs".into()));
+        let (status, body) = waiting.await.unwrap();
+        assert_eq!(status, 503);
+        assert!(body.contains("did not start: loading datapath: no bpffs"), "{body}");
+        drop(stage);
+        let (status, body) = send(app, "GET", "/_ping").await;
+        assert_eq!((status, body.contains("did not start")), (503, true), "later ones too");
+    }
 }

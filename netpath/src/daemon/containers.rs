@@ -814,15 +814,8 @@ impl Daemon {
     /// listing ten thousand containers must stay cheap, in time and in memory, and must not
     /// hold the state lock or a runtime worker while it reads each process's /proc entry.
     pub async fn list_containers(&self, all: bool) -> Vec<u8> {
-        let rows: Vec<super::view::PsRow> = {
-            let st = self.state();
-            let names = st.networks().map(|n| (n.id.clone(), n.name.clone())).collect();
-            st.containers()
-                .filter(|c| c.phase == Phase::Ready)
-                .map(|c| super::view::PsRow::of(c, &names, || self.store.exit_path(&c.id)))
-                .collect()
-        };
-        tokio::task::spawn_blocking(move || super::view::ps_json(rows, all)).await.unwrap_or_else(|_| b"[]".to_vec())
+        let rows = super::view::ps_rows(&self.state(), &self.store);
+        tokio::task::spawn_blocking(move || super::view::ps_json(&rows, all)).await.unwrap_or_else(|_| b"[]".to_vec())
     }
 
     pub async fn inspect_container(&self, name: &str) -> Result<Value> {

@@ -140,15 +140,36 @@ fn parse_ip(what: &str, s: &str) -> Result<Ipv4Addr> {
 
 /// Every object of the state, as the store holds them.
 fn load_state(store: &Store) -> anyhow::Result<State> {
-    let (networks, containers) = store.load()?;
-    let mut state = State::from_objects(networks, containers);
-    for s in store.load_services()? {
+    let t = std::time::Instant::now();
+    let o = store.load_all()?;
+    tracing::debug!("read {} containers in {:.1} ms", o.containers.len(), t.elapsed().as_secs_f64() * 1e3);
+    let mut state = State::from_objects(o.networks, o.containers);
+    for s in o.services {
         state.put_service(s);
     }
-    for r in store.load_rules()? {
+    for r in o.rules {
         state.put_rule(r);
     }
     Ok(state)
+}
+
+/// What the API answers from the state alone while the datapath still loads: `ps`. A
+/// restart answers it in the time it takes to read the state, not in the time the kernel
+/// takes to verify the programs and take over ten thousand links.
+pub struct EarlyView {
+    rows: Arc<Vec<view::PsRow>>,
+}
+
+impl EarlyView {
+    pub(crate) fn of(state: &State, store: &Store) -> Self {
+        Self { rows: Arc::new(view::ps_rows(state, store)) }
+    }
+
+    /// `ps`, as [`Daemon::list_containers`] answers it.
+    pub async fn list_containers(&self, all: bool) -> Vec<u8> {
+        let rows = self.rows.clone();
+        tokio::task::spawn_blocking(move || view::ps_json(&rows, all)).await.unwrap_or_else(|_| b"[]".to_vec())
+    }
 }
 
 /// Brings up `lo` in a namespace (it is always ifindex 1).
@@ -157,9 +178,10 @@ async fn lo_up(path: &Path) -> anyhow::Result<()> {
 }
 
 impl Daemon {
-    /// Opens the state and loads the datapath. The kernel is brought in line with the state
-    /// by [`Daemon::reconcile`], which the caller runs while the API already answers.
-    pub async fn start(cfg: &Config) -> anyhow::Result<Shared> {
+    /// Opens the state and loads the datapath. `early` gets the state's [`EarlyView`] as soon
+    /// as it is read, while the datapath is still loading. The kernel is brought in line with
+    /// the state by [`Daemon::reconcile`], which the caller runs while the API already answers.
+    pub async fn start(cfg: &Config, early: impl FnOnce(EarlyView)) -> anyhow::Result<Shared> {
         let mut laps = Laps::new();
         raise_fd_limit();
         let store = Store::open(&cfg.state_dir)?;
@@ -171,7 +193,7 @@ impl Daemon {
             tracing::warn!("no template mount namespace, container starts copy the host's: {e:#}");
         }
         // Reading every object (~100 ms per 1,000 containers) and verifying the programs are
-        // the two long steps before the API answers, and independent: side by side.
+        // the two long steps before the daemon is up, and independent: side by side.
         let store = Arc::new(store);
         let loading = {
             let store = store.clone();
@@ -186,12 +208,24 @@ impl Daemon {
             None => None,
         };
         let opts = crate::datapath::LoadOptions { object, ..Default::default() };
+        let bpffs = cfg.bpffs.clone();
+        let dp_loading = tokio::task::spawn_blocking(move || {
+            Datapath::load_with(&bpffs, opts).with_context(|| format!("loading datapath (pins in {})", bpffs.display()))
+        });
         laps.lap("netlink");
-        let mut datapath = Datapath::load_with(&cfg.bpffs, opts)
-            .with_context(|| format!("loading datapath (pins in {})", cfg.bpffs.display()))?;
-        laps.lap("datapath");
-        let state = loading.await.context("loading the state")??;
+        let state = match loading.await.context("loading the state").and_then(|r| r) {
+            Ok(s) => s,
+            Err(e) => {
+                // Not killed half-way through moving maps and links by the exit that follows.
+                let _ = dp_loading.await;
+                return Err(e);
+            }
+        };
         laps.lap("state");
+        early(EarlyView::of(&state, &store));
+        laps.lap("early");
+        let mut datapath = dp_loading.await.context("loading the datapath")??;
+        laps.lap("datapath");
         datapath.set_xdp(cfg.xdp);
         // Nobody follows flow events yet (a daemon that died may have left them on). An object
         // from before flow events (--ebpf-object) runs without them.
@@ -285,6 +319,26 @@ impl Daemon {
         tokio::spawn(self.clone().keep_spares());
         let n = self.state().container_count();
         info!("reconciled {n} containers in {ms} ms");
+    }
+
+    /// Leaves the whole state in one file for the next start to read (see [`Store`]). Called
+    /// once the API has stopped.
+    pub fn save_snapshot(&self) {
+        let t = std::time::Instant::now();
+        let saved = self.store.save_snapshot(|| {
+            let st = self.state();
+            let objects = crate::state::store::ObjectsRef {
+                networks: st.networks().collect(),
+                containers: st.containers().collect(),
+                services: st.services().collect(),
+                rules: st.rules().collect(),
+            };
+            Ok(serde_json::to_vec(&objects)?)
+        });
+        match saved {
+            Ok(()) => tracing::debug!("state snapshot written in {} ms", t.elapsed().as_millis()),
+            Err(e) => tracing::warn!("no state snapshot, the next start reads every object's file: {e:#}"),
+        }
     }
 
     /// Waits until the first reconcile is done: changes must not race it.

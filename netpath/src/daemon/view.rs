@@ -276,10 +276,19 @@ impl PsRow {
     }
 }
 
+/// Every ready container's `ps` row, copied out of `st` (the caller holds its lock).
+pub(super) fn ps_rows(st: &State, store: &crate::state::Store) -> Vec<PsRow> {
+    let names = st.networks().map(|n| (n.id.clone(), n.name.clone())).collect();
+    st.containers()
+        .filter(|c| c.phase == crate::state::Phase::Ready)
+        .map(|c| PsRow::of(c, &names, || store.exit_path(&c.id)))
+        .collect()
+}
+
 /// `ps`'s answer: a container as `inspect` shows it, only the fields `ps` lists (keys in
 /// the order serde_json's maps give them everywhere else). Reads /proc once per row: run it
 /// off the async workers.
-pub(super) fn ps_json(mut rows: Vec<PsRow>, all: bool) -> Vec<u8> {
+pub(super) fn ps_json(rows: &[PsRow], all: bool) -> Vec<u8> {
     #[derive(Serialize)]
     #[serde(rename_all = "PascalCase")]
     struct Entry<'a> {
@@ -312,9 +321,10 @@ pub(super) fn ps_json(mut rows: Vec<PsRow>, all: bool) -> Vec<u8> {
         running: bool,
         status: &'static str,
     }
+    let mut rows: Vec<&PsRow> = rows.iter().collect();
     rows.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
     let entries: Vec<Entry> = rows
-        .iter()
+        .into_iter()
         .filter_map(|r| {
             let running = r.running();
             if !all && !running {
@@ -444,7 +454,7 @@ mod ps_tests {
                 row("c-created", 30, None),
             ]
         };
-        let v: serde_json::Value = serde_json::from_slice(&ps_json(rows(), false)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&ps_json(&rows(), false)).unwrap();
         let names: Vec<&str> = v.as_array().unwrap().iter().map(|e| e["Name"].as_str().unwrap()).collect();
         assert_eq!(names, ["b-running"]);
         assert_eq!(
@@ -456,7 +466,7 @@ mod ps_tests {
                 "NetworkSettings": { "Networks": { "appnet": { "IPAddress": "10.1.0.2" } } },
             })
         );
-        let v: serde_json::Value = serde_json::from_slice(&ps_json(rows(), true)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&ps_json(&rows(), true)).unwrap();
         let got: Vec<(&str, &str, Option<i64>)> = v
             .as_array()
             .unwrap()
