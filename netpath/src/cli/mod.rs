@@ -402,20 +402,31 @@ fn json_lines(items: &[serde_json::Value]) {
     }
 }
 
-/// Prints rows as left-aligned columns, like docker's tables.
+/// Prints rows as left-aligned columns, like docker's tables (in one buffered write: a
+/// line at a time cost a write per row).
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    use std::io::Write;
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.len());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
-        println!("{}", s.join("   ").trim_end());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, c) in cells.enumerate() {
+            if i > 0 {
+                l.push_str("   ");
+            }
+            l.push_str(&format!("{c:<width$}", width = w[i]));
+        }
+        writeln!(out, "{}", l.trim_end())
     };
-    line(header.to_vec());
+    let _ = line(&mut header.iter().copied());
     for r in &rows {
-        line(r.iter().map(String::as_str).collect());
+        if line(&mut r.iter().map(String::as_str)).is_err() {
+            break; // stdout closed (`| head`): nothing more to print
+        }
     }
 }
