@@ -285,6 +285,33 @@ fn a_hundred_parallel_runs_rms_and_connects_end_consistent() {
     assert_cleans_up(&lab);
 }
 
+/// The host refresh reads only the links enslaved to nothing, in a dump the kernel filters:
+/// bridge ports (every container's veth) are skipped, the kernel's costly part of a dump
+/// with thousands of them; a bridge and an unenslaved link are read.
+#[test]
+fn the_host_refresh_reads_links_without_a_master_and_skips_bridge_ports() {
+    use netpath::netlink::{LinkRef, Netlink};
+    let lab = Lab::without_daemon("nomaster");
+    must(in_ns(&lab.host_ns, "ip", &["link", "add", "brx", "type", "bridge"]));
+    must(in_ns(&lab.host_ns, "ip", &["link", "add", "port0", "type", "veth", "peer", "name", "loose0"]));
+    must(in_ns(&lab.host_ns, "ip", &["link", "set", "port0", "master", "brx"]));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let nl = Netlink::in_netns(&lab.host_ns).unwrap();
+        let names = |v: Vec<netpath::netlink::LinkSummary>| v.into_iter().map(|l| l.name).collect::<BTreeSet<_>>();
+        let free = names(nl.links_without_master().await.unwrap());
+        assert!(["lo", "brx", "loose0"].iter().all(|n| free.contains(*n)), "{free:?}");
+        assert!(!free.contains("port0"), "a bridge port is skipped: {free:?}");
+        assert!(names(nl.links().await.unwrap()).contains("port0"), "a full dump has it");
+        let port = nl.link_summary(LinkRef::Name("port0")).await.unwrap().expect("port0 by name");
+        let bridge = nl.link_summary(LinkRef::Name("brx")).await.unwrap().expect("brx by name");
+        assert_eq!(port.master, Some(bridge.index));
+        let by_index = nl.link_summary(LinkRef::Index(port.index)).await.unwrap().expect("port0 by index");
+        assert_eq!((by_index.name.as_str(), by_index.kind.as_deref()), ("port0", Some("veth")));
+        assert!(nl.link_summary(LinkRef::Name("nosuch0")).await.unwrap().is_none());
+    });
+}
+
 #[test]
 fn an_uplink_added_after_start_publishes_ports_at_once() {
     // No --uplink: every interface that is not netpath's is one, followed live.

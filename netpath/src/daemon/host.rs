@@ -76,7 +76,17 @@ impl Daemon {
     /// with, and the set of addresses that are "the host" for published ports.
     pub async fn refresh_host(&self) -> anyhow::Result<()> {
         let _one = self.host.refresh.lock().await;
-        let links = self.nl.links().await?;
+        let links = if self.host.named.is_empty() {
+            // An uplink is enslaved to nothing (a bridge or bond carries the address, not its
+            // ports): a dump of those skips every container's veth, the costly part of a dump.
+            self.nl.links_without_master().await?
+        } else {
+            let mut v = vec![];
+            for n in &self.host.named {
+                v.extend(self.nl.link_summary(netlink::LinkRef::Name(n)).await?);
+            }
+            v
+        };
         let addrs = self.nl.addresses_by_link().await?;
         let (own, vips) = {
             let st = self.state();

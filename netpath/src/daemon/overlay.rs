@@ -361,8 +361,9 @@ impl Daemon {
         let ip = c.config().node_ip;
         let link = async {
             let idx = self.nl.addresses_by_link().await?.into_iter().find(|(_, a, _)| *a == ip).map(|(i, _, _)| i);
-            let links = self.nl.links().await?;
-            anyhow::Ok(idx.and_then(|i| links.into_iter().find(|l| l.index == i)).map(|l| (l.name, l.index)))
+            let Some(i) = idx else { return anyhow::Ok(None) };
+            let link = self.nl.link_summary(crate::netlink::LinkRef::Index(i)).await?;
+            anyhow::Ok(link.map(|l| (l.name, l.index)))
         };
         match link.await {
             Ok(Some(l)) => Some(l),
