@@ -10,6 +10,13 @@
 //! `netpath ps` and until every container is verified (`system info` says Ready).
 //! netavark: the same counts of namespaces wired with `netavark setup` (bridge driver, static
 //! addresses, iptables), then setup/teardown of one more with one port mapping.
+//!
+//! A control at each netpath count: netavark setting up one container with one port mapping
+//! beside netpath's population, from a config directory of its own (nothing else to scan).
+//! Its work is the same kind (a namespace's veth on a bridge, a port), and none of it grows
+//! with netpath's containers: what it gains from 1 to 10,000 is what the host makes every
+//! such operation cost (the kernel's and the hypervisor's per-process and per-namespace
+//! upkeep), not netpath's state.
 
 use std::path::Path;
 use std::process::Child;
@@ -46,6 +53,8 @@ pub struct Point {
     pub fill_ms_per: Option<f64>,
     /// Removing the whole population at the end (BATCH at a time), per container.
     pub drain_ms_per: Option<f64>,
+    /// The control beside netpath's population: netavark's setup of one container of its own.
+    pub control_ms: Option<f64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -168,6 +177,9 @@ pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
         }
         (p.run_ms, p.rm_ms, p.ps_ms) = (median(&run), median(&rm), median(&ps));
         p.rss_peak_mib = lab.daemon_pid().and_then(|pid| status_mib(pid, "VmHWM:"));
+        if Path::new(NETAVARK).is_file() {
+            p.control_ms = median(&control(&lab, n, samples)?);
+        }
 
         lab.stop_daemon();
         let t = Instant::now();
@@ -216,6 +228,32 @@ pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
     Ok(out)
 }
 
+/// netavark's `setup` and `teardown` of one container in `ns` with `cfg`, configs in `conf`.
+fn netavark_once(lab: &Lab, conf: &Path, verb: &str, ns: &Path, cfg: &str) -> Result<()> {
+    let (conf, ns) = (conf.display().to_string(), ns.display().to_string());
+    check(in_ns(&lab.host_ns, NETAVARK, &["--config", &conf, verb, &ns]), Some(cfg.as_bytes()), T).map(|_| ())
+}
+
+/// The control (see the module's comment): `samples` timed netavark setups of one container
+/// with one port mapping, each torn down again, in netpath's lab holding `n` containers.
+fn control(lab: &Lab, n: usize, samples: usize) -> Result<Vec<f64>> {
+    let conf = lab.dir.join(format!("control-{n}"));
+    std::fs::create_dir_all(&conf)?;
+    let mut out = vec![];
+    for i in 0..samples {
+        let name = format!("control{n}-{i}");
+        let ns = lab.add_ns(&name);
+        // Its own subnet and port: nothing of netpath's is in the way.
+        let maps = [netavark_mapping(40000 + i as u16, 80, 1, crate::variants::Proto::Tcp)];
+        let cfg = netavark_config(&name, "10.201.0.2", "10.201.0.0/16", "10.201.0.1", &maps).to_string();
+        let t = Instant::now();
+        netavark_once(lab, &conf, "setup", &ns, &cfg)?;
+        out.push(ms(t.elapsed()));
+        netavark_once(lab, &conf, "teardown", &ns, &cfg)?;
+    }
+    Ok(out)
+}
+
 /// netavark at each count in `counts`.
 pub fn netavark(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
     if !Path::new(NETAVARK).is_file() {
@@ -224,15 +262,7 @@ pub fn netavark(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
     let lab = Lab::without_daemon("bench-scale-netavark");
     let conf = lab.dir.join("netavark");
     std::fs::create_dir_all(&conf)?;
-    let conf = conf.display().to_string();
-    let setup = |verb: &str, ns: &Path, cfg: &str| -> Result<()> {
-        check(
-            in_ns(&lab.host_ns, NETAVARK, &["--config", &conf, verb, &ns.display().to_string()]),
-            Some(cfg.as_bytes()),
-            T,
-        )
-        .map(|_| ())
-    };
+    let setup = |verb: &str, ns: &Path, cfg: &str| netavark_once(&lab, &conf, verb, ns, cfg);
     // Static addresses in 10.200.0.0/16 (netavark's IPAM is the caller's job, as podman's).
     let ip = |i: usize| format!("10.200.{}.{}", (i + 2) / 256, (i + 2) % 256);
     let mut have = 0;
@@ -298,18 +328,20 @@ pub fn report(np: &[Point], nv: Result<&[Point], String>, samples: usize) -> (St
          netavark (podman's backend, one config per container): `setup` / `teardown` of one more \
          container with one port mapping at the same count. Filling: wall time per container while \
          growing to the count (netpath: {BATCH} `run -d` at a time; netavark: one `setup` at a time, \
-         as podman calls it per container).\n\n",
+         as podman calls it per container). Control: netavark's `setup` of one container of its own \
+         (own config directory, subnet and port) beside netpath's population, at each count.\n\n",
         settle = SETTLE.as_secs()
     ));
-    md.push_str("| containers | netpath run -d | netavark setup | netpath rm -f | netavark teardown | netpath ps | restart: answers | restart: verified | daemon RSS | peak RSS | RSS after restart | filling: netpath | filling: netavark |\n");
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| containers | netpath run -d | control | netavark setup | netpath rm -f | netavark teardown | netpath ps | restart: answers | restart: verified | daemon RSS | peak RSS | RSS after restart | filling: netpath | filling: netavark |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let nvp = |n: usize| nv.as_ref().ok().and_then(|v| v.iter().find(|p| p.count == n)).cloned().unwrap_or_default();
     for p in np {
         let q = nvp(p.count);
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.count,
             cell(p.run_ms, "ms"),
+            cell(p.control_ms, "ms"),
             cell(q.run_ms, "ms"),
             cell(p.rm_ms, "ms"),
             cell(q.rm_ms, "ms"),
@@ -334,6 +366,18 @@ pub fn report(np: &[Point], nv: Result<&[Point], String>, samples: usize) -> (St
         ));
         if let (Some(a), Some(b)) = (nvp(first.count).run_ms, nvp(last.count).run_ms) {
             md.push_str(&format!(" netavark setup: {:.2}×.", b / a));
+        }
+        if let (Some(a), Some(b)) = (first.control_ms, last.control_ms) {
+            md.push_str(&format!(
+                " The control (netavark setting up one container of its own beside netpath's {}): {:.2}×; \
+                 netpath's `run -d` over the control: {:.2}× at {} and {:.2}× at {}.",
+                last.count - 1,
+                b / a,
+                first.run_ms.map_or(f64::NAN, |r| r / a),
+                first.count,
+                last.run_ms.map_or(f64::NAN, |r| r / b),
+                last.count,
+            ));
         }
         md.push('\n');
     }
