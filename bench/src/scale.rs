@@ -5,9 +5,10 @@
 //! netpath: a lab with the real daemon; the population grows by `run -d -- sleep` calls, 20
 //! at a time, spread over networks of 1,000 (a Linux bridge takes 1,024 ports): nine
 //! user-defined ones, then the default bridge (see [`net_of`]). At each count:
-//! `run -d` of one more container with one published port (median of `samples`), `rm -f` of
-//! it, `ps`, the daemon's RSS, then a restart: SIGTERM, start, time to the first answer of
-//! `netpath ps` and until every container is verified (`system info` says Ready).
+//! `run -d` of one more container with one published port (median of `samples`, each once
+//! the last one's veths are deleted), `rm -f` of it, `ps`, the daemon's RSS, then a restart:
+//! SIGTERM, start, time to the first answer of `netpath ps` and until every container is
+//! verified (`system info` says Ready).
 //! netavark: the same counts of namespaces wired with `netavark setup` (bridge driver, static
 //! addresses, iptables), then setup/teardown of one more with one port mapping.
 //!
@@ -174,6 +175,10 @@ pub fn netpath(counts: &[usize], samples: usize) -> Result<Vec<Point>> {
             let t = Instant::now();
             np(&lab, &["rm", "-f", &name])?;
             rm.push(ms(t.elapsed()));
+            // The removal's veths go in the background, holding RTNL across RCU grace periods
+            // (tens of ms each with 10,000 containers here): the next sample measures one more
+            // container at this count, not its overlap with the last one's deletion.
+            lab.settle();
         }
         (p.run_ms, p.rm_ms, p.ps_ms) = (median(&run), median(&rm), median(&ps));
         p.rss_peak_mib = lab.daemon_pid().and_then(|pid| status_mib(pid, "VmHWM:"));
@@ -319,7 +324,8 @@ pub fn report(np: &[Point], nv: Result<&[Point], String>, samples: usize) -> (St
         "Medians of {samples} samples per count. The population is `run -d -- sleep` containers on \
          user-defined networks of 1,000 (past 9,000, on the default bridge: this machine caps a process \
          at 20,000 descriptors, and each container with embedded DNS holds two of the daemon's). \
-         `run -d`: one more container with one published port; \
+         `run -d`: one more container with one published port (each sample once the last one's \
+         veths, deleted in the background after its `rm -f`, are gone); \
          `rm -f`: removing it; restart: SIGTERM, start, first answer of `ps` / every container verified; \
          daemon RSS: {settle} s after the filling (the daemon trims malloc's arenas every 10 s); \
          peak: the filling daemon's high-water mark (VmHWM) after the samples at that count, the \
