@@ -66,6 +66,36 @@ fn restart_keeps_networks_containers_addresses_and_traffic() {
     assert_eq!(echo(&lab, "late", &srv_ip, "late"), "late");
 }
 
+/// A clean stop leaves the whole state in one snapshot file, which the next start reads; the
+/// first change after it takes it away, and a killed daemon leaves none: the start after a
+/// crash reads every object's file, and sees the same containers.
+#[test]
+fn a_clean_stop_leaves_a_state_snapshot_that_a_change_or_a_crash_does_not() {
+    let mut lab = Lab::new("snapshot");
+    let snapshot = lab.state_dir.join("db/snapshot.json");
+    lab.np(&["network", "create", "--subnet", "10.96.0.0/24", "sn"]);
+    lab.np(&["run", "-d", "--name", "a", "--network", "sn", "-p", "18080:80", "--", "sleep", "600"]);
+    let (ps, ports) = (lab.np(&["ps"]), lab.np(&["port", "a"]));
+    assert!(!snapshot.exists(), "none while the daemon runs and changes things");
+
+    lab.stop_daemon();
+    assert!(snapshot.exists(), "a clean stop writes {}", snapshot.display());
+    lab.start_daemon();
+    assert_eq!((lab.np(&["ps"]), lab.np(&["port", "a"])), (ps.clone(), ports.clone()));
+    assert!(snapshot.exists(), "kept while nothing changes (a restart's reconcile changes nothing)");
+
+    lab.np(&["run", "-d", "--name", "b", "--network", "sn", "--", "sleep", "600"]);
+    assert!(!snapshot.exists(), "the first change takes it away");
+    lab.kill_daemon();
+    assert!(!snapshot.exists(), "a killed daemon leaves none");
+    lab.start_daemon();
+    let after = lab.np(&["ps"]);
+    assert!(after.contains(" a ") && after.contains(" b "), "{after}");
+    assert_eq!(lab.np(&["port", "a"]), ports);
+    lab.np(&["run", "-d", "--name", "c", "--network", "sn", "--", "sleep", "600"]);
+    assert_eq!(lab.ip_of("c", "sn"), "10.96.0.4", "read from the files: a's and b's addresses stay taken");
+}
+
 #[test]
 fn a_container_removed_after_restart_leaves_nothing_behind() {
     let mut lab = Lab::new("rmafter");

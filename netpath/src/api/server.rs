@@ -152,8 +152,10 @@ async fn gate(State(mut stage): State<watch::Receiver<Stage>>, req: axum::extrac
             Stage::Early(v) if req.method() == axum::http::Method::GET => match req.uri().path() {
                 "/_ping" => return "OK".into_response(),
                 "/containers" => {
-                    let all = Query::<ListQuery>::try_from_uri(req.uri()).is_ok_and(|q| q.all);
-                    return json_bytes(v.list_containers(all).await);
+                    return match Query::<ListQuery>::try_from_uri(req.uri()) {
+                        Ok(q) => json_bytes(v.list_containers(q.all).await),
+                        Err(rejected) => rejected.into_response(), // as the full router would
+                    };
                 }
                 _ => {}
             },

@@ -322,7 +322,9 @@ impl Daemon {
     }
 
     /// Leaves the whole state in one file for the next start to read (see [`Store`]). Called
-    /// once the API has stopped.
+    /// once the API has stopped. It takes the state lock inside the store's exclusive hold:
+    /// nothing may write an object while holding the state lock meanwhile (only
+    /// `ensure_builtin_networks` does, at start).
     pub fn save_snapshot(&self) {
         let t = std::time::Instant::now();
         let saved = self.store.save_snapshot(|| {
