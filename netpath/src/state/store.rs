@@ -403,14 +403,21 @@ mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 
-    #[test]
-    fn the_first_write_after_a_snapshot_takes_it_away() {
-        let d = tmpdir("snapwrite");
+    /// A store holding network `n` and a snapshot of it, and container `c` (on `n`) not yet
+    /// written anywhere.
+    fn snapshot_of_one_network(tag: &str) -> (PathBuf, Store, Container) {
+        let d = tmpdir(tag);
         let s = Store::open(&d).unwrap();
         let n = network("n", "10.5.0.0/24");
         let c = container("c", &n, "10.5.0.2", None);
         s.write_network(&n.id, Op::Save(&n), 1).unwrap();
         snapshot_of(&s, &[&n], &[]);
+        (d, s, c)
+    }
+
+    #[test]
+    fn the_first_write_after_a_snapshot_takes_it_away() {
+        let (d, _, c) = snapshot_of_one_network("snapwrite");
         let s = Store::open(&d).unwrap();
         assert!(s.load_all().unwrap().containers.is_empty());
         s.write_container(&c.id, Op::Save(&c), 2).unwrap();
@@ -422,12 +429,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_is_not_read_when_the_files_changed_behind_it_or_it_does_not_parse() {
-        let d = tmpdir("snapstale");
-        let s = Store::open(&d).unwrap();
-        let n = network("n", "10.5.0.0/24");
-        let c = container("c", &n, "10.5.0.2", None);
-        s.write_network(&n.id, Op::Save(&n), 1).unwrap();
-        snapshot_of(&s, &[&n], &[]);
+        let (d, s, c) = snapshot_of_one_network("snapstale");
         // A build without snapshots writes a container's file (temp file and rename), later.
         std::thread::sleep(std::time::Duration::from_millis(20));
         let tmp = d.join(CONTAINERS).join("x.tmp");
