@@ -192,8 +192,9 @@ impl Daemon {
         if let Err(e) = process::make_mount_template(&store.mount_template(), &store.netns_dir()) {
             tracing::warn!("no template mount namespace, container starts copy the host's: {e:#}");
         }
-        // Reading every object (~100 ms per 1,000 containers) and verifying the programs are
-        // the two long steps before the daemon is up, and independent: side by side.
+        // Reading every object (3 ms per 1,000 containers from a clean stop's snapshot, ~40
+        // from their files after a crash) and verifying the programs are the two long steps
+        // before the daemon is up, and independent: side by side.
         let store = Arc::new(store);
         let loading = {
             let store = store.clone();
