@@ -236,19 +236,7 @@ impl Netlink {
 
     /// Link `name`'s index and (a veth's) its peer's index, in the peer's namespace.
     pub async fn link_peer(&self, name: &str) -> Result<Option<(u32, Option<u32>)>> {
-        let mut links = self.handle().link().get().match_name(name.to_string()).execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => {
-                let peer = msg.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Link(i) => Some(*i),
-                    _ => None,
-                });
-                Ok(Some((msg.header.index, peer)))
-            }
-            Ok(None) => Ok(None),
-            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
-        }
+        Ok(self.link_summary(LinkRef::Name(name)).await?.map(|l| (l.index, l.peer)))
     }
 
     pub async fn require_link(&self, name: &str) -> Result<u32> {
@@ -735,7 +723,7 @@ impl Netlink {
         match req.execute().try_next().await {
             Ok(m) => Ok(m.as_ref().map(summarize)),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("looking up link {link:?}")),
+            Err(e) => Err(e).with_context(|| format!("looking up link {link}")),
         }
     }
 
@@ -981,6 +969,15 @@ mod tests {
 pub enum LinkRef<'a> {
     Name(&'a str),
     Index(u32),
+}
+
+impl std::fmt::Display for LinkRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkRef::Name(n) => f.write_str(n),
+            LinkRef::Index(i) => write!(f, "with ifindex {i}"),
+        }
+    }
 }
 
 /// What the daemon reads of a link.
