@@ -21,6 +21,12 @@ fn two_containers_on_a_user_bridge_talk_both_ways_and_counters_move() {
     let v6 =
         netpath_tests::must(netpath_tests::in_ns(&lab.host_ns, "ip", &["-6", "-o", "route", "show", "table", "all"]));
     assert!(!v6.contains("dev veth"), "IPv6 routes on container veths:\n{v6}");
+    // Nor do the container ends (as Docker's on IPv4-only networks): no link-local address,
+    // so no duplicate address detection or router solicitations after each start.
+    let inner = lab.np(&["exec", "a", "--", "ip", "-6", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(inner.trim().is_empty(), "IPv6 addresses on a's eth0:\n{inner}");
+    let lo = lab.np(&["exec", "a", "--", "ip", "-6", "-o", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains("::1/128"), "a's lo keeps ::1:\n{lo}");
 
     let c = &lab.inspect("a")["NetworkSettings"]["Networks"]["appnet"]["Counters"];
     for k in COUNTERS {

@@ -74,7 +74,7 @@ impl Driver for Macvlan {
         }
         let idx = inner.require_link(&ep.ifname).await?;
         inner.ensure_addr(idx, ip, ipam.subnet.prefix_len()).await?;
-        inner.set_up(idx).await?;
+        inner.set_up_ipv4_only(idx).await?;
         if primary {
             inner.ensure_default_route(ipam.gateway).await?;
         }

@@ -26,7 +26,6 @@ pub fn create(path: &Path) -> Result<()> {
 pub fn create_unpinned() -> Result<std::os::fd::OwnedFd> {
     std::thread::spawn(|| -> Result<std::os::fd::OwnedFd> {
         unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-        no_ipv6_on_new_links();
         Ok(File::open("/proc/thread-self/ns/net").context("opening the new netns")?.into())
     })
     .join()
@@ -44,20 +43,6 @@ pub fn pin(ns: &std::os::fd::OwnedFd, path: &Path) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     res
-}
-
-/// In the calling thread's (new) namespace: interfaces made from now on (a container's eth0)
-/// get no IPv6, as Docker does on IPv4-only networks (all of netpath's). Each would otherwise
-/// run duplicate address detection, router solicitations and MLD reports for seconds after its
-/// start, work that a host filling with containers pays for in every other operation. `lo`
-/// exists already and keeps ::1.
-fn no_ipv6_on_new_links() {
-    let path = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
-    if let Err(e) = std::fs::write(path, b"1")
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::debug!("{path}: {e}");
-    }
 }
 
 /// True when `path` is a mounted network namespace (not just the empty mount-point file).
