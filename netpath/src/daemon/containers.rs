@@ -765,49 +765,6 @@ impl Daemon {
         }
     }
 
-    /// Called by the watcher when a detached process exits.
-    pub async fn process_exited(&self, container_id: &str, code: i32) {
-        let _lock = self.locks.lock(container_id).await;
-        let changed = self
-            .state()
-            .update_container(container_id, |c| c.process.as_mut().map(|p| p.exit_code = Some(code)).is_some());
-        self.services_kick.notify_one();
-        if changed == Some(true)
-            && let Err(e) = self.persist_container(container_id).await
-        {
-            warn!("recording exit: {e}");
-        }
-    }
-
-    /// Records the exit codes of detached processes that ended while nobody waited for them
-    /// (started by an earlier daemon): their supervisors wrote them down. Runs every few
-    /// seconds: the state lock is held only to list the candidates, and the files are looked
-    /// at on a blocking thread, the exit file first (one failed stat for a running container;
-    /// reading /proc for each of ten thousand held the lock, and an async worker, for 0.3 s).
-    pub async fn collect_exits(&self) {
-        let candidates: Vec<(String, PathBuf, Option<u32>, Option<u64>)> = self
-            .state()
-            .containers()
-            .filter_map(|c| {
-                let p = c.process.as_ref().filter(|p| p.detached && p.exit_code.is_none())?;
-                Some((c.id.clone(), self.store.exit_path(&c.id), p.pid, p.start_time))
-            })
-            .collect();
-        let ended = tokio::task::spawn_blocking(move || {
-            candidates
-                .into_iter()
-                .filter(|(_, exit, _, _)| exit.exists())
-                .filter(|(_, _, pid, t)| !pid.is_some_and(|pid| process::is_alive(pid, *t)))
-                .filter_map(|(id, exit, _, _)| process::recorded_exit(&exit).map(|code| (id, code)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        for (id, code) in ended {
-            self.process_exited(&id, code).await;
-        }
-    }
-
     // ------------------------------------------------------------------ views
 
     /// `ps`: a summary per container (what `ps` shows), not the whole `inspect` document:

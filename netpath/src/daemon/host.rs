@@ -204,6 +204,9 @@ impl Daemon {
     pub async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut n = 0u64;
+        // Exits are followed as they happen; the minute's sweep (the first at once) is the
+        // net under the watch.
+        let watching = self.watch_exits().is_some();
         loop {
             tick.tick().await;
             let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -218,7 +221,9 @@ impl Daemon {
             }
             // Table pressure warnings, pins of links whose interface vanished.
             self.dp().housekeeping();
-            self.collect_exits().await;
+            if n.is_multiple_of(12) || !watching {
+                self.collect_exits().await;
+            }
             n += 1;
             // Every minute: what announcements may have missed, and memory freed since.
             if n.is_multiple_of(12) {

@@ -20,6 +20,7 @@ mod containers;
 pub mod crash;
 mod dns;
 pub mod docker;
+mod exits;
 mod firewall;
 mod flows;
 mod host;

@@ -733,6 +733,10 @@ impl State {
     pub fn container_by_id(&self, id: &str) -> Option<&Container> {
         self.containers.get(id)
     }
+    /// The one container whose id starts with `prefix` (of 3 characters or more).
+    pub fn container_by_id_prefix(&self, prefix: &str) -> Option<&Container> {
+        by_prefix(&self.containers, prefix)
+    }
     pub fn containers(&self) -> impl Iterator<Item = &Container> {
         self.containers.values()
     }

@@ -32,6 +32,8 @@ pub enum Op<'a, T> {
     Delete,
 }
 
+const EXIT_SUFFIX: &str = ".exit";
+
 pub struct Store {
     dir: PathBuf,
     /// Object file → the revision last written to it. Held while writing that file, which
@@ -99,12 +101,20 @@ impl Store {
     pub fn netns_path(&self, container_id: &str) -> PathBuf {
         self.netns_dir().join(&container_id[..12])
     }
+    /// Where containers' processes leave their logs and exit codes.
+    pub fn process_dir(&self) -> PathBuf {
+        self.dir.join("containers")
+    }
     pub fn log_path(&self, container_id: &str) -> PathBuf {
-        self.dir.join("containers").join(format!("{}.log", &container_id[..12]))
+        self.process_dir().join(format!("{}.log", &container_id[..12]))
     }
     /// Where a detached process's supervisor records its exit code.
     pub fn exit_path(&self, container_id: &str) -> PathBuf {
-        self.dir.join("containers").join(format!("{}.exit", &container_id[..12]))
+        self.process_dir().join(format!("{}{EXIT_SUFFIX}", &container_id[..12]))
+    }
+    /// The container id prefix an exit file (a name in [`Self::process_dir`]) is for.
+    pub fn exit_file_id(name: &str) -> Option<&str> {
+        name.strip_suffix(EXIT_SUFFIX).filter(|id| id.len() == 12)
     }
 
     /// Reads every object. A file that does not parse is an error naming it, never an empty
