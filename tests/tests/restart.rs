@@ -162,6 +162,40 @@ fn a_restart_withdraws_published_ports_the_state_does_not_know() {
     assert_eq!(lab.np(&["port", "web"]).trim(), "8/tcp -> 0.0.0.0:8080");
 }
 
+/// The daemon's children running `netpath __spawner`.
+fn spawners(lab: &Lab) -> Vec<u32> {
+    let daemon = lab.daemon_pid().expect("daemon running");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(daemon) && String::from_utf8_lossy(&cmdline).contains("__spawner")
+        })
+        .collect()
+}
+
+#[test]
+fn containers_start_through_the_spawner_and_still_start_after_it_died() {
+    let lab = Lab::new("spawner");
+    let first = spawners(&lab);
+    assert_eq!(first.len(), 1, "one spawner beside the daemon: {first:?}");
+    lab.np(&["run", "-d", "--name", "a", "--", "sh", "-c", "exit 4"]);
+    assert_eq!(exit_code(&lab, "a"), Some(4));
+    // Killed behind the daemon's back: the next start makes a new one, and works.
+    netpath_tests::must(lab.host("kill", &["-9", &first[0].to_string()]));
+    lab.np(&["run", "-d", "--name", "b", "--", "sh", "-c", "echo started; exit 6"]);
+    assert_eq!(exit_code(&lab, "b"), Some(6));
+    assert_eq!(lab.np(&["logs", "b"]).trim(), "started");
+    let second = spawners(&lab);
+    assert!(second.len() == 1 && second != first, "a new spawner: {first:?} then {second:?}");
+    lab.np(&["run", "-d", "--name", "c", "--", "sleep", "600"]);
+    assert_eq!(lab.inspect("c")["State"]["Running"], true);
+}
+
 /// Polls `inspect` (up to 10 s) for the exit code of `container`'s process.
 fn exit_code(lab: &Lab, container: &str) -> Option<i64> {
     for _ in 0..100 {

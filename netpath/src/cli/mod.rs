@@ -106,10 +106,13 @@ enum Cmd {
     System(SystemCmd),
     #[command(flatten)]
     Container(container::ContainerCmd),
-    /// Internal: supervises a detached container process for the daemon.
     /// Internal: builds the template mount namespace for the daemon.
     #[command(name = crate::daemon::process::MOUNT_TEMPLATE, hide = true)]
     MountTemplate { netns_dir: PathBuf },
+    /// Internal: starts supervisors for the daemon (its stdin: the daemon's socket).
+    #[command(name = crate::daemon::spawner::SPAWNER, hide = true)]
+    Spawner,
+    /// Internal: supervises a detached container process for the daemon.
     #[command(name = crate::daemon::process::SUPERVISE, hide = true)]
     Supervise {
         exit_file: PathBuf,
@@ -241,6 +244,7 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Cmd::Spawner => ExitCode::from(crate::daemon::spawner::serve() as u8),
         Cmd::MountTemplate { netns_dir } => match crate::daemon::process::mount_template_child(&netns_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),

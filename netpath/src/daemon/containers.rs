@@ -362,11 +362,11 @@ impl Daemon {
             if req.detach {
                 let (log, exit) = (self.store.log_path(&id), self.store.exit_path(&id));
                 let iso = self.isolation(&c); // own /etc files and hostname
-                let (cmd, netns) = (req.cmd.clone(), sandbox_netns(&c));
+                let (cmd, netns, spawner) = (req.cmd.clone(), sandbox_netns(&c), self.spawner.clone());
                 // Off the async workers: a fork, an exec and a wait for the supervisor's first
                 // half, which cost more the more descriptors and memory the daemon has.
                 let spawned = tokio::task::spawn_blocking(move || {
-                    process::spawn_detached(&cmd, netns.as_deref(), iso.as_ref(), &log, &exit)
+                    process::spawn_detached(&cmd, netns.as_deref(), iso.as_ref(), &log, &exit, Some(&spawner))
                 })
                 .await
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("starting the process: {e}")));

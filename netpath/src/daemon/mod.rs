@@ -33,6 +33,7 @@ mod reaper;
 mod reconcile;
 mod services;
 mod spares;
+pub mod spawner;
 mod view;
 
 use std::net::Ipv4Addr;
@@ -95,6 +96,8 @@ pub struct Daemon {
     reaper: reaper::Reaper,
     /// Network namespaces made ahead for new containers.
     spares: spares::Spares,
+    /// Starts container supervisors without copying the daemon's descriptor table.
+    spawner: Arc<spawner::Spawner>,
     /// Where `rm` and `disconnect` ask for a container address's flows to be flushed.
     flusher: tokio::sync::mpsc::UnboundedSender<FlushRequest>,
     /// False until the first reconcile is done; changes wait for it, reads do not.
@@ -193,6 +196,8 @@ impl Daemon {
         if let Err(e) = process::make_mount_template(&store.mount_template(), &store.netns_dir()) {
             tracing::warn!("no template mount namespace, container starts copy the host's: {e:#}");
         }
+        // Before the daemon opens the descriptors that grow with its containers.
+        let spawner = Arc::new(spawner::Spawner::start());
         // Reading every object (3 ms per 1,000 containers from a clean stop's snapshot, ~40
         // from their files after a crash) and verifying the programs are the two long steps
         // before the daemon is up, and independent: side by side.
@@ -254,6 +259,7 @@ impl Daemon {
         let d = Arc::new(Self {
             reaper,
             spares: Default::default(),
+            spawner,
             flusher: spawn_flusher(ct_table.clone()),
             links,
             ct_table,

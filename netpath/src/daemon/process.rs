@@ -207,6 +207,7 @@ pub fn spawn_detached(
     iso: Option<&Isolation>,
     log: &Path,
     exit_file: &Path,
+    spawner: Option<&super::spawner::Spawner>,
 ) -> Result<(u32, Gate)> {
     let Some(prog) = argv.first() else { bail!("no command given") };
     // The supervisor would report this only after the fact; say it now, as Docker does.
@@ -225,25 +226,37 @@ pub fn spawn_detached(
     // Both ends close on exec: the supervisor gets the read end as its stdin (dup'd, so
     // open), and no other child keeps the write end, whose closing is the signal.
     let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg(SUPERVISE).arg(exit_file).arg("--pid-file").arg(&pid_file).arg("--hold");
+    let mut args: Vec<std::ffi::OsString> =
+        vec![SUPERVISE.into(), exit_file.into(), "--pid-file".into(), pid_file.clone().into(), "--hold".into()];
     // The supervisor enters the namespaces itself: with nothing to run between fork and exec,
     // the process is spawned without copying the daemon's memory (posix_spawn, a vfork), which
     // costs the same whatever the daemon holds. A fork copied its page tables: the more
     // containers, the bigger the daemon and the slower every start.
     if let Some(ns) = netns {
         open_netns(ns)?; // a missing namespace is the daemon's error to report, not the log's
-        cmd.arg("--netns").arg(ns);
+        args.extend(["--netns".into(), ns.into()]);
     }
     if let Some(iso) = iso {
         IsolationPlan::new(iso)?; // the same checks, here, with a clear message
-        cmd.args(iso.supervisor_args());
+        args.extend(iso.supervisor_args());
     }
-    cmd.arg("--").args(argv).stdin(Stdio::from(hold_r)).stdout(out.try_clone()?).stderr(out);
+    args.push("--".into());
+    args.extend(argv.iter().map(Into::into));
     // The supervisor forks and its first half exits at once: the daemon holds no handle (and
     // no descriptor) per container, and no zombie is left to reap; exits are learnt from the
     // file the supervisor writes, as after a daemon restart.
-    let st = cmd.status().with_context(|| format!("starting {prog:?}"))?;
+    let out = OwnedFd::from(out);
+    let st = match spawner.and_then(|s| s.status(&args, &hold_r, &out)) {
+        Some(st) => st,
+        None => std::process::Command::new("/proc/self/exe")
+            .args(&args)
+            .stdin(Stdio::from(hold_r))
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .status()
+            .map_err(anyhow::Error::from),
+    }
+    .with_context(|| format!("starting {prog:?}"))?;
     let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
     let _ = std::fs::remove_file(&pid_file);
     match (st.success(), pid) {
