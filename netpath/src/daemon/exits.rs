@@ -79,7 +79,9 @@ impl Daemon {
                     .filter_map(|prefix| self.candidate(st.container_by_id_prefix(prefix)?))
                     .collect()
             };
-            self.record_exits(candidates).await;
+            // The supervisor renames the file into place once its command has ended, and exits
+            // a moment later: the file is the news, whether or not it is still there.
+            self.record_exits(candidates, false).await;
         }
     }
 
@@ -88,7 +90,7 @@ impl Daemon {
     /// exit file first (one failed stat for a running container).
     pub(super) async fn collect_exits(&self) {
         let candidates: Vec<Candidate> = self.state().containers().filter_map(|c| self.candidate(c)).collect();
-        self.record_exits(candidates).await;
+        self.record_exits(candidates, true).await;
     }
 
     fn candidate(&self, c: &crate::state::Container) -> Option<Candidate> {
@@ -96,7 +98,9 @@ impl Daemon {
         Some((c.id.clone(), self.store.exit_path(&c.id), p.pid, p.start_time))
     }
 
-    async fn record_exits(&self, candidates: Vec<Candidate>) {
+    /// `check_alive`: an exit file counts only once its supervisor is gone (a sweep, which
+    /// may look between the rename and the supervisor's exit, and looks again later).
+    async fn record_exits(&self, candidates: Vec<Candidate>, check_alive: bool) {
         if candidates.is_empty() {
             return;
         }
@@ -104,7 +108,7 @@ impl Daemon {
             candidates
                 .into_iter()
                 .filter(|(_, exit, _, _)| exit.exists())
-                .filter(|(_, _, pid, t)| !pid.is_some_and(|pid| process::is_alive(pid, *t)))
+                .filter(|(_, _, pid, t)| !(check_alive && pid.is_some_and(|pid| process::is_alive(pid, *t))))
                 .filter_map(|(id, exit, _, _)| process::recorded_exit(&exit).map(|code| (id, code)))
                 .collect::<Vec<_>>()
         })
