@@ -63,7 +63,7 @@ impl Spawner {
                     ctl.as_raw_fd(),
                     &[IoSlice::new(&data)],
                     &[ControlMessage::ScmRights(&fds)],
-                    MsgFlags::empty(),
+                    MsgFlags::MSG_NOSIGNAL,
                     None,
                 )
             };
@@ -173,7 +173,8 @@ pub fn serve() -> i32 {
                     .stderr(Stdio::from(err))
                     .status()
             });
-            let _ = nix::unistd::write(&reply, &answer(res));
+            // No SIGPIPE should the daemon be gone meanwhile: the spawner ends on its own then.
+            let _ = nix::sys::socket::send(reply.as_raw_fd(), &answer(res), MsgFlags::MSG_NOSIGNAL);
         });
     }
 }
