@@ -511,9 +511,18 @@ pub fn without_thread_caches() {
 /// glibc gives each new thread an arena of its own (up to 8 per CPU) and keeps what they
 /// free: with a thread per namespace the daemon enters, that is most of its memory. Two
 /// arenas are plenty for a daemon whose threads mostly wait for the kernel.
+///
+/// The trim threshold is fixed at glibc's initial 128 KiB: left dynamic, it becomes twice the
+/// largest mmap'd block freed (the daemon maps 17 MB at once while it loads), and the second
+/// arena's free top, which malloc_trim leaves alone (it shrinks only the main arena's), was
+/// not given back: 10,000 run/rm cycles left 1.2 MB free but resident there (RSS +1.4 MiB);
+/// fixed, RSS +0.16 MiB at the same cycle time.
 pub fn limit_arenas() {
-    // SAFETY: plain libc call, before the daemon's threads allocate much.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    // SAFETY: plain libc calls, before the daemon's threads allocate much.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Returns memory malloc holds but no longer uses to the kernel.
