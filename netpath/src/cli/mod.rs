@@ -202,6 +202,7 @@ pub fn main() -> ExitCode {
             node_name,
             overlay_decap,
         } => {
+            crate::daemon::without_thread_caches();
             let cluster = match cluster_config(cluster_store, node_ip, node_name, overlay_decap == "underlay") {
                 Ok(c) => c,
                 Err(e) => return fail(e),

@@ -464,12 +464,72 @@ fn raise_fd_limit() {
     }
 }
 
+/// The glibc tunable that turns malloc's per-thread caches (tcache) off.
+const NO_TCACHE: &str = "glibc.malloc.tcache_count=0";
+/// Set only across the daemon's re-exec in [`without_thread_caches`]: the GLIBC_TUNABLES
+/// its caller gave (empty: none), put back once glibc has read the new one.
+const CALLERS_TUNABLES: &str = "NETPATH_CALLERS_GLIBC_TUNABLES";
+
+/// GLIBC_TUNABLES with the thread caches off, or None where the caller chose a tcache_count
+/// of their own (theirs stands).
+fn tunables_without_tcache(current: Option<&str>) -> Option<String> {
+    match current.filter(|t| !t.is_empty()) {
+        Some(t) if t.split(':').any(|kv| kv.starts_with("glibc.malloc.tcache_count=")) => None,
+        Some(t) => Some(format!("{t}:{NO_TCACHE}")),
+        None => Some(NO_TCACHE.to_string()),
+    }
+}
+
+/// Turns glibc's per-thread malloc caches off for the daemon: it re-executes itself (same
+/// pid, same arguments) with GLIBC_TUNABLES saying so, the only way to set them, and puts the
+/// caller's GLIBC_TUNABLES back right after, so the containers it starts never see it. Each
+/// long-lived thread (the runtime's workers, one per netlink socket) keeps up to 7 freed
+/// chunks of each of 64 sizes in its tcache, counted as in use, out of malloc_trim's reach:
+/// 2,000 run/rm cycles left 1.4 MB there (RSS +3 MiB, still there after the trim), and with
+/// the caches off 35 kB (RSS +0.1 MiB), at the same cycle time. Must run before any thread.
+pub fn without_thread_caches() {
+    use std::os::unix::process::CommandExt;
+    if let Some(callers) = std::env::var_os(CALLERS_TUNABLES) {
+        // SAFETY: the re-executed daemon, before it starts any thread.
+        unsafe {
+            std::env::remove_var(CALLERS_TUNABLES);
+            if callers.is_empty() {
+                std::env::remove_var("GLIBC_TUNABLES");
+            } else {
+                std::env::set_var("GLIBC_TUNABLES", callers);
+            }
+        }
+        return;
+    }
+    let current = std::env::var("GLIBC_TUNABLES").ok();
+    let Some(tunables) = tunables_without_tcache(current.as_deref()) else { return };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env("GLIBC_TUNABLES", tunables)
+        .env(CALLERS_TUNABLES, current.unwrap_or_default())
+        .exec();
+    // Only if the exec failed: run with the caches, as before.
+    eprintln!("netpath: re-executing without malloc's thread caches failed: {e}; running with them");
+}
+
 /// glibc gives each new thread an arena of its own (up to 8 per CPU) and keeps what they
 /// free: with a thread per namespace the daemon enters, that is most of its memory. Two
 /// arenas are plenty for a daemon whose threads mostly wait for the kernel.
+///
+/// The trim threshold is fixed at glibc's initial 128 KiB: left dynamic, it becomes twice the
+/// largest mmap'd block freed (the daemon maps 17 MB at once while it loads), and the second
+/// arena's free top, which malloc_trim leaves alone (it shrinks only the main arena's), was
+/// not given back: 10,000 run/rm cycles left 1.2 MB free but resident there (RSS +1.4 MiB);
+/// fixed, RSS +0.16 MiB at the same cycle time.
 pub fn limit_arenas() {
-    // SAFETY: plain libc call, before the daemon's threads allocate much.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    // SAFETY: plain libc calls, before the daemon's threads allocate much.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Returns memory malloc holds but no longer uses to the kernel.
@@ -562,5 +622,26 @@ impl Daemon {
     pub fn flows(&self) -> Result<serde_json::Value> {
         let v = self.dp().flows()?;
         Ok(serde_json::Value::Array(v.iter().map(|(k, e)| view::flow_json(k, e)).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_caches_go_off_unless_the_caller_chose_a_tcache_count() {
+        assert_eq!(tunables_without_tcache(None).as_deref(), Some(NO_TCACHE));
+        assert_eq!(tunables_without_tcache(Some("")).as_deref(), Some(NO_TCACHE));
+        // The caller's other tunables stay, ours goes after them.
+        assert_eq!(
+            tunables_without_tcache(Some("glibc.malloc.arena_max=1")).as_deref(),
+            Some("glibc.malloc.arena_max=1:glibc.malloc.tcache_count=0")
+        );
+        // A count of their own (even the default) is theirs to keep: no re-exec.
+        assert_eq!(tunables_without_tcache(Some("glibc.malloc.tcache_count=7")), None);
+        assert_eq!(tunables_without_tcache(Some("glibc.malloc.arena_max=1:glibc.malloc.tcache_count=2")), None);
+        // Another tunable whose name merely contains ours does not count.
+        assert!(tunables_without_tcache(Some("glibc.malloc.tcache_max=64")).is_some());
     }
 }

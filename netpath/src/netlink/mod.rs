@@ -168,7 +168,12 @@ fn driven_on_own_thread() -> Result<Handle> {
             };
             rt.block_on(async move {
                 match rtnetlink::new_connection().context("opening rtnetlink socket") {
-                    Ok((conn, handle, _)) => {
+                    Ok((conn, handle, unsolicited)) => {
+                        // Dropped now: a `_` in this pattern would keep the receiver alive
+                        // in the scrutinee for as long as `conn` runs (the daemon's life),
+                        // queueing every unsolicited message unread. Closed, the connection
+                        // discards them.
+                        drop(unsolicited);
                         let _ = tx.send(Ok(handle));
                         conn.await; // ends when every handle is dropped
                     }
