@@ -330,6 +330,10 @@ fn etcd_down_keeps_local_containers_and_resyncs_when_back() {
     c.node_mut(0).start_daemon_with(&ClusterLab::daemon_opts(0));
     c.wait_for(20, "node0 ready again", || all_ready(&c, 1, 2));
     assert_eq!(c.node(0).ip_of("a", "ov"), ip_a);
+    // node1 sees node0 ready while node0's lease from before the restart lasts; node0 learns
+    // the other nodes' names once it has joined again, a moment after its API answers.
+    let ip_q = c.node(1).ip_of("q", "ov");
+    c.wait_for(10, "q resolving on node0 again", || getent(c.node(0), "a", "q") == vec![ip_q.clone()]);
     let ping = c.node(0).np(&["exec", "a", "--", "ping", "-c", "1", "-W", "2", "q"]);
     assert!(ping.contains("1 received"), "{ping}");
     c.wait_for(10, "a still resolving on node1", || getent(c.node(1), "q", "a") == vec![ip_a.clone()]);
