@@ -366,7 +366,7 @@ impl Daemon {
                 // Off the async workers: a fork, an exec and a wait for the supervisor's first
                 // half, which cost more the more descriptors and memory the daemon has.
                 let spawned = tokio::task::spawn_blocking(move || {
-                    process::spawn_detached(&cmd, netns.as_deref(), iso.as_ref(), &log, &exit, Some(&spawner))
+                    process::spawn_detached(&cmd, netns.as_deref(), iso.as_ref(), &log, &exit, &spawner)
                 })
                 .await
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("starting the process: {e}")));

@@ -200,14 +200,15 @@ impl Gate {
 /// appended to `log`. It runs under `netpath __supervise` (this binary), which records its exit
 /// code in `exit_file`: a daemon restarted meanwhile, no longer its parent, still learns it.
 /// The command itself waits until the returned [`Gate`] is released or dropped, so the rest
-/// of the container's wiring can finish while the process is being started.
+/// of the container's wiring can finish while the process is being started. `spawner`
+/// starts the supervisor; where it cannot, the daemon does.
 pub fn spawn_detached(
     argv: &[String],
     netns: Option<&Path>,
     iso: Option<&Isolation>,
     log: &Path,
     exit_file: &Path,
-    spawner: Option<&super::spawner::Spawner>,
+    spawner: &super::spawner::Spawner,
 ) -> Result<(u32, Gate)> {
     let Some(prog) = argv.first() else { bail!("no command given") };
     // The supervisor would report this only after the fact; say it now, as Docker does.
@@ -246,7 +247,7 @@ pub fn spawn_detached(
     // no descriptor) per container, and no zombie is left to reap; exits are learnt from the
     // file the supervisor writes, as after a daemon restart.
     let out = OwnedFd::from(out);
-    let st = match spawner.and_then(|s| s.status(&args, &hold_r, &out)) {
+    let st = match spawner.status(&args, &hold_r, &out) {
         Some(st) => st,
         None => std::process::Command::new("/proc/self/exe")
             .args(&args)

@@ -93,9 +93,13 @@ impl Spawner {
         if !sent {
             return None;
         }
+        // Sent: the spawner may have started the supervisor, so from here a failure is an
+        // error, never a reason for the caller to start another.
         let mut buf = [0u8; 4096];
-        let n = nix::unistd::read(&mine, &mut buf).ok()?;
-        Some(parse_answer(&buf[..n]))
+        Some(match nix::unistd::read(&mine, &mut buf) {
+            Ok(n) => parse_answer(&buf[..n]),
+            Err(e) => Err(anyhow::anyhow!("reading the spawner's answer: {e}")),
+        })
     }
 }
 
